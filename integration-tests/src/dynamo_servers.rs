@@ -1,0 +1,1 @@
+//! moto and dynalite, the DynamoDB stand-ins.

@@ -1,0 +1,1 @@
+//! kinesis-local (npm `kinesis-local@0.6.2`).

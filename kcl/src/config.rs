@@ -1,0 +1,290 @@
+//! Worker configuration: plain data with defaults, validated by [`WorkerConfig::validate`].
+
+use std::time::{Duration, SystemTime};
+
+use crate::lease::WorkerId;
+
+/// Where a shard with no checkpoint starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum InitialPosition {
+    /// The oldest record still in the stream.
+    #[default]
+    TrimHorizon,
+    /// Only records written after the worker first reads the shard.
+    Latest,
+    /// The first record written at or after this time.
+    AtTimestamp(SystemTime),
+}
+
+/// Polling retrieval (`GetRecords`) settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PollingConfig {
+    /// Records asked for per `GetRecords` call (1–10 000).
+    pub max_records: u32,
+    /// Minimum time between two `GetRecords` calls on one shard. Kinesis allows 5 reads per
+    /// second per shard, shared by every polling consumer of the stream: the default, 200 ms,
+    /// keeps one worker within that.
+    pub min_interval: Duration,
+    /// Pause after a call that returned nothing and is at the tip of the shard.
+    pub idle_interval: Duration,
+    /// Batches read ahead of the processor per shard.
+    pub prefetch_batches: usize,
+    /// Payload bytes read ahead of the processor per shard.
+    pub prefetch_bytes: usize,
+}
+
+impl Default for PollingConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 10_000,
+            min_interval: Duration::from_millis(200),
+            idle_interval: Duration::from_millis(200),
+            prefetch_batches: 3,
+            prefetch_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// All of a worker's settings. Build it through [`crate::Worker::builder`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// The application name: also the default lease-table name.
+    pub application_name: String,
+    /// The stream to consume.
+    pub stream: String,
+    /// The lease table (defaults to the application name).
+    pub table_name: String,
+    /// This worker's id in the lease table.
+    pub worker_id: WorkerId,
+    /// Where shards without a checkpoint start.
+    pub initial_position: InitialPosition,
+    /// A lease not renewed for this long may be taken by another worker.
+    pub lease_duration: Duration,
+    /// How often held leases are renewed (at most a third of `lease_duration`).
+    pub renew_interval: Duration,
+    /// How often the worker looks for leases to take.
+    pub taker_interval: Duration,
+    /// How often shards are listed to find new ones (shard ends also trigger a sync).
+    pub shard_sync_interval: Duration,
+    /// How often a child shard checks whether its parents are finished.
+    pub parent_poll_interval: Duration,
+    /// The most leases this worker holds.
+    pub max_leases_per_worker: usize,
+    /// The most leases taken from other live workers in one taker round.
+    pub max_leases_to_steal: usize,
+    /// Polling settings.
+    pub polling: PollingConfig,
+    /// How long a graceful shutdown waits for processors before abandoning them.
+    pub shutdown_timeout: Duration,
+}
+
+/// A configuration value that is out of range; names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    field: &'static str,
+    reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The field at fault, as named by the builder method.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// Why it was rejected.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl WorkerConfig {
+    /// A configuration with the defaults for everything but the names.
+    pub fn new(application_name: impl Into<String>, stream: impl Into<String>) -> Self {
+        let application_name = application_name.into();
+        Self {
+            table_name: application_name.clone(),
+            application_name,
+            stream: stream.into(),
+            worker_id: WorkerId::generate(),
+            initial_position: InitialPosition::default(),
+            lease_duration: Duration::from_secs(10),
+            renew_interval: Duration::from_secs(10) / 3,
+            taker_interval: Duration::from_secs(2),
+            shard_sync_interval: Duration::from_secs(60),
+            parent_poll_interval: Duration::from_millis(500),
+            max_leases_per_worker: usize::MAX,
+            max_leases_to_steal: 1,
+            polling: PollingConfig::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found, naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_name("application_name", &self.application_name, 1, 255)?;
+        check_stream_name(&self.stream)?;
+        check_table_name(&self.table_name)?;
+        if self.worker_id.as_str().is_empty() {
+            return Err(ConfigError::new("worker_id", "must not be empty"));
+        }
+        if self.worker_id.as_str().len() > 1024 {
+            return Err(ConfigError::new("worker_id", "must be at most 1024 bytes"));
+        }
+        if self.lease_duration < Duration::from_millis(100) {
+            return Err(ConfigError::new("lease_duration", "must be at least 100ms"));
+        }
+        if self.renew_interval.is_zero() || self.renew_interval > self.lease_duration / 3 {
+            return Err(ConfigError::new(
+                "renew_interval",
+                format!(
+                    "must be positive and at most a third of lease_duration ({:?})",
+                    self.lease_duration / 3
+                ),
+            ));
+        }
+        for (field, d) in [
+            ("taker_interval", self.taker_interval),
+            ("shard_sync_interval", self.shard_sync_interval),
+            ("parent_poll_interval", self.parent_poll_interval),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(field, "must be positive"));
+            }
+        }
+        if self.max_leases_per_worker == 0 {
+            return Err(ConfigError::new(
+                "max_leases_per_worker",
+                "must be at least 1",
+            ));
+        }
+        if self.max_leases_to_steal == 0 {
+            return Err(ConfigError::new(
+                "max_leases_to_steal",
+                "must be at least 1",
+            ));
+        }
+        let p = &self.polling;
+        if !(1..=10_000).contains(&p.max_records) {
+            return Err(ConfigError::new(
+                "polling.max_records",
+                "must be between 1 and 10000",
+            ));
+        }
+        if p.prefetch_batches == 0 {
+            return Err(ConfigError::new(
+                "polling.prefetch_batches",
+                "must be at least 1",
+            ));
+        }
+        // One GetRecords response can carry up to 10 MiB: the budget must admit it.
+        if p.prefetch_bytes < 10 * 1024 * 1024 {
+            return Err(ConfigError::new(
+                "polling.prefetch_bytes",
+                "must be at least 10 MiB (the largest GetRecords response)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_name(field: &'static str, v: &str, min: usize, max: usize) -> Result<(), ConfigError> {
+    if v.len() < min || v.len() > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be {min} to {max} characters, got {}", v.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_stream_name(v: &str) -> Result<(), ConfigError> {
+    check_name("stream", v, 1, 128)?;
+    if !v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(ConfigError::new(
+            "stream",
+            format!("{v:?} has characters other than a-z, A-Z, 0-9, '_', '.', '-'"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_table_name(v: &str) -> Result<(), ConfigError> {
+    check_name("table_name", v, 3, 255)?;
+    if !v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(ConfigError::new(
+            "table_name",
+            format!("{v:?} has characters other than a-z, A-Z, 0-9, '_', '.', '-'"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        WorkerConfig::new("app", "stream").validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let base = WorkerConfig::new("app", "stream");
+        let cases: Vec<(&str, Box<dyn Fn(&mut WorkerConfig)>)> = vec![
+            ("application_name", Box::new(|c| c.application_name.clear())),
+            ("stream", Box::new(|c| c.stream = "bad name".into())),
+            ("table_name", Box::new(|c| c.table_name = "ab".into())),
+            (
+                "lease_duration",
+                Box::new(|c| c.lease_duration = Duration::ZERO),
+            ),
+            (
+                "renew_interval",
+                Box::new(|c| c.renew_interval = Duration::from_secs(9)),
+            ),
+            (
+                "taker_interval",
+                Box::new(|c| c.taker_interval = Duration::ZERO),
+            ),
+            (
+                "max_leases_per_worker",
+                Box::new(|c| c.max_leases_per_worker = 0),
+            ),
+            (
+                "polling.max_records",
+                Box::new(|c| c.polling.max_records = 10_001),
+            ),
+            (
+                "polling.prefetch_bytes",
+                Box::new(|c| c.polling.prefetch_bytes = 1),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut c = base.clone();
+            mutate(&mut c);
+            assert_eq!(c.validate().unwrap_err().field(), field);
+        }
+    }
+}

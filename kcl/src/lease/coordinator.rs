@@ -1,0 +1,315 @@
+//! The lease coordinator: the leases this worker holds, the renewer task that heartbeats them,
+//! and the taker task that acquires new ones.
+//!
+//! Every write to a held lease goes through [`HeldLease`]'s async lock, so a renewal and a
+//! checkpoint never race on the counter and fail each other's condition. The renewer awaits only
+//! the store and its interval, never a processor: a slow processor cannot lose its lease.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Mutex};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::expiry::ExpiryTracker;
+use super::taker::{plan_takes, Limits, Snapshot, TakeReason};
+use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
+use crate::metrics as m;
+
+/// A lease this worker holds.
+#[derive(Debug)]
+pub(crate) struct HeldLease {
+    key: LeaseKey,
+    /// The lease as last written by us. Held across the store call of every write.
+    state: Mutex<Lease>,
+    /// Until when this worker may act on the lease: the start of the last successful write
+    /// plus `lease_duration`. Nobody else can see the lease expire before then.
+    valid_until: StdMutex<Instant>,
+    /// Cancelled when the lease is lost (taken, expired locally, or released).
+    lost: CancellationToken,
+    lease_duration: Duration,
+}
+
+impl HeldLease {
+    fn new(lease: Lease, written_at: Instant, lease_duration: Duration) -> Self {
+        Self {
+            key: lease.key.clone(),
+            state: Mutex::new(lease),
+            valid_until: StdMutex::new(written_at + lease_duration),
+            lost: CancellationToken::new(),
+            lease_duration,
+        }
+    }
+
+    /// The lease key.
+    pub(crate) fn key(&self) -> &LeaseKey {
+        &self.key
+    }
+
+    /// The lease as last written.
+    pub(crate) async fn snapshot(&self) -> Lease {
+        self.state.lock().await.clone()
+    }
+
+    /// True while this worker may still deliver records and checkpoint.
+    pub(crate) fn is_valid(&self) -> bool {
+        !self.lost.is_cancelled() && Instant::now() < self.valid_until()
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self
+            .valid_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Cancelled once the lease is lost.
+    pub(crate) fn lost_token(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// Marks the lease lost (stops its consumer).
+    pub(crate) fn mark_lost(&self) {
+        self.lost.cancel();
+    }
+
+    /// Runs one conditional write on the lease, serialised with every other write, and keeps
+    /// the result. A failed condition means someone else changed the lease: it is lost.
+    pub(crate) async fn write<F, Fut>(&self, op: F) -> Result<Lease, LeaseStoreError>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: std::future::Future<Output = Result<Lease, LeaseStoreError>>,
+    {
+        let mut state = self.state.lock().await;
+        if !self.is_valid() {
+            return Err(LeaseStoreError::ConditionFailed {
+                key: self.key.clone(),
+            });
+        }
+        let started = Instant::now();
+        match op(state.clone()).await {
+            Ok(updated) => {
+                *state = updated.clone();
+                let mut until = self
+                    .valid_until
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                *until = (*until).max(started + self.lease_duration);
+                Ok(updated)
+            }
+            Err(e) => {
+                if e.is_condition_failed() {
+                    self.mark_lost();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The leases held by this worker, shared by the renewer, the taker and the worker loop.
+#[derive(Debug)]
+pub(crate) struct LeaseCoordinator {
+    store: Arc<dyn LeaseStore>,
+    me: WorkerId,
+    lease_duration: Duration,
+    renew_interval: Duration,
+    taker_interval: Duration,
+    limits: Limits,
+    /// Leases held or winding down, until their consumer exits.
+    held: StdMutex<BTreeMap<LeaseKey, Arc<HeldLease>>>,
+    /// Leases this worker will not take again (stopped by the error policy).
+    refused: StdMutex<BTreeSet<LeaseKey>>,
+}
+
+impl LeaseCoordinator {
+    pub(crate) fn new(
+        store: Arc<dyn LeaseStore>,
+        me: WorkerId,
+        cfg: &crate::config::WorkerConfig,
+    ) -> Self {
+        Self {
+            store,
+            me,
+            lease_duration: cfg.lease_duration,
+            renew_interval: cfg.renew_interval,
+            taker_interval: cfg.taker_interval,
+            limits: Limits {
+                max_leases_per_worker: cfg.max_leases_per_worker,
+                max_leases_to_steal: cfg.max_leases_to_steal,
+            },
+            held: StdMutex::new(BTreeMap::new()),
+            refused: StdMutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn held_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<LeaseKey, Arc<HeldLease>>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets a lease once its consumer has exited; it may be taken again later.
+    pub(crate) fn forget(&self, key: &LeaseKey) {
+        if let Some(h) = self.held_map().remove(key) {
+            h.mark_lost();
+        }
+        metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
+    }
+
+    /// Never take this lease again in this process.
+    pub(crate) fn refuse(&self, key: &LeaseKey) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+    }
+
+    /// Snapshot of the held leases.
+    pub(crate) fn held(&self) -> Vec<Arc<HeldLease>> {
+        self.held_map().values().cloned().collect()
+    }
+
+    /// Renews every held lease once per `renew_interval` until `stop` is cancelled.
+    pub(crate) async fn run_renewer(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.renew_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let held = self.held();
+            let renewals = held
+                .iter()
+                .filter(|h| !h.lost.is_cancelled())
+                .map(|h| self.renew(h));
+            futures::future::join_all(renewals).await;
+        }
+    }
+
+    async fn renew(&self, held: &HeldLease) {
+        let started = Instant::now();
+        let store = &self.store;
+        match held
+            .write(|lease| async move { store.renew(&lease).await })
+            .await
+        {
+            Ok(_) => {
+                metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
+            }
+            Err(e) if e.is_condition_failed() => {
+                info!(lease = %held.key, "lease lost: taken by another worker");
+                metrics::counter!(m::LEASES_LOST).increment(1);
+            }
+            Err(e) => {
+                metrics::counter!(m::RENEWAL_FAILURES).increment(1);
+                if Instant::now() >= held.valid_until() {
+                    warn!(lease = %held.key, error = %e, "lease lost: could not renew it in time");
+                    metrics::counter!(m::LEASES_LOST).increment(1);
+                    held.mark_lost();
+                } else {
+                    debug!(lease = %held.key, error = %e, "renewal failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Looks for leases to take every `taker_interval`, sending each acquired lease on `acquired`.
+    pub(crate) async fn run_taker(
+        self: Arc<Self>,
+        acquired: mpsc::Sender<Arc<HeldLease>>,
+        stop: CancellationToken,
+    ) {
+        let mut tracker = ExpiryTracker::default();
+        let mut tick = tokio::time::interval(self.taker_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.take_round(&mut tracker, &stop).await {
+                Ok(taken) => {
+                    for h in taken {
+                        if acquired.send(h).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "lease taker round failed"),
+            }
+        }
+    }
+
+    async fn take_round(
+        &self,
+        tracker: &mut ExpiryTracker,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Arc<HeldLease>>, LeaseStoreError> {
+        let table = self.store.list().await?;
+        for bad in &table.malformed {
+            warn!(error = %bad, "lease table holds a malformed lease item; leaving it untouched");
+            metrics::counter!(m::MALFORMED_LEASES).increment(1);
+        }
+        let now = Instant::now();
+        tracker.observe(&table.leases, now);
+        let expired: BTreeSet<LeaseKey> = table
+            .leases
+            .iter()
+            .filter(|l| tracker.is_expired(l, now, self.lease_duration))
+            .map(|l| l.key.clone())
+            .collect();
+        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        let refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let plan = plan_takes(
+            &Snapshot {
+                leases: &table.leases,
+                me: &self.me,
+                held: &held,
+                expired: &expired,
+                refused: &refused,
+            },
+            self.limits,
+        );
+        let by_key: BTreeMap<&LeaseKey, &Lease> =
+            table.leases.iter().map(|l| (&l.key, l)).collect();
+        let mut taken = Vec::new();
+        for take in plan {
+            if stop.is_cancelled() {
+                break;
+            }
+            let Some(lease) = by_key.get(&take.key) else {
+                continue;
+            };
+            let started = Instant::now();
+            match self.store.take(lease, &self.me).await {
+                Ok(new) => {
+                    info!(lease = %new.key, reason = ?take.reason, counter = %new.counter, "took lease");
+                    metrics::counter!(m::LEASES_TAKEN).increment(1);
+                    if take.reason == TakeReason::Steal {
+                        metrics::counter!(m::LEASES_STOLEN).increment(1);
+                    }
+                    let held = Arc::new(HeldLease::new(new, started, self.lease_duration));
+                    self.held_map().insert(take.key.clone(), held.clone());
+                    taken.push(held);
+                }
+                Err(e) if e.is_condition_failed() => {
+                    debug!(lease = %take.key, "lease changed before we could take it");
+                }
+                Err(e) => {
+                    warn!(lease = %take.key, error = %e, "taking lease failed");
+                }
+            }
+        }
+        metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
+        Ok(taken)
+    }
+}

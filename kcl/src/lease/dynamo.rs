@@ -1,0 +1,1 @@
+//! `DynamoLeaseStore`: the `LeaseStore` seam over `aws-sdk-dynamodb`.

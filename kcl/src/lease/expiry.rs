@@ -1,0 +1,81 @@
+//! Observed expiry: a lease is expired for an observer when its counter has not moved for
+//! `lease_duration` by the observer's own monotonic clock. No wall clocks are compared across
+//! machines, so clock skew cannot make a live lease look dead.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Lease, LeaseCounter, LeaseKey};
+
+/// Remembers when each lease's counter was last seen to change.
+#[derive(Debug, Default)]
+pub(crate) struct ExpiryTracker {
+    seen: BTreeMap<LeaseKey, (LeaseCounter, Instant)>,
+}
+
+impl ExpiryTracker {
+    /// Records a table snapshot taken at `now`, and forgets leases no longer in it.
+    pub(crate) fn observe(&mut self, leases: &[Lease], now: Instant) {
+        let mut next = BTreeMap::new();
+        for lease in leases {
+            let since = match self.seen.get(&lease.key) {
+                Some((counter, since)) if *counter == lease.counter => *since,
+                _ => now,
+            };
+            next.insert(lease.key.clone(), (lease.counter, since));
+        }
+        self.seen = next;
+    }
+
+    /// True if `lease` may be taken: it has no owner, or its counter has not changed for
+    /// `lease_duration` since this tracker first saw it.
+    pub(crate) fn is_expired(&self, lease: &Lease, now: Instant, lease_duration: Duration) -> bool {
+        if lease.owner.is_none() {
+            return true;
+        }
+        match self.seen.get(&lease.key) {
+            Some((counter, since)) if *counter == lease.counter => {
+                now.saturating_duration_since(*since) >= lease_duration
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::WorkerId;
+    use crate::record::ExtendedSequenceNumber;
+    use crate::shard::ShardId;
+
+    fn lease(counter: u64, owner: Option<&str>) -> Lease {
+        let mut l = Lease::new(
+            &ShardId::new("shardId-0"),
+            ExtendedSequenceNumber::TrimHorizon,
+        );
+        l.counter = LeaseCounter(counter);
+        l.owner = owner.map(WorkerId::new);
+        l
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expires_only_after_counter_stands_still() {
+        let d = Duration::from_secs(10);
+        let mut t = ExpiryTracker::default();
+        let t0 = Instant::now();
+        t.observe(&[lease(1, Some("a"))], t0);
+        assert!(!t.is_expired(&lease(1, Some("a")), t0 + Duration::from_secs(9), d));
+        // The counter moved at t0+5: the clock restarts.
+        t.observe(&[lease(2, Some("a"))], t0 + Duration::from_secs(5));
+        assert!(!t.is_expired(&lease(2, Some("a")), t0 + Duration::from_secs(14), d));
+        assert!(t.is_expired(&lease(2, Some("a")), t0 + Duration::from_secs(15), d));
+        // Unowned leases are always takeable.
+        assert!(t.is_expired(&lease(2, None), t0, d));
+        // A lease never observed is not expired.
+        let fresh = ExpiryTracker::default();
+        assert!(!fresh.is_expired(&lease(1, Some("a")), t0 + d * 10, d));
+    }
+}

@@ -1,0 +1,304 @@
+//! The lease item codec: [`Lease`] ↔ table attributes, in the Java KCL 2.x schema.
+//!
+//! Shared by every store, so the DynamoDB store and the in-memory one decode (and reject)
+//! exactly the same items.
+
+use std::collections::BTreeMap;
+
+use super::{Lease, LeaseCounter, LeaseKey, MalformedLease, WorkerId};
+use crate::record::ExtendedSequenceNumber;
+use crate::shard::{HashKeyRange, ShardId};
+
+/// Attribute names of the lease table (Java KCL 2.x schema, plus 3.x's `checkpointOwner`).
+pub mod attr {
+    /// Hash key: the shard id.
+    pub const LEASE_KEY: &str = "leaseKey";
+    /// The worker holding the lease.
+    pub const LEASE_OWNER: &str = "leaseOwner";
+    /// Fencing counter.
+    pub const LEASE_COUNTER: &str = "leaseCounter";
+    /// Checkpoint sequence number or sentinel.
+    pub const CHECKPOINT: &str = "checkpoint";
+    /// KPL sub-sequence of the checkpoint.
+    pub const CHECKPOINT_SUB: &str = "checkpointSubSequenceNumber";
+    /// Owner changes since the last checkpoint.
+    pub const OWNER_SWITCHES: &str = "ownerSwitchesSinceCheckpoint";
+    /// Parent shard ids (string set).
+    pub const PARENTS: &str = "parentShardId";
+    /// Child shard ids (string set).
+    pub const CHILDREN: &str = "childShardIds";
+    /// First hash key.
+    pub const STARTING_HASH_KEY: &str = "startingHashKey";
+    /// Last hash key.
+    pub const ENDING_HASH_KEY: &str = "endingHashKey";
+    /// Two-phase checkpoint: prepared sequence number.
+    pub const PENDING_CHECKPOINT: &str = "pendingCheckpoint";
+    /// Two-phase checkpoint: prepared sub-sequence number.
+    pub const PENDING_CHECKPOINT_SUB: &str = "pendingCheckpointSubSequenceNumber";
+    /// Two-phase checkpoint: application state.
+    pub const PENDING_CHECKPOINT_STATE: &str = "pendingCheckpointState";
+    /// Graceful handoff: the previous owner (Java KCL 3.x).
+    pub const CHECKPOINT_OWNER: &str = "checkpointOwner";
+    /// Java KCL 3.x stores other entities in the table; only `LEASE` (or none) are leases.
+    pub const ENTITY_TYPE: &str = "entityType";
+}
+
+/// A table attribute value, independent of any SDK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttrValue {
+    /// String.
+    S(String),
+    /// Number, in its decimal string form.
+    N(String),
+    /// String set.
+    Ss(Vec<String>),
+    /// Binary.
+    B(Vec<u8>),
+    /// Any other type (bool, list, map, …), kept only to be reported.
+    Other(&'static str),
+}
+
+/// One table item.
+pub type Item = BTreeMap<String, AttrValue>;
+
+/// Encodes a lease as a full item (for `PutItem`).
+pub fn encode(lease: &Lease) -> Item {
+    let mut item = Item::new();
+    let s = |v: &str| AttrValue::S(v.to_owned());
+    let n = |v: u64| AttrValue::N(v.to_string());
+    item.insert(attr::LEASE_KEY.into(), s(lease.key.as_str()));
+    if let Some(o) = &lease.owner {
+        item.insert(attr::LEASE_OWNER.into(), s(o.as_str()));
+    }
+    item.insert(attr::LEASE_COUNTER.into(), n(lease.counter.0));
+    item.insert(
+        attr::CHECKPOINT.into(),
+        s(lease.checkpoint.checkpoint_str()),
+    );
+    item.insert(
+        attr::CHECKPOINT_SUB.into(),
+        n(lease.checkpoint.sub_sequence()),
+    );
+    item.insert(
+        attr::OWNER_SWITCHES.into(),
+        n(lease.owner_switches_since_checkpoint),
+    );
+    // DynamoDB rejects empty sets: absent means none.
+    if !lease.parent_shard_ids.is_empty() {
+        item.insert(attr::PARENTS.into(), ids(&lease.parent_shard_ids));
+    }
+    if !lease.child_shard_ids.is_empty() {
+        item.insert(attr::CHILDREN.into(), ids(&lease.child_shard_ids));
+    }
+    if let Some(r) = &lease.hash_range {
+        item.insert(attr::STARTING_HASH_KEY.into(), s(&r.start().to_string()));
+        item.insert(attr::ENDING_HASH_KEY.into(), s(&r.end().to_string()));
+    }
+    if let Some(p) = &lease.pending_checkpoint {
+        item.insert(attr::PENDING_CHECKPOINT.into(), s(p.checkpoint_str()));
+        item.insert(attr::PENDING_CHECKPOINT_SUB.into(), n(p.sub_sequence()));
+    }
+    if let Some(o) = &lease.checkpoint_owner {
+        item.insert(attr::CHECKPOINT_OWNER.into(), s(o.as_str()));
+    }
+    item
+}
+
+/// String-set value of shard ids.
+pub fn ids(ids: &[ShardId]) -> AttrValue {
+    AttrValue::Ss(ids.iter().map(|i| i.as_str().to_owned()).collect())
+}
+
+/// Decodes an item. `Ok(None)` for items that are not leases (`entityType` other than `LEASE`).
+///
+/// # Errors
+/// [`MalformedLease`] naming the first missing or malformed attribute.
+pub fn decode(item: &Item) -> Result<Option<Lease>, MalformedLease> {
+    match item.get(attr::ENTITY_TYPE) {
+        None => {}
+        Some(AttrValue::S(t)) if t == "LEASE" => {}
+        Some(_) => return Ok(None),
+    }
+    let key = match item.get(attr::LEASE_KEY) {
+        Some(AttrValue::S(k)) if !k.is_empty() => k.clone(),
+        Some(other) => {
+            return Err(MalformedLease::new(
+                None,
+                attr::LEASE_KEY,
+                format!("expected a non-empty string, got {other:?}"),
+            ))
+        }
+        None => return Err(MalformedLease::new(None, attr::LEASE_KEY, "missing")),
+    };
+    let bad = |attribute: &'static str, reason: String| {
+        MalformedLease::new(Some(key.clone()), attribute, reason)
+    };
+    let opt_s = |name: &'static str| -> Result<Option<&str>, MalformedLease> {
+        match item.get(name) {
+            None => Ok(None),
+            Some(AttrValue::S(v)) => Ok(Some(v.as_str())),
+            Some(other) => Err(bad(name, format!("expected a string, got {other:?}"))),
+        }
+    };
+    let opt_n = |name: &'static str| -> Result<Option<u64>, MalformedLease> {
+        match item.get(name) {
+            None => Ok(None),
+            Some(AttrValue::N(v)) => v
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| bad(name, format!("expected a non-negative integer, got {v:?}"))),
+            Some(other) => Err(bad(name, format!("expected a number, got {other:?}"))),
+        }
+    };
+    let opt_ss = |name: &'static str| -> Result<Vec<ShardId>, MalformedLease> {
+        match item.get(name) {
+            None => Ok(Vec::new()),
+            Some(AttrValue::Ss(v)) => {
+                let mut ids: Vec<ShardId> = v.iter().map(|s| ShardId::new(s.as_str())).collect();
+                ids.sort();
+                Ok(ids)
+            }
+            Some(other) => Err(bad(name, format!("expected a string set, got {other:?}"))),
+        }
+    };
+    let counter =
+        opt_n(attr::LEASE_COUNTER)?.ok_or_else(|| bad(attr::LEASE_COUNTER, "missing".into()))?;
+    let checkpoint_str =
+        opt_s(attr::CHECKPOINT)?.ok_or_else(|| bad(attr::CHECKPOINT, "missing".into()))?;
+    let checkpoint = ExtendedSequenceNumber::parse(checkpoint_str, opt_n(attr::CHECKPOINT_SUB)?)
+        .map_err(|e| bad(attr::CHECKPOINT, e.to_string()))?;
+    let pending_checkpoint = match opt_s(attr::PENDING_CHECKPOINT)? {
+        None => None,
+        Some(p) => Some(
+            ExtendedSequenceNumber::parse(p, opt_n(attr::PENDING_CHECKPOINT_SUB)?)
+                .map_err(|e| bad(attr::PENDING_CHECKPOINT, e.to_string()))?,
+        ),
+    };
+    let hash_range = match (
+        opt_s(attr::STARTING_HASH_KEY)?,
+        opt_s(attr::ENDING_HASH_KEY)?,
+    ) {
+        (Some(s), Some(e)) => Some(
+            HashKeyRange::parse(s, e)
+                .map_err(|err| bad(attr::STARTING_HASH_KEY, err.to_string()))?,
+        ),
+        (None, None) => None,
+        (Some(_), None) => return Err(bad(attr::ENDING_HASH_KEY, "missing".into())),
+        (None, Some(_)) => return Err(bad(attr::STARTING_HASH_KEY, "missing".into())),
+    };
+    let owner = match opt_s(attr::LEASE_OWNER)? {
+        Some("") => return Err(bad(attr::LEASE_OWNER, "empty".into())),
+        other => other.map(WorkerId::new),
+    };
+    Ok(Some(Lease {
+        key: LeaseKey::new(key.clone()),
+        owner,
+        counter: LeaseCounter(counter),
+        checkpoint,
+        owner_switches_since_checkpoint: opt_n(attr::OWNER_SWITCHES)?.unwrap_or(0),
+        parent_shard_ids: opt_ss(attr::PARENTS)?,
+        child_shard_ids: opt_ss(attr::CHILDREN)?,
+        hash_range,
+        pending_checkpoint,
+        checkpoint_owner: opt_s(attr::CHECKPOINT_OWNER)?.map(WorkerId::new),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::SequenceNumber;
+
+    fn full_lease() -> Lease {
+        let mut l = Lease::new(
+            &ShardId::new("shardId-000000000003"),
+            ExtendedSequenceNumber::at(
+                SequenceNumber::parse("49590338271490256608559692538361571095921575989136588898")
+                    .unwrap(),
+                7,
+            ),
+        )
+        .with_parents([
+            ShardId::new("shardId-000000000001"),
+            ShardId::new("shardId-000000000000"),
+        ])
+        .with_hash_range(HashKeyRange::new(5, u128::MAX).unwrap());
+        l.owner = Some(WorkerId::new("w1"));
+        l.counter = LeaseCounter(42);
+        l.owner_switches_since_checkpoint = 2;
+        l.child_shard_ids = vec![ShardId::new("shardId-000000000009")];
+        l
+    }
+
+    #[test]
+    fn round_trips() {
+        let l = full_lease();
+        assert_eq!(decode(&encode(&l)).unwrap(), Some(l));
+        let bare = Lease::new(&ShardId::new("s"), ExtendedSequenceNumber::TrimHorizon);
+        assert_eq!(decode(&encode(&bare)).unwrap(), Some(bare));
+    }
+
+    #[test]
+    fn other_entities_are_skipped() {
+        let mut item = encode(&full_lease());
+        item.insert(
+            attr::ENTITY_TYPE.into(),
+            AttrValue::S("WORKER_METRICS".into()),
+        );
+        assert_eq!(decode(&item).unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_items_name_the_attribute() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Item)>)> = vec![
+            (
+                attr::LEASE_KEY,
+                Box::new(|i| {
+                    i.remove(attr::LEASE_KEY);
+                }),
+            ),
+            (
+                attr::LEASE_COUNTER,
+                Box::new(|i| {
+                    i.remove(attr::LEASE_COUNTER);
+                }),
+            ),
+            (
+                attr::LEASE_COUNTER,
+                Box::new(|i| {
+                    i.insert(attr::LEASE_COUNTER.into(), AttrValue::S("1".into()));
+                }),
+            ),
+            (
+                attr::CHECKPOINT,
+                Box::new(|i| {
+                    i.insert(attr::CHECKPOINT.into(), AttrValue::S("12abc".into()));
+                }),
+            ),
+            (
+                attr::CHECKPOINT,
+                Box::new(|i| {
+                    i.remove(attr::CHECKPOINT);
+                }),
+            ),
+            (
+                attr::PARENTS,
+                Box::new(|i| {
+                    i.insert(attr::PARENTS.into(), AttrValue::S("x".into()));
+                }),
+            ),
+            (
+                attr::STARTING_HASH_KEY,
+                Box::new(|i| {
+                    i.insert(attr::STARTING_HASH_KEY.into(), AttrValue::S("-1".into()));
+                }),
+            ),
+        ];
+        for (attribute, mutate) in cases {
+            let mut item = encode(&full_lease());
+            mutate(&mut item);
+            let err = decode(&item).unwrap_err();
+            assert_eq!(err.attribute(), attribute, "{err}");
+        }
+    }
+}

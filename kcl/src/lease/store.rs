@@ -1,0 +1,195 @@
+//! The `LeaseStore` seam: the lease table's operations, each conditional on the lease counter.
+//!
+//! Implementations: [`crate::lease::dynamo::DynamoLeaseStore`] (DynamoDB and compatible servers)
+//! and `testkit::MemLeaseStore` (in memory). Both pass the conformance suite in
+//! `testkit::conformance`, which is what makes the in-memory one trustworthy.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use super::{Lease, LeaseKey, WorkerId};
+use crate::error::BoxError;
+use crate::record::ExtendedSequenceNumber;
+use crate::shard::ShardId;
+
+/// Everything read from the lease table by [`LeaseStore::list`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct LeaseTable {
+    /// The leases that decoded, sorted by key.
+    pub leases: Vec<Lease>,
+    /// Items that are leases (no `entityType`, or `LEASE`) but could not be decoded. They are
+    /// reported, never dropped silently or overwritten.
+    pub malformed: Vec<MalformedLease>,
+}
+
+impl LeaseTable {
+    /// A table snapshot.
+    pub fn new(mut leases: Vec<Lease>, malformed: Vec<MalformedLease>) -> Self {
+        leases.sort_by(|a, b| a.key.cmp(&b.key));
+        Self { leases, malformed }
+    }
+}
+
+/// A lease item with missing or malformed attributes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed lease item {key:?}: attribute {attribute}: {reason}")]
+pub struct MalformedLease {
+    key: Option<String>,
+    attribute: &'static str,
+    reason: String,
+}
+
+impl MalformedLease {
+    /// Describes a malformed item.
+    pub fn new(key: Option<String>, attribute: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            key,
+            attribute,
+            reason: reason.into(),
+        }
+    }
+
+    /// The item's `leaseKey`, if it had a readable one.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The attribute at fault.
+    pub fn attribute(&self) -> &'static str {
+        self.attribute
+    }
+
+    /// What is wrong with it.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+/// Errors of the lease table.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseStoreError {
+    /// The conditional write failed: the lease changed since it was read (another worker took
+    /// it, or it was renewed/checkpointed/deleted), or the item already exists (create).
+    #[error("lease {key}: the lease changed since it was read")]
+    ConditionFailed {
+        /// The lease whose condition failed.
+        key: LeaseKey,
+    },
+    /// The table throttled the request; retry with backoff.
+    #[error("the lease table throttled the request")]
+    Throttled(#[source] BoxError),
+    /// A timeout, a dropped connection or a 5xx: retry with backoff.
+    #[error("the lease table is unavailable")]
+    Transient(#[source] BoxError),
+    /// An item could not be decoded.
+    #[error(transparent)]
+    Malformed(#[from] MalformedLease),
+    /// Any other failure (bad credentials, missing table, validation error): not retried.
+    #[error("lease table request failed")]
+    Other(#[source] BoxError),
+}
+
+impl LeaseStoreError {
+    /// True for failures that may succeed when retried (throttling, transient faults).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Throttled(_) | Self::Transient(_))
+    }
+
+    /// True if a conditional write failed because the lease changed.
+    pub fn is_condition_failed(&self) -> bool {
+        matches!(self, Self::ConditionFailed { .. })
+    }
+}
+
+/// The lease table. Every write is conditional on the counter of the `lease` passed in (the
+/// caller's last view of it) and returns the lease as it is after the write.
+///
+/// Implement it to keep leases somewhere other than DynamoDB; run `testkit::conformance` against
+/// your implementation.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
+    /// Creates the table if it does not exist and waits until it can be used.
+    async fn ensure_table(&self) -> Result<(), LeaseStoreError>;
+
+    /// Reads every lease. Items that are not leases (`entityType` other than `LEASE`) are
+    /// skipped; leases that do not decode are returned in [`LeaseTable::malformed`].
+    async fn list(&self) -> Result<LeaseTable, LeaseStoreError>;
+
+    /// Reads one lease (strongly consistent).
+    async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError>;
+
+    /// Creates `lease` if no item has its key. Returns false if one already exists.
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError>;
+
+    /// Heartbeat: counter + 1, if the counter and owner are still those of `lease`.
+    async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError>;
+
+    /// Takes `lease` for `owner`: owner set, counter + 1, owner switches + 1, if the counter
+    /// is still that of `lease`.
+    async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError>;
+
+    /// Stores a checkpoint (and, at shard end, the child shard ids): counter + 1, owner
+    /// switches reset, if the counter and owner are still those of `lease`.
+    async fn checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+        child_shard_ids: &[ShardId],
+    ) -> Result<Lease, LeaseStoreError>;
+
+    /// Gives the lease up: owner removed, counter + 1, if the counter and owner are still
+    /// those of `lease`.
+    async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError>;
+
+    /// Deletes the lease if its counter is still that of `lease`.
+    async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError>;
+}
+
+/// Applies the effect of a successful write to the caller's copy: what every implementation
+/// returns. Kept here so all stores agree on it.
+pub(crate) mod effect {
+    use super::*;
+
+    pub(crate) fn renewed(lease: &Lease) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        l
+    }
+
+    pub(crate) fn taken(lease: &Lease, owner: &WorkerId) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        l.owner_switches_since_checkpoint += 1;
+        l.owner = Some(owner.clone());
+        l
+    }
+
+    pub(crate) fn checkpointed(
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+        children: &[ShardId],
+    ) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        l.checkpoint = checkpoint.clone();
+        l.owner_switches_since_checkpoint = 0;
+        l.pending_checkpoint = None;
+        if !children.is_empty() {
+            let mut c = children.to_vec();
+            c.sort();
+            c.dedup();
+            l.child_shard_ids = c;
+        }
+        l
+    }
+
+    pub(crate) fn released(lease: &Lease) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        l.owner = None;
+        l
+    }
+}

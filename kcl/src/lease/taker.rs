@@ -1,0 +1,212 @@
+//! Which leases to take: a pure planner over one snapshot of the table.
+//!
+//! Target = ceil(active leases / live workers), capped by `max_leases_per_worker`. Finished
+//! (`SHARD_END`) leases do not count. A worker below target takes, in order: its own leases it
+//! does not hold (a restart with the same worker id reclaims them at once), unowned leases,
+//! expired leases; then, if still below target, it steals from the most loaded live worker, at
+//! most `max_leases_to_steal` per round and never so many that the victim drops below target
+//! (which would make the fleet oscillate).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Lease, LeaseKey, WorkerId};
+
+/// Why a lease is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TakeReason {
+    /// The lease names this worker but this process does not hold it (restart).
+    Reclaim,
+    /// Nobody owns it.
+    Unowned,
+    /// Its owner stopped renewing it.
+    Expired,
+    /// Taken from a live worker to balance the fleet.
+    Steal,
+}
+
+/// One planned take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Take {
+    pub(crate) key: LeaseKey,
+    pub(crate) reason: TakeReason,
+}
+
+/// The inputs of one planning round.
+#[derive(Debug)]
+pub(crate) struct Snapshot<'a> {
+    /// Every lease in the table.
+    pub(crate) leases: &'a [Lease],
+    /// This worker.
+    pub(crate) me: &'a WorkerId,
+    /// Leases this process holds or is still winding down.
+    pub(crate) held: &'a BTreeSet<LeaseKey>,
+    /// Leases the expiry tracker considers expired (owned ones only matter).
+    pub(crate) expired: &'a BTreeSet<LeaseKey>,
+    /// Leases this worker refuses to take (e.g. stopped by the error policy).
+    pub(crate) refused: &'a BTreeSet<LeaseKey>,
+}
+
+/// Limits of one round.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) max_leases_per_worker: usize,
+    pub(crate) max_leases_to_steal: usize,
+}
+
+/// Plans this round's takes.
+pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
+    let active: Vec<&Lease> = s.leases.iter().filter(|l| !l.is_finished()).collect();
+    // Live workers: owners of active leases that are not expired, and this worker.
+    let mut load: BTreeMap<&WorkerId, usize> = BTreeMap::new();
+    load.insert(s.me, 0);
+    for l in &active {
+        if let Some(owner) = &l.owner {
+            if !s.expired.contains(&l.key) || s.held.contains(&l.key) {
+                *load.entry(owner).or_default() += 1;
+            }
+        }
+    }
+    let target = active
+        .len()
+        .div_ceil(load.len())
+        .min(limits.max_leases_per_worker);
+    let mine = active.iter().filter(|l| s.held.contains(&l.key)).count();
+    let mut wanted = target.saturating_sub(mine);
+    if wanted == 0 {
+        return Vec::new();
+    }
+
+    let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.refused.contains(&l.key);
+    let mut candidates: Vec<Take> = active
+        .iter()
+        .filter(takeable)
+        .filter_map(|l| {
+            let reason = match &l.owner {
+                Some(o) if o == s.me => TakeReason::Reclaim,
+                None => TakeReason::Unowned,
+                Some(_) if s.expired.contains(&l.key) => TakeReason::Expired,
+                Some(_) => return None,
+            };
+            Some(Take {
+                key: l.key.clone(),
+                reason,
+            })
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.reason.cmp(&b.reason).then_with(|| a.key.cmp(&b.key)));
+    candidates.truncate(wanted);
+    wanted -= candidates.len();
+
+    if wanted > 0 {
+        // Steal from the most loaded live worker (ties: lowest id, for determinism).
+        let victim = load
+            .iter()
+            .filter(|(w, _)| **w != s.me)
+            .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
+        if let Some((victim, &count)) = victim {
+            let surplus = count.saturating_sub(target);
+            let n = wanted.min(surplus).min(limits.max_leases_to_steal);
+            candidates.extend(
+                active
+                    .iter()
+                    .filter(takeable)
+                    .filter(|l| l.owner.as_ref() == Some(*victim) && !s.expired.contains(&l.key))
+                    .take(n)
+                    .map(|l| Take {
+                        key: l.key.clone(),
+                        reason: TakeReason::Steal,
+                    }),
+            );
+        }
+    }
+    candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::ExtendedSequenceNumber;
+    use crate::shard::ShardId;
+
+    fn lease(i: usize, owner: Option<&str>) -> Lease {
+        let mut l = Lease::new(
+            &ShardId::new(format!("shardId-{i:012}")),
+            ExtendedSequenceNumber::TrimHorizon,
+        );
+        l.owner = owner.map(WorkerId::new);
+        l
+    }
+
+    fn plan(
+        leases: &[Lease],
+        me: &str,
+        held: &[usize],
+        expired: &[usize],
+        steal: usize,
+    ) -> Vec<Take> {
+        let key = |i: &usize| leases[*i].key.clone();
+        let me = WorkerId::new(me);
+        let held: BTreeSet<_> = held.iter().map(key).collect();
+        let expired: BTreeSet<_> = expired.iter().map(key).collect();
+        let refused = BTreeSet::new();
+        plan_takes(
+            &Snapshot {
+                leases,
+                me: &me,
+                held: &held,
+                expired: &expired,
+                refused: &refused,
+            },
+            Limits {
+                max_leases_per_worker: usize::MAX,
+                max_leases_to_steal: steal,
+            },
+        )
+    }
+
+    #[test]
+    fn first_worker_takes_everything_unowned() {
+        let leases: Vec<_> = (0..4).map(|i| lease(i, None)).collect();
+        assert_eq!(plan(&leases, "a", &[], &[], 1).len(), 4);
+    }
+
+    #[test]
+    fn reclaims_own_then_unowned_then_expired() {
+        let leases = vec![
+            lease(0, Some("b")),
+            lease(1, None),
+            lease(2, Some("a")),
+            lease(3, Some("b")),
+        ];
+        let p = plan(&leases, "a", &[], &[0], 1);
+        let reasons: Vec<_> = p.iter().map(|t| t.reason).collect();
+        // b is live (lease 3) → 2 workers, target 2.
+        assert_eq!(reasons, vec![TakeReason::Reclaim, TakeReason::Unowned]);
+    }
+
+    #[test]
+    fn steals_toward_balance_without_overshooting() {
+        let leases: Vec<_> = (0..8).map(|i| lease(i, Some("b"))).collect();
+        // target 4: steal at most 3 per round when allowed.
+        let p = plan(&leases, "a", &[], &[], 3);
+        assert_eq!(p.len(), 3);
+        assert!(p.iter().all(|t| t.reason == TakeReason::Steal));
+        let p = plan(&leases, "a", &[], &[], 10);
+        assert_eq!(p.len(), 4);
+        // Balanced: nothing to do.
+        let mut half = leases.clone();
+        for l in half.iter_mut().take(4) {
+            l.owner = Some(WorkerId::new("a"));
+        }
+        assert!(plan(&half, "a", &[0, 1, 2, 3], &[], 10).is_empty());
+    }
+
+    #[test]
+    fn finished_leases_do_not_count() {
+        let mut leases: Vec<_> = (0..4).map(|i| lease(i, Some("b"))).collect();
+        leases[0].checkpoint = ExtendedSequenceNumber::ShardEnd;
+        leases[1].checkpoint = ExtendedSequenceNumber::ShardEnd;
+        // 2 active, 2 workers → target 1: steal one.
+        assert_eq!(plan(&leases, "a", &[], &[], 5).len(), 1);
+    }
+}

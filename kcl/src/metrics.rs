@@ -1,0 +1,36 @@
+//! Metric names. The library records through the [`metrics`](https://docs.rs/metrics) facade
+//! only; install any exporter (Prometheus, StatsD, CloudWatch EMF…) in your application.
+//!
+//! Per-shard metrics carry a `shard` label; all carry no other labels, so the cardinality is
+//! bounded by the number of shards a worker holds.
+
+/// Counter: records handed to `process_records` (label `shard`).
+pub const RECORDS_PROCESSED: &str = "kcl_records_processed_total";
+/// Counter: payload bytes handed to `process_records` (label `shard`).
+pub const BYTES_PROCESSED: &str = "kcl_bytes_processed_total";
+/// Gauge: how far behind the tip of the shard the last batch was read, in ms (label `shard`).
+pub const MILLIS_BEHIND_LATEST: &str = "kcl_millis_behind_latest";
+/// Histogram: seconds spent in one `process_records` call (label `shard`).
+pub const PROCESSOR_LATENCY: &str = "kcl_processor_seconds";
+/// Counter: `process_records` errors (label `shard`).
+pub const PROCESSOR_ERRORS: &str = "kcl_processor_errors_total";
+/// Gauge: leases held by this worker.
+pub const LEASES_HELD: &str = "kcl_leases_held";
+/// Counter: leases taken (any reason).
+pub const LEASES_TAKEN: &str = "kcl_leases_taken_total";
+/// Counter: leases taken from a live worker to balance the fleet.
+pub const LEASES_STOLEN: &str = "kcl_leases_stolen_total";
+/// Counter: leases lost (taken by another worker, or not renewed in time).
+pub const LEASES_LOST: &str = "kcl_leases_lost_total";
+/// Histogram: seconds per successful renewal.
+pub const RENEWAL_LATENCY: &str = "kcl_lease_renewal_seconds";
+/// Counter: renewals that failed without losing the lease.
+pub const RENEWAL_FAILURES: &str = "kcl_lease_renewal_failures_total";
+/// Counter: malformed lease items seen in the table.
+pub const MALFORMED_LEASES: &str = "kcl_malformed_leases_total";
+/// Counter: checkpoints written.
+pub const CHECKPOINTS: &str = "kcl_checkpoints_total";
+/// Counter: reads throttled by Kinesis (label `shard`).
+pub const THROTTLES: &str = "kcl_read_throttles_total";
+/// Counter: Kinesis read errors other than throttling (label `shard`).
+pub const READ_ERRORS: &str = "kcl_read_errors_total";

@@ -1,0 +1,424 @@
+//! The per-shard consumer task: WaitingOnParents → Initializing → Processing → ShuttingDown →
+//! Done.
+//!
+//! The user's `process_records` future is never a `select!` branch (dropping it mid-batch would
+//! leave its side effects half done): cancellation is checked between batches.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};
+use crate::checkpoint::Checkpointer;
+use crate::config::WorkerConfig;
+use crate::lease::coordinator::HeldLease;
+use crate::lease::{Lease, LeaseKey, LeaseStore};
+use crate::metrics as m;
+use crate::record::{ExtendedSequenceNumber, RecordBatch};
+use crate::retrieval::polling::{spawn_fetcher, Fetched};
+use crate::retrieval::{resume_position, KinesisApi};
+use crate::shard::lineage::{can_start, ParentState};
+use crate::shard::{ChildShard, ShardId};
+
+/// How a consumer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConsumerExit {
+    /// The shard was read to its end and checkpointed at `SHARD_END`.
+    Finished,
+    /// The lease was lost.
+    LeaseLost,
+    /// Graceful shutdown: the lease was released.
+    Released,
+    /// The error policy stopped the shard; the lease was released.
+    Stopped,
+}
+
+/// What every consumer of a worker shares.
+#[derive(Clone)]
+pub(crate) struct ConsumerEnv {
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) store: Arc<dyn LeaseStore>,
+    pub(crate) kinesis: Arc<dyn KinesisApi>,
+    pub(crate) factory: Arc<dyn ProcessorFactory>,
+    pub(crate) error_policy: ErrorPolicy,
+    /// Shards in the latest listing (a parent missing from it no longer blocks its children).
+    pub(crate) listed: watch::Receiver<Arc<BTreeSet<ShardId>>>,
+    /// Wakes the shard syncer (at shard end).
+    pub(crate) sync_now: Arc<Notify>,
+    /// Cancelled on graceful shutdown.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ConsumerEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerEnv").finish_non_exhaustive()
+    }
+}
+
+/// Why processing stopped early.
+#[derive(Debug)]
+enum Stop {
+    LeaseLost,
+    Shutdown,
+    Stopped,
+}
+
+/// What to do after a processor error.
+enum Next {
+    Retry,
+    Skip,
+}
+
+/// Runs one shard lease until the shard ends, the lease is lost, or the worker shuts down.
+pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit {
+    let lease = held.snapshot().await;
+    let shard = lease.shard_id();
+    let span = tracing::info_span!("consumer", shard_id = %shard);
+    let cp = Checkpointer::new(shard.clone(), held.clone(), env.store.clone());
+    Consumer {
+        env,
+        held,
+        shard,
+        processor: None,
+        cp,
+    }
+    .run(lease)
+    .instrument(span)
+    .await
+}
+
+struct Consumer {
+    env: ConsumerEnv,
+    held: Arc<HeldLease>,
+    shard: ShardId,
+    processor: Option<Box<dyn RecordProcessor>>,
+    cp: Checkpointer,
+}
+
+impl Consumer {
+    async fn run(mut self, lease: Lease) -> ConsumerExit {
+        match self.process(lease).await {
+            Ok(()) => {
+                info!("shard finished");
+                self.release().await;
+                ConsumerExit::Finished
+            }
+            Err(Stop::LeaseLost) => {
+                info!("lease lost; stopping");
+                if let Some(p) = self.processor.as_mut() {
+                    p.lease_lost().await;
+                }
+                ConsumerExit::LeaseLost
+            }
+            Err(Stop::Shutdown) => {
+                if let Some(p) = self.processor.as_mut() {
+                    if self.held.is_valid() {
+                        if let Err(e) = p.shutdown_requested(&mut self.cp).await {
+                            warn!(error = %e, "shutdown_requested failed; releasing the lease anyway");
+                        }
+                    } else {
+                        p.lease_lost().await;
+                    }
+                }
+                self.release().await;
+                ConsumerExit::Released
+            }
+            Err(Stop::Stopped) => {
+                if let Some(p) = self.processor.as_mut() {
+                    if let Err(e) = p.shutdown_requested(&mut self.cp).await {
+                        warn!(error = %e, "shutdown_requested failed");
+                    }
+                }
+                self.release().await;
+                ConsumerExit::Stopped
+            }
+        }
+    }
+
+    async fn process(&mut self, lease: Lease) -> Result<(), Stop> {
+        self.wait_for_parents(&lease).await?;
+        let Some(position) = resume_position(&lease.checkpoint, self.env.config.initial_position)
+        else {
+            return Ok(()); // already at SHARD_END
+        };
+        let ctx = ShardContext {
+            shard_id: self.shard.clone(),
+            checkpoint: lease.checkpoint.clone(),
+            parent_shard_ids: lease.parent_shard_ids.clone(),
+        };
+        let mut delays = self.delays();
+        loop {
+            let p = self
+                .processor
+                .get_or_insert_with(|| self.env.factory.create(&mut self.shard));
+            match p.initialize(&ctx).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.on_error("initialize", e, None, &mut delays).await?;
+                }
+            }
+        }
+
+        let fetch_stop = CancellationToken::new();
+        let _stop_fetcher = fetch_stop.clone().drop_guard();
+        let mut rx = spawn_fetcher(
+            self.env.kinesis.clone(),
+            self.env.config.stream.clone(),
+            self.shard.clone(),
+            position,
+            lease.checkpoint.clone(),
+            self.env.config.polling.clone(),
+            fetch_stop,
+        );
+        let label = self.shard.to_string();
+        loop {
+            let fetched = tokio::select! {
+                biased;
+                _ = self.held.lost_token().cancelled() => return Err(Stop::LeaseLost),
+                _ = self.env.shutdown.cancelled() => return Err(Stop::Shutdown),
+                f = rx.recv() => f,
+            };
+            match fetched {
+                Some(Fetched::Records {
+                    records,
+                    millis_behind_latest,
+                    _permit,
+                }) => {
+                    if !self.held.is_valid() {
+                        return Err(Stop::LeaseLost);
+                    }
+                    let batch = RecordBatch {
+                        shard_id: self.shard.clone(),
+                        records,
+                        millis_behind_latest,
+                    };
+                    if let Some(last) = batch.records.last() {
+                        self.cp.set_delivered(last.position());
+                    }
+                    if let Some(ms) = millis_behind_latest {
+                        metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => label.clone())
+                            .set(ms as f64);
+                    }
+                    self.deliver(&batch, &label).await?;
+                }
+                Some(Fetched::ShardEnd { children }) => {
+                    return self.end_shard(children).await;
+                }
+                Some(Fetched::Failed(e)) => {
+                    error!(error = %e, "cannot read the shard; stopping it and releasing its lease");
+                    return Err(Stop::Stopped);
+                }
+                None => {
+                    error!("record fetcher stopped unexpectedly");
+                    return Err(Stop::Stopped);
+                }
+            }
+        }
+    }
+
+    async fn deliver(&mut self, batch: &RecordBatch, label: &str) -> Result<(), Stop> {
+        let mut delays = self.delays();
+        loop {
+            let started = Instant::now();
+            let p = self.processor.as_mut().ok_or(Stop::Stopped)?;
+            let result = p.process_records(batch, &mut self.cp).await;
+            metrics::histogram!(m::PROCESSOR_LATENCY, "shard" => label.to_owned())
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {
+                    metrics::counter!(m::RECORDS_PROCESSED, "shard" => label.to_owned())
+                        .increment(batch.len() as u64);
+                    metrics::counter!(m::BYTES_PROCESSED, "shard" => label.to_owned())
+                        .increment(batch.data_bytes() as u64);
+                    return Ok(());
+                }
+                Err(e) => {
+                    metrics::counter!(m::PROCESSOR_ERRORS, "shard" => label.to_owned())
+                        .increment(1);
+                    match self
+                        .on_error("process_records", e, Some(batch), &mut delays)
+                        .await?
+                    {
+                        Next::Retry => {
+                            if !self.held.is_valid() {
+                                return Err(Stop::LeaseLost);
+                            }
+                        }
+                        Next::Skip => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn end_shard(&mut self, children: Vec<ChildShard>) -> Result<(), Stop> {
+        info!(children = ?children.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), "reached shard end");
+        self.cp.set_shard_ended(children.clone());
+        let mut delays = self.delays();
+        loop {
+            if !self.held.is_valid() {
+                return Err(Stop::LeaseLost);
+            }
+            let p = self.processor.as_mut().ok_or(Stop::Stopped)?;
+            let result: Result<(), ProcessorError> = match p.shard_ended(&mut self.cp).await {
+                Ok(())
+                    if self.held.snapshot().await.checkpoint
+                        == ExtendedSequenceNumber::ShardEnd =>
+                {
+                    break;
+                }
+                Ok(()) => Err(ProcessorError::retryable(
+                    "shard_ended returned without checkpointing SHARD_END",
+                )),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                // A failed shard end is always retried: skipping it would strand the children.
+                self.retry_delay("shard_ended", &e, &mut delays).await?;
+            }
+        }
+        self.create_child_leases(&children).await;
+        self.env.sync_now.notify_one();
+        Ok(())
+    }
+
+    async fn create_child_leases(&mut self, children: &[ChildShard]) {
+        for child in children {
+            let lease = Lease::new(&child.id, ExtendedSequenceNumber::TrimHorizon)
+                .with_parents(child.parents.iter().cloned())
+                .with_hash_range(child.hash_range);
+            match self.env.store.create_if_absent(&lease).await {
+                Ok(created) => debug!(child = %child.id, created, "child lease"),
+                // The shard syncer creates it on its next run.
+                Err(e) => warn!(child = %child.id, error = %e, "creating child lease failed"),
+            }
+        }
+    }
+
+    async fn wait_for_parents(&mut self, lease: &Lease) -> Result<(), Stop> {
+        // A child that has started (checkpoint past the initial position) had its parents done.
+        if lease.parent_shard_ids.is_empty() || !lease.checkpoint.is_initial() {
+            return Ok(());
+        }
+        loop {
+            let mut states = Vec::with_capacity(lease.parent_shard_ids.len());
+            for parent in &lease.parent_shard_ids {
+                let state = match self.env.store.get(&LeaseKey::for_shard(parent)).await {
+                    Ok(l) => ParentState::of(l.as_ref()),
+                    Err(e) => {
+                        debug!(parent = %parent, error = %e, "reading parent lease failed");
+                        ParentState::Unfinished
+                    }
+                };
+                states.push((parent.clone(), state));
+            }
+            let listed = self.env.listed.borrow().clone();
+            if can_start(&states, &listed) {
+                return Ok(());
+            }
+            debug!(parents = ?states, "waiting for parent shards to finish");
+            tokio::select! {
+                biased;
+                _ = self.held.lost_token().cancelled() => return Err(Stop::LeaseLost),
+                _ = self.env.shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = tokio::time::sleep(self.env.config.parent_poll_interval) => {}
+            }
+        }
+    }
+
+    fn delays(&mut self) -> Box<dyn Iterator<Item = Duration> + Send> {
+        let (min, max) = match &self.env.error_policy {
+            ErrorPolicy::Retry {
+                min_delay,
+                max_delay,
+            } => (*min_delay, *max_delay),
+            _ => (Duration::from_millis(100), Duration::from_secs(30)),
+        };
+        Box::new(
+            ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_jitter()
+                .without_max_times()
+                .build(),
+        )
+    }
+
+    async fn retry_delay(
+        &mut self,
+        what: &str,
+        e: &ProcessorError,
+        delays: &mut (dyn Iterator<Item = Duration> + Send),
+    ) -> Result<(), Stop> {
+        let d = delays.next().unwrap_or(Duration::from_secs(30));
+        warn!(error = %e, source = ?std::error::Error::source(e), delay = ?d, "{what} failed; retrying");
+        tokio::select! {
+            biased;
+            _ = self.held.lost_token().cancelled() => Err(Stop::LeaseLost),
+            _ = self.env.shutdown.cancelled() => Err(Stop::Shutdown),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    async fn on_error(
+        &mut self,
+        what: &str,
+        e: ProcessorError,
+        batch: Option<&RecordBatch>,
+        delays: &mut (dyn Iterator<Item = Duration> + Send),
+    ) -> Result<Next, Stop> {
+        match (&mut self.env.error_policy, batch) {
+            (ErrorPolicy::Handoff(handler), Some(batch)) => {
+                warn!(error = %e, records = batch.len(), "{what} failed; handing the batch to the error handler");
+                handler(batch, &e);
+                Ok(Next::Skip)
+            }
+            (ErrorPolicy::StopShard, _) => {
+                error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed; stopping the shard (error policy)");
+                Err(Stop::Stopped)
+            }
+            (ErrorPolicy::Retry { .. }, _) if !e.is_retryable() => {
+                error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed fatally; stopping the shard");
+                Err(Stop::Stopped)
+            }
+            _ => {
+                self.retry_delay(what, &e, delays).await?;
+                Ok(Next::Retry)
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        let store = &self.env.store;
+        for attempt in 0..3u32 {
+            if !self.held.is_valid() {
+                return;
+            }
+            match self
+                .held
+                .write(|l| async move { store.release(&l).await })
+                .await
+            {
+                Ok(_) => {
+                    debug!("lease released");
+                    break;
+                }
+                Err(e) if e.is_retryable() => {
+                    debug!(error = %e, attempt, "release failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "release failed; the lease will expire instead");
+                    break;
+                }
+            }
+        }
+        self.held.mark_lost();
+    }
+}

@@ -1,0 +1,171 @@
+//! The one trait users implement, [`RecordProcessor`], and what surrounds it.
+//!
+//! The worker creates one processor per shard lease it holds (through a [`ProcessorFactory`],
+//! usually a closure) and drives it through: `initialize` → `process_records`* → one of
+//! `shard_ended` (the shard was read to its end), `shutdown_requested` (graceful stop: last
+//! chance to checkpoint) or `lease_lost` (another worker has the shard: do not checkpoint).
+//!
+//! Callbacks of one processor never run concurrently, and batches arrive in shard order. Keep
+//! blocking work off the async runtime (`tokio::task::spawn_blocking`).
+
+pub(crate) mod consumer;
+pub mod policy;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::checkpoint::Checkpointer;
+use crate::error::BoxError;
+use crate::record::{ExtendedSequenceNumber, RecordBatch};
+use crate::shard::ShardId;
+
+pub use policy::ErrorPolicy;
+
+/// What a processor learns about its shard at `initialize`.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ShardContext {
+    /// The shard.
+    pub shard_id: ShardId,
+    /// Where processing resumes (the stored checkpoint).
+    pub checkpoint: ExtendedSequenceNumber,
+    /// The shard's parents (already finished).
+    pub parent_shard_ids: Vec<ShardId>,
+}
+
+/// A processor's failure. Build it with [`ProcessorError::retryable`] or
+/// [`ProcessorError::fatal`]; the worker's [`ErrorPolicy`] decides what follows.
+#[derive(Debug, thiserror::Error)]
+#[error("record processor failed ({})", if *.retryable { "retryable" } else { "fatal" })]
+pub struct ProcessorError {
+    retryable: bool,
+    #[source]
+    source: BoxError,
+}
+
+impl ProcessorError {
+    /// A failure worth retrying (e.g. the downstream was unavailable).
+    pub fn retryable(e: impl Into<BoxError>) -> Self {
+        Self {
+            retryable: true,
+            source: e.into(),
+        }
+    }
+
+    /// A failure that retrying will not fix; the error policy decides what happens next, the
+    /// default stops the shard and releases its lease.
+    pub fn fatal(e: impl Into<BoxError>) -> Self {
+        Self {
+            retryable: false,
+            source: e.into(),
+        }
+    }
+
+    /// True for [`ProcessorError::retryable`] errors.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+/// Processes the records of one shard. One instance per held shard lease.
+///
+/// ```
+/// use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
+///
+/// struct Printer;
+///
+/// #[async_trait]
+/// impl RecordProcessor for Printer {
+///     async fn process_records(
+///         &mut self,
+///         batch: &RecordBatch,
+///         cp: &mut Checkpointer,
+///     ) -> Result<(), ProcessorError> {
+///         for r in batch {
+///             println!("{} {}", r.partition_key, r.sequence_number);
+///         }
+///         cp.checkpoint().await.map_err(ProcessorError::retryable)
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait RecordProcessor: Send + 'static {
+    /// Called once before the first batch.
+    ///
+    /// # Errors
+    /// A failure is handled by the worker's [`ErrorPolicy`].
+    async fn initialize(&mut self, shard: &ShardContext) -> Result<(), ProcessorError> {
+        let _ = shard;
+        Ok(())
+    }
+
+    /// Processes one batch. Checkpoint through `cp` when the records are durable downstream.
+    /// The batch is passed by reference so that the error policy can retry it as it was.
+    ///
+    /// # Errors
+    /// A failure is handled by the worker's [`ErrorPolicy`]; records are never skipped
+    /// silently.
+    async fn process_records(
+        &mut self,
+        batch: &RecordBatch,
+        cp: &mut Checkpointer,
+    ) -> Result<(), ProcessorError>;
+
+    /// The shard was read to its end. The default checkpoints `SHARD_END`, which lets the
+    /// child shards start; an override must do so too.
+    ///
+    /// # Errors
+    /// A failure is retried; children wait until `SHARD_END` is checkpointed.
+    async fn shard_ended(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        cp.checkpoint().await.map_err(ProcessorError::retryable)
+    }
+
+    /// Another worker has the shard now. Do not checkpoint (it would be refused).
+    async fn lease_lost(&mut self) {}
+
+    /// The worker is shutting down gracefully (or handing the shard over): checkpoint what
+    /// was processed. The lease is released afterwards.
+    ///
+    /// # Errors
+    /// Logged; the lease is released anyway.
+    async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        let _ = cp;
+        Ok(())
+    }
+}
+
+/// Creates one processor per shard lease. Implemented for closures `Fn() -> P`.
+pub trait ProcessorFactory: Send + Sync + 'static {
+    /// A processor for `shard`.
+    fn create(&self, shard: &ShardId) -> Box<dyn RecordProcessor>;
+}
+
+impl<F, P> ProcessorFactory for F
+where
+    F: Fn() -> P + Send + Sync + 'static,
+    P: RecordProcessor,
+{
+    fn create(&self, _shard: &ShardId) -> Box<dyn RecordProcessor> {
+        Box::new(self())
+    }
+}
+
+/// A factory that sees the shard id: `ProcessorFactoryFn(|shard| …)`.
+pub struct ProcessorFactoryFn<F>(pub F);
+
+impl<F> fmt::Debug for ProcessorFactoryFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProcessorFactoryFn")
+    }
+}
+
+impl<F, P> ProcessorFactory for ProcessorFactoryFn<F>
+where
+    F: Fn(&ShardId) -> P + Send + Sync + 'static,
+    P: RecordProcessor,
+{
+    fn create(&self, shard: &ShardId) -> Box<dyn RecordProcessor> {
+        Box::new((self.0)(shard))
+    }
+}

@@ -1,0 +1,1 @@
+//! `AwsKinesis`: the `KinesisApi` seam over `aws-sdk-kinesis`.

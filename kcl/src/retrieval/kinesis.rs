@@ -1,0 +1,137 @@
+//! The `KinesisApi` seam: the few Kinesis calls a consumer needs.
+//!
+//! Implementations: [`crate::retrieval::aws::AwsKinesis`] over `aws-sdk-kinesis`, and
+//! `testkit::MemKinesis` in memory.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::error::BoxError;
+use crate::record::{Record, SequenceNumber};
+use crate::shard::{ChildShard, Shard, ShardId};
+
+/// Where a shard iterator starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IteratorPosition {
+    /// The oldest record still in the shard.
+    TrimHorizon,
+    /// After the newest record.
+    Latest,
+    /// The first record that arrived at or after the time.
+    AtTimestamp(SystemTime),
+    /// At the record with this sequence number.
+    AtSequence(SequenceNumber),
+    /// Just after the record with this sequence number.
+    AfterSequence(SequenceNumber),
+}
+
+/// An opaque shard iterator (valid for 5 minutes on AWS).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ShardIterator(String);
+
+impl ShardIterator {
+    /// Wraps an iterator string.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The iterator string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ShardIterator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Iterators are long base64 blobs; a prefix is enough to tell them apart in logs.
+        let shown: String = self.0.chars().take(16).collect();
+        write!(f, "ShardIterator({shown}…)")
+    }
+}
+
+/// The answer of one `GetRecords` call.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct GetRecordsOutput {
+    /// The records, oldest first.
+    pub records: Vec<Record>,
+    /// Where to read next; `None` once a closed shard was read to its end.
+    pub next_iterator: Option<ShardIterator>,
+    /// How far behind the tip of the shard the response is.
+    pub millis_behind_latest: Option<u64>,
+    /// At a closed shard's end: its children.
+    pub child_shards: Vec<ChildShard>,
+}
+
+impl GetRecordsOutput {
+    /// A response.
+    pub fn new(
+        records: Vec<Record>,
+        next_iterator: Option<ShardIterator>,
+        millis_behind_latest: Option<u64>,
+        child_shards: Vec<ChildShard>,
+    ) -> Self {
+        Self {
+            records,
+            next_iterator,
+            millis_behind_latest,
+            child_shards,
+        }
+    }
+}
+
+/// Errors of the Kinesis seam, classified so the retrieval layer can act on them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KinesisApiError {
+    /// The shard iterator is older than 5 minutes: get a new one from the last position.
+    #[error("the shard iterator expired")]
+    ExpiredIterator,
+    /// The shard's read limits (5 calls/s, 2 MB/s) were exceeded: back off.
+    #[error("read throughput exceeded")]
+    Throttled(#[source] BoxError),
+    /// The stream or shard does not exist (or no longer exists: trimmed away).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A timeout, a dropped connection or a 5xx: retry with backoff.
+    #[error("kinesis is unavailable")]
+    Transient(#[source] BoxError),
+    /// A record or response that does not decode (e.g. a malformed sequence number).
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    /// Anything else (bad credentials, validation): not retried.
+    #[error("kinesis request failed")]
+    Other(#[source] BoxError),
+}
+
+impl KinesisApiError {
+    /// True for failures that may succeed when retried.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Throttled(_) | Self::Transient(_))
+    }
+}
+
+/// The Kinesis operations a consumer needs.
+#[async_trait]
+pub trait KinesisApi: Send + Sync + fmt::Debug + 'static {
+    /// Every shard of the stream (all pages), open and closed.
+    async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError>;
+
+    /// A shard iterator at `position`.
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<ShardIterator, KinesisApiError>;
+
+    /// Up to `limit` records (at most 10 000) from `iterator`.
+    async fn get_records(
+        &self,
+        iterator: &ShardIterator,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, KinesisApiError>;
+}

@@ -1,0 +1,286 @@
+//! Shard sync: leases for new shards, and clean-up of finished ones.
+//!
+//! [`plan_new_leases`] decides which shards get a lease and where it starts:
+//! - a shard descending from a shard that has (or gets) a lease starts at `TRIM_HORIZON`, so
+//!   nothing between the parent's end and the child's start is lost;
+//! - otherwise with `TRIM_HORIZON` / `AT_TIMESTAMP` every shard gets a lease at that position
+//!   (children then wait for their parents);
+//! - with `LATEST` only open shards get one (closed shards' data is all older than "latest").
+//!
+//! [`plan_deletions`] removes finished leases once every child has a lease that started, and
+//! leases of shards that left the stream.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config::{InitialPosition, WorkerConfig};
+use crate::error::Error;
+use crate::lease::{Lease, LeaseStore};
+use crate::record::ExtendedSequenceNumber;
+use crate::retrieval::KinesisApi;
+use crate::shard::{Shard, ShardId};
+
+/// Leases to create for shards that have none.
+pub(crate) fn plan_new_leases(
+    shards: &[Shard],
+    leases: &[Lease],
+    initial: InitialPosition,
+) -> Vec<Lease> {
+    let by_id: BTreeMap<&ShardId, &Shard> = shards.iter().map(|s| (&s.id, s)).collect();
+    let leased: BTreeSet<ShardId> = leases.iter().map(|l| l.shard_id()).collect();
+    let mut memo: BTreeMap<ShardId, bool> = BTreeMap::new();
+    let mut out = Vec::new();
+    // Listing order is parent-first on Kinesis; sort by id for determinism anyway.
+    let mut ordered: Vec<&Shard> = shards.iter().collect();
+    ordered.sort_by(|a, b| a.id.cmp(&b.id));
+    for shard in ordered {
+        if leased.contains(&shard.id) {
+            continue;
+        }
+        let descendant = shard
+            .parents()
+            .any(|p| has_leased_ancestor_or_self(p, &by_id, &leased, initial, &mut memo));
+        let checkpoint = if descendant {
+            ExtendedSequenceNumber::TrimHorizon
+        } else {
+            match initial {
+                InitialPosition::TrimHorizon => ExtendedSequenceNumber::TrimHorizon,
+                InitialPosition::AtTimestamp(_) => ExtendedSequenceNumber::AtTimestamp,
+                InitialPosition::Latest if shard.is_closed() => continue,
+                InitialPosition::Latest => ExtendedSequenceNumber::Latest,
+            }
+        };
+        out.push(
+            Lease::new(&shard.id, checkpoint)
+                .with_parents(shard.parents().cloned())
+                .with_hash_range(shard.hash_range),
+        );
+    }
+    out
+}
+
+/// True if `id` has a lease, or will get one in this sync (so its descendants must start at
+/// `TRIM_HORIZON`), looking through the listed ancestry.
+fn has_leased_ancestor_or_self(
+    id: &ShardId,
+    by_id: &BTreeMap<&ShardId, &Shard>,
+    leased: &BTreeSet<ShardId>,
+    initial: InitialPosition,
+    memo: &mut BTreeMap<ShardId, bool>,
+) -> bool {
+    if leased.contains(id) {
+        return true;
+    }
+    if let Some(&v) = memo.get(id) {
+        return v;
+    }
+    memo.insert(id.clone(), false); // guards against malformed cycles
+    let result = match by_id.get(id) {
+        None => false,
+        Some(shard) => {
+            // A listed shard gets a lease in this sync unless LATEST skips it (closed).
+            let gets_lease = !(matches!(initial, InitialPosition::Latest) && shard.is_closed());
+            gets_lease
+                || shard
+                    .parents()
+                    .any(|p| has_leased_ancestor_or_self(p, by_id, leased, initial, memo))
+        }
+    };
+    memo.insert(id.clone(), result);
+    result
+}
+
+/// Leases that can be deleted: finished leases whose children all have started leases, and
+/// finished or unowned leases of shards no longer listed.
+pub(crate) fn plan_deletions(shards: &[Shard], leases: &[Lease]) -> Vec<Lease> {
+    let listed: BTreeSet<&ShardId> = shards.iter().map(|s| &s.id).collect();
+    let by_shard: BTreeMap<ShardId, &Lease> = leases.iter().map(|l| (l.shard_id(), l)).collect();
+    leases
+        .iter()
+        .filter(|l| {
+            let shard = l.shard_id();
+            if !listed.contains(&shard) {
+                return l.is_finished() || l.owner.is_none();
+            }
+            l.is_finished()
+                && !l.child_shard_ids.is_empty()
+                && l.child_shard_ids.iter().all(|c| {
+                    by_shard
+                        .get(c)
+                        .is_some_and(|cl| !cl.checkpoint.is_initial())
+                })
+        })
+        .cloned()
+        .collect()
+}
+
+/// The periodic shard-sync task.
+pub(crate) struct ShardSyncer {
+    kinesis: Arc<dyn KinesisApi>,
+    store: Arc<dyn LeaseStore>,
+    config: Arc<WorkerConfig>,
+    listed: watch::Sender<Arc<BTreeSet<ShardId>>>,
+}
+
+impl ShardSyncer {
+    pub(crate) fn new(
+        kinesis: Arc<dyn KinesisApi>,
+        store: Arc<dyn LeaseStore>,
+        config: Arc<WorkerConfig>,
+        listed: watch::Sender<Arc<BTreeSet<ShardId>>>,
+    ) -> Self {
+        Self {
+            kinesis,
+            store,
+            config,
+            listed,
+        }
+    }
+
+    /// The first sync: retried with backoff while failures are retryable.
+    pub(crate) async fn sync_at_start(&self, stop: &CancellationToken) -> Result<(), Error> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .with_max_times(8)
+            .build();
+        loop {
+            let err = match self.sync_once().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let retryable = match &err {
+                Error::Kinesis(e) => e.is_retryable(),
+                Error::LeaseStore(e) => e.is_retryable(),
+                _ => false,
+            };
+            match delays.next() {
+                Some(d) if retryable && !stop.is_cancelled() => {
+                    warn!(error = %err, "shard sync failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Runs a sync every `shard_sync_interval`, and whenever `now` is notified.
+    pub(crate) async fn run(self, now: Arc<Notify>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = now.notified() => {}
+                _ = tokio::time::sleep(self.config.shard_sync_interval) => {}
+            }
+            if let Err(e) = self.sync_once().await {
+                warn!(error = %e, "shard sync failed");
+            }
+        }
+    }
+
+    /// Lists shards, creates missing leases and deletes finished ones.
+    pub(crate) async fn sync_once(&self) -> Result<(), Error> {
+        let shards = self.kinesis.list_shards(&self.config.stream).await?;
+        self.listed
+            .send_replace(Arc::new(shards.iter().map(|s| s.id.clone()).collect()));
+        let table = self.store.list().await?;
+        for lease in plan_new_leases(&shards, &table.leases, self.config.initial_position) {
+            if self.store.create_if_absent(&lease).await? {
+                debug!(lease = %lease.key, checkpoint = %lease.checkpoint, "created lease");
+            }
+        }
+        for lease in plan_deletions(&shards, &table.leases) {
+            match self.store.delete(&lease).await {
+                Ok(()) => debug!(lease = %lease.key, "deleted finished lease"),
+                Err(e) if e.is_condition_failed() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::SequenceNumber;
+    use crate::shard::HashKeyRange;
+
+    fn shard(id: &str, parents: &[&str], closed: bool) -> Shard {
+        Shard::new(
+            ShardId::new(id),
+            parents.iter().map(|p| ShardId::new(*p)).collect(),
+            HashKeyRange::FULL,
+            SequenceNumber::from_u128(1),
+            closed.then(|| SequenceNumber::from_u128(2)),
+        )
+    }
+
+    fn ids(leases: &[Lease]) -> Vec<(String, ExtendedSequenceNumber)> {
+        leases
+            .iter()
+            .map(|l| (l.key.to_string(), l.checkpoint.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn trim_horizon_leases_every_shard() {
+        let shards = [
+            shard("a", &[], true),
+            shard("b", &["a"], false),
+            shard("c", &["a"], false),
+        ];
+        let out = plan_new_leases(&shards, &[], InitialPosition::TrimHorizon);
+        assert_eq!(out.len(), 3);
+        assert!(out
+            .iter()
+            .all(|l| l.checkpoint == ExtendedSequenceNumber::TrimHorizon));
+        assert_eq!(out[1].parent_shard_ids, vec![ShardId::new("a")]);
+    }
+
+    #[test]
+    fn latest_skips_closed_shards_and_children_of_leased_start_at_trim_horizon() {
+        let shards = [
+            shard("a", &[], true),
+            shard("b", &["a"], false),
+            shard("c", &[], false),
+        ];
+        let out = plan_new_leases(&shards, &[], InitialPosition::Latest);
+        assert_eq!(
+            ids(&out),
+            vec![
+                ("b".into(), ExtendedSequenceNumber::Latest),
+                ("c".into(), ExtendedSequenceNumber::Latest)
+            ]
+        );
+        // "a" is leased (e.g. created before it closed): its child is a descendant.
+        let a = Lease::new(&ShardId::new("a"), ExtendedSequenceNumber::Latest);
+        let out = plan_new_leases(&shards, &[a], InitialPosition::Latest);
+        assert_eq!(
+            ids(&out)[0],
+            ("b".into(), ExtendedSequenceNumber::TrimHorizon)
+        );
+    }
+
+    #[test]
+    fn deletes_finished_parents_once_children_started() {
+        let shards = [shard("a", &[], true), shard("b", &["a"], false)];
+        let mut a = Lease::new(&ShardId::new("a"), ExtendedSequenceNumber::ShardEnd);
+        a.child_shard_ids = vec![ShardId::new("b")];
+        let mut b = Lease::new(&ShardId::new("b"), ExtendedSequenceNumber::TrimHorizon);
+        assert!(plan_deletions(&shards, &[a.clone(), b.clone()]).is_empty());
+        b.checkpoint = ExtendedSequenceNumber::at(SequenceNumber::from_u128(5), 0);
+        assert_eq!(plan_deletions(&shards, &[a.clone(), b]).len(), 1);
+        // A lease whose shard left the stream, unowned: deleted.
+        let gone = Lease::new(&ShardId::new("z"), ExtendedSequenceNumber::TrimHorizon);
+        assert_eq!(plan_deletions(&shards, &[gone]).len(), 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! The lease-store conformance suite (filled in below).

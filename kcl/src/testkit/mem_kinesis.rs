@@ -1,0 +1,637 @@
+//! A small, faithful in-memory Kinesis: shards with hash ranges, MD5 partition-key routing,
+//! 56-digit sequence numbers (more than a `u128` holds, as on AWS), split / merge /
+//! update-shard-count with closed shards readable to their end and `ChildShards` at the end,
+//! retention trimming, iterator expiry after 5 minutes, and fault injection.
+//!
+//! Time comes from tokio's clock (wall time = creation time + tokio's elapsed time), so it
+//! runs exactly under `tokio::time::pause()`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::fault::{FaultKind, Faults, Injected};
+use crate::record::{Record, SequenceNumber};
+use crate::retrieval::{
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+};
+use crate::shard::{hash_key, ChildShard, HashKeyRange, Shard, ShardId};
+
+/// Sequence numbers are this prefix followed by a 52-digit counter: 56 digits, like AWS's.
+const SEQ_PREFIX: &str = "4959";
+const SEQ_DIGITS: usize = 52;
+/// Shard iterators expire after this long, as on AWS.
+const ITERATOR_TTL: Duration = Duration::from_secs(300);
+/// The most payload one `GetRecords` returns.
+const MAX_RESPONSE_BYTES: usize = 10 * 1024 * 1024;
+
+/// The in-memory Kinesis. Clones share the same streams.
+#[derive(Clone, Debug)]
+pub struct MemKinesis {
+    inner: Arc<Mutex<State>>,
+    faults: Faults,
+}
+
+#[derive(Debug)]
+struct State {
+    epoch_wall: SystemTime,
+    epoch: Instant,
+    /// Global sequence counter: sequence numbers rise across shards over time, as on AWS.
+    seq: u128,
+    streams: BTreeMap<String, Stream>,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    shards: Vec<MemShard>,
+}
+
+#[derive(Debug)]
+struct MemShard {
+    id: ShardId,
+    parents: Vec<ShardId>,
+    range: HashKeyRange,
+    start: u128,
+    end: Option<u128>,
+    closed_at: Option<SystemTime>,
+    records: Vec<Stored>,
+    /// Set once retention trimmed every record of a closed shard: no longer listed.
+    expired: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    seq: u128,
+    data: Bytes,
+    key: Arc<str>,
+    arrival: SystemTime,
+}
+
+fn seq_string(n: u128) -> SequenceNumber {
+    let s = format!("{SEQ_PREFIX}{n:0width$}", width = SEQ_DIGITS);
+    SequenceNumber::parse(&s).unwrap_or_else(|_| SequenceNumber::from_u128(n))
+}
+
+fn seq_value(s: &SequenceNumber) -> Result<u128, KinesisApiError> {
+    s.as_str()
+        .strip_prefix(SEQ_PREFIX)
+        .filter(|rest| rest.len() == SEQ_DIGITS)
+        .and_then(|rest| rest.parse().ok())
+        .ok_or_else(|| KinesisApiError::Other(format!("invalid sequence number {s}").into()))
+}
+
+impl Default for MemKinesis {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemKinesis {
+    /// An empty Kinesis.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(State {
+                epoch_wall: SystemTime::now(),
+                epoch: Instant::now(),
+                seq: 0,
+                streams: BTreeMap::new(),
+            })),
+            faults: Faults::default(),
+        }
+    }
+
+    /// The fault rules applied to the seam's operations (`list_shards`, `get_shard_iterator`,
+    /// `get_records`).
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current wall time of this Kinesis (follows tokio's clock).
+    pub fn now(&self) -> SystemTime {
+        self.lock().now()
+    }
+
+    /// Creates a stream with `shards` shards splitting the hash-key space evenly.
+    ///
+    /// # Panics
+    /// If `shards` is 0 or the stream exists.
+    pub fn create_stream(&self, name: &str, shards: usize) {
+        assert!(shards > 0, "a stream needs at least one shard");
+        let mut st = self.lock();
+        assert!(!st.streams.contains_key(name), "stream {name} exists");
+        let start = st.seq + 1;
+        let mut stream = Stream::default();
+        for (i, range) in even_ranges(HashKeyRange::FULL, shards)
+            .into_iter()
+            .enumerate()
+        {
+            stream
+                .shards
+                .push(MemShard::new(shard_id(i), vec![], range, start));
+        }
+        st.streams.insert(name.to_owned(), stream);
+    }
+
+    /// Puts one record; returns its shard and sequence number.
+    ///
+    /// # Panics
+    /// If the stream does not exist.
+    pub fn put(
+        &self,
+        stream: &str,
+        partition_key: &str,
+        data: impl Into<Bytes>,
+    ) -> (ShardId, SequenceNumber) {
+        self.put_with_hash(stream, partition_key, hash_key(partition_key), data.into())
+    }
+
+    /// Puts one record routed by an explicit hash key.
+    ///
+    /// # Panics
+    /// If the stream does not exist.
+    pub fn put_with_hash(
+        &self,
+        stream: &str,
+        partition_key: &str,
+        hash: u128,
+        data: Bytes,
+    ) -> (ShardId, SequenceNumber) {
+        let mut st = self.lock();
+        let now = st.now();
+        st.seq += 1;
+        let seq = st.seq;
+        let s = st.stream_mut(stream);
+        let shard = s
+            .shards
+            .iter_mut()
+            .find(|sh| sh.end.is_none() && sh.range.contains(hash))
+            .expect("open shards cover the hash-key space");
+        shard.records.push(Stored {
+            seq,
+            data,
+            key: partition_key.into(),
+            arrival: now,
+        });
+        (shard.id.clone(), seq_string(seq))
+    }
+
+    /// Splits an open shard at `new_starting_hash_key`; returns the two children.
+    ///
+    /// # Panics
+    /// If the shard is not open or the hash key is not inside its range.
+    pub fn split(
+        &self,
+        stream: &str,
+        shard: &ShardId,
+        new_starting_hash_key: u128,
+    ) -> (ShardId, ShardId) {
+        let mut st = self.lock();
+        let now = st.now();
+        st.seq += 1;
+        let seq = st.seq;
+        let s = st.stream_mut(stream);
+        let n = s.shards.len();
+        let parent = s.open_shard_mut(shard);
+        let (lo, hi) = parent
+            .range
+            .split_at(new_starting_hash_key)
+            .expect("split point inside the shard's range");
+        parent.close(seq, now);
+        let a = MemShard::new(shard_id(n), vec![shard.clone()], lo, seq + 1);
+        let b = MemShard::new(shard_id(n + 1), vec![shard.clone()], hi, seq + 1);
+        let ids = (a.id.clone(), b.id.clone());
+        s.shards.push(a);
+        s.shards.push(b);
+        ids
+    }
+
+    /// Merges two adjacent open shards; returns the child.
+    ///
+    /// # Panics
+    /// If either shard is not open or they are not adjacent.
+    pub fn merge(&self, stream: &str, shard: &ShardId, adjacent: &ShardId) -> ShardId {
+        let mut st = self.lock();
+        let now = st.now();
+        st.seq += 1;
+        let seq = st.seq;
+        let s = st.stream_mut(stream);
+        let n = s.shards.len();
+        let ra = s.open_shard_mut(shard).range;
+        let rb = s.open_shard_mut(adjacent).range;
+        let range = ra.merge(&rb).expect("merged shards must be adjacent");
+        s.open_shard_mut(shard).close(seq, now);
+        s.open_shard_mut(adjacent).close(seq, now);
+        let child = MemShard::new(
+            shard_id(n),
+            vec![shard.clone(), adjacent.clone()],
+            range,
+            seq + 1,
+        );
+        let id = child.id.clone();
+        s.shards.push(child);
+        id
+    }
+
+    /// Scales to `target` open shards with splits (of the widest shard) and merges (of the
+    /// narrowest adjacent pair), as UpdateShardCount does.
+    ///
+    /// # Panics
+    /// If `target` is 0.
+    pub fn update_shard_count(&self, stream: &str, target: usize) {
+        assert!(target > 0);
+        loop {
+            let mut open: Vec<(ShardId, HashKeyRange)> = {
+                let mut st = self.lock();
+                st.stream_mut(stream)
+                    .shards
+                    .iter()
+                    .filter(|s| s.end.is_none())
+                    .map(|s| (s.id.clone(), s.range))
+                    .collect()
+            };
+            open.sort_by_key(|(_, r)| r.start());
+            let width = |r: &HashKeyRange| r.end() - r.start();
+            if open.len() < target {
+                let (id, r) = open
+                    .iter()
+                    .max_by_key(|(_, r)| width(r))
+                    .cloned()
+                    .expect("open shards");
+                self.split(stream, &id, r.start() + width(&r) / 2 + 1);
+            } else if open.len() > target {
+                let (i, _) = open
+                    .windows(2)
+                    .enumerate()
+                    .min_by_key(|(_, w)| width(&w[0].1).saturating_add(width(&w[1].1)))
+                    .expect("two open shards");
+                self.merge(stream, &open[i].0, &open[i + 1].0);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Drops records that arrived before `cutoff` (retention). Closed shards left with no
+    /// records and closed before `cutoff` expire: they are no longer listed.
+    pub fn trim_before(&self, stream: &str, cutoff: SystemTime) {
+        let mut st = self.lock();
+        for shard in &mut st.stream_mut(stream).shards {
+            shard.records.retain(|r| r.arrival >= cutoff);
+            if shard.records.is_empty() && shard.closed_at.is_some_and(|t| t < cutoff) {
+                shard.expired = true;
+            }
+        }
+    }
+
+    /// Every shard id of the stream, open or closed (not expired).
+    pub fn shard_ids(&self, stream: &str) -> Vec<ShardId> {
+        let mut st = self.lock();
+        st.stream_mut(stream)
+            .shards
+            .iter()
+            .filter(|s| !s.expired)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Ids of the open shards.
+    pub fn open_shard_ids(&self, stream: &str) -> Vec<ShardId> {
+        let mut st = self.lock();
+        st.stream_mut(stream)
+            .shards
+            .iter()
+            .filter(|s| s.end.is_none())
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Total records ever put and still retained in the stream.
+    pub fn record_count(&self, stream: &str) -> usize {
+        let mut st = self.lock();
+        st.stream_mut(stream)
+            .shards
+            .iter()
+            .map(|s| s.records.len())
+            .sum()
+    }
+
+    async fn fault(&self, op: &str) -> Result<(), KinesisApiError> {
+        match self.faults.check(op).await {
+            Ok(()) => Ok(()),
+            Err(Injected::Fail(kind)) => Err(match kind {
+                FaultKind::Throttle => KinesisApiError::Throttled("injected throttle".into()),
+                FaultKind::ExpiredIterator => KinesisApiError::ExpiredIterator,
+                FaultKind::Fatal => KinesisApiError::Other("injected fatal error".into()),
+                _ => KinesisApiError::Transient("injected transient error".into()),
+            }),
+        }
+    }
+}
+
+fn shard_id(i: usize) -> ShardId {
+    ShardId::new(format!("shardId-{i:012}"))
+}
+
+fn even_ranges(range: HashKeyRange, n: usize) -> Vec<HashKeyRange> {
+    let n = n as u128;
+    let step = (range.end() - range.start()) / n;
+    let bound = |i: u128| range.start() + i * step;
+    (0..n)
+        .map(|i| {
+            let end = if i + 1 == n {
+                range.end()
+            } else {
+                bound(i + 1) - 1
+            };
+            HashKeyRange::new(bound(i), end).unwrap_or(range)
+        })
+        .collect()
+}
+
+impl MemShard {
+    fn new(id: ShardId, parents: Vec<ShardId>, range: HashKeyRange, start: u128) -> Self {
+        Self {
+            id,
+            parents,
+            range,
+            start,
+            end: None,
+            closed_at: None,
+            records: Vec::new(),
+            expired: false,
+        }
+    }
+
+    fn close(&mut self, seq: u128, now: SystemTime) {
+        self.end = Some(seq);
+        self.closed_at = Some(now);
+    }
+
+    fn describe(&self) -> Shard {
+        Shard::new(
+            self.id.clone(),
+            self.parents.clone(),
+            self.range,
+            seq_string(self.start),
+            self.end.map(seq_string),
+        )
+    }
+}
+
+impl State {
+    fn now(&self) -> SystemTime {
+        self.epoch_wall + self.epoch.elapsed()
+    }
+
+    fn stream_mut(&mut self, name: &str) -> &mut Stream {
+        self.streams
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no stream {name}"))
+    }
+
+    fn stream(&self, name: &str) -> Result<&Stream, KinesisApiError> {
+        self.streams
+            .get(name)
+            .ok_or_else(|| KinesisApiError::NotFound(format!("stream {name}")))
+    }
+}
+
+impl Stream {
+    fn open_shard_mut(&mut self, id: &ShardId) -> &mut MemShard {
+        self.shards
+            .iter_mut()
+            .find(|s| &s.id == id && s.end.is_none())
+            .unwrap_or_else(|| panic!("{id} is not an open shard"))
+    }
+
+    fn shard(&self, id: &str) -> Result<&MemShard, KinesisApiError> {
+        self.shards
+            .iter()
+            .find(|s| s.id.as_str() == id && !s.expired)
+            .ok_or_else(|| KinesisApiError::NotFound(format!("shard {id}")))
+    }
+}
+
+/// Iterators are stateless strings: `stream|shard|next sequence|issued at (ms since epoch)`.
+fn encode_iterator(stream: &str, shard: &ShardId, next: u128, issued_ms: u128) -> ShardIterator {
+    ShardIterator::new(format!("{stream}|{shard}|{next}|{issued_ms}"))
+}
+
+#[async_trait]
+impl KinesisApi for MemKinesis {
+    async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
+        self.fault("list_shards").await?;
+        let st = self.lock();
+        Ok(st
+            .stream(stream)?
+            .shards
+            .iter()
+            .filter(|s| !s.expired)
+            .map(MemShard::describe)
+            .collect())
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<ShardIterator, KinesisApiError> {
+        self.fault("get_shard_iterator").await?;
+        let st = self.lock();
+        let sh = st.stream(stream)?.shard(shard.as_str())?;
+        let tip = sh.end.unwrap_or(st.seq) + 1;
+        let next = match position {
+            IteratorPosition::TrimHorizon => sh.records.first().map_or(sh.start, |r| r.seq),
+            IteratorPosition::Latest => tip,
+            IteratorPosition::AtTimestamp(t) => sh
+                .records
+                .iter()
+                .find(|r| r.arrival >= *t)
+                .map_or(tip, |r| r.seq),
+            IteratorPosition::AtSequence(s) => seq_value(s)?,
+            IteratorPosition::AfterSequence(s) => seq_value(s)? + 1,
+        };
+        let issued = st.epoch.elapsed().as_millis();
+        Ok(encode_iterator(stream, shard, next, issued))
+    }
+
+    async fn get_records(
+        &self,
+        iterator: &ShardIterator,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, KinesisApiError> {
+        self.fault("get_records").await?;
+        let invalid =
+            || KinesisApiError::Other(format!("invalid shard iterator {iterator:?}").into());
+        let mut parts = iterator.as_str().split('|');
+        let (Some(stream), Some(shard), Some(next), Some(issued), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(invalid());
+        };
+        let next: u128 = next.parse().map_err(|_| invalid())?;
+        let issued: u128 = issued.parse().map_err(|_| invalid())?;
+        let st = self.lock();
+        if st.epoch.elapsed().as_millis().saturating_sub(issued) > ITERATOR_TTL.as_millis() {
+            return Err(KinesisApiError::ExpiredIterator);
+        }
+        let stream_state = st.stream(stream)?;
+        let sh = stream_state.shard(shard)?;
+        let from = sh.records.partition_point(|r| r.seq < next);
+        let mut bytes = 0;
+        let mut records = Vec::new();
+        for r in &sh.records[from..] {
+            if records.len() >= limit as usize
+                || (bytes + r.data.len() > MAX_RESPONSE_BYTES && !records.is_empty())
+            {
+                break;
+            }
+            bytes += r.data.len();
+            records.push(Record::new(
+                r.data.clone(),
+                &*r.key,
+                seq_string(r.seq),
+                Some(r.arrival),
+            ));
+        }
+        let consumed = from + records.len();
+        let new_next = sh.records.get(consumed).map_or_else(
+            || sh.end.unwrap_or(st.seq).max(next.saturating_sub(1)) + 1,
+            |r| r.seq,
+        );
+        let now = st.now();
+        let millis_behind = match sh.records.get(consumed) {
+            None => 0,
+            Some(r) => now
+                .duration_since(r.arrival)
+                .unwrap_or_default()
+                .as_millis() as u64,
+        };
+        let at_end = sh.end.is_some() && consumed == sh.records.len();
+        let (next_iterator, child_shards) = if at_end {
+            let children = stream_state
+                .shards
+                .iter()
+                .filter(|c| c.parents.contains(&sh.id))
+                .map(|c| ChildShard::new(c.id.clone(), c.parents.clone(), c.range))
+                .collect();
+            (None, children)
+        } else {
+            let issued = st.epoch.elapsed().as_millis();
+            (
+                Some(encode_iterator(stream, &sh.id, new_next, issued)),
+                Vec::new(),
+            )
+        };
+        Ok(GetRecordsOutput::new(
+            records,
+            next_iterator,
+            Some(millis_behind),
+            child_shards,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn drain(
+        k: &MemKinesis,
+        stream: &str,
+        shard: &ShardId,
+    ) -> (Vec<Record>, Vec<ChildShard>) {
+        let mut it = k
+            .get_shard_iterator(stream, shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            let r = k.get_records(&it, 3).await.unwrap();
+            out.extend(r.records);
+            match r.next_iterator {
+                Some(n) => it = n,
+                None => return (out, r.child_shards),
+            }
+        }
+        (out, Vec::new())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routes_splits_and_ends_closed_shards_with_children() {
+        let k = MemKinesis::new();
+        k.create_stream("s", 2);
+        for i in 0..20 {
+            k.put("s", &format!("key-{i}"), format!("v{i}"));
+        }
+        let shards = k.list_shards("s").await.unwrap();
+        assert_eq!(shards.len(), 2);
+        let first = shards[0].id.clone();
+        let (lo, hi) = k.split("s", &first, shards[0].hash_range.start() + 1000);
+        k.put("s", "after", "x");
+        let (records, children) = drain(&k, "s", &first).await;
+        assert!(!records.is_empty());
+        assert!(records
+            .windows(2)
+            .all(|w| w[0].sequence_number < w[1].sequence_number));
+        let ids: Vec<_> = children.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids, vec![lo, hi]);
+        // Sequence numbers are 56 digits.
+        assert_eq!(records[0].sequence_number.as_str().len(), 56);
+        assert_eq!(k.list_shards("s").await.unwrap().len(), 4);
+        k.update_shard_count("s", 5);
+        assert_eq!(k.open_shard_ids("s").len(), 5);
+        k.update_shard_count("s", 2);
+        assert_eq!(k.open_shard_ids("s").len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn iterators_expire_after_five_minutes() {
+        let k = MemKinesis::new();
+        k.create_stream("s", 1);
+        let id = k.open_shard_ids("s")[0].clone();
+        let it = k
+            .get_shard_iterator("s", &id, &IteratorPosition::Latest)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(301)).await;
+        assert!(matches!(
+            k.get_records(&it, 10).await,
+            Err(KinesisApiError::ExpiredIterator)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latest_and_after_sequence_positions() {
+        let k = MemKinesis::new();
+        k.create_stream("s", 1);
+        let id = k.open_shard_ids("s")[0].clone();
+        let (_, first) = k.put("s", "a", "1");
+        let latest = k
+            .get_shard_iterator("s", &id, &IteratorPosition::Latest)
+            .await
+            .unwrap();
+        k.put("s", "a", "2");
+        let r = k.get_records(&latest, 10).await.unwrap();
+        assert_eq!(r.records.len(), 1);
+        assert_eq!(&r.records[0].data[..], b"2");
+        let after = k
+            .get_shard_iterator("s", &id, &IteratorPosition::AfterSequence(first))
+            .await
+            .unwrap();
+        assert_eq!(k.get_records(&after, 10).await.unwrap().records.len(), 1);
+    }
+}

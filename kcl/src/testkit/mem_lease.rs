@@ -1,0 +1,169 @@
+//! An in-memory lease table with the exact semantics of the DynamoDB store: the same item
+//! codec, the same conditions. It passes the same conformance suite.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::fault::{FaultKind, Faults, Injected};
+use crate::lease::item::{self, Item};
+use crate::lease::store::effect;
+use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
+use crate::record::ExtendedSequenceNumber;
+use crate::shard::ShardId;
+
+/// An in-memory lease table. Clones share the table.
+#[derive(Clone, Debug, Default)]
+pub struct MemLeaseStore {
+    items: Arc<Mutex<BTreeMap<String, Item>>>,
+    faults: Faults,
+}
+
+impl MemLeaseStore {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The fault rules of this table.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// Writes a raw item, bypassing every check (to test malformed items).
+    pub fn put_raw_item(&self, item: Item) {
+        let key = match item.get(item::attr::LEASE_KEY) {
+            Some(item::AttrValue::S(k)) => k.clone(),
+            _ => format!("<no key #{}>", self.lock().len()),
+        };
+        self.lock().insert(key, item);
+    }
+
+    /// Every lease, decoded (malformed items skipped), sorted by key.
+    pub fn leases(&self) -> Vec<Lease> {
+        self.lock()
+            .values()
+            .filter_map(|i| item::decode(i).ok().flatten())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Item>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn faults_for(&self, op: &str) -> Result<(), LeaseStoreError> {
+        match self.faults.check(op).await {
+            Ok(()) => Ok(()),
+            Err(Injected::Fail(kind)) => Err(match kind {
+                FaultKind::Throttle => LeaseStoreError::Throttled("injected throttle".into()),
+                FaultKind::Fatal => LeaseStoreError::Other("injected fatal error".into()),
+                _ => LeaseStoreError::Transient("injected transient error".into()),
+            }),
+        }
+    }
+
+    /// Applies `f` to the stored lease if `check` accepts it; the conditional write.
+    fn update(
+        &self,
+        lease: &Lease,
+        check_owner: bool,
+        f: impl FnOnce(&Lease) -> Lease,
+    ) -> Result<Lease, LeaseStoreError> {
+        let mut items = self.lock();
+        let failed = || LeaseStoreError::ConditionFailed {
+            key: lease.key.clone(),
+        };
+        let current = items.get(lease.key.as_str()).ok_or_else(failed)?;
+        let stored = item::decode(current)?.ok_or_else(failed)?;
+        if stored.counter != lease.counter || (check_owner && stored.owner != lease.owner) {
+            return Err(failed());
+        }
+        // The write changes only the attributes the operation sets, as UpdateItem does:
+        // apply the effect to the stored lease, not to the caller's copy.
+        let updated = f(&stored);
+        items.insert(lease.key.as_str().to_owned(), item::encode(&updated));
+        Ok(updated)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for MemLeaseStore {
+    async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
+        self.faults_for("ensure_table").await
+    }
+
+    async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
+        self.faults_for("list").await?;
+        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
+        for i in self.lock().values() {
+            match item::decode(i) {
+                Ok(Some(l)) => leases.push(l),
+                Ok(None) => {}
+                Err(e) => malformed.push(e),
+            }
+        }
+        Ok(LeaseTable::new(leases, malformed))
+    }
+
+    async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
+        self.faults_for("get").await?;
+        match self.lock().get(key.as_str()) {
+            None => Ok(None),
+            Some(i) => Ok(item::decode(i)?),
+        }
+    }
+
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        self.faults_for("create_if_absent").await?;
+        let mut items = self.lock();
+        if items.contains_key(lease.key.as_str()) {
+            return Ok(false);
+        }
+        items.insert(lease.key.as_str().to_owned(), item::encode(lease));
+        Ok(true)
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        self.faults_for("renew").await?;
+        self.update(lease, true, effect::renewed)
+    }
+
+    async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
+        self.faults_for("take").await?;
+        self.update(lease, false, |l| effect::taken(l, owner))
+    }
+
+    async fn checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+        child_shard_ids: &[ShardId],
+    ) -> Result<Lease, LeaseStoreError> {
+        self.faults_for("checkpoint").await?;
+        self.update(lease, true, |l| {
+            effect::checkpointed(l, checkpoint, child_shard_ids)
+        })
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        self.faults_for("release").await?;
+        self.update(lease, true, effect::released)
+    }
+
+    async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+        self.faults_for("delete").await?;
+        let mut items = self.lock();
+        let failed = || LeaseStoreError::ConditionFailed {
+            key: lease.key.clone(),
+        };
+        let current = items.get(lease.key.as_str()).ok_or_else(failed)?;
+        match item::decode(current) {
+            Ok(Some(stored)) if stored.counter == lease.counter => {
+                items.remove(lease.key.as_str());
+                Ok(())
+            }
+            _ => Err(failed()),
+        }
+    }
+}

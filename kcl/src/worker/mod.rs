@@ -1,0 +1,494 @@
+//! The [`Worker`]: builds from a [`WorkerBuilder`], then runs the lease coordinator, the shard
+//! syncer and one consumer task per held lease until shut down.
+
+mod shutdown;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::JoinMap;
+use tracing::{error, info, Instrument};
+
+pub use shutdown::ShutdownHandle;
+
+use crate::config::{ConfigError, InitialPosition, PollingConfig, WorkerConfig};
+use crate::error::Result;
+use crate::lease::coordinator::LeaseCoordinator;
+use crate::lease::{LeaseKey, LeaseStore, WorkerId};
+use crate::processor::consumer::{self, ConsumerEnv, ConsumerExit};
+use crate::processor::{ErrorPolicy, ProcessorFactory};
+use crate::retrieval::KinesisApi;
+use crate::shard::sync::ShardSyncer;
+
+/// Where a worker reads records and keeps leases: implemented by `Aws` (the AWS SDK clients)
+/// and by the testkit's in-memory backends.
+pub trait Backends: Send + Sync {
+    /// The Kinesis client.
+    fn kinesis(&self) -> Arc<dyn KinesisApi>;
+    /// The lease store for `table`.
+    fn lease_store(&self, table: &str) -> Arc<dyn LeaseStore>;
+}
+
+/// Consumes one Kinesis stream as a member of a fleet sharing a lease table.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), kcl::Error> {
+/// use kcl::testkit::{MemBackends, MemKinesis};
+/// use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor, Worker};
+///
+/// struct Count(usize);
+/// #[async_trait]
+/// impl RecordProcessor for Count {
+///     async fn process_records(&mut self, b: &RecordBatch, cp: &mut Checkpointer)
+///         -> Result<(), ProcessorError> {
+///         self.0 += b.len();
+///         cp.checkpoint().await.map_err(ProcessorError::retryable)
+///     }
+/// }
+///
+/// let backends = MemBackends::new();
+/// backends.kinesis().create_stream("orders", 2);
+/// let worker = Worker::builder()
+///     .application_name("orders-app")
+///     .stream("orders")
+///     .backends(backends.clone())
+///     .processor(|| Count(0))
+///     .build()?;
+/// let stop = worker.shutdown_handle();
+/// let run = tokio::spawn(worker.run());
+/// stop.shutdown(); // graceful: processors checkpoint, leases are released
+/// run.await.expect("no panic")?;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "a worker does nothing until `run()` is awaited"]
+pub struct Worker {
+    config: Arc<WorkerConfig>,
+    kinesis: Arc<dyn KinesisApi>,
+    store: Arc<dyn LeaseStore>,
+    factory: Arc<dyn ProcessorFactory>,
+    error_policy: ErrorPolicy,
+    shutdown: CancellationToken,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("kinesis", &self.kinesis)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts building a worker.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// A handle that stops this worker gracefully (see [`ShutdownHandle`]).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(self.shutdown.clone())
+    }
+
+    /// Runs until `signal` completes, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// As [`Worker::run`].
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<()> {
+        let token = self.shutdown.clone();
+        let run = self.run();
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => r,
+            _ = signal => {
+                token.cancel();
+                run.await
+            }
+        }
+    }
+
+    /// Runs the worker until it is shut down through its [`ShutdownHandle`].
+    ///
+    /// # Errors
+    /// Fails if the lease table cannot be created or reached at start, or the stream cannot
+    /// be listed at start (after retries). Failures later on are retried and logged.
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons held leases without releasing them: they expire after
+    /// `lease_duration`. Prefer the shutdown handle.
+    pub async fn run(self) -> Result<()> {
+        let span = tracing::info_span!("worker", worker_id = %self.config.worker_id);
+        self.run_inner().instrument(span).await
+    }
+
+    async fn run_inner(self) -> Result<()> {
+        let cfg = self.config.clone();
+        info!(stream = %cfg.stream, table = %cfg.table_name, "starting worker");
+        self.store.ensure_table().await?;
+
+        let (listed_tx, listed_rx) = watch::channel(Arc::new(BTreeSet::new()));
+        let sync_now = Arc::new(Notify::new());
+        let syncer = ShardSyncer::new(
+            self.kinesis.clone(),
+            self.store.clone(),
+            cfg.clone(),
+            listed_tx,
+        );
+        // The first sync must succeed before any lease is taken.
+        syncer.sync_at_start(&self.shutdown).await?;
+
+        let coordinator = Arc::new(LeaseCoordinator::new(
+            self.store.clone(),
+            cfg.worker_id.clone(),
+            &cfg,
+        ));
+        let background = CancellationToken::new();
+        let renewer_stop = CancellationToken::new();
+        let (acquired_tx, mut acquired_rx) = mpsc::channel(64);
+        let renewer = tokio::spawn(
+            coordinator
+                .clone()
+                .run_renewer(renewer_stop.clone())
+                .in_current_span(),
+        );
+        let taker = tokio::spawn(
+            coordinator
+                .clone()
+                .run_taker(acquired_tx, background.clone())
+                .in_current_span(),
+        );
+        let syncer_task = tokio::spawn(
+            syncer
+                .run(sync_now.clone(), background.clone())
+                .in_current_span(),
+        );
+
+        let env = ConsumerEnv {
+            config: cfg.clone(),
+            store: self.store.clone(),
+            kinesis: self.kinesis.clone(),
+            factory: self.factory.clone(),
+            error_policy: self.error_policy.clone(),
+            listed: listed_rx,
+            sync_now,
+            shutdown: self.shutdown.clone(),
+        };
+        let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                Some(held) = acquired_rx.recv() => {
+                    let key = held.key().clone();
+                    consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
+                }
+                Some((key, exit)) = consumers.join_next(), if !consumers.is_empty() => {
+                    on_consumer_exit(&coordinator, &key, exit);
+                }
+            }
+        }
+
+        // Graceful shutdown: stop taking leases; consumers see the shutdown token, let their
+        // processors checkpoint, and release their leases; the renewer keeps them alive until
+        // then.
+        info!(held = consumers.len(), "shutting down");
+        background.cancel();
+        let mut taker = taker;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut taker => break,
+                Some(held) = acquired_rx.recv() => {
+                    let key = held.key().clone();
+                    consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
+                }
+            }
+        }
+        while let Ok(held) = acquired_rx.try_recv() {
+            let key = held.key().clone();
+            consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
+        }
+        let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
+            while let Some((key, exit)) = consumers.join_next().await {
+                on_consumer_exit(&coordinator, &key, exit);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            error!(
+                remaining = consumers.len(),
+                "shutdown_timeout passed; abandoning processors (their leases will expire)"
+            );
+            consumers.abort_all();
+        }
+        renewer_stop.cancel();
+        let _ = renewer.await;
+        let _ = syncer_task.await;
+        info!("worker stopped");
+        Ok(())
+    }
+}
+
+fn on_consumer_exit(
+    coordinator: &LeaseCoordinator,
+    key: &LeaseKey,
+    exit: Result<ConsumerExit, tokio::task::JoinError>,
+) {
+    match exit {
+        Ok(ConsumerExit::Stopped) => coordinator.refuse(key),
+        Ok(_) => {}
+        Err(e) if e.is_panic() => {
+            error!(lease = %key, "record processor panicked; this worker will not take the shard again");
+            coordinator.refuse(key);
+        }
+        Err(_) => {}
+    }
+    coordinator.forget(key);
+}
+
+/// Builds a [`Worker`]; [`WorkerBuilder::build`] validates every field.
+#[must_use]
+#[derive(Default)]
+pub struct WorkerBuilder {
+    application_name: Option<String>,
+    stream: Option<String>,
+    table_name: Option<String>,
+    worker_id: Option<String>,
+    initial_position: Option<InitialPosition>,
+    lease_duration: Option<Duration>,
+    renew_interval: Option<Duration>,
+    taker_interval: Option<Duration>,
+    shard_sync_interval: Option<Duration>,
+    parent_poll_interval: Option<Duration>,
+    max_leases_per_worker: Option<usize>,
+    max_leases_to_steal: Option<usize>,
+    polling: Option<PollingConfig>,
+    shutdown_timeout: Option<Duration>,
+    error_policy: ErrorPolicy,
+    backends: Option<Box<dyn Backends>>,
+    kinesis: Option<Arc<dyn KinesisApi>>,
+    store: Option<Arc<dyn LeaseStore>>,
+    factory: Option<Arc<dyn ProcessorFactory>>,
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("application_name", &self.application_name)
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.$name = Some(value);
+                self
+            }
+        )*
+    };
+}
+
+impl WorkerBuilder {
+    setters! {
+        /// Where shards without a checkpoint start (default `TrimHorizon`).
+        initial_position: InitialPosition,
+        /// A lease not renewed for this long may be taken (default 10 s).
+        lease_duration: Duration,
+        /// How often held leases are renewed (default a third of `lease_duration`).
+        renew_interval: Duration,
+        /// How often the worker looks for leases to take (default 2 s).
+        taker_interval: Duration,
+        /// How often shards are listed (default 60 s; shard ends also trigger a sync).
+        shard_sync_interval: Duration,
+        /// How often a child shard checks whether its parents finished (default 500 ms).
+        parent_poll_interval: Duration,
+        /// The most leases this worker holds (default unlimited).
+        max_leases_per_worker: usize,
+        /// The most leases stolen from other workers per taker round (default 1).
+        max_leases_to_steal: usize,
+        /// Polling retrieval settings.
+        polling: PollingConfig,
+        /// How long a graceful shutdown waits for processors (default 30 s).
+        shutdown_timeout: Duration,
+    }
+
+    /// Required. The application name; also the default lease-table name.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Required. The stream to consume.
+    pub fn stream(mut self, name: impl Into<String>) -> Self {
+        self.stream = Some(name.into());
+        self
+    }
+
+    /// The lease table (default: the application name).
+    pub fn table_name(mut self, name: impl Into<String>) -> Self {
+        self.table_name = Some(name.into());
+        self
+    }
+
+    /// This worker's id (default: host name plus a random suffix). A stable id lets a
+    /// restarted worker reclaim its own leases at once instead of waiting for them to expire.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = Some(id.into());
+        self
+    }
+
+    /// Start at `t` for shards without a checkpoint (shorthand for
+    /// `initial_position(InitialPosition::AtTimestamp(t))`).
+    pub fn start_at(self, t: SystemTime) -> Self {
+        self.initial_position(InitialPosition::AtTimestamp(t))
+    }
+
+    /// What happens when the processor fails (default: retry with backoff).
+    pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.error_policy = policy;
+        self
+    }
+
+    /// Required (or both `kinesis` and `lease_store`). Where records and leases live.
+    pub fn backends(mut self, backends: impl Backends + 'static) -> Self {
+        self.backends = Some(Box::new(backends));
+        self
+    }
+
+    /// The Kinesis client (overrides `backends`).
+    pub fn kinesis(mut self, kinesis: Arc<dyn KinesisApi>) -> Self {
+        self.kinesis = Some(kinesis);
+        self
+    }
+
+    /// The lease store (overrides `backends`).
+    pub fn lease_store(mut self, store: Arc<dyn LeaseStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Required. Creates one processor per shard lease; any `Fn() -> impl RecordProcessor`.
+    pub fn processor(mut self, factory: impl ProcessorFactory) -> Self {
+        self.factory = Some(Arc::new(factory));
+        self
+    }
+
+    /// Validates everything and builds the worker.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first missing or invalid field.
+    pub fn build(self) -> Result<Worker, ConfigError> {
+        let app = self
+            .application_name
+            .ok_or_else(|| ConfigError::new("application_name", "is required"))?;
+        let stream = self
+            .stream
+            .ok_or_else(|| ConfigError::new("stream", "is required"))?;
+        let mut cfg = WorkerConfig::new(app, stream);
+        if let Some(t) = self.table_name {
+            cfg.table_name = t;
+        }
+        if let Some(id) = self.worker_id {
+            cfg.worker_id = WorkerId::new(id);
+        }
+        if let Some(v) = self.initial_position {
+            cfg.initial_position = v;
+        }
+        if let Some(v) = self.lease_duration {
+            cfg.lease_duration = v;
+            cfg.renew_interval = v / 3;
+        }
+        macro_rules! apply {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { cfg.$f = v; } )* };
+        }
+        apply!(
+            renew_interval,
+            taker_interval,
+            shard_sync_interval,
+            parent_poll_interval,
+            max_leases_per_worker,
+            max_leases_to_steal,
+            polling,
+            shutdown_timeout
+        );
+        cfg.validate()?;
+        let factory = self
+            .factory
+            .ok_or_else(|| ConfigError::new("processor", "is required"))?;
+        let kinesis = match (self.kinesis, &self.backends) {
+            (Some(k), _) => k,
+            (None, Some(b)) => b.kinesis(),
+            (None, None) => return Err(ConfigError::new("backends", "is required (or kinesis)")),
+        };
+        let store = match (self.store, &self.backends) {
+            (Some(s), _) => s,
+            (None, Some(b)) => b.lease_store(&cfg.table_name),
+            (None, None) => {
+                return Err(ConfigError::new("backends", "is required (or lease_store)"))
+            }
+        };
+        Ok(Worker {
+            config: Arc::new(cfg),
+            kinesis,
+            store,
+            factory,
+            error_policy: self.error_policy,
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_static<T: Send + 'static>(_: &T) {}
+
+    #[test]
+    fn missing_fields_are_named() {
+        let e = Worker::builder().stream("s").build().unwrap_err();
+        assert_eq!(e.field(), "application_name");
+        let e = Worker::builder()
+            .application_name("app")
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "stream");
+        let e = Worker::builder()
+            .application_name("app")
+            .stream("s")
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "processor");
+    }
+
+    #[cfg(feature = "testkit")]
+    #[test]
+    fn run_future_is_send_and_static() {
+        let worker = Worker::builder()
+            .application_name("app")
+            .stream("s")
+            .backends(crate::testkit::MemBackends::new())
+            .processor(|| crate::testkit::NoopProcessor)
+            .build()
+            .unwrap();
+        let fut = worker.run();
+        assert_send_static(&fut);
+    }
+}
