@@ -211,6 +211,7 @@ impl Checkpointer {
                 Ok(())
             }
             Err(e) if e.is_condition_failed() || !self.held.is_valid() => {
+                self.held.mark_lost();
                 Err(CheckpointError::LeaseLost {
                     shard: self.shard.clone(),
                 })

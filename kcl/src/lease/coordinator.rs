@@ -30,6 +30,10 @@ pub(crate) struct HeldLease {
     valid_until: StdMutex<Instant>,
     /// Cancelled when the lease is lost (taken, expired locally, or released).
     lost: CancellationToken,
+    /// Cancelled when another worker asked for the lease through a graceful handoff.
+    handoff: CancellationToken,
+    /// The worker the lease is being handed to.
+    handoff_to: StdMutex<Option<WorkerId>>,
     lease_duration: Duration,
 }
 
@@ -40,6 +44,8 @@ impl HeldLease {
             state: Mutex::new(lease),
             valid_until: StdMutex::new(written_at + lease_duration),
             lost: CancellationToken::new(),
+            handoff: CancellationToken::new(),
+            handoff_to: StdMutex::new(None),
             lease_duration,
         }
     }
@@ -76,8 +82,27 @@ impl HeldLease {
         self.lost.cancel();
     }
 
+    /// Cancelled once a graceful handoff of this lease was requested.
+    pub(crate) fn handoff_token(&self) -> &CancellationToken {
+        &self.handoff
+    }
+
+    /// The worker taking the lease over, if a handoff is pending.
+    pub(crate) fn handoff_to(&self) -> Option<WorkerId> {
+        self.handoff_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn begin_handoff(&self, to: WorkerId) {
+        *self.handoff_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+        self.handoff.cancel();
+    }
+
     /// Runs one conditional write on the lease, serialised with every other write, and keeps
-    /// the result. A failed condition means someone else changed the lease: it is lost.
+    /// the result. A successful write extends the lease's validity, except during a handoff
+    /// (the new owner may take the lease `lease_duration` after it last saw the counter move).
     pub(crate) async fn write<F, Fut>(&self, op: F) -> Result<Lease, LeaseStoreError>
     where
         F: FnOnce(Lease) -> Fut,
@@ -92,20 +117,21 @@ impl HeldLease {
         let started = Instant::now();
         match op(state.clone()).await {
             Ok(updated) => {
-                *state = updated.clone();
-                let mut until = self
-                    .valid_until
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                *until = (*until).max(started + self.lease_duration);
+                // Keep our own view of the owner: during a handoff the stored owner is the
+                // new one, but our conditions are written as the old owner.
+                let mut kept = updated.clone();
+                kept.owner = state.owner.clone();
+                *state = kept;
+                if !self.handoff.is_cancelled() {
+                    let mut until = self
+                        .valid_until
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    *until = (*until).max(started + self.lease_duration);
+                }
                 Ok(updated)
             }
-            Err(e) => {
-                if e.is_condition_failed() {
-                    self.mark_lost();
-                }
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -184,7 +210,7 @@ impl LeaseCoordinator {
             let held = self.held();
             let renewals = held
                 .iter()
-                .filter(|h| !h.lost.is_cancelled())
+                .filter(|h| !h.lost.is_cancelled() && !h.handoff.is_cancelled())
                 .map(|h| self.renew(h));
             futures::future::join_all(renewals).await;
         }
@@ -201,8 +227,24 @@ impl LeaseCoordinator {
                 metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
             }
             Err(e) if e.is_condition_failed() => {
-                info!(lease = %held.key, "lease lost: taken by another worker");
-                metrics::counter!(m::LEASES_LOST).increment(1);
+                // Either a peer asked for a graceful handoff (owner changed, we are the
+                // checkpoint owner, counter unchanged) or the lease was taken.
+                let ours = held.snapshot().await;
+                match self.store.get(&held.key).await {
+                    Ok(Some(now))
+                        if now.counter == ours.counter
+                            && now.checkpoint_owner.as_ref() == Some(&self.me) =>
+                    {
+                        let to = now.owner.clone().unwrap_or_else(|| WorkerId::new(""));
+                        info!(lease = %held.key, to = %to, "graceful handoff requested");
+                        held.begin_handoff(to);
+                    }
+                    _ => {
+                        info!(lease = %held.key, "lease lost: taken by another worker");
+                        metrics::counter!(m::LEASES_LOST).increment(1);
+                        held.mark_lost();
+                    }
+                }
             }
             Err(e) => {
                 metrics::counter!(m::RENEWAL_FAILURES).increment(1);
@@ -289,14 +331,23 @@ impl LeaseCoordinator {
             let Some(lease) = by_key.get(&take.key) else {
                 continue;
             };
+            if take.reason == TakeReason::Steal {
+                // Planned move: ask the owner to hand the lease over after its final
+                // checkpoint; we take it once it has (or by force once it expires).
+                match self.store.request_handoff(lease, &self.me).await {
+                    Ok(_) => {
+                        info!(lease = %take.key, from = ?lease.owner, "requested graceful handoff");
+                        metrics::counter!(m::LEASES_STOLEN).increment(1);
+                    }
+                    Err(e) => debug!(lease = %take.key, error = %e, "handoff request failed"),
+                }
+                continue;
+            }
             let started = Instant::now();
             match self.store.take(lease, &self.me).await {
                 Ok(new) => {
                     info!(lease = %new.key, reason = ?take.reason, counter = %new.counter, "took lease");
                     metrics::counter!(m::LEASES_TAKEN).increment(1);
-                    if take.reason == TakeReason::Steal {
-                        metrics::counter!(m::LEASES_STOLEN).increment(1);
-                    }
                     let held = Arc::new(HeldLease::new(new, started, self.lease_duration));
                     self.held_map().insert(take.key.clone(), held.clone());
                     taken.push(held);

@@ -132,7 +132,9 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError>;
 
     /// Stores a checkpoint (and, at shard end, the child shard ids): counter + 1, owner
-    /// switches reset, if the counter and owner are still those of `lease`.
+    /// switches reset, if the counter is still that of `lease` and its owner is `lease.owner`
+    /// or, during a graceful handoff, its `checkpointOwner` is `lease.owner` (the old owner
+    /// may store its final checkpoint).
     async fn checkpoint(
         &self,
         lease: &Lease,
@@ -146,6 +148,35 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes the lease if its counter is still that of `lease`.
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError>;
+
+    /// Graceful handoff, step 1 (the new owner): `leaseOwner` = `new_owner`,
+    /// `checkpointOwner` = the current owner, counter unchanged — if the counter and owner are
+    /// still those of `lease` and no handoff is pending. The old owner notices on its next
+    /// renewal, lets its processor checkpoint, then calls [`LeaseStore::complete_handoff`].
+    async fn request_handoff(
+        &self,
+        lease: &Lease,
+        new_owner: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        let _ = new_owner;
+        Err(LeaseStoreError::Other(
+            format!("{self:?} does not support graceful handoff ({})", lease.key).into(),
+        ))
+    }
+
+    /// Graceful handoff, step 2 (the old owner, after its final checkpoint): `checkpointOwner`
+    /// removed, counter + 1 — if the counter is still that of `lease`, `checkpointOwner` is
+    /// `lease.owner` and `leaseOwner` is `new_owner`. The new owner then takes the lease.
+    async fn complete_handoff(
+        &self,
+        lease: &Lease,
+        new_owner: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        let _ = new_owner;
+        Err(LeaseStoreError::Other(
+            format!("{self:?} does not support graceful handoff ({})", lease.key).into(),
+        ))
+    }
 }
 
 /// Applies the effect of a successful write to the caller's copy: what every implementation
@@ -164,6 +195,22 @@ pub(crate) mod effect {
         l.counter = l.counter.next();
         l.owner_switches_since_checkpoint += 1;
         l.owner = Some(owner.clone());
+        l.checkpoint_owner = None;
+        l
+    }
+
+    pub(crate) fn handoff_requested(lease: &Lease, new_owner: &WorkerId) -> Lease {
+        let mut l = lease.clone();
+        l.checkpoint_owner = l.owner.take();
+        l.owner = Some(new_owner.clone());
+        l
+    }
+
+    pub(crate) fn handoff_completed(lease: &Lease, new_owner: &WorkerId) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        l.owner = Some(new_owner.clone());
+        l.checkpoint_owner = None;
         l
     }
 

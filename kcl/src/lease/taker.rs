@@ -20,7 +20,7 @@ pub(crate) enum TakeReason {
     Unowned,
     /// Its owner stopped renewing it.
     Expired,
-    /// Taken from a live worker to balance the fleet.
+    /// Asked from a live worker to balance the fleet (through a graceful handoff).
     Steal,
 }
 
@@ -70,7 +70,14 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         .len()
         .div_ceil(load.len())
         .min(limits.max_leases_per_worker);
-    let mine = active.iter().filter(|l| s.held.contains(&l.key)).count();
+    // Mine: held, or being handed over to me.
+    let mine = active
+        .iter()
+        .filter(|l| {
+            s.held.contains(&l.key)
+                || (l.owner.as_ref() == Some(s.me) && l.checkpoint_owner.is_some())
+        })
+        .count();
     let mut wanted = target.saturating_sub(mine);
     if wanted == 0 {
         return Vec::new();
@@ -81,10 +88,14 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         .iter()
         .filter(takeable)
         .filter_map(|l| {
+            let expired = s.expired.contains(&l.key);
             let reason = match &l.owner {
+                // Handed over to us: ours once the old owner completed the handoff, or by
+                // force once the lease expired (the old owner's clock has stopped it by then).
+                Some(o) if o == s.me && l.checkpoint_owner.is_some() && !expired => return None,
                 Some(o) if o == s.me => TakeReason::Reclaim,
                 None => TakeReason::Unowned,
-                Some(_) if s.expired.contains(&l.key) => TakeReason::Expired,
+                Some(_) if expired => TakeReason::Expired,
                 Some(_) => return None,
             };
             Some(Take {
@@ -110,7 +121,11 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
                 active
                     .iter()
                     .filter(takeable)
-                    .filter(|l| l.owner.as_ref() == Some(*victim) && !s.expired.contains(&l.key))
+                    .filter(|l| {
+                        l.owner.as_ref() == Some(*victim)
+                            && l.checkpoint_owner.is_none()
+                            && !s.expired.contains(&l.key)
+                    })
                     .take(n)
                     .map(|l| Take {
                         key: l.key.clone(),

@@ -18,7 +18,7 @@ use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, Shar
 use crate::checkpoint::Checkpointer;
 use crate::config::WorkerConfig;
 use crate::lease::coordinator::HeldLease;
-use crate::lease::{Lease, LeaseKey, LeaseStore};
+use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::polling::{spawn_fetcher, Fetched};
@@ -35,6 +35,8 @@ pub(crate) enum ConsumerExit {
     LeaseLost,
     /// Graceful shutdown: the lease was released.
     Released,
+    /// Another worker asked for the lease: handed over after the final checkpoint.
+    HandedOff,
     /// The error policy stopped the shard; the lease was released.
     Stopped,
 }
@@ -66,6 +68,7 @@ impl std::fmt::Debug for ConsumerEnv {
 enum Stop {
     LeaseLost,
     Shutdown,
+    Handoff,
     Stopped,
 }
 
@@ -116,6 +119,16 @@ impl Consumer {
                 }
                 ConsumerExit::LeaseLost
             }
+            Err(Stop::Handoff) => {
+                info!(to = ?self.held.handoff_to(), "handing the lease over");
+                if let Some(p) = self.processor.as_mut() {
+                    if let Err(e) = p.shutdown_requested(&mut self.cp).await {
+                        warn!(error = %e, "shutdown_requested failed; handing over anyway");
+                    }
+                }
+                self.release().await;
+                ConsumerExit::HandedOff
+            }
             Err(Stop::Shutdown) => {
                 if let Some(p) = self.processor.as_mut() {
                     if self.held.is_valid() {
@@ -156,7 +169,7 @@ impl Consumer {
         loop {
             let p = self
                 .processor
-                .get_or_insert_with(|| self.env.factory.create(&mut self.shard));
+                .get_or_insert_with(|| self.env.factory.create(&self.shard));
             match p.initialize(&ctx).await {
                 Ok(()) => break,
                 Err(e) => {
@@ -182,6 +195,7 @@ impl Consumer {
                 biased;
                 _ = self.held.lost_token().cancelled() => return Err(Stop::LeaseLost),
                 _ = self.env.shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = self.held.handoff_token().cancelled() => return Err(Stop::Handoff),
                 f = rx.recv() => f,
             };
             match fetched {
@@ -327,6 +341,7 @@ impl Consumer {
                 biased;
                 _ = self.held.lost_token().cancelled() => return Err(Stop::LeaseLost),
                 _ = self.env.shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = self.held.handoff_token().cancelled() => return Err(Stop::Handoff),
                 _ = tokio::time::sleep(self.env.config.parent_poll_interval) => {}
             }
         }
@@ -362,6 +377,7 @@ impl Consumer {
             biased;
             _ = self.held.lost_token().cancelled() => Err(Stop::LeaseLost),
             _ = self.env.shutdown.cancelled() => Err(Stop::Shutdown),
+            _ = self.held.handoff_token().cancelled() => Err(Stop::Handoff),
             _ = tokio::time::sleep(d) => Ok(()),
         }
     }
@@ -373,7 +389,12 @@ impl Consumer {
         batch: Option<&RecordBatch>,
         delays: &mut (dyn Iterator<Item = Duration> + Send),
     ) -> Result<Next, Stop> {
-        match (&mut self.env.error_policy, batch) {
+        if !self.held.is_valid() {
+            // Typically a checkpoint refused because the lease moved: not the processor's fault.
+            debug!(error = %e, "{what} failed after the lease was lost");
+            return Err(Stop::LeaseLost);
+        }
+        match (&self.env.error_policy, batch) {
             (ErrorPolicy::Handoff(handler), Some(batch)) => {
                 warn!(error = %e, records = batch.len(), "{what} failed; handing the batch to the error handler");
                 handler(batch, &e);
@@ -394,19 +415,55 @@ impl Consumer {
         }
     }
 
+    /// Gives the lease up: released, or — if a peer asked for it — handed over.
     async fn release(&mut self) {
-        let store = &self.env.store;
+        let store = self.env.store.clone();
         for attempt in 0..3u32 {
             if !self.held.is_valid() {
-                return;
+                break;
             }
-            match self
-                .held
-                .write(|l| async move { store.release(&l).await })
-                .await
-            {
+            let result = match self.held.handoff_to() {
+                Some(to) => {
+                    let to = &to;
+                    let store = &store;
+                    self.held
+                        .write(|l| async move { store.complete_handoff(&l, to).await })
+                        .await
+                }
+                None => {
+                    let store = &store;
+                    self.held
+                        .write(|l| async move { store.release(&l).await })
+                        .await
+                }
+            };
+            match result {
                 Ok(_) => {
                     debug!("lease released");
+                    break;
+                }
+                Err(e) if e.is_condition_failed() && self.held.handoff_to().is_none() => {
+                    // A handoff may have been requested since the last renewal.
+                    let ours = self.held.snapshot().await;
+                    match store.get(self.held.key()).await {
+                        Ok(Some(now))
+                            if now.counter == ours.counter
+                                && now.checkpoint_owner.as_ref()
+                                    == Some(&self.env.config.worker_id) =>
+                        {
+                            let to = now.owner.clone().unwrap_or_else(|| WorkerId::new(""));
+                            let store = &store;
+                            let to = &to;
+                            if let Err(e) = self
+                                .held
+                                .write(|l| async move { store.complete_handoff(&l, to).await })
+                                .await
+                            {
+                                warn!(error = %e, "completing the handoff failed; the lease will expire instead");
+                            }
+                        }
+                        _ => debug!("lease changed before release; nothing to release"),
+                    }
                     break;
                 }
                 Err(e) if e.is_retryable() => {

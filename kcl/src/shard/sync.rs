@@ -35,12 +35,23 @@ pub(crate) fn plan_new_leases(
     let by_id: BTreeMap<&ShardId, &Shard> = shards.iter().map(|s| (&s.id, s)).collect();
     let leased: BTreeSet<ShardId> = leases.iter().map(|l| l.shard_id()).collect();
     let mut memo: BTreeMap<ShardId, bool> = BTreeMap::new();
+    let mut children: BTreeMap<&ShardId, Vec<&ShardId>> = BTreeMap::new();
+    for s in shards {
+        for p in s.parents() {
+            children.entry(p).or_default().push(&s.id);
+        }
+    }
+    let mut superseded: BTreeMap<ShardId, bool> = BTreeMap::new();
     let mut out = Vec::new();
     // Listing order is parent-first on Kinesis; sort by id for determinism anyway.
     let mut ordered: Vec<&Shard> = shards.iter().collect();
     ordered.sort_by(|a, b| a.id.cmp(&b.id));
     for shard in ordered {
-        if leased.contains(&shard.id) {
+        // A shard with a leased descendant was processed already (its finished lease may have
+        // been cleaned up): leasing it again would re-deliver it and block nothing.
+        if leased.contains(&shard.id)
+            || has_leased_descendant(&shard.id, &children, &leased, &mut superseded)
+        {
             continue;
         }
         let descendant = shard
@@ -63,6 +74,25 @@ pub(crate) fn plan_new_leases(
         );
     }
     out
+}
+
+/// True if a descendant of `id` (through the listed shards) has a lease.
+fn has_leased_descendant(
+    id: &ShardId,
+    children: &BTreeMap<&ShardId, Vec<&ShardId>>,
+    leased: &BTreeSet<ShardId>,
+    memo: &mut BTreeMap<ShardId, bool>,
+) -> bool {
+    if let Some(&v) = memo.get(id) {
+        return v;
+    }
+    memo.insert(id.clone(), false); // guards against malformed cycles
+    let result = children.get(id).is_some_and(|cs| {
+        cs.iter()
+            .any(|c| leased.contains(*c) || has_leased_descendant(c, children, leased, memo))
+    });
+    memo.insert(id.clone(), result);
+    result
 }
 
 /// True if `id` has a lease, or will get one in this sync (so its descendants must start at
@@ -268,6 +298,19 @@ mod tests {
             ids(&out)[0],
             ("b".into(), ExtendedSequenceNumber::TrimHorizon)
         );
+    }
+
+    #[test]
+    fn parents_whose_children_are_leased_are_not_leased_again() {
+        // The parent's finished lease was deleted after its children started.
+        let shards = [
+            shard("a", &[], true),
+            shard("b", &["a"], false),
+            shard("c", &["b"], false),
+        ];
+        let c = Lease::new(&ShardId::new("c"), ExtendedSequenceNumber::TrimHorizon);
+        let out = plan_new_leases(&shards, &[c], InitialPosition::TrimHorizon);
+        assert!(out.is_empty(), "{:?}", ids(&out));
     }
 
     #[test]

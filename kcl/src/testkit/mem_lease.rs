@@ -63,11 +63,12 @@ impl MemLeaseStore {
         }
     }
 
-    /// Applies `f` to the stored lease if `check` accepts it; the conditional write.
+    /// The conditional write: applies `f` to the stored lease if its counter is that of
+    /// `lease` and `cond` accepts it.
     fn update(
         &self,
         lease: &Lease,
-        check_owner: bool,
+        cond: impl FnOnce(&Lease) -> bool,
         f: impl FnOnce(&Lease) -> Lease,
     ) -> Result<Lease, LeaseStoreError> {
         let mut items = self.lock();
@@ -76,7 +77,7 @@ impl MemLeaseStore {
         };
         let current = items.get(lease.key.as_str()).ok_or_else(failed)?;
         let stored = item::decode(current)?.ok_or_else(failed)?;
-        if stored.counter != lease.counter || (check_owner && stored.owner != lease.owner) {
+        if stored.counter != lease.counter || !cond(&stored) {
             return Err(failed());
         }
         // The write changes only the attributes the operation sets, as UpdateItem does:
@@ -126,12 +127,16 @@ impl LeaseStore for MemLeaseStore {
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
         self.faults_for("renew").await?;
-        self.update(lease, true, effect::renewed)
+        self.update(
+            lease,
+            |s| s.owner.is_some() && s.owner == lease.owner,
+            effect::renewed,
+        )
     }
 
     async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
         self.faults_for("take").await?;
-        self.update(lease, false, |l| effect::taken(l, owner))
+        self.update(lease, |_| true, |l| effect::taken(l, owner))
     }
 
     async fn checkpoint(
@@ -141,14 +146,51 @@ impl LeaseStore for MemLeaseStore {
         child_shard_ids: &[ShardId],
     ) -> Result<Lease, LeaseStoreError> {
         self.faults_for("checkpoint").await?;
-        self.update(lease, true, |l| {
-            effect::checkpointed(l, checkpoint, child_shard_ids)
-        })
+        let me = lease.owner.clone();
+        self.update(
+            lease,
+            |s| me.is_some() && (s.owner == me || s.checkpoint_owner == me),
+            |l| effect::checkpointed(l, checkpoint, child_shard_ids),
+        )
     }
 
     async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
         self.faults_for("release").await?;
-        self.update(lease, true, effect::released)
+        self.update(
+            lease,
+            |s| s.owner.is_some() && s.owner == lease.owner,
+            effect::released,
+        )
+    }
+
+    async fn request_handoff(
+        &self,
+        lease: &Lease,
+        new_owner: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        self.faults_for("request_handoff").await?;
+        self.update(
+            lease,
+            |s| s.owner.is_some() && s.owner == lease.owner && s.checkpoint_owner.is_none(),
+            |l| effect::handoff_requested(l, new_owner),
+        )
+    }
+
+    async fn complete_handoff(
+        &self,
+        lease: &Lease,
+        new_owner: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        self.faults_for("complete_handoff").await?;
+        self.update(
+            lease,
+            |s| {
+                lease.owner.is_some()
+                    && s.checkpoint_owner == lease.owner
+                    && s.owner.as_ref() == Some(new_owner)
+            },
+            |l| effect::handoff_completed(l, new_owner),
+        )
     }
 
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
