@@ -71,6 +71,9 @@ pub struct WorkerConfig {
     pub shard_sync_interval: Duration,
     /// How often a child shard checks whether its parents are finished.
     pub parent_poll_interval: Duration,
+    /// How long a finished lease stays in the table after it became deletable (all its
+    /// children started), so operators and tools can still see the lineage.
+    pub finished_lease_retention: Duration,
     /// The most leases this worker holds.
     pub max_leases_per_worker: usize,
     /// The most leases taken from other live workers in one taker round.
@@ -123,6 +126,7 @@ impl WorkerConfig {
             taker_interval: Duration::from_secs(2),
             shard_sync_interval: Duration::from_secs(60),
             parent_poll_interval: Duration::from_millis(500),
+            finished_lease_retention: Duration::from_secs(300),
             max_leases_per_worker: usize::MAX,
             max_leases_to_steal: 1,
             polling: PollingConfig::default(),

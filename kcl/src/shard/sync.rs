@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -156,6 +157,8 @@ pub(crate) struct ShardSyncer {
     store: Arc<dyn LeaseStore>,
     config: Arc<WorkerConfig>,
     listed: watch::Sender<Arc<BTreeSet<ShardId>>>,
+    /// When each lease was first seen deletable (deleted after `finished_lease_retention`).
+    deletable_since: std::sync::Mutex<BTreeMap<crate::lease::LeaseKey, Instant>>,
 }
 
 impl ShardSyncer {
@@ -170,6 +173,7 @@ impl ShardSyncer {
             store,
             config,
             listed,
+            deletable_since: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -227,7 +231,23 @@ impl ShardSyncer {
                 debug!(lease = %lease.key, checkpoint = %lease.checkpoint, "created lease");
             }
         }
-        for lease in plan_deletions(&shards, &table.leases) {
+        let now = Instant::now();
+        let due: Vec<Lease> = {
+            let deletable = plan_deletions(&shards, &table.leases);
+            let mut since = self
+                .deletable_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            since.retain(|k, _| deletable.iter().any(|l| &l.key == k));
+            deletable
+                .into_iter()
+                .filter(|l| {
+                    let first = *since.entry(l.key.clone()).or_insert(now);
+                    now.saturating_duration_since(first) >= self.config.finished_lease_retention
+                })
+                .collect()
+        };
+        for lease in due {
             match self.store.delete(&lease).await {
                 Ok(()) => debug!(lease = %lease.key, "deleted finished lease"),
                 Err(e) if e.is_condition_failed() => {}

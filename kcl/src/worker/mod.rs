@@ -273,6 +273,7 @@ pub struct WorkerBuilder {
     taker_interval: Option<Duration>,
     shard_sync_interval: Option<Duration>,
     parent_poll_interval: Option<Duration>,
+    finished_lease_retention: Option<Duration>,
     max_leases_per_worker: Option<usize>,
     max_leases_to_steal: Option<usize>,
     polling: Option<PollingConfig>,
@@ -319,6 +320,8 @@ impl WorkerBuilder {
         shard_sync_interval: Duration,
         /// How often a child shard checks whether its parents finished (default 500 ms).
         parent_poll_interval: Duration,
+        /// How long finished leases stay in the table once deletable (default 5 min).
+        finished_lease_retention: Duration,
         /// The most leases this worker holds (default unlimited).
         max_leases_per_worker: usize,
         /// The most leases stolen from other workers per taker round (default 1).
@@ -423,6 +426,7 @@ impl WorkerBuilder {
             taker_interval,
             shard_sync_interval,
             parent_poll_interval,
+            finished_lease_retention,
             max_leases_per_worker,
             max_leases_to_steal,
             polling,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs the pinned local stand-ins for Kinesis
+# and DynamoDB into .emulators/ (git-ignored) when absent, builds, and runs every test.
+# The integration tests start and stop their own servers on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EMU="$PWD/.emulators"
+KINESIS_LOCAL=kinesis-local@0.6.2
+DYNALITE=dynalite@4.0.0
+MOTO="moto[dynamodb,s3]==5.2.5"
+
+for tool in cargo node npm python3; do
+  command -v "$tool" >/dev/null || { echo "scripts/test.sh: '$tool' is required" >&2; exit 1; }
+done
+
+installed_version() { # package -> version in .emulators, or nothing
+  node -e "try{console.log(require('$EMU/node_modules/$1/package.json').version)}catch(e){}" 2>/dev/null
+}
+if [ "$(installed_version kinesis-local)" != "0.6.2" ] || [ "$(installed_version dynalite)" != "4.0.0" ]; then
+  echo "== installing $KINESIS_LOCAL and $DYNALITE into .emulators/"
+  mkdir -p "$EMU"
+  npm install --prefix "$EMU" --no-audit --no-fund --loglevel=error "$KINESIS_LOCAL" "$DYNALITE"
+fi
+if ! "$EMU/venv/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '5.2.5')" 2>/dev/null; then
+  echo "== installing $MOTO into .emulators/venv"
+  python3 -m venv "$EMU/venv"
+  "$EMU/venv/bin/pip" install --quiet --disable-pip-version-check "$MOTO" flask flask-cors
+fi
+
+export KCL_EMULATORS_DIR="$EMU"
+echo "== building"
+cargo build --workspace --all-features --all-targets --quiet
+echo "== testing"
+cargo test --workspace --all-features --no-fail-fast 2>&1 | tee target/test-output.log
+status=${PIPESTATUS[0]}
+passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' target/test-output.log | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' target/test-output.log | awk '{s+=$1} END {print s+0}')
+echo "$passed passed, $failed failed"
+exit "$status"
