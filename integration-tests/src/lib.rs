@@ -6,6 +6,7 @@
 
 pub mod dynamo_servers;
 pub mod kinesis_server;
+pub mod scenarios;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

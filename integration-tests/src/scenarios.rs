@@ -88,7 +88,20 @@ impl StreamFixture for LocalKinesis {
         crate::kinesis_server::create_stream(&self.client, name, shards).await
     }
     async fn put(&self, stream: &str, records: Vec<(String, Vec<u8>)>) -> anyhow::Result<()> {
-        crate::kinesis_server::put_records(&self.client, stream, records).await?;
+        // kinesis-local is slow (~0.7 s per PutRecords), so calls go in parallel; but records
+        // of one key must reach the stream in order: each key stays in one sequential lane.
+        const LANES: usize = 4;
+        let mut lanes: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); LANES];
+        for r in records {
+            let lane = (kcl::shard::hash_key(&r.0) % LANES as u128) as usize;
+            lanes[lane].push(r);
+        }
+        let puts = lanes.into_iter().filter(|l| !l.is_empty()).map(|lane| {
+            crate::kinesis_server::put_records_with_parallelism(&self.client, stream, lane, 1)
+        });
+        for result in futures::future::join_all(puts).await {
+            result?;
+        }
         Ok(())
     }
     async fn split(&self, stream: &str, shard: &ShardId, at: u128) -> anyhow::Result<()> {

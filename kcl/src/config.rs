@@ -248,6 +248,8 @@ fn check_table_name(v: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
+    type Mutation = Box<dyn Fn(&mut WorkerConfig)>;
+
     #[test]
     fn defaults_are_valid() {
         WorkerConfig::new("app", "stream").validate().unwrap();
@@ -256,7 +258,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let base = WorkerConfig::new("app", "stream");
-        let cases: Vec<(&str, Box<dyn Fn(&mut WorkerConfig)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("application_name", Box::new(|c| c.application_name.clear())),
             ("stream", Box::new(|c| c.stream = "bad name".into())),
             ("table_name", Box::new(|c| c.table_name = "ab".into())),

@@ -57,6 +57,8 @@
 )]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "aws")]
+mod aws;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -71,6 +73,8 @@ pub mod testkit;
 pub mod worker;
 
 pub use async_trait::async_trait;
+#[cfg(feature = "aws")]
+pub use aws::Aws;
 pub use checkpoint::{CheckpointError, Checkpointer};
 pub use config::{ConfigError, InitialPosition, PollingConfig, WorkerConfig};
 pub use error::{Error, Result};

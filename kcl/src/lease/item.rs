@@ -209,6 +209,8 @@ mod tests {
     use super::*;
     use crate::record::SequenceNumber;
 
+    type Mutation = Box<dyn Fn(&mut Item)>;
+
     fn full_lease() -> Lease {
         let mut l = Lease::new(
             &ShardId::new("shardId-000000000003"),
@@ -250,7 +252,7 @@ mod tests {
 
     #[test]
     fn malformed_items_name_the_attribute() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Item)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 attr::LEASE_KEY,
                 Box::new(|i| {

@@ -1,0 +1,45 @@
+//! The worker scenarios against real local servers through the real AWS SDK clients:
+//! kinesis-local for the stream, and the lease table on moto and on dynalite.
+
+use std::sync::Arc;
+
+use kcl::lease::dynamo::DynamoLeaseStore;
+use kcl::lease::LeaseStore;
+use kcl_integration_tests::dynamo_servers::{start_dynalite, start_moto};
+use kcl_integration_tests::scenarios::{self, LocalKinesis};
+use kcl_integration_tests::{sdk_config, unique_name, ServerProcess};
+
+enum Table {
+    Moto,
+    Dynalite,
+}
+
+async fn lease_table(kind: Table) -> anyhow::Result<(ServerProcess, Arc<dyn LeaseStore>)> {
+    let server = match kind {
+        Table::Moto => start_moto().await?,
+        Table::Dynalite => start_dynalite().await?,
+    };
+    let conf = sdk_config(&server.endpoint()).await;
+    let store = DynamoLeaseStore::from_conf(&conf, unique_name("leases"));
+    Ok((server, Arc::new(store)))
+}
+
+macro_rules! scenario_tests {
+    ($($name:ident: $scenario:ident on $table:expr;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> anyhow::Result<()> {
+            let kinesis = LocalKinesis::start().await?;
+            let (_table_server, leases) = lease_table($table).await?;
+            scenarios::$scenario(&kinesis, leases).await
+        }
+    )*};
+}
+
+scenario_tests! {
+    drain_and_resume_moto: drain_and_resume on Table::Moto;
+    drain_and_resume_dynalite: drain_and_resume on Table::Dynalite;
+    split_and_merge_moto: split_and_merge on Table::Moto;
+    split_and_merge_dynalite: split_and_merge on Table::Dynalite;
+    two_workers_graceful_handoff_moto: two_workers_graceful_handoff on Table::Moto;
+    two_workers_graceful_handoff_dynalite: two_workers_graceful_handoff on Table::Dynalite;
+}
