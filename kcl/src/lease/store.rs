@@ -157,12 +157,7 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         &self,
         lease: &Lease,
         new_owner: &WorkerId,
-    ) -> Result<Lease, LeaseStoreError> {
-        let _ = new_owner;
-        Err(LeaseStoreError::Other(
-            format!("{self:?} does not support graceful handoff ({})", lease.key).into(),
-        ))
-    }
+    ) -> Result<Lease, LeaseStoreError>;
 
     /// Graceful handoff, step 2 (the old owner, after its final checkpoint): `checkpointOwner`
     /// removed, counter + 1 — if the counter is still that of `lease`, `checkpointOwner` is
@@ -171,12 +166,7 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         &self,
         lease: &Lease,
         new_owner: &WorkerId,
-    ) -> Result<Lease, LeaseStoreError> {
-        let _ = new_owner;
-        Err(LeaseStoreError::Other(
-            format!("{self:?} does not support graceful handoff ({})", lease.key).into(),
-        ))
-    }
+    ) -> Result<Lease, LeaseStoreError>;
 }
 
 /// Applies the effect of a successful write to the caller's copy: what every implementation
