@@ -220,3 +220,123 @@ impl Checkpointer {
         }
     }
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::lease::{Lease, WorkerId};
+    use crate::record::SequenceNumber;
+    use crate::testkit::MemLeaseStore;
+    use tokio::time::Instant;
+
+    fn pos(n: u128) -> ExtendedSequenceNumber {
+        ExtendedSequenceNumber::at(SequenceNumber::from_u128(n), 0)
+    }
+
+    async fn setup() -> (MemLeaseStore, Checkpointer) {
+        let store = MemLeaseStore::new();
+        let shard = ShardId::new("shardId-000000000000");
+        let lease = Lease::new(&shard, ExtendedSequenceNumber::TrimHorizon);
+        assert!(store.create_if_absent(&lease).await.unwrap());
+        let taken = store.take(&lease, &WorkerId::new("w1")).await.unwrap();
+        let held = Arc::new(HeldLease::new(
+            taken,
+            Instant::now(),
+            Duration::from_secs(10),
+        ));
+        let cp = Checkpointer::new(shard, held, Arc::new(store.clone()));
+        (store, cp)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accepts_delivered_positions_only_moving_forward() {
+        let (store, mut cp) = setup().await;
+        // Nothing delivered yet.
+        assert!(matches!(
+            cp.checkpoint().await,
+            Err(CheckpointError::NotDelivered { .. })
+        ));
+        cp.set_delivered(pos(20));
+        cp.checkpoint_at(pos(10)).await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(10));
+        // Beyond what was delivered.
+        match cp.checkpoint_at(pos(21)).await {
+            Err(CheckpointError::NotDelivered {
+                requested,
+                delivered,
+            }) => {
+                assert_eq!(requested, pos(21));
+                assert_eq!(delivered, Some(pos(20)));
+            }
+            other => panic!("expected NotDelivered, got {other:?}"),
+        }
+        // Behind the stored checkpoint.
+        match cp.checkpoint_at(pos(9)).await {
+            Err(CheckpointError::Behind { requested, current }) => {
+                assert_eq!((requested, current), (pos(9), pos(10)));
+            }
+            other => panic!("expected Behind, got {other:?}"),
+        }
+        // SHARD_END only once the shard ended.
+        assert!(cp
+            .checkpoint_at(ExtendedSequenceNumber::ShardEnd)
+            .await
+            .is_err());
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(20));
+        assert_eq!(store.leases()[0].owner_switches_since_checkpoint, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_non_numeric_sequence_is_a_typed_error_and_changes_nothing() {
+        let (store, mut cp) = setup().await;
+        cp.set_delivered(pos(20));
+        match cp.checkpoint_sequence("12abc", 0).await {
+            Err(CheckpointError::InvalidSequence(e)) => assert_eq!(e.input(), "12abc"),
+            other => panic!("expected InvalidSequence, got {other:?}"),
+        }
+        assert_eq!(
+            store.leases()[0].checkpoint,
+            ExtendedSequenceNumber::TrimHorizon
+        );
+        cp.checkpoint_sequence("0000020", 0).await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_once_the_lease_is_lost() {
+        let (store, mut cp) = setup().await;
+        cp.set_delivered(pos(5));
+        // Another worker takes the lease.
+        let current = store.leases()[0].clone();
+        store.take(&current, &WorkerId::new("w2")).await.unwrap();
+        assert!(matches!(
+            cp.checkpoint().await,
+            Err(CheckpointError::LeaseLost { .. })
+        ));
+        assert_eq!(
+            store.leases()[0].checkpoint,
+            ExtendedSequenceNumber::TrimHorizon
+        );
+        // And after local expiry, without touching the store.
+        let (_store, mut cp) = setup().await;
+        cp.set_delivered(pos(5));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(matches!(
+            cp.checkpoint().await,
+            Err(CheckpointError::LeaseLost { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_store_errors_are_retried() {
+        use crate::testkit::{Fault, FaultKind};
+        let (store, mut cp) = setup().await;
+        cp.set_delivered(pos(7));
+        store
+            .faults()
+            .inject(Fault::new(FaultKind::Throttle).on("checkpoint").times(3));
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(7));
+    }
+}

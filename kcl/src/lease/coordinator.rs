@@ -38,7 +38,7 @@ pub(crate) struct HeldLease {
 }
 
 impl HeldLease {
-    fn new(lease: Lease, written_at: Instant, lease_duration: Duration) -> Self {
+    pub(crate) fn new(lease: Lease, written_at: Instant, lease_duration: Duration) -> Self {
         Self {
             key: lease.key.clone(),
             state: Mutex::new(lease),

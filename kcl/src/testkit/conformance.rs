@@ -1337,6 +1337,20 @@ mod tests {
             async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
                 self.0.delete(lease).await
             }
+            async fn request_handoff(
+                &self,
+                lease: &Lease,
+                new_owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.request_handoff(lease, new_owner).await
+            }
+            async fn complete_handoff(
+                &self,
+                lease: &Lease,
+                new_owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.complete_handoff(lease, new_owner).await
+            }
         }
 
         run_protocol(&Unfenced::default()).await;
