@@ -31,7 +31,10 @@ pub struct PollingConfig {
     pub idle_interval: Duration,
     /// Batches read ahead of the processor per shard.
     pub prefetch_batches: usize,
-    /// Payload bytes read ahead of the processor per shard.
+    /// Payload bytes read ahead of the processors, shared by every shard of the worker. Each
+    /// shard asks `GetRecords` for no more records than its fair share of this budget holds
+    /// (by the average record size seen), so memory stays bounded however many shards a
+    /// worker holds and however slow its processors are.
     pub prefetch_bytes: usize,
 }
 
@@ -42,7 +45,7 @@ impl Default for PollingConfig {
             min_interval: Duration::from_millis(200),
             idle_interval: Duration::from_millis(200),
             prefetch_batches: 3,
-            prefetch_bytes: 16 * 1024 * 1024,
+            prefetch_bytes: 24 * 1024 * 1024,
         }
     }
 }
@@ -195,11 +198,11 @@ impl WorkerConfig {
                 "must be at least 1",
             ));
         }
-        // One GetRecords response can carry up to 10 MiB: the budget must admit it.
-        if p.prefetch_bytes < 10 * 1024 * 1024 {
+        // A record can be 1 MiB: the budget must hold at least one.
+        if p.prefetch_bytes < 1024 * 1024 {
             return Err(ConfigError::new(
                 "polling.prefetch_bytes",
-                "must be at least 10 MiB (the largest GetRecords response)",
+                "must be at least 1 MiB (the largest record)",
             ));
         }
         Ok(())

@@ -219,10 +219,13 @@ impl LeaseCoordinator {
     async fn renew(&self, held: &HeldLease) {
         let started = Instant::now();
         let store = &self.store;
-        match held
-            .write(|lease| async move { store.renew(&lease).await })
+        // A renewal that hangs (a partition) must not hold up the next ones: give up after one
+        // interval and count it as a failed renewal.
+        let write = held.write(|lease| async move { store.renew(&lease).await });
+        let result = tokio::time::timeout(self.renew_interval, write)
             .await
-        {
+            .unwrap_or_else(|_| Err(LeaseStoreError::Transient("renewal timed out".into())));
+        match result {
             Ok(_) => {
                 metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
             }

@@ -21,7 +21,7 @@ use crate::lease::coordinator::HeldLease;
 use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
-use crate::retrieval::polling::{spawn_fetcher, Fetched};
+use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi};
 use crate::shard::lineage::{can_start, ParentState};
 use crate::shard::{ChildShard, ShardId};
@@ -55,6 +55,8 @@ pub(crate) struct ConsumerEnv {
     pub(crate) sync_now: Arc<Notify>,
     /// Cancelled on graceful shutdown.
     pub(crate) shutdown: CancellationToken,
+    /// The worker's read-ahead budget.
+    pub(crate) prefetch: Arc<PrefetchBudget>,
 }
 
 impl std::fmt::Debug for ConsumerEnv {
@@ -187,6 +189,7 @@ impl Consumer {
             position,
             lease.checkpoint.clone(),
             self.env.config.polling.clone(),
+            self.env.prefetch.clone(),
             fetch_stop,
         );
         let label = self.shard.to_string();

@@ -1,5 +1,6 @@
 //! Polling retrieval: a task per shard calls `GetRecords` and fills a bounded prefetch queue.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,59 @@ pub(crate) enum Fetched {
     Failed(KinesisApiError),
 }
 
+/// A `GetRecords` call that has not answered after this long is abandoned and retried (the SDK
+/// sets no operation timeout by default; a hung connection must not stall a shard).
+const GET_RECORDS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The read-ahead budget shared by every fetcher of one worker: a byte semaphore whose permits
+/// travel with the batches, and the number of fetchers sharing it (for their fair shares).
+#[derive(Debug)]
+pub(crate) struct PrefetchBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    fetchers: AtomicUsize,
+}
+
+impl PrefetchBudget {
+    pub(crate) fn new(total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+            fetchers: AtomicUsize::new(0),
+        })
+    }
+
+    /// Records to ask for: at most `max_records`, and no more than this fetcher's share of the
+    /// budget holds at the average record size seen.
+    fn limit(&self, max_records: u32, avg_record_bytes: usize) -> u32 {
+        let share = self.total / self.fetchers.load(Ordering::Relaxed).max(1);
+        let fit = share / avg_record_bytes.max(1);
+        u32::try_from(fit).unwrap_or(u32::MAX).clamp(1, max_records)
+    }
+
+    async fn acquire(self: &Arc<Self>, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        // A response larger than the whole budget waits for all of it (never forever).
+        let want = u32::try_from(bytes.clamp(1, self.total)).unwrap_or(u32::MAX);
+        self.bytes.clone().acquire_many_owned(want).await.ok()
+    }
+}
+
+/// Counts a fetcher in its budget's fair shares while it lives.
+struct Registered(Arc<PrefetchBudget>);
+
+impl Registered {
+    fn new(budget: Arc<PrefetchBudget>) -> Self {
+        budget.fetchers.fetch_add(1, Ordering::Relaxed);
+        Self(budget)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.fetchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Starts the fetcher task for `shard`, from `position`, skipping records at or before
 /// `after` (the checkpoint). Returns the receiving end of the prefetch queue. The task stops
 /// when `stop` is cancelled or the receiver is dropped.
@@ -40,11 +94,13 @@ pub(crate) fn spawn_fetcher(
     position: IteratorPosition,
     after: ExtendedSequenceNumber,
     cfg: PollingConfig,
+    budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
 ) -> mpsc::Receiver<Fetched> {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
     let fetcher = Fetcher {
-        budget: Arc::new(Semaphore::new(cfg.prefetch_bytes)),
+        budget: Registered::new(budget),
+        avg_record_bytes: 1024,
         kinesis,
         stream,
         shard,
@@ -66,7 +122,9 @@ struct Fetcher {
     stream: String,
     shard: ShardId,
     cfg: PollingConfig,
-    budget: Arc<Semaphore>,
+    budget: Registered,
+    /// Moving average of record sizes, to size requests to the budget.
+    avg_record_bytes: usize,
     /// The last position read (or the checkpoint): records at or before it are dropped, and an
     /// expired iterator is renewed after it.
     last_read: ExtendedSequenceNumber,
@@ -125,11 +183,15 @@ impl Fetcher {
             tokio::time::sleep_until(next_call).await;
             let started = Instant::now();
             next_call = started + self.cfg.min_interval;
-            let out = match self
-                .kinesis
-                .get_records(&iterator, self.cfg.max_records)
+            let limit = self
+                .budget
+                .0
+                .limit(self.cfg.max_records, self.avg_record_bytes);
+            let call = self.kinesis.get_records(&iterator, limit);
+            let result = tokio::time::timeout(GET_RECORDS_TIMEOUT, call)
                 .await
-            {
+                .unwrap_or_else(|_| Err(KinesisApiError::Transient("GetRecords timed out".into())));
+            let out = match result {
                 Ok(out) => {
                     delays = Self::backoff();
                     out
@@ -172,10 +234,9 @@ impl Fetcher {
             if let Some(last) = records.last() {
                 self.last_read = last.position();
                 let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-                // A single response is at most 10 MiB and the budget is at least that.
-                let want =
-                    u32::try_from(bytes.clamp(1, self.cfg.prefetch_bytes)).unwrap_or(u32::MAX);
-                let Ok(permit) = self.budget.clone().acquire_many_owned(want).await else {
+                let avg = bytes / records.len();
+                self.avg_record_bytes = (self.avg_record_bytes * 3 + avg.max(1)) / 4;
+                let Some(permit) = self.budget.0.acquire(bytes).await else {
                     return;
                 };
                 let batch = Fetched::Records {

@@ -22,6 +22,7 @@ use crate::lease::coordinator::LeaseCoordinator;
 use crate::lease::{LeaseKey, LeaseStore, WorkerId};
 use crate::processor::consumer::{self, ConsumerEnv, ConsumerExit};
 use crate::processor::{ErrorPolicy, ProcessorFactory};
+use crate::retrieval::polling::PrefetchBudget;
 use crate::retrieval::KinesisApi;
 use crate::shard::sync::ShardSyncer;
 
@@ -185,6 +186,7 @@ impl Worker {
             listed: listed_rx,
             sync_now,
             shutdown: self.shutdown.clone(),
+            prefetch: PrefetchBudget::new(cfg.polling.prefetch_bytes),
         };
         let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
         loop {
