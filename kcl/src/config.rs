@@ -131,7 +131,7 @@ impl WorkerConfig {
             parent_poll_interval: Duration::from_millis(500),
             finished_lease_retention: Duration::from_secs(300),
             max_leases_per_worker: usize::MAX,
-            max_leases_to_steal: 1,
+            max_leases_to_steal: 4,
             polling: PollingConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
         }

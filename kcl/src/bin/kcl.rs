@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use base64::Engine as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::{
@@ -41,9 +41,10 @@ enum Command {
         /// This worker's id (default: host name plus a random suffix).
         #[arg(long)]
         worker_id: Option<String>,
-        /// Where shards without a checkpoint start.
-        #[arg(long, value_enum, default_value_t = Position::TrimHorizon)]
-        position: Position,
+        /// Where shards without a checkpoint start: `trim-horizon`, `latest`, or
+        /// `at-timestamp=<RFC 3339>` (e.g. `at-timestamp=2026-11-25T10:00:00Z`).
+        #[arg(long, default_value = "trim-horizon", value_parser = parse_position)]
+        position: InitialPosition,
     },
     /// Show the lease table.
     Leases {
@@ -59,10 +60,19 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Position {
-    TrimHorizon,
-    Latest,
+fn parse_position(s: &str) -> Result<InitialPosition, String> {
+    match s {
+        "trim-horizon" => Ok(InitialPosition::TrimHorizon),
+        "latest" => Ok(InitialPosition::Latest),
+        other => match other.strip_prefix("at-timestamp=") {
+            Some(t) => humantime::parse_rfc3339_weak(t)
+                .map(InitialPosition::AtTimestamp)
+                .map_err(|e| format!("invalid RFC 3339 timestamp {t:?}: {e}")),
+            None => Err(format!(
+                "expected trim-horizon, latest or at-timestamp=<RFC 3339>, got {other:?}"
+            )),
+        },
+    }
 }
 
 /// Writes records as JSON lines; one lock per batch keeps lines whole.
@@ -134,10 +144,7 @@ async fn main() -> anyhow::Result<()> {
                 .application_name(app)
                 .stream(stream)
                 .backends(kcl::Aws::from_conf(&sdk))
-                .initial_position(match position {
-                    Position::TrimHorizon => InitialPosition::TrimHorizon,
-                    Position::Latest => InitialPosition::Latest,
-                })
+                .initial_position(position)
                 .processor(move || JsonLines { out: out.clone() });
             if let Some(t) = table {
                 builder = builder.table_name(t);

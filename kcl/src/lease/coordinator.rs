@@ -290,6 +290,28 @@ impl LeaseCoordinator {
         }
     }
 
+    /// A peer asked for some of our leases (handoff pending in the table): start handing them
+    /// over now rather than at their next renewal.
+    async fn notice_handoffs(&self, leases: &[Lease]) {
+        for lease in leases {
+            if lease.checkpoint_owner.as_ref() != Some(&self.me) {
+                continue;
+            }
+            let Some(held) = self.held_map().get(&lease.key).cloned() else {
+                continue;
+            };
+            if held.lost.is_cancelled() || held.handoff.is_cancelled() {
+                continue;
+            }
+            if held.snapshot().await.counter == lease.counter {
+                if let Some(to) = lease.owner.clone() {
+                    info!(lease = %lease.key, to = %to, "graceful handoff requested");
+                    held.begin_handoff(to);
+                }
+            }
+        }
+    }
+
     async fn take_round(
         &self,
         tracker: &mut ExpiryTracker,
@@ -308,6 +330,7 @@ impl LeaseCoordinator {
             .filter(|l| tracker.is_expired(l, now, self.lease_duration))
             .map(|l| l.key.clone())
             .collect();
+        self.notice_handoffs(&table.leases).await;
         let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
         let refused = self
             .refused

@@ -326,7 +326,7 @@ impl WorkerBuilder {
         finished_lease_retention: Duration,
         /// The most leases this worker holds (default unlimited).
         max_leases_per_worker: usize,
-        /// The most leases stolen from other workers per taker round (default 1).
+        /// The most leases asked from other workers per taker round (default 4).
         max_leases_to_steal: usize,
         /// Polling retrieval settings.
         polling: PollingConfig,
