@@ -200,6 +200,20 @@ impl RecordProcessor for Recorder {
     }
 }
 
+impl Recorder {
+    /// A processor factory for `worker` logging into `log`.
+    pub fn factory(
+        worker: &str,
+        log: &DeliveryLog,
+    ) -> impl Fn() -> Recorder + Send + Sync + 'static {
+        let (worker, log) = (worker.to_owned(), log.clone());
+        move || Recorder {
+            worker: worker.clone(),
+            log: log.clone(),
+        }
+    }
+}
+
 /// Records `from..to` of the scenario's data set: `keys` partition keys round-robin, payload
 /// `key/n`.
 pub fn records(from: u32, to: u32, keys: u32) -> Vec<(String, Vec<u8>)> {
@@ -242,10 +256,7 @@ pub fn worker(
         .parent_poll_interval(Duration::from_millis(100))
         .shard_sync_interval(Duration::from_secs(2))
         .polling(polling)
-        .processor(move || Recorder {
-            worker: worker_id.clone(),
-            log: log.clone(),
-        })
+        .processor(Recorder::factory(&worker_id, &log))
 }
 
 /// Per shard, delivered sequence numbers strictly increase over the whole run: no record

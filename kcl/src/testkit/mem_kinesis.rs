@@ -43,6 +43,12 @@ struct State {
     /// Global sequence counter: sequence numbers rise across shards over time, as on AWS.
     seq: u128,
     streams: BTreeMap<String, Stream>,
+    /// When set, each shard allows 5 `GetRecords` calls and 2 MiB per second, as on AWS.
+    read_limits: bool,
+    /// Recent reads per (stream, shard): when, and how many bytes.
+    reads: BTreeMap<(String, String), std::collections::VecDeque<(Instant, usize)>>,
+    /// Reads refused by the limits.
+    throttled: u64,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +105,9 @@ impl MemKinesis {
                 epoch: Instant::now(),
                 seq: 0,
                 streams: BTreeMap::new(),
+                read_limits: false,
+                reads: BTreeMap::new(),
+                throttled: 0,
             })),
             faults: Faults::default(),
         }
@@ -112,6 +121,17 @@ impl MemKinesis {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enforces (or stops enforcing) AWS's per-shard read limits: 5 `GetRecords` calls and
+    /// 2 MiB per second, shared by every reader; excess calls fail as throttled.
+    pub fn enforce_read_limits(&self, on: bool) {
+        self.lock().read_limits = on;
+    }
+
+    /// How many `GetRecords` calls the read limits refused.
+    pub fn throttled_reads(&self) -> u64 {
+        self.lock().throttled
     }
 
     /// The current wall time of this Kinesis (follows tokio's clock).
@@ -484,10 +504,49 @@ impl KinesisApi for MemKinesis {
         };
         let next: u128 = next.parse().map_err(|_| invalid())?;
         let issued: u128 = issued.parse().map_err(|_| invalid())?;
-        let st = self.lock();
+        let mut st = self.lock();
         if st.epoch.elapsed().as_millis().saturating_sub(issued) > ITERATOR_TTL.as_millis() {
             return Err(KinesisApiError::ExpiredIterator);
         }
+        let reads_key = (stream.to_owned(), shard.to_owned());
+        if st.read_limits {
+            let now = Instant::now();
+            let window = st.reads.entry(reads_key.clone()).or_default();
+            while window
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                window.pop_front();
+            }
+            let bytes: usize = window.iter().map(|(_, b)| b).sum();
+            if window.len() >= 5 || bytes >= 2 * 1024 * 1024 {
+                st.throttled += 1;
+                return Err(KinesisApiError::Throttled(
+                    format!("read limits exceeded on {shard}").into(),
+                ));
+            }
+        }
+        let out = Self::read(&st, stream, shard, next, limit)?;
+        if st.read_limits {
+            let bytes = out.records.iter().map(|r| r.data.len()).sum();
+            st.reads
+                .entry(reads_key)
+                .or_default()
+                .push_back((Instant::now(), bytes));
+        }
+        Ok(out)
+    }
+}
+
+impl MemKinesis {
+    /// One `GetRecords` answer from `next` on, without side effects.
+    fn read(
+        st: &State,
+        stream: &str,
+        shard: &str,
+        next: u128,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, KinesisApiError> {
         let stream_state = st.stream(stream)?;
         let sh = stream_state.shard(shard)?;
         let from = sh.records.partition_point(|r| r.seq < next);
