@@ -4,6 +4,7 @@
 //! The servers are installed into `.emulators/` at the workspace root by `scripts/test.sh`
 //! (pinned versions; see `../shared/EMULATORS.md`).
 
+pub mod cli;
 pub mod dynamo_servers;
 pub mod kinesis_server;
 pub mod scenarios;

@@ -65,6 +65,7 @@ pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod processor;
+pub mod producer;
 pub mod record;
 pub mod retrieval;
 pub mod shard;
@@ -76,7 +77,7 @@ pub use async_trait::async_trait;
 #[cfg(feature = "aws")]
 pub use aws::Aws;
 pub use checkpoint::{CheckpointError, Checkpointer};
-pub use config::{ConfigError, InitialPosition, PollingConfig, WorkerConfig};
+pub use config::{ConfigError, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
 pub use error::{Error, Result};
 pub use lease::{Lease, LeaseStore, LeaseStoreError, WorkerId};
 pub use processor::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};

@@ -34,3 +34,5 @@ pub const CHECKPOINTS: &str = "kcl_checkpoints_total";
 pub const THROTTLES: &str = "kcl_read_throttles_total";
 /// Counter: Kinesis read errors other than throttling (label `shard`).
 pub const READ_ERRORS: &str = "kcl_read_errors_total";
+/// Counter: records with the KPL magic that are not valid aggregates (label `shard`).
+pub const INVALID_AGGREGATES: &str = "kcl_invalid_aggregates_total";

@@ -274,6 +274,9 @@ pub struct Record {
     pub sub_sequence_number: u64,
     /// When Kinesis accepted the record, if known.
     pub approximate_arrival: Option<SystemTime>,
+    /// The explicit hash key a KPL sub-record was routed by, if it had one (`None` for records
+    /// that are not aggregated: Kinesis does not return the explicit hash key of a record).
+    pub explicit_hash_key: Option<u128>,
 }
 
 impl Record {
@@ -290,6 +293,7 @@ impl Record {
             sequence_number,
             sub_sequence_number: 0,
             approximate_arrival,
+            explicit_hash_key: None,
         }
     }
 

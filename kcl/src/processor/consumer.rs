@@ -22,7 +22,7 @@ use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
-use crate::retrieval::{resume_position, KinesisApi};
+use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
 use crate::shard::{ChildShard, ShardId};
 
@@ -57,6 +57,8 @@ pub(crate) struct ConsumerEnv {
     pub(crate) shutdown: CancellationToken,
     /// The worker's read-ahead budget.
     pub(crate) prefetch: Arc<PrefetchBudget>,
+    /// Enhanced fan-out: the registered stream consumer (polling when `None`).
+    pub(crate) consumer_arn: Option<String>,
 }
 
 impl std::fmt::Debug for ConsumerEnv {
@@ -226,6 +228,13 @@ impl Consumer {
                 }
                 Some(Fetched::ShardEnd { children }) => {
                     return self.end_shard(children).await;
+                }
+                Some(Fetched::Failed(KinesisApiError::NotFound(what))) => {
+                    // Trimmed away by retention (or the stream was deleted): nothing is left
+                    // to read. The shard syncer deletes the lease of a shard that is gone.
+                    warn!(%what, "the shard no longer exists; releasing its lease");
+                    self.env.sync_now.notify_one();
+                    return Err(Stop::Stopped);
                 }
                 Some(Fetched::Failed(e)) => {
                     error!(error = %e, "cannot read the shard; stopping it and releasing its lease");

@@ -7,11 +7,27 @@
 //! | Kinesis / SDK error | [`KinesisApiError`] |
 //! |---|---|
 //! | `ExpiredIteratorException` | [`ExpiredIterator`](KinesisApiError::ExpiredIterator) |
-//! | `ProvisionedThroughputExceededException`, `KMSThrottlingException`, `LimitExceededException` | [`Throttled`](KinesisApiError::Throttled) |
+//! | `ProvisionedThroughputExceededException`, `KMSThrottlingException`, `LimitExceededException` (also: more than one `SubscribeToShard` per second per consumer and shard) | [`Throttled`](KinesisApiError::Throttled) |
 //! | `ResourceNotFoundException` | [`NotFound`](KinesisApiError::NotFound) |
-//! | timeouts, connection and I/O failures, undecodable responses, HTTP 5xx, `InternalFailureException`, `ResourceInUseException` (stream not active yet), `ExpiredNextTokenException` | [`Transient`](KinesisApiError::Transient) |
+//! | timeouts, connection and I/O failures, undecodable responses, HTTP 5xx, `InternalFailureException`, `ResourceInUseException` (stream not active yet; a `SubscribeToShard` within 5 s of the previous one for the same consumer and shard; a subscription another one took over), `ExpiredNextTokenException` | [`Transient`](KinesisApiError::Transient) |
 //! | a sequence number or hash-key range that does not decode | [`Malformed`](KinesisApiError::Malformed) |
 //! | anything else (credentials, access denied, validation, KMS configuration) | [`Other`](KinesisApiError::Other) |
+//!
+//! Errors *inside* a fan-out subscription's event stream use the same table, except that an
+//! error code it does not know is [`Transient`](KinesisApiError::Transient): the subscription
+//! broke, and subscribing again (whose own errors are classified as above) is the way to tell
+//! whether the cause lasts.
+//!
+//! Enhanced fan-out: [`register_stream_consumer`](KinesisApi::register_stream_consumer)
+//! finds the stream consumer with `DescribeStreamConsumer` (by the stream's ARN, from
+//! `DescribeStreamSummary`) or registers it (`ResourceInUseException` there means another
+//! worker registered it first: it is described again), then polls `DescribeStreamConsumer`
+//! every 100 ms until it is `ACTIVE` (for up to 2 minutes). [`subscribe_to_shard`](
+//! KinesisApi::subscribe_to_shard) maps the `SubscribeToShard` event stream into
+//! [`SubscriptionEvent`]s (records converted as `GetRecords` converts them; an empty or absent
+//! `ContinuationSequenceNumber` becomes `None`, the shard's end). The SDK's stalled-stream
+//! protection is turned off for that call: a quiet subscription is normal, and the retrieval
+//! layer has its own timeout between events.
 //!
 //! The SDK client's own retry policy still applies underneath (by default the standard mode:
 //! up to 3 attempts with jittered backoff for throttling and transient errors); the retrieval
@@ -31,16 +47,22 @@
 //! # }
 //! ```
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_kinesis::config::http::HttpResponse;
+use aws_sdk_kinesis::config::StalledStreamProtectionConfig;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::DateTime;
-use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_sdk_kinesis::types::{
+    ConsumerStatus, ShardIteratorType, StartingPosition, SubscribeToShardEventStream,
+};
+use aws_smithy_types::event_stream::RawMessage;
 use bytes::Bytes;
+use tracing::debug;
 
 use crate::record::{Record, SequenceNumber};
+use crate::retrieval::kinesis::{SubscriptionEvent, SubscriptionStream};
 use crate::retrieval::{
     GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
 };
@@ -53,6 +75,10 @@ const DEFAULT_LIST_SHARDS_PAGE_SIZE: u32 = 1000;
 const MAX_LIST_SHARDS_PAGE_SIZE: u32 = 10_000;
 /// The most records one `GetRecords` call may return.
 const MAX_GET_RECORDS_LIMIT: u32 = 10_000;
+/// How often `register_stream_consumer` asks whether the consumer is `ACTIVE`.
+const CONSUMER_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long `register_stream_consumer` waits for the consumer to be `ACTIVE`.
+const CONSUMER_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The [`KinesisApi`] over `aws-sdk-kinesis` (AWS, or any endpoint the SDK config points at).
 ///
@@ -249,6 +275,222 @@ impl KinesisApi for AwsKinesis {
             child_shards,
         ))
     }
+
+    async fn register_stream_consumer(
+        &self,
+        stream: &str,
+        consumer_name: &str,
+    ) -> Result<String, KinesisApiError> {
+        let what = format!("stream {stream}");
+        let summary = self
+            .client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        let stream_arn = summary
+            .stream_description_summary
+            .map(|s| s.stream_arn)
+            .filter(|arn| !arn.is_empty())
+            .ok_or_else(|| {
+                KinesisApiError::Malformed(format!(
+                    "DescribeStreamSummary of stream {stream} returned no stream ARN"
+                ))
+            })?;
+        let deadline = tokio::time::Instant::now() + CONSUMER_ACTIVE_TIMEOUT;
+        loop {
+            let status = match self.describe_consumer(&stream_arn, consumer_name).await {
+                Ok(Some((arn, ConsumerStatus::Active))) => return Ok(arn),
+                Ok(Some((_, status))) => status.as_str().to_owned(),
+                Ok(None) => match self.register_consumer(&stream_arn, consumer_name).await {
+                    Ok(Some((arn, ConsumerStatus::Active))) => return Ok(arn),
+                    Ok(Some((_, status))) => status.as_str().to_owned(),
+                    // Registered by someone else meanwhile: describe it again.
+                    Ok(None) => "registered elsewhere".to_owned(),
+                    Err(e) if e.is_retryable() => e.to_string(),
+                    Err(e) => return Err(e),
+                },
+                Err(e) if e.is_retryable() => e.to_string(),
+                Err(e) => return Err(e),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(KinesisApiError::Transient(
+                    format!(
+                        "stream consumer {consumer_name} of stream {stream} is not ACTIVE after \
+                         {CONSUMER_ACTIVE_TIMEOUT:?} (last seen: {status})"
+                    )
+                    .into(),
+                ));
+            }
+            debug!(stream, consumer_name, status, "waiting for the stream consumer");
+            tokio::time::sleep(CONSUMER_POLL_INTERVAL).await;
+        }
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<SubscriptionStream, KinesisApiError> {
+        let what = format!("consumer {consumer_arn} shard {shard}");
+        // A subscription may be quiet for seconds, and the reader may stop reading (its
+        // back-pressure): neither is a stalled download. The retrieval layer times out between
+        // events itself.
+        let no_stall_protection = aws_sdk_kinesis::config::Builder::default()
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+        let out = self
+            .client
+            .subscribe_to_shard()
+            .consumer_arn(consumer_arn)
+            .shard_id(shard.as_str())
+            .starting_position(starting_position(position)?)
+            .customize()
+            .config_override(no_stall_protection)
+            .send()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        let events = futures::stream::unfold(Some((out.event_stream, what)), |state| async move {
+            let (mut receiver, what) = state?;
+            loop {
+                match receiver.recv().await {
+                    Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(event))) => {
+                        return match convert_event(event) {
+                            Ok(event) => Some((Ok(event), Some((receiver, what)))),
+                            Err(e) => Some((Err(e), None)),
+                        };
+                    }
+                    Ok(Some(other)) => {
+                        debug!(?other, "skipping an unknown SubscribeToShard event");
+                    }
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(classify_event_error(e, &what)), None)),
+                }
+            }
+        });
+        Ok(Box::pin(events))
+    }
+}
+
+impl AwsKinesis {
+    /// `DescribeStreamConsumer` by name: the consumer's ARN and status, or `None` if there is
+    /// no such consumer.
+    async fn describe_consumer(
+        &self,
+        stream_arn: &str,
+        name: &str,
+    ) -> Result<Option<(String, ConsumerStatus)>, KinesisApiError> {
+        let result = self
+            .client
+            .describe_stream_consumer()
+            .stream_arn(stream_arn)
+            .consumer_name(name)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let consumer = out.consumer_description.ok_or_else(|| {
+                    KinesisApiError::Malformed(format!(
+                        "DescribeStreamConsumer of {name} returned no description"
+                    ))
+                })?;
+                Ok(Some((consumer.consumer_arn, consumer.consumer_status)))
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(classify(e, &format!("stream consumer {name} of {stream_arn}"))),
+        }
+    }
+
+    /// `RegisterStreamConsumer`: the new consumer's ARN and status, or `None` if a consumer of
+    /// that name exists already (`ResourceInUseException`).
+    async fn register_consumer(
+        &self,
+        stream_arn: &str,
+        name: &str,
+    ) -> Result<Option<(String, ConsumerStatus)>, KinesisApiError> {
+        let result = self
+            .client
+            .register_stream_consumer()
+            .stream_arn(stream_arn)
+            .consumer_name(name)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let consumer = out.consumer.ok_or_else(|| {
+                    KinesisApiError::Malformed(format!(
+                        "RegisterStreamConsumer of {name} returned no consumer"
+                    ))
+                })?;
+                Ok(Some((consumer.consumer_arn, consumer.consumer_status)))
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_in_use_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(classify(e, &format!("stream {stream_arn}"))),
+        }
+    }
+}
+
+/// The `StartingPosition` of a `SubscribeToShard` call.
+fn starting_position(position: &IteratorPosition) -> Result<StartingPosition, KinesisApiError> {
+    let builder = StartingPosition::builder();
+    let builder = match position {
+        IteratorPosition::TrimHorizon => builder.r#type(ShardIteratorType::TrimHorizon),
+        IteratorPosition::Latest => builder.r#type(ShardIteratorType::Latest),
+        IteratorPosition::AtTimestamp(t) => builder
+            .r#type(ShardIteratorType::AtTimestamp)
+            .timestamp(DateTime::from(*t)),
+        IteratorPosition::AtSequence(s) => builder
+            .r#type(ShardIteratorType::AtSequenceNumber)
+            .sequence_number(s.as_str()),
+        IteratorPosition::AfterSequence(s) => builder
+            .r#type(ShardIteratorType::AfterSequenceNumber)
+            .sequence_number(s.as_str()),
+    };
+    builder
+        .build()
+        .map_err(|e| KinesisApiError::Other(Box::new(e)))
+}
+
+/// One `SubscribeToShardEvent`, converted as `GetRecords` output is.
+fn convert_event(
+    event: aws_sdk_kinesis::types::SubscribeToShardEvent,
+) -> Result<SubscriptionEvent, KinesisApiError> {
+    let records = event
+        .records
+        .into_iter()
+        .map(convert_record)
+        .collect::<Result<Vec<_>, _>>()?;
+    let child_shards = event
+        .child_shards
+        .unwrap_or_default()
+        .into_iter()
+        .map(convert_child)
+        .collect::<Result<Vec<_>, _>>()?;
+    // The SDK turns an absent continuation (a closed shard's end) into "".
+    let continuation = Some(event.continuation_sequence_number)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            SequenceNumber::parse(&c)
+                .map_err(|e| KinesisApiError::Malformed(format!("continuation {e}")))
+        })
+        .transpose()?;
+    Ok(SubscriptionEvent::new(
+        records,
+        continuation,
+        Some(u64::try_from(event.millis_behind_latest).unwrap_or(0)),
+        child_shards,
+    ))
 }
 
 fn to_i32(n: u32) -> i32 {
@@ -333,6 +575,29 @@ where
         // A request that could not be built (e.g. a missing required field): not retryable.
         err => return KinesisApiError::Other(Box::new(err)),
     };
+    classify_service(service, server_error, what)
+}
+
+/// Classifies an error inside a subscription's event stream: as [`classify`], but an unknown
+/// error code is transient (the subscription broke; subscribing again tells whether it lasts).
+fn classify_event_error<E>(err: SdkError<E, RawMessage>, what: &str) -> KinesisApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match err {
+        SdkError::ServiceError(ctx) => classify_service(ctx.into_err(), true, what),
+        err @ (SdkError::TimeoutError(_)
+        | SdkError::DispatchFailure(_)
+        | SdkError::ResponseError(_)) => KinesisApiError::Transient(Box::new(err)),
+        err => KinesisApiError::Other(Box::new(err)),
+    }
+}
+
+/// Classifies a service error by its code; `server_error` makes unknown codes transient.
+fn classify_service<E>(service: E, server_error: bool, what: &str) -> KinesisApiError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
     match service.code() {
         Some("ExpiredIteratorException") => KinesisApiError::ExpiredIterator,
         Some(
@@ -354,6 +619,13 @@ where
             | "ResourceInUseException"
             | "ExpiredNextTokenException",
         ) => KinesisApiError::Transient(Box::new(service)),
+        // Access and KMS key configuration problems last until someone fixes them.
+        Some(code)
+            if code == "AccessDeniedException"
+                || (code.starts_with("KMS") && code != "KMSThrottlingException") =>
+        {
+            KinesisApiError::Other(Box::new(service))
+        }
         _ if server_error => KinesisApiError::Transient(Box::new(service)),
         _ => KinesisApiError::Other(Box::new(service)),
     }

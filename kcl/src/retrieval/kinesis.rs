@@ -83,6 +83,42 @@ impl GetRecordsOutput {
     }
 }
 
+/// One event of an enhanced fan-out subscription (`SubscribeToShard`).
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct SubscriptionEvent {
+    /// The records, oldest first (may be empty).
+    pub records: Vec<Record>,
+    /// Where to resubscribe from; `None` once the shard ended.
+    pub continuation_sequence_number: Option<SequenceNumber>,
+    /// How far behind the tip of the shard the event is.
+    pub millis_behind_latest: Option<u64>,
+    /// At a closed shard's end: its children.
+    pub child_shards: Vec<ChildShard>,
+}
+
+impl SubscriptionEvent {
+    /// An event.
+    pub fn new(
+        records: Vec<Record>,
+        continuation_sequence_number: Option<SequenceNumber>,
+        millis_behind_latest: Option<u64>,
+        child_shards: Vec<ChildShard>,
+    ) -> Self {
+        Self {
+            records,
+            continuation_sequence_number,
+            millis_behind_latest,
+            child_shards,
+        }
+    }
+}
+
+/// The events of one subscription; it ends after about 5 minutes (then resubscribe from the
+/// last continuation sequence number) or with an error.
+pub type SubscriptionStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<SubscriptionEvent, KinesisApiError>> + Send>>;
+
 /// Errors of the Kinesis seam, classified so the retrieval layer can act on them.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -134,4 +170,31 @@ pub trait KinesisApi: Send + Sync + fmt::Debug + 'static {
         iterator: &ShardIterator,
         limit: u32,
     ) -> Result<GetRecordsOutput, KinesisApiError>;
+
+    /// Enhanced fan-out: finds the stream consumer `consumer_name` or registers it, waits
+    /// until it is `ACTIVE`, and returns its ARN.
+    async fn register_stream_consumer(
+        &self,
+        stream: &str,
+        consumer_name: &str,
+    ) -> Result<String, KinesisApiError> {
+        let _ = (stream, consumer_name);
+        Err(KinesisApiError::Other(
+            format!("{self:?} does not support enhanced fan-out").into(),
+        ))
+    }
+
+    /// Enhanced fan-out: subscribes `consumer_arn` to `shard` from `position` (only
+    /// `AtSequence`, `AfterSequence`, `TrimHorizon`, `Latest`, `AtTimestamp`).
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<SubscriptionStream, KinesisApiError> {
+        let _ = (consumer_arn, shard, position);
+        Err(KinesisApiError::Other(
+            format!("{self:?} does not support enhanced fan-out").into(),
+        ))
+    }
 }

@@ -8,7 +8,9 @@
 //!
 //! The [`KinesisApi`] seam is all it needs from Kinesis.
 
+pub mod deagg;
 pub mod kinesis;
+pub(crate) mod fanout;
 pub(crate) mod polling;
 
 #[cfg(feature = "aws")]

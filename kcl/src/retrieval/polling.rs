@@ -61,7 +61,7 @@ impl PrefetchBudget {
         u32::try_from(fit).unwrap_or(u32::MAX).clamp(1, max_records)
     }
 
-    async fn acquire(self: &Arc<Self>, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    pub(crate) async fn acquire(self: &Arc<Self>, bytes: usize) -> Option<OwnedSemaphorePermit> {
         // A response larger than the whole budget waits for all of it (never forever).
         let want = u32::try_from(bytes.clamp(1, self.total)).unwrap_or(u32::MAX);
         self.bytes.clone().acquire_many_owned(want).await.ok()

@@ -232,6 +232,7 @@ impl ShardSyncer {
             }
         }
         let now = Instant::now();
+        let listed_now: BTreeSet<ShardId> = shards.iter().map(|s| s.id.clone()).collect();
         let due: Vec<Lease> = {
             let deletable = plan_deletions(&shards, &table.leases);
             let mut since = self
@@ -242,8 +243,12 @@ impl ShardSyncer {
             deletable
                 .into_iter()
                 .filter(|l| {
+                    // Leases of shards gone from the stream go at once; finished leases stay
+                    // for the retention period so the lineage can still be seen.
                     let first = *since.entry(l.key.clone()).or_insert(now);
-                    now.saturating_duration_since(first) >= self.config.finished_lease_retention
+                    !listed_now.contains(&l.shard_id())
+                        || now.saturating_duration_since(first)
+                            >= self.config.finished_lease_retention
                 })
                 .collect()
         };

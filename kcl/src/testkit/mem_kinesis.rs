@@ -49,6 +49,8 @@ struct State {
     reads: BTreeMap<(String, String), std::collections::VecDeque<(Instant, usize)>>,
     /// Reads refused by the limits.
     throttled: u64,
+    /// Enhanced fan-out: registered consumers and their subscriptions.
+    fan_out: FanOutState,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +110,7 @@ impl MemKinesis {
                 read_limits: false,
                 reads: BTreeMap::new(),
                 throttled: 0,
+                fan_out: FanOutState::default(),
             })),
             faults: Faults::default(),
         }
@@ -447,6 +450,25 @@ fn encode_iterator(stream: &str, shard: &ShardId, next: u128, issued_ms: u128) -
 
 #[async_trait]
 impl KinesisApi for MemKinesis {
+    async fn register_stream_consumer(
+        &self,
+        stream: &str,
+        consumer_name: &str,
+    ) -> Result<String, KinesisApiError> {
+        self.fault("register_stream_consumer").await?;
+        self.register_consumer(stream, consumer_name)
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<SubscriptionStream, KinesisApiError> {
+        self.fault("subscribe_to_shard").await?;
+        self.subscribe(consumer_arn, shard, position)
+    }
+
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
         self.fault("list_shards").await?;
         let st = self.lock();
@@ -604,6 +626,311 @@ impl MemKinesis {
     }
 }
 
+impl MemKinesis {
+    /// Puts several records at once, each routed by its hash key (the MD5 of its partition key,
+    /// or an explicit hash key): the in-memory side of `PutRecords` (see
+    /// [`crate::producer::PutRecords`], which `MemKinesis` implements on top of this). Records
+    /// get consecutive sequence numbers in the order given. Unlike [`put`](Self::put), a
+    /// missing stream is an error rather than a panic.
+    ///
+    /// # Errors
+    /// [`KinesisApiError::NotFound`] if the stream does not exist.
+    pub fn put_many<'a>(
+        &self,
+        stream: &str,
+        records: impl IntoIterator<Item = (&'a str, u128, Bytes)>,
+    ) -> Result<Vec<(ShardId, SequenceNumber)>, KinesisApiError> {
+        let mut st = self.lock();
+        st.stream(stream)?;
+        let now = st.now();
+        let mut stored = Vec::new();
+        for (partition_key, hash, data) in records {
+            st.seq += 1;
+            let seq = st.seq;
+            let shard = st
+                .stream_mut(stream)
+                .shards
+                .iter_mut()
+                .find(|sh| sh.end.is_none() && sh.range.contains(hash))
+                .ok_or_else(|| {
+                    KinesisApiError::Transient(format!("no open shard holds hash key {hash}").into())
+                })?;
+            shard.records.push(Stored {
+                seq,
+                data,
+                key: partition_key.into(),
+                arrival: now,
+            });
+            stored.push((shard.id.clone(), seq_string(seq)));
+        }
+        Ok(stored)
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Enhanced fan-out: `RegisterStreamConsumer` and `SubscribeToShard`.
+//
+// kinesis-local neither ends a subscription at a closed shard's end nor sends `ChildShards`,
+// so this model is where fan-out's shard-end and resubscription behaviour is tested.
+//
+// Fault operations: `register_stream_consumer`, `subscribe_to_shard`, and
+// `subscription_event` (checked before each event is sent; a failure is sent instead and ends
+// the subscription, like a dropped connection).
+// ------------------------------------------------------------------------------------------
+
+use crate::retrieval::kinesis::{SubscriptionEvent, SubscriptionStream};
+
+/// A subscription's stream ends this long after `SubscribeToShard` succeeded, as on AWS.
+const SUBSCRIPTION_TTL: Duration = Duration::from_secs(300);
+/// Within this long of a successful `SubscribeToShard`, another one for the same consumer and
+/// shard is refused with `ResourceInUseException`; after it, the new call takes over.
+const RESUBSCRIBE_GUARD: Duration = Duration::from_secs(5);
+/// How often an open subscription looks for new records (tokio time).
+const SUBSCRIPTION_POLL: Duration = Duration::from_millis(50);
+/// After this long without records, a subscription sends an event with no records (its
+/// continuation sequence number and `MillisBehindLatest` only), as Kinesis does.
+const SUBSCRIPTION_HEARTBEAT: Duration = Duration::from_secs(5);
+/// The most records one event carries.
+const MAX_EVENT_RECORDS: u32 = 10_000;
+
+/// Registered stream consumers and their current subscriptions.
+#[derive(Debug, Default)]
+struct FanOutState {
+    /// By consumer ARN.
+    consumers: BTreeMap<String, MemConsumer>,
+    /// The current subscription of each (consumer ARN, shard): its id and when it was made.
+    subscriptions: BTreeMap<(String, ShardId), (u64, Instant)>,
+    /// The id of the last subscription made.
+    last_subscription: u64,
+}
+
+#[derive(Debug)]
+struct MemConsumer {
+    stream: String,
+    name: String,
+}
+
+impl MemKinesis {
+    /// `RegisterStreamConsumer`: the consumer's ARN, registering it if it is new. Consumers are
+    /// `ACTIVE` at once.
+    fn register_consumer(&self, stream: &str, name: &str) -> Result<String, KinesisApiError> {
+        let valid = (1..=128).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !valid {
+            return Err(KinesisApiError::Other(
+                format!("invalid consumer name {name:?}").into(),
+            ));
+        }
+        let mut st = self.lock();
+        st.stream(stream)?;
+        let existing = st
+            .fan_out
+            .consumers
+            .iter()
+            .find(|(_, c)| c.stream == stream && c.name == name)
+            .map(|(arn, _)| arn.clone());
+        if let Some(arn) = existing {
+            return Ok(arn);
+        }
+        let created = st
+            .now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let arn =
+            format!("arn:aws:kinesis:us-east-1:000000000000:stream/{stream}/consumer/{name}:{created}");
+        st.fan_out.consumers.insert(
+            arn.clone(),
+            MemConsumer {
+                stream: stream.to_owned(),
+                name: name.to_owned(),
+            },
+        );
+        Ok(arn)
+    }
+
+    /// Deregisters a stream consumer (`DeregisterStreamConsumer`); its open subscriptions fail
+    /// with [`KinesisApiError::NotFound`] at their next event. Returns whether it existed.
+    pub fn deregister_stream_consumer(&self, consumer_arn: &str) -> bool {
+        let mut st = self.lock();
+        st.fan_out
+            .subscriptions
+            .retain(|(arn, _), _| arn != consumer_arn);
+        st.fan_out.consumers.remove(consumer_arn).is_some()
+    }
+
+    /// `SubscribeToShard`, with AWS's rules for a second subscription of the same consumer and
+    /// shard: within 5 s of the last successful call it is refused with `ResourceInUseException`
+    /// (a retryable [`KinesisApiError::Transient`]); later, it takes over, and the older
+    /// subscription's stream fails with `ResourceInUseException` (also `Transient`) at its
+    /// next event and ends.
+    fn subscribe(
+        &self,
+        consumer_arn: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<SubscriptionStream, KinesisApiError> {
+        let mut st = self.lock();
+        let stream = st
+            .fan_out
+            .consumers
+            .get(consumer_arn)
+            .ok_or_else(|| KinesisApiError::NotFound(format!("consumer {consumer_arn}")))?
+            .stream
+            .clone();
+        let next = {
+            let sh = st.stream(&stream)?.shard(shard.as_str())?;
+            let tip = sh.end.unwrap_or(st.seq) + 1;
+            match position {
+                IteratorPosition::TrimHorizon => sh.records.first().map_or(sh.start, |r| r.seq),
+                IteratorPosition::Latest => tip,
+                IteratorPosition::AtTimestamp(t) => sh
+                    .records
+                    .iter()
+                    .find(|r| r.arrival >= *t)
+                    .map_or(tip, |r| r.seq),
+                IteratorPosition::AtSequence(s) => seq_value(s)?,
+                IteratorPosition::AfterSequence(s) => seq_value(s)? + 1,
+            }
+        };
+        let now = Instant::now();
+        let key = (consumer_arn.to_owned(), shard.clone());
+        if let Some((_, made)) = st.fan_out.subscriptions.get(&key) {
+            if now.duration_since(*made) < RESUBSCRIBE_GUARD {
+                return Err(KinesisApiError::Transient(
+                    format!(
+                        "ResourceInUseException: {consumer_arn} subscribed to {shard} less than \
+                         {RESUBSCRIBE_GUARD:?} ago"
+                    )
+                    .into(),
+                ));
+            }
+        }
+        st.fan_out.last_subscription += 1;
+        let id = st.fan_out.last_subscription;
+        st.fan_out.subscriptions.insert(key.clone(), (id, now));
+        drop(st);
+        let subscription = MemSubscription {
+            kinesis: self.clone(),
+            key,
+            stream,
+            id,
+            next,
+            until: now + SUBSCRIPTION_TTL,
+            last_event: now,
+            finished: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            subscription,
+            |mut s| async move {
+                let item = s.next_event().await?;
+                Some((item, s))
+            },
+        )))
+    }
+}
+
+/// One open subscription. Events are made when the stream is polled (a consumer that does not
+/// read gets nothing pushed: HTTP/2 flow control, modelled), from the shard's records at that
+/// moment.
+struct MemSubscription {
+    kinesis: MemKinesis,
+    /// (consumer ARN, shard).
+    key: (String, ShardId),
+    stream: String,
+    id: u64,
+    /// The sequence number of the next record to send.
+    next: u128,
+    /// When the stream ends (5 minutes after the subscription was made).
+    until: Instant,
+    last_event: Instant,
+    finished: bool,
+}
+
+impl MemSubscription {
+    async fn next_event(&mut self) -> Option<Result<SubscriptionEvent, KinesisApiError>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            if Instant::now() >= self.until {
+                self.finished = true;
+                return None;
+            }
+            if let Some(result) = self.poll_once() {
+                // A `subscription_event` fault breaks the subscription instead of sending the
+                // event (a dropped connection).
+                let result = match result {
+                    Ok(event) => self.kinesis.fault("subscription_event").await.map(|()| event),
+                    Err(e) => Err(e),
+                };
+                // An error, or the shard's last event, ends the stream.
+                self.finished = result
+                    .as_ref()
+                    .map_or(true, |e| e.continuation_sequence_number.is_none());
+                return Some(result);
+            }
+            let wake = (Instant::now() + SUBSCRIPTION_POLL).min(self.until);
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+
+    /// Looks at the shard once: an event to send, an error that ends the subscription, or
+    /// nothing yet.
+    fn poll_once(&mut self) -> Option<Result<SubscriptionEvent, KinesisApiError>> {
+        let st = self.kinesis.lock();
+        if !st.fan_out.consumers.contains_key(&self.key.0) {
+            return Some(Err(KinesisApiError::NotFound(format!(
+                "consumer {}",
+                self.key.0
+            ))));
+        }
+        if st.fan_out.subscriptions.get(&self.key).map(|(id, _)| *id) != Some(self.id) {
+            return Some(Err(KinesisApiError::Transient(
+                format!(
+                    "ResourceInUseException: a newer subscription of {} to {} took over",
+                    self.key.0, self.key.1
+                )
+                .into(),
+            )));
+        }
+        let out = match MemKinesis::read(
+            &st,
+            &self.stream,
+            self.key.1.as_str(),
+            self.next,
+            MAX_EVENT_RECORDS,
+        ) {
+            Ok(out) => out,
+            Err(e) => return Some(Err(e)),
+        };
+        let at_end = out.next_iterator.is_none();
+        let now = Instant::now();
+        if out.records.is_empty()
+            && !at_end
+            && now.duration_since(self.last_event) < SUBSCRIPTION_HEARTBEAT
+        {
+            return None;
+        }
+        if let Some(last) = out.records.last() {
+            match seq_value(&last.sequence_number) {
+                Ok(seq) => self.next = seq + 1,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        self.last_event = now;
+        let continuation = (!at_end).then(|| seq_string(self.next.saturating_sub(1)));
+        Some(Ok(SubscriptionEvent::new(
+            out.records,
+            continuation,
+            out.millis_behind_latest,
+            out.child_shards,
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,5 +1019,200 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(k.get_records(&after, 10).await.unwrap().records.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod fan_out_tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn setup() -> (MemKinesis, ShardId) {
+        let k = MemKinesis::new();
+        k.create_stream("s", 1);
+        let shard = k.open_shard_ids("s")[0].clone();
+        (k, shard)
+    }
+
+    async fn next(events: &mut SubscriptionStream) -> SubscriptionEvent {
+        match events.next().await {
+            Some(Ok(event)) => event,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registering_is_idempotent_and_checked() {
+        let (k, _) = setup();
+        let arn = k.register_stream_consumer("s", "app").await.unwrap();
+        assert!(arn.starts_with("arn:aws:kinesis:"), "{arn}");
+        assert!(arn.contains("/consumer/app:"), "{arn}");
+        assert_eq!(k.register_stream_consumer("s", "app").await.unwrap(), arn);
+        assert_ne!(k.register_stream_consumer("s", "other").await.unwrap(), arn);
+        assert!(matches!(
+            k.register_stream_consumer("missing", "app").await,
+            Err(KinesisApiError::NotFound(_))
+        ));
+        assert!(matches!(
+            k.register_stream_consumer("s", "no spaces").await,
+            Err(KinesisApiError::Other(_))
+        ));
+        assert!(matches!(
+            k.subscribe_to_shard("arn:nope", &ShardId::new("shardId-000000000000"), &IteratorPosition::Latest)
+                .await,
+            Err(KinesisApiError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_carry_records_and_continuations_and_end_after_five_minutes() {
+        let (k, shard) = setup();
+        let arn = k.register_stream_consumer("s", "app").await.unwrap();
+        let (_, a) = k.put("s", "key", "a");
+        let started = Instant::now();
+        let mut events = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        let first = next(&mut events).await;
+        assert_eq!(first.records.len(), 1);
+        assert_eq!(first.continuation_sequence_number, Some(a.clone()));
+        assert_eq!(first.millis_behind_latest, Some(0));
+        // Records put later arrive in the next event (within one poll interval).
+        let (_, b) = k.put("s", "key", "b");
+        let (_, c) = k.put("s", "key", "c");
+        let second = next(&mut events).await;
+        let seqs: Vec<_> = second.records.iter().map(|r| r.sequence_number.clone()).collect();
+        assert_eq!(seqs, [b, c.clone()]);
+        assert_eq!(second.continuation_sequence_number, Some(c.clone()));
+        assert!(started.elapsed() <= SUBSCRIPTION_POLL * 2);
+        // With nothing new, a heartbeat: no records, the same continuation.
+        let quiet = next(&mut events).await;
+        assert!(quiet.records.is_empty());
+        assert_eq!(quiet.continuation_sequence_number, Some(c));
+        assert!(started.elapsed() >= SUBSCRIPTION_HEARTBEAT);
+        // The stream ends 5 minutes after the subscription was made.
+        while let Some(event) = events.next().await {
+            assert!(event.unwrap().records.is_empty());
+        }
+        assert_eq!(started.elapsed(), SUBSCRIPTION_TTL);
+        // A subscription after the last continuation starts after it.
+        let (_, d) = k.put("s", "key", "d");
+        let mut events = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::AfterSequence(a))
+            .await
+            .unwrap();
+        let again = next(&mut events).await;
+        assert_eq!(again.records.len(), 3);
+        assert_eq!(again.continuation_sequence_number, Some(d));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_subscription_continues_from_its_position() {
+        let (k, shard) = setup();
+        let arn = k.register_stream_consumer("s", "app").await.unwrap();
+        let (_, a) = k.put("s", "key", "a");
+        let mut events = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::Latest)
+            .await
+            .unwrap();
+        let quiet = next(&mut events).await;
+        assert!(quiet.records.is_empty());
+        // AFTER_SEQUENCE_NUMBER this continuation starts at the next record.
+        assert_eq!(quiet.continuation_sequence_number, Some(a));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_subscription_is_refused_within_five_seconds_then_takes_over() {
+        let (k, shard) = setup();
+        let arn = k.register_stream_consumer("s", "app").await.unwrap();
+        let other = k.register_stream_consumer("s", "other").await.unwrap();
+        let mut old = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        match k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+        {
+            Err(e @ KinesisApiError::Transient(_)) => {
+                assert!(e.is_retryable());
+                assert!(format!("{:?}", e).contains("ResourceInUseException"), "{e:?}");
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+            Ok(_) => panic!("a second subscription within 5 s was accepted"),
+        }
+        // Another consumer of the same shard is independent.
+        let _independent = k
+            .subscribe_to_shard(&other, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut new = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        k.put("s", "key", "x");
+        match old.next().await {
+            Some(Err(e @ KinesisApiError::Transient(_))) => {
+                assert!(format!("{:?}", e).contains("ResourceInUseException"), "{e:?}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(old.next().await.is_none(), "the older subscription ended");
+        assert_eq!(next(&mut new).await.records.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_shard_ends_with_children_and_no_continuation() {
+        let (k, shard) = setup();
+        let arn = k.register_stream_consumer("s", "app").await.unwrap();
+        k.put("s", "key", "a");
+        let mut events = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        assert_eq!(next(&mut events).await.records.len(), 1);
+        k.put("s", "key", "b");
+        let (lo, hi) = k.split("s", &shard, 1 << 127);
+        let last = next(&mut events).await;
+        assert_eq!(last.records.len(), 1);
+        assert_eq!(last.continuation_sequence_number, None);
+        let ids: Vec<_> = last.child_shards.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids, [lo, hi]);
+        assert!(events.next().await.is_none());
+        // Subscribing again after the end: the final event at once.
+        tokio::time::advance(RESUBSCRIBE_GUARD).await;
+        let mut events = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        let again = next(&mut events).await;
+        assert_eq!(again.records.len(), 2);
+        assert_eq!(again.continuation_sequence_number, None);
+        assert_eq!(again.child_shards.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_injected_fault_breaks_the_subscription() {
+        let (k, shard) = setup();
+        let arn = k.register_stream_consumer("s", "app").await.unwrap();
+        k.put("s", "key", "a");
+        k.faults().inject(
+            crate::testkit::Fault::new(FaultKind::Transient)
+                .on("subscription_event")
+                .times(1),
+        );
+        let mut events = k
+            .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+            .await
+            .unwrap();
+        assert!(matches!(
+            events.next().await,
+            Some(Err(KinesisApiError::Transient(_)))
+        ));
+        assert!(events.next().await.is_none());
     }
 }

@@ -9,6 +9,7 @@ pub mod conformance;
 pub mod fault;
 mod mem_kinesis;
 mod mem_lease;
+pub mod sim;
 
 use std::sync::Arc;
 

@@ -16,7 +16,7 @@ use tracing::{error, info, Instrument};
 
 pub use shutdown::ShutdownHandle;
 
-use crate::config::{ConfigError, InitialPosition, PollingConfig, WorkerConfig};
+use crate::config::{ConfigError, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
 use crate::error::Result;
 use crate::lease::coordinator::LeaseCoordinator;
 use crate::lease::{LeaseKey, LeaseStore, WorkerId};
@@ -150,6 +150,14 @@ impl Worker {
         );
         // The first sync must succeed before any lease is taken.
         syncer.sync_at_start(&self.shutdown).await?;
+        let consumer_arn = match &cfg.retrieval {
+            Retrieval::FanOut { consumer_name } => Some(
+                self.kinesis
+                    .register_stream_consumer(&cfg.stream, consumer_name)
+                    .await?,
+            ),
+            _ => None,
+        };
 
         let coordinator = Arc::new(LeaseCoordinator::new(
             self.store.clone(),
@@ -187,6 +195,7 @@ impl Worker {
             sync_now,
             shutdown: self.shutdown.clone(),
             prefetch: PrefetchBudget::new(cfg.polling.prefetch_bytes),
+            consumer_arn,
         };
         let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
         loop {
@@ -279,6 +288,7 @@ pub struct WorkerBuilder {
     max_leases_per_worker: Option<usize>,
     max_leases_to_steal: Option<usize>,
     polling: Option<PollingConfig>,
+    retrieval: Option<Retrieval>,
     shutdown_timeout: Option<Duration>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
@@ -365,6 +375,15 @@ impl WorkerBuilder {
         self.initial_position(InitialPosition::AtTimestamp(t))
     }
 
+    /// Read with enhanced fan-out through the stream consumer `consumer_name` (registered if
+    /// absent) instead of polling `GetRecords`.
+    pub fn fan_out(mut self, consumer_name: impl Into<String>) -> Self {
+        self.retrieval = Some(Retrieval::FanOut {
+            consumer_name: consumer_name.into(),
+        });
+        self
+    }
+
     /// What happens when the processor fails (default: retry with backoff).
     pub fn error_policy(mut self, policy: ErrorPolicy) -> Self {
         self.error_policy = policy;
@@ -432,6 +451,7 @@ impl WorkerBuilder {
             max_leases_per_worker,
             max_leases_to_steal,
             polling,
+            retrieval,
             shutdown_timeout
         );
         cfg.validate()?;

@@ -1,0 +1,388 @@
+//! `kcl-bench`: benchmarks of kcl, run by hand (never part of `scripts/test.sh`).
+//!
+//! ```text
+//! cargo build --release -p kcl --features cli      # for `rss` (target/release/kcl)
+//! cargo run --release -p kcl-bench -- all           # or mem | local | startup | rss
+//! ```
+//!
+//! Prints details while it runs, then one table: measured figure, target, pass/fail.
+
+mod local;
+mod mem;
+mod probe;
+mod rss;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use probe::{fmt_dur, fmt_rate};
+
+#[derive(Parser, Debug)]
+#[command(name = "kcl-bench", about = "Benchmarks of the kcl worker and CLI")]
+struct Args {
+    /// Which benchmark(s) to run.
+    #[arg(value_enum, default_value_t = Mode::All)]
+    mode: Mode,
+
+    /// Payload size of every record, bytes.
+    #[arg(long, default_value_t = 1024)]
+    record_size: usize,
+
+    /// mem: shards of the in-memory stream.
+    #[arg(long, default_value_t = 16)]
+    mem_shards: usize,
+    /// mem: records per shard.
+    #[arg(long, default_value_t = 50_000)]
+    mem_records: usize,
+    /// mem: polling.min_interval in microseconds (library default: 200 000).
+    #[arg(long, default_value_t = 0)]
+    mem_min_interval_us: u64,
+    /// mem: polling.idle_interval in microseconds (library default: 200 000).
+    #[arg(long, default_value_t = 1000)]
+    mem_idle_interval_us: u64,
+    /// mem: polling.max_records (GetRecords limit).
+    #[arg(long, default_value_t = 10_000)]
+    mem_max_records: u32,
+
+    /// local: shards of the kinesis-local stream.
+    #[arg(long, default_value_t = 4)]
+    local_shards: u32,
+    /// local: records per shard.
+    #[arg(long, default_value_t = 5_000)]
+    local_records: usize,
+    /// local: rounds of (plain loop, worker), alternating which goes first.
+    #[arg(long, default_value_t = 2)]
+    local_rounds: usize,
+    /// local: the worker's polling.min_interval in ms (default: the library's, 200 ms).
+    #[arg(long)]
+    local_min_interval_ms: Option<u64>,
+
+    /// startup: shards.
+    #[arg(long, default_value_t = 16)]
+    startup_shards: u32,
+    /// startup: measurements per case.
+    #[arg(long, default_value_t = 3)]
+    startup_repeats: usize,
+    /// startup: skip the moto rows.
+    #[arg(long)]
+    no_moto: bool,
+
+    /// rss: shards.
+    #[arg(long, default_value_t = 16)]
+    rss_shards: u32,
+    /// rss: records per shard (fewer if loading runs over --rss-load-budget-secs).
+    #[arg(long, default_value_t = 20_000)]
+    rss_records: usize,
+    /// rss: stop loading after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    rss_load_budget_secs: u64,
+    /// rss: the kcl CLI binary.
+    #[arg(long, default_value_os_t = default_kcl_bin())]
+    kcl_bin: PathBuf,
+
+    /// PutRecords calls in flight while loading kinesis-local.
+    #[arg(long, default_value_t = 8)]
+    put_parallelism: usize,
+}
+
+fn default_kcl_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("release")
+        .join("kcl")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    All,
+    Mem,
+    Local,
+    Startup,
+    Rss,
+}
+
+/// One line of the final table.
+struct Row {
+    name: String,
+    measured: String,
+    target: String,
+    pass: Option<bool>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let all = args.mode == Mode::All;
+    let mut rows: Vec<Row> = Vec::new();
+
+    if all || args.mode == Mode::Mem {
+        let opts = mem::MemOpts {
+            shards: args.mem_shards,
+            per_shard: args.mem_records,
+            record_size: args.record_size,
+            min_interval: Duration::from_micros(args.mem_min_interval_us),
+            idle_interval: Duration::from_micros(args.mem_idle_interval_us),
+            max_records: args.mem_max_records,
+        };
+        println!(
+            "== mem: {} shards x {} records of {} B, current-thread runtime, \
+             polling.min_interval {:?}, idle_interval {:?}, max_records {}",
+            opts.shards,
+            opts.per_shard,
+            opts.record_size,
+            opts.min_interval,
+            opts.idle_interval,
+            opts.max_records
+        );
+        match mem::run(&opts) {
+            Ok(r) => {
+                rows.push(Row {
+                    name: format!(
+                        "1. in-memory worker, NoopProcessor, {}x{} x {} B, 1 core (run() to last checkpoint)",
+                        opts.shards, opts.per_shard, opts.record_size
+                    ),
+                    measured: format!(
+                        "{} ({} per CPU-s; {} in {})",
+                        fmt_rate(r.rate()),
+                        fmt_rate(r.cpu_rate()),
+                        r.records,
+                        fmt_dur(r.elapsed)
+                    ),
+                    target: ">= 1 M rec/s".into(),
+                    pass: Some(r.rate() >= 1e6),
+                });
+                rows.push(Row {
+                    name: "   in-memory, plain MemKinesis GetRecords loop (backend alone)".into(),
+                    measured: format!(
+                        "{} ({} in {}); worker/plain {:.2}; steady {}",
+                        fmt_rate(r.plain_rate),
+                        r.records,
+                        fmt_dur(r.plain_elapsed),
+                        r.rate() / r.plain_rate,
+                        fmt_rate(r.records as f64 / r.steady.as_secs_f64())
+                    ),
+                    target: "-".into(),
+                    pass: None,
+                });
+                let _ = r.load;
+            }
+            Err(e) => rows.push(failed("1. in-memory worker throughput", &e)),
+        }
+    }
+
+    let needs_runtime = all || matches!(args.mode, Mode::Local | Mode::Startup | Mode::Rss);
+    if needs_runtime {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        if all || args.mode == Mode::Local {
+            let opts = local::LocalOpts {
+                shards: args.local_shards,
+                per_shard: args.local_records,
+                record_size: args.record_size,
+                rounds: args.local_rounds,
+                put_parallelism: args.put_parallelism,
+                min_interval: args.local_min_interval_ms.map(Duration::from_millis),
+            };
+            println!(
+                "== local: kinesis-local + dynalite, {} shards x {} records of {} B, worker polling.min_interval {}",
+                opts.shards,
+                opts.per_shard,
+                opts.record_size,
+                opts.min_interval
+                    .map_or("200 ms (default)".to_string(), |d| format!("{d:?}"))
+            );
+            match rt.block_on(local::throughput(&opts)) {
+                Ok(r) => {
+                    let (p, w) = (r.best_plain(), r.best_worker());
+                    let ratio = p.as_secs_f64() / w.as_secs_f64();
+                    let rounds: Vec<String> = r
+                        .plain
+                        .iter()
+                        .zip(&r.worker)
+                        .map(|(p, w)| format!("{:.2}", p.as_secs_f64() / w.elapsed.as_secs_f64()))
+                        .collect();
+                    rows.push(Row {
+                        name: format!(
+                            "2. kinesis-local, plain GetRecords loop, {}x{} x {} B (best of {})",
+                            opts.shards, opts.per_shard, opts.record_size, opts.rounds
+                        ),
+                        measured: format!("{} ({})", fmt_rate(r.rate(p)), fmt_dur(p)),
+                        target: "-".into(),
+                        pass: None,
+                    });
+                    rows.push(Row {
+                        name: "2. kinesis-local, worker (Aws + DynamoLeaseStore on dynalite), run() to last checkpoint".into(),
+                        measured: format!(
+                            "{} ({}); ratio {ratio:.2} (per round: {})",
+                            fmt_rate(r.rate(w)),
+                            fmt_dur(w),
+                            rounds.join(", ")
+                        ),
+                        target: ">= 0.95 x plain".into(),
+                        pass: Some(ratio >= 0.95),
+                    });
+                    let _ = r.load;
+                }
+                Err(e) => rows.push(failed("2. kinesis-local worker vs plain loop", &e)),
+            }
+        }
+        if all || args.mode == Mode::Startup {
+            let opts = local::StartupOpts {
+                shards: args.startup_shards,
+                repeats: args.startup_repeats,
+                moto: !args.no_moto,
+            };
+            println!(
+                "== startup: {} shards, kinesis-local + dynalite{}, {} repeats",
+                opts.shards,
+                if opts.moto { " / moto" } else { "" },
+                opts.repeats
+            );
+            match rt.block_on(local::startup(&opts)) {
+                Ok(rs) => {
+                    for r in rs {
+                        let samples: Vec<String> =
+                            r.samples.iter().map(|d| fmt_dur(*d)).collect();
+                        rows.push(Row {
+                            name: format!(
+                                "3. run() to first record, {} shards, {}, {}",
+                                opts.shards,
+                                r.backend,
+                                r.case.label()
+                            ),
+                            measured: format!(
+                                "median {} max {} ({})",
+                                fmt_dur(r.median()),
+                                fmt_dur(r.max()),
+                                samples.join(", ")
+                            ),
+                            target: format!("<= {}", fmt_dur(r.case.target())),
+                            pass: Some(r.max() <= r.case.target()),
+                        });
+                    }
+                }
+                Err(e) => rows.push(failed("3. time to first record", &e)),
+            }
+        }
+        if all || args.mode == Mode::Rss {
+            let opts = rss::RssOpts {
+                shards: args.rss_shards,
+                per_shard: args.rss_records,
+                record_size: args.record_size,
+                put_parallelism: args.put_parallelism,
+                load_budget: Duration::from_secs(args.rss_load_budget_secs),
+                kcl_bin: args.kcl_bin.clone(),
+            };
+            println!(
+                "== rss: `kcl consume`, {} shards x {} records of {} B on kinesis-local + dynalite",
+                opts.shards, opts.per_shard, opts.record_size
+            );
+            match rt.block_on(rss::run(&opts)) {
+                Ok(r) => {
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    rows.push(Row {
+                        name: format!(
+                            "4. peak RSS of `kcl consume`, {}x{} x {} B{}",
+                            opts.shards,
+                            r.per_shard_loaded,
+                            opts.record_size,
+                            if r.per_shard_loaded < opts.per_shard {
+                                format!(" (load budget: {} asked)", opts.per_shard)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                        measured: format!(
+                            "{:.1} MiB (VmHWM at drain {:.1} MiB; drained {} in {}, {}; CPU {}; load {}; exit {} after SIGTERM in {})",
+                            mib(r.peak_rss),
+                            mib(r.hwm_at_drain),
+                            r.records,
+                            fmt_dur(r.drain),
+                            fmt_rate(r.records as f64 / r.drain.as_secs_f64()),
+                            fmt_dur(r.cpu),
+                            fmt_dur(r.load),
+                            r.exit_status,
+                            fmt_dur(r.shutdown)
+                        ),
+                        target: "<= 40 MB".into(),
+                        pass: Some(r.peak_rss <= 40_000_000),
+                    });
+                }
+                Err(e) => rows.push(failed("4. peak RSS of kcl consume", &e)),
+            }
+        }
+    }
+
+    print_table(&rows);
+    Ok(())
+}
+
+fn failed(name: &str, e: &anyhow::Error) -> Row {
+    eprintln!("{name}: {e:#}");
+    Row {
+        name: name.into(),
+        measured: format!("error: {e:#}"),
+        target: "-".into(),
+        pass: Some(false),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let header = ["benchmark", "measured", "target", "result"];
+    let cells: Vec<[String; 4]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.measured.clone(),
+                r.target.clone(),
+                match r.pass {
+                    Some(true) => "PASS".into(),
+                    Some(false) => "FAIL".into(),
+                    None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    println!();
+    let line = |c: [&str; 4]| {
+        println!(
+            "| {:<w0$} | {:<w1$} | {:<w2$} | {:<w3$} |",
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3]
+        );
+    };
+    line(header);
+    println!(
+        "|{}|{}|{}|{}|",
+        "-".repeat(widths[0] + 2),
+        "-".repeat(widths[1] + 2),
+        "-".repeat(widths[2] + 2),
+        "-".repeat(widths[3] + 2)
+    );
+    for r in &cells {
+        line([&r[0], &r[1], &r[2], &r[3]]);
+    }
+}

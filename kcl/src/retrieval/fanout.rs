@@ -1,0 +1,613 @@
+//! Enhanced fan-out retrieval: a task per shard holds a `SubscribeToShard` subscription and
+//! fills the same bounded prefetch queue as polling ([`super::polling`]), with the same
+//! contract ([`Fetched`]), so the consumer does not know which one feeds it.
+//!
+//! **Positions.** The first subscription starts at the position it is given (a checkpoint
+//! resumes *at* the checkpointed record, and records at or before the checkpoint are dropped,
+//! so a restart inside a KPL aggregate loses none of its sub-records). Every event carries a
+//! `ContinuationSequenceNumber`; the next subscription starts `AFTER_SEQUENCE_NUMBER` the last
+//! one received (as the Java KCL does), and records at or before the last one delivered are
+//! dropped again, so a resubscription neither loses nor repeats a record.
+//!
+//! **Resubscribing.** Kinesis ends every subscription after 5 minutes: the subscriber then
+//! subscribes again at once. A subscription that cannot be made, breaks, ends without an event
+//! or goes quiet for [`EVENT_TIMEOUT`] is made again after a jittered exponential backoff
+//! (100 ms doubling to 10 s, reset by every event). That includes `ResourceInUseException`,
+//! which Kinesis returns to a `SubscribeToShard` made within 5 s of the previous successful one
+//! for the same consumer and shard (so a subscription that broke at once is retried until those
+//! 5 s have passed), and `LimitExceededException` (one call per second per consumer and shard).
+//! Errors that are not retryable (the consumer or shard does not exist, access denied) end the
+//! task with [`Fetched::Failed`].
+//!
+//! **Back-pressure.** The task takes the next event from the subscription only once the
+//! previous event's records are in the queue: a byte-budget permit acquired from the worker's
+//! [`PrefetchBudget`] and a free slot in the bounded channel. Meanwhile unread events wait in
+//! the connection's HTTP/2 flow-control window, which stops Kinesis from pushing more. A slow
+//! processor therefore holds at most `prefetch_batches` batches, the byte budget and one event
+//! in memory, as with polling.
+//!
+//! **Shard end.** The last event of a closed shard has no continuation sequence number and
+//! lists the child shards: the task sends [`Fetched::ShardEnd`] with them and stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::kinesis::SubscriptionEvent;
+use super::polling::{Fetched, PrefetchBudget};
+use super::{IteratorPosition, KinesisApi, KinesisApiError};
+use crate::config::PollingConfig;
+use crate::metrics as m;
+use crate::record::{ExtendedSequenceNumber, Record};
+use crate::shard::ShardId;
+
+/// A `SubscribeToShard` call that has not answered after this long is abandoned and retried.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A subscription with no event for this long is dropped and made again (Kinesis sends an
+/// event at least every few seconds, with no records if there are none: a longer silence is a
+/// dead connection).
+pub(crate) const EVENT_TIMEOUT: Duration = Duration::from_secs(35);
+/// The longest pause between two subscription attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Starts the subscriber task for `shard` with the registered stream consumer `consumer_arn`,
+/// from `position`, skipping records at or before `after` (the checkpoint). Returns the
+/// receiving end of the prefetch queue (`cfg.prefetch_batches` batches, bytes from `budget`).
+/// The task stops when `stop` is cancelled, the receiver is dropped, the shard ends or an
+/// error is not retryable.
+#[allow(clippy::too_many_arguments)] // the same contract as `polling::spawn_fetcher`
+pub(crate) fn spawn_subscriber(
+    kinesis: Arc<dyn KinesisApi>,
+    consumer_arn: String,
+    shard: ShardId,
+    position: IteratorPosition,
+    after: ExtendedSequenceNumber,
+    cfg: PollingConfig,
+    budget: Arc<PrefetchBudget>,
+    stop: CancellationToken,
+) -> mpsc::Receiver<Fetched> {
+    let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
+    let subscriber = Subscriber {
+        kinesis,
+        consumer_arn,
+        shard,
+        budget,
+        position,
+        last_read: after,
+    };
+    tokio::spawn(async move {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {}
+            _ = subscriber.run(tx) => {}
+        }
+    });
+    rx
+}
+
+struct Subscriber {
+    kinesis: Arc<dyn KinesisApi>,
+    consumer_arn: String,
+    shard: ShardId,
+    budget: Arc<PrefetchBudget>,
+    /// Where the next subscription starts: the initial position, then after the last
+    /// continuation sequence number received.
+    position: IteratorPosition,
+    /// The last record delivered (or the checkpoint): records at or before it are dropped.
+    last_read: ExtendedSequenceNumber,
+}
+
+/// How one subscription ended.
+enum Ended {
+    /// Its stream ended after delivering events (the 5-minute limit): subscribe again at once.
+    Expired,
+    /// It could not be made, broke, ended without an event or went quiet: subscribe again
+    /// after a backoff.
+    Retry(KinesisApiError),
+    /// The shard ended, the receiver is gone, or an error that is not retryable was reported.
+    Stop,
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(MAX_BACKOFF)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Subscriber {
+    async fn run(mut self, tx: mpsc::Sender<Fetched>) {
+        let mut delays = backoff();
+        loop {
+            let (ended, had_events) = self.subscription(&tx).await;
+            if had_events {
+                delays = backoff();
+            }
+            match ended {
+                Ended::Stop => return,
+                Ended::Expired => {
+                    debug!(shard = %self.shard, position = ?self.position, "subscription ended; resubscribing");
+                }
+                Ended::Retry(e) => {
+                    let label = self.shard.to_string();
+                    if matches!(e, KinesisApiError::Throttled(_)) {
+                        metrics::counter!(m::THROTTLES, "shard" => label).increment(1);
+                    } else {
+                        metrics::counter!(m::READ_ERRORS, "shard" => label).increment(1);
+                    }
+                    let d = delays.next().unwrap_or(MAX_BACKOFF);
+                    debug!(shard = %self.shard, error = %e, delay = ?d, "subscription failed; resubscribing after a pause");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+
+    /// Makes one subscription and delivers its events until it ends. Also says whether it
+    /// delivered any event.
+    async fn subscription(&mut self, tx: &mpsc::Sender<Fetched>) -> (Ended, bool) {
+        let call = self
+            .kinesis
+            .subscribe_to_shard(&self.consumer_arn, &self.shard, &self.position);
+        let result = tokio::time::timeout(SUBSCRIBE_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(KinesisApiError::Transient(
+                    "SubscribeToShard timed out".into(),
+                ))
+            });
+        let mut events = match result {
+            Ok(events) => events,
+            Err(e) => return (self.failed(e, tx).await, false),
+        };
+        let mut had_events = false;
+        loop {
+            let event = match tokio::time::timeout(EVENT_TIMEOUT, events.next()).await {
+                Ok(Some(Ok(event))) => event,
+                Ok(Some(Err(e))) => return (self.failed(e, tx).await, had_events),
+                Ok(None) if had_events => return (Ended::Expired, true),
+                Ok(None) => {
+                    let e = "the subscription ended without an event";
+                    return (Ended::Retry(KinesisApiError::Transient(e.into())), false);
+                }
+                Err(_) => {
+                    let e = format!("no subscription event for {EVENT_TIMEOUT:?}");
+                    return (Ended::Retry(KinesisApiError::Transient(e.into())), had_events);
+                }
+            };
+            had_events = true;
+            if !self.deliver(event, tx).await {
+                return (Ended::Stop, true);
+            }
+        }
+    }
+
+    /// A retryable error is retried; any other is reported to the consumer and stops the task.
+    async fn failed(&self, e: KinesisApiError, tx: &mpsc::Sender<Fetched>) -> Ended {
+        if e.is_retryable() {
+            return Ended::Retry(e);
+        }
+        warn!(shard = %self.shard, error = %e, "SubscribeToShard failed");
+        let _ = tx.send(Fetched::Failed(e)).await;
+        Ended::Stop
+    }
+
+    /// Queues the event's new records (waiting for budget and a free slot: the back-pressure),
+    /// then moves the resume position to its continuation, or reports the shard's end. False
+    /// once the task must stop.
+    async fn deliver(&mut self, event: SubscriptionEvent, tx: &mpsc::Sender<Fetched>) -> bool {
+        let records: Vec<Record> = event
+            .records
+            .into_iter()
+            .filter(|r| r.position() > self.last_read)
+            .collect();
+        if let Some(last) = records.last() {
+            self.last_read = last.position();
+            let bytes: usize = records.iter().map(|r| r.data.len()).sum();
+            let Some(permit) = self.budget.acquire(bytes).await else {
+                return false;
+            };
+            let batch = Fetched::Records {
+                records,
+                millis_behind_latest: event.millis_behind_latest,
+                _permit: permit,
+            };
+            if tx.send(batch).await.is_err() {
+                return false;
+            }
+        }
+        match event.continuation_sequence_number {
+            Some(continuation) => {
+                self.position = IteratorPosition::AfterSequence(continuation);
+                true
+            }
+            None => {
+                let _ = tx
+                    .send(Fetched::ShardEnd {
+                        children: event.child_shards,
+                    })
+                    .await;
+                false
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::retrieval::kinesis::SubscriptionStream;
+    use crate::retrieval::{GetRecordsOutput, ShardIterator};
+    use crate::shard::Shard;
+    use crate::testkit::{Fault, FaultKind, MemKinesis};
+
+    /// [`MemKinesis`], counting the subscriptions made and refused and the events taken from
+    /// them.
+    #[derive(Debug, Clone, Default)]
+    struct Counting {
+        inner: MemKinesis,
+        made: Arc<AtomicUsize>,
+        refused: Arc<AtomicUsize>,
+        events: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl KinesisApi for Counting {
+        async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
+            self.inner.list_shards(stream).await
+        }
+
+        async fn get_shard_iterator(
+            &self,
+            stream: &str,
+            shard: &ShardId,
+            position: &IteratorPosition,
+        ) -> Result<ShardIterator, KinesisApiError> {
+            self.inner.get_shard_iterator(stream, shard, position).await
+        }
+
+        async fn get_records(
+            &self,
+            iterator: &ShardIterator,
+            limit: u32,
+        ) -> Result<GetRecordsOutput, KinesisApiError> {
+            self.inner.get_records(iterator, limit).await
+        }
+
+        async fn register_stream_consumer(
+            &self,
+            stream: &str,
+            consumer_name: &str,
+        ) -> Result<String, KinesisApiError> {
+            self.inner
+                .register_stream_consumer(stream, consumer_name)
+                .await
+        }
+
+        async fn subscribe_to_shard(
+            &self,
+            consumer_arn: &str,
+            shard: &ShardId,
+            position: &IteratorPosition,
+        ) -> Result<SubscriptionStream, KinesisApiError> {
+            match self
+                .inner
+                .subscribe_to_shard(consumer_arn, shard, position)
+                .await
+            {
+                Ok(events) => {
+                    self.made.fetch_add(1, Ordering::SeqCst);
+                    let counter = self.events.clone();
+                    Ok(Box::pin(events.inspect(move |_| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    })))
+                }
+                Err(e) => {
+                    self.refused.fetch_add(1, Ordering::SeqCst);
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    struct Setup {
+        kinesis: Counting,
+        shard: ShardId,
+        arn: String,
+    }
+
+    async fn setup() -> Setup {
+        let kinesis = Counting::default();
+        kinesis.inner.create_stream("s", 1);
+        let shard = kinesis.inner.open_shard_ids("s")[0].clone();
+        let arn = kinesis
+            .register_stream_consumer("s", "app")
+            .await
+            .expect("registered");
+        Setup {
+            kinesis,
+            shard,
+            arn,
+        }
+    }
+
+    fn cfg(prefetch_batches: usize) -> PollingConfig {
+        PollingConfig {
+            prefetch_batches,
+            ..PollingConfig::default()
+        }
+    }
+
+    fn start(
+        s: &Setup,
+        position: IteratorPosition,
+        after: ExtendedSequenceNumber,
+        prefetch_batches: usize,
+        budget_bytes: usize,
+    ) -> mpsc::Receiver<Fetched> {
+        spawn_subscriber(
+            Arc::new(s.kinesis.clone()),
+            s.arn.clone(),
+            s.shard.clone(),
+            position,
+            after,
+            cfg(prefetch_batches),
+            PrefetchBudget::new(budget_bytes),
+            CancellationToken::new(),
+        )
+    }
+
+    /// Receives batches until `n` records arrived; panics on anything else.
+    async fn take(rx: &mut mpsc::Receiver<Fetched>, n: usize) -> Vec<Record> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match rx.recv().await {
+                Some(Fetched::Records { records, .. }) => {
+                    assert!(!records.is_empty(), "empty batch");
+                    out.extend(records);
+                }
+                other => panic!("after {} records: unexpected {other:?}", out.len()),
+            }
+        }
+        assert_eq!(out.len(), n, "more records than expected");
+        out
+    }
+
+    fn data(records: &[Record]) -> Vec<String> {
+        records
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.data).into_owned())
+            .collect()
+    }
+
+    /// Puts `n` records named `{prefix}-{i}`, one every `every`, in a task.
+    fn produce(k: &MemKinesis, prefix: &'static str, n: usize, every: Duration) {
+        let k = k.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                tokio::time::sleep(every).await;
+                k.put("s", "key", format!("{prefix}-{i}"));
+            }
+        });
+    }
+
+    fn names(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delivers_records_as_they_arrive_in_order() {
+        let s = setup().await;
+        for i in 0..3 {
+            s.kinesis.inner.put("s", "key", format!("early-{i}"));
+        }
+        let mut rx = start(
+            &s,
+            IteratorPosition::TrimHorizon,
+            ExtendedSequenceNumber::TrimHorizon,
+            3,
+            1 << 20,
+        );
+        produce(&s.kinesis.inner, "late", 20, Duration::from_millis(300));
+        let got = take(&mut rx, 23).await;
+        let mut want = names("early", 3);
+        want.extend(names("late", 20));
+        assert_eq!(data(&got), want);
+        assert_eq!(s.kinesis.made.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumes_at_the_checkpoint_and_drops_it() {
+        let s = setup().await;
+        let (_, first) = s.kinesis.inner.put("s", "key", "r-0");
+        s.kinesis.inner.put("s", "key", "r-1");
+        let mut rx = start(
+            &s,
+            IteratorPosition::AtSequence(first.clone()),
+            ExtendedSequenceNumber::at(first, 0),
+            3,
+            1 << 20,
+        );
+        assert_eq!(data(&take(&mut rx, 1).await), ["r-1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resubscribes_after_the_five_minute_end_without_loss_or_duplicates() {
+        let s = setup().await;
+        let mut rx = start(
+            &s,
+            IteratorPosition::TrimHorizon,
+            ExtendedSequenceNumber::TrimHorizon,
+            3,
+            1 << 20,
+        );
+        // 16 minutes of records, one every 7 s: the subscription ends 3 times meanwhile.
+        let n = 16 * 60 / 7;
+        produce(&s.kinesis.inner, "r", n, Duration::from_secs(7));
+        let got = take(&mut rx, n).await;
+        assert_eq!(data(&got), names("r", n));
+        assert!(got
+            .windows(2)
+            .all(|w| w[0].sequence_number < w[1].sequence_number));
+        assert!(s.kinesis.made.load(Ordering::SeqCst) >= 4);
+        // Each resubscription came 5 minutes after the previous one: none was refused.
+        assert_eq!(s.kinesis.refused.load(Ordering::SeqCst), 0);
+        // Nothing more arrives (no duplicates) while the subscriptions go on.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_shard_ends_with_its_children() {
+        let s = setup().await;
+        let k = &s.kinesis.inner;
+        for i in 0..5 {
+            k.put("s", "key", format!("r-{i}"));
+        }
+        let mut rx = start(
+            &s,
+            IteratorPosition::TrimHorizon,
+            ExtendedSequenceNumber::TrimHorizon,
+            3,
+            1 << 20,
+        );
+        assert_eq!(data(&take(&mut rx, 5).await), names("r", 5));
+        // Closed while subscribed: the rest of the parent, then its end.
+        k.put("s", "key", "r-5");
+        let (lo, hi) = k.split("s", &s.shard, 1 << 127);
+        k.put("s", "key", "child-0");
+        assert_eq!(data(&take(&mut rx, 1).await), ["r-5"]);
+        match rx.recv().await {
+            Some(Fetched::ShardEnd { children }) => {
+                let ids: Vec<_> = children.iter().map(|c| c.id.clone()).collect();
+                assert_eq!(ids, [lo, hi]);
+                assert!(children.iter().all(|c| c.parents == [s.shard.clone()]));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(rx.recv().await.is_none(), "the subscriber stops at the end");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_does_not_read_stops_the_subscription() {
+        let s = setup().await;
+        // 2 batches and a 4 KiB budget; 10 records of 1 KiB arrive every 100 ms for 10 s.
+        let mut rx = start(
+            &s,
+            IteratorPosition::TrimHorizon,
+            ExtendedSequenceNumber::TrimHorizon,
+            2,
+            4 * 1024,
+        );
+        let k = s.kinesis.inner.clone();
+        tokio::spawn(async move {
+            for round in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                for i in 0..10 {
+                    let mut payload = format!("r-{}", round * 10 + i).into_bytes();
+                    payload.resize(1024, b' ');
+                    k.put("s", "key", Bytes::from(payload));
+                }
+            }
+        });
+        // Nobody reads for 10 minutes (the subscription expires meanwhile).
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let pulled = s.kinesis.events.load(Ordering::SeqCst);
+        assert!(
+            pulled <= 3,
+            "{pulled} events taken while the queue was full"
+        );
+        // Then everything arrives, once, in order.
+        let got = take(&mut rx, 1000).await;
+        let want: Vec<String> = names("r", 1000);
+        let got: Vec<String> = data(&got).iter().map(|d| d.trim_end().to_owned()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_subscription_is_made_again_after_backing_off_resource_in_use() {
+        let s = setup().await;
+        let k = &s.kinesis.inner;
+        for i in 0..5 {
+            k.put("s", "key", format!("r-{i}"));
+        }
+        let started = Instant::now();
+        let mut rx = start(
+            &s,
+            IteratorPosition::TrimHorizon,
+            ExtendedSequenceNumber::TrimHorizon,
+            3,
+            1 << 20,
+        );
+        let mut got = take(&mut rx, 5).await;
+        // The next event breaks the connection; resubscribing within 5 s of the first
+        // subscription is refused (ResourceInUseException) until the 5 s have passed.
+        k.faults().inject(
+            Fault::new(FaultKind::Transient)
+                .on("subscription_event")
+                .times(1),
+        );
+        for i in 5..10 {
+            k.put("s", "key", format!("r-{i}"));
+        }
+        got.extend(take(&mut rx, 5).await);
+        assert_eq!(data(&got), names("r", 10));
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(20));
+        assert_eq!(s.kinesis.made.load(Ordering::SeqCst), 2);
+        assert!(s.kinesis.refused.load(Ordering::SeqCst) >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deregistered_consumer_fails_the_shard() {
+        let s = setup().await;
+        let mut rx = start(
+            &s,
+            IteratorPosition::Latest,
+            ExtendedSequenceNumber::Latest,
+            3,
+            1 << 20,
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(s.kinesis.inner.deregister_stream_consumer(&s.arn));
+        match rx.recv().await {
+            Some(Fetched::Failed(KinesisApiError::NotFound(what))) => {
+                assert!(what.contains("consumer"), "{what}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_when_cancelled() {
+        let s = setup().await;
+        let stop = CancellationToken::new();
+        let mut rx = spawn_subscriber(
+            Arc::new(s.kinesis.clone()),
+            s.arn.clone(),
+            s.shard.clone(),
+            IteratorPosition::Latest,
+            ExtendedSequenceNumber::Latest,
+            cfg(3),
+            PrefetchBudget::new(1 << 20),
+            stop.clone(),
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        assert!(rx.recv().await.is_none());
+    }
+}

@@ -1,0 +1,390 @@
+//! The simulated network between one worker and the backends: a [`LeaseStore`] and a
+//! [`KinesisApi`] per worker incarnation, delegating to the shared in-memory backends after
+//! applying that machine's faults.
+//!
+//! Faults belong to a slot (a machine) and outlive its incarnations: a partition from the lease
+//! table (every call fails at once, or hangs and then fails), throttling, latency, lost
+//! responses (the write is applied, the caller is told it failed — as a DynamoDB timeout can),
+//! and Kinesis read throttling. Every draw comes from the slot's own RNG, a fork of the sim's.
+//!
+//! A crash marks the incarnation dead: from then on every call it makes is logged as a
+//! [`Event::Zombie`] and never returns, so whatever tasks of the aborted worker are still
+//! alive cannot touch the world — as after a real process death.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::log::{Event, Inc, LeaseView, Op, Outcome, Recorder};
+use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
+use crate::record::ExtendedSequenceNumber;
+use crate::retrieval::{
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+};
+use crate::shard::{Shard, ShardId};
+use crate::testkit::{MemKinesis, MemLeaseStore};
+
+/// A partition from the lease table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partition {
+    /// Every call fails at once (connection refused).
+    Fail,
+    /// Every call hangs this long, then fails (a timeout).
+    Hang(Duration),
+}
+
+/// The faults currently applied to one machine's network.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinkFaults {
+    /// Cut off from the lease table.
+    pub partition: Option<Partition>,
+    /// Probability that a lease-table call is throttled.
+    pub throttle: f64,
+    /// Largest extra latency of a lease-table call (uniform from zero).
+    pub latency: Duration,
+    /// Probability that an applied lease write reports a failure.
+    pub response_loss: f64,
+    /// Probability that a Kinesis call is throttled.
+    pub kinesis_throttle: f64,
+}
+
+impl LinkFaults {
+    /// True if no fault is active.
+    pub fn is_clear(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One machine's network: its faults and the RNG they are drawn from.
+#[derive(Debug)]
+pub(crate) struct Link {
+    pub(crate) faults: LinkFaults,
+    rng: ChaCha8Rng,
+}
+
+impl Link {
+    pub(crate) fn new(rng: ChaCha8Rng) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self {
+            faults: LinkFaults::default(),
+            rng,
+        }))
+    }
+}
+
+/// What one incarnation's calls go through.
+#[derive(Clone, Debug)]
+pub(crate) struct Net {
+    pub(crate) link: Arc<Mutex<Link>>,
+    pub(crate) dead: Arc<AtomicBool>,
+    /// Set once the aborted `run()` future was dropped: a call after that comes from a task
+    /// `run()` left behind.
+    pub(crate) run_dropped: Arc<AtomicBool>,
+    pub(crate) inc: Inc,
+    pub(crate) rec: Recorder,
+}
+
+/// What to do with a lease-table call, drawn before it runs.
+struct Draw {
+    partition: Option<Partition>,
+    throttled: bool,
+    delay: Duration,
+}
+
+impl Net {
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Never returns once the incarnation is dead.
+    pub(crate) async fn halt_if_dead(&self, op: &'static str) {
+        if self.dead.load(Ordering::SeqCst) {
+            if self.run_dropped.load(Ordering::SeqCst) {
+                self.rec.push(Event::Zombie { inc: self.inc, op });
+            }
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Applies the faults of a lease-table call before it reaches the table.
+    async fn before_lease_call(&self, op: &'static str) -> Result<(), LeaseStoreError> {
+        self.halt_if_dead(op).await;
+        let draw = {
+            let mut link = self.link();
+            let f = link.faults.clone();
+            let throttled = f.throttle > 0.0 && link.rng.random_bool(f.throttle.min(1.0));
+            let delay = if f.latency.is_zero() {
+                Duration::ZERO
+            } else {
+                let max = u64::try_from(f.latency.as_micros()).unwrap_or(u64::MAX);
+                Duration::from_micros(link.rng.random_range(0..=max))
+            };
+            Draw {
+                partition: f.partition,
+                throttled,
+                delay,
+            }
+        };
+        match draw.partition {
+            Some(Partition::Fail) => return Err(transient("partitioned from the lease table")),
+            Some(Partition::Hang(d)) => {
+                tokio::time::sleep(d).await;
+                self.halt_if_dead(op).await;
+                return Err(transient("lease table call timed out (partition)"));
+            }
+            None => {}
+        }
+        if draw.throttled {
+            return Err(LeaseStoreError::Throttled("simulated throttle".into()));
+        }
+        if !draw.delay.is_zero() {
+            tokio::time::sleep(draw.delay).await;
+        }
+        // A crash during the delay: the request never leaves the dead machine.
+        self.halt_if_dead(op).await;
+        Ok(())
+    }
+
+    /// The response travels back: a random part of the link's latency (so a write is applied
+    /// some time before its caller learns it was).
+    async fn after_lease_call(&self, op: &'static str) {
+        let delay = {
+            let mut link = self.link();
+            let f = link.faults.latency;
+            if f.is_zero() {
+                Duration::ZERO
+            } else {
+                let max = u64::try_from(f.as_micros()).unwrap_or(u64::MAX);
+                Duration::from_micros(link.rng.random_range(0..=max))
+            }
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.halt_if_dead(op).await;
+    }
+
+    /// True if the response of an applied write is lost.
+    fn lose_response(&self) -> bool {
+        let mut link = self.link();
+        let p = link.faults.response_loss;
+        p > 0.0 && link.rng.random_bool(p.min(1.0))
+    }
+
+    async fn before_kinesis_call(&self, op: &'static str) -> Result<(), KinesisApiError> {
+        self.halt_if_dead(op).await;
+        let throttled = {
+            let mut link = self.link();
+            let p = link.faults.kinesis_throttle;
+            p > 0.0 && link.rng.random_bool(p.min(1.0))
+        };
+        if throttled {
+            return Err(if op == "get_records" {
+                KinesisApiError::Throttled("simulated throttle".into())
+            } else {
+                KinesisApiError::Transient("simulated transient error".into())
+            });
+        }
+        Ok(())
+    }
+}
+
+fn transient(msg: &'static str) -> LeaseStoreError {
+    LeaseStoreError::Transient(msg.into())
+}
+
+/// The lease store one incarnation sees.
+#[derive(Debug)]
+pub(crate) struct SimLeaseStore {
+    pub(crate) inner: MemLeaseStore,
+    pub(crate) net: Net,
+}
+
+impl SimLeaseStore {
+    /// Logs a write that reached the table, then maybe loses its response.
+    fn after_write<T>(
+        &self,
+        op: Op,
+        key: &LeaseKey,
+        result: Result<T, LeaseStoreError>,
+        outcome: impl FnOnce(&T) -> Outcome,
+    ) -> Result<T, LeaseStoreError> {
+        let (outcome, applied) = match &result {
+            Ok(v) => {
+                let o = outcome(v);
+                let applied = !matches!(o, Outcome::Refused);
+                (o, applied)
+            }
+            Err(e) if e.is_condition_failed() => (Outcome::Refused, false),
+            // The in-memory table fails only through its own fault rules, which the sim
+            // leaves empty.
+            Err(_) => return result,
+        };
+        let response_lost = applied && self.net.lose_response();
+        self.net.rec.push(Event::Write {
+            inc: self.net.inc,
+            op,
+            key: key.clone(),
+            outcome,
+            response_lost,
+        });
+        if response_lost {
+            return Err(transient("simulated lost response (the write was applied)"));
+        }
+        result
+    }
+
+    async fn lease_write(
+        &self,
+        op: Op,
+        key: &LeaseKey,
+        result: impl std::future::Future<Output = Result<Lease, LeaseStoreError>>,
+    ) -> Result<Lease, LeaseStoreError> {
+        let result = result.await;
+        let r = self.after_write(op, key, result, |l| Outcome::Applied(LeaseView::from(l)));
+        self.net.after_lease_call("write").await;
+        r
+    }
+}
+
+#[async_trait]
+impl LeaseStore for SimLeaseStore {
+    async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("ensure_table").await?;
+        self.inner.ensure_table().await
+    }
+
+    async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
+        self.net.before_lease_call("list").await?;
+        let r = self.inner.list().await;
+        self.net.after_lease_call("list").await;
+        r
+    }
+
+    async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
+        self.net.before_lease_call("get").await?;
+        let r = self.inner.get(key).await;
+        self.net.after_lease_call("get").await;
+        r
+    }
+
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        self.net.before_lease_call("create_if_absent").await?;
+        let result = self.inner.create_if_absent(lease).await;
+        let r = self.after_write(Op::Create, &lease.key, result, |created| {
+            if *created {
+                Outcome::Applied(LeaseView::from(lease))
+            } else {
+                Outcome::Refused
+            }
+        });
+        self.net.after_lease_call("create_if_absent").await;
+        r
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        self.net.before_lease_call("renew").await?;
+        self.lease_write(Op::Renew, &lease.key, self.inner.renew(lease))
+            .await
+    }
+
+    async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
+        self.net.before_lease_call("take").await?;
+        self.lease_write(Op::Take, &lease.key, self.inner.take(lease, owner))
+            .await
+    }
+
+    async fn checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+        child_shard_ids: &[ShardId],
+    ) -> Result<Lease, LeaseStoreError> {
+        self.net.before_lease_call("checkpoint").await?;
+        self.lease_write(
+            Op::Checkpoint,
+            &lease.key,
+            self.inner.checkpoint(lease, checkpoint, child_shard_ids),
+        )
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        self.net.before_lease_call("release").await?;
+        self.lease_write(Op::Release, &lease.key, self.inner.release(lease))
+            .await
+    }
+
+    async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("delete").await?;
+        let result = self.inner.delete(lease).await;
+        let r = self.after_write(Op::Delete, &lease.key, result, |_| Outcome::Deleted);
+        self.net.after_lease_call("delete").await;
+        r
+    }
+
+    async fn request_handoff(
+        &self,
+        lease: &Lease,
+        new_owner: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        self.net.before_lease_call("request_handoff").await?;
+        self.lease_write(
+            Op::RequestHandoff,
+            &lease.key,
+            self.inner.request_handoff(lease, new_owner),
+        )
+        .await
+    }
+
+    async fn complete_handoff(
+        &self,
+        lease: &Lease,
+        new_owner: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        self.net.before_lease_call("complete_handoff").await?;
+        self.lease_write(
+            Op::CompleteHandoff,
+            &lease.key,
+            self.inner.complete_handoff(lease, new_owner),
+        )
+        .await
+    }
+}
+
+/// The Kinesis one incarnation sees.
+#[derive(Debug)]
+pub(crate) struct SimKinesis {
+    pub(crate) inner: MemKinesis,
+    pub(crate) net: Net,
+}
+
+#[async_trait]
+impl KinesisApi for SimKinesis {
+    async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
+        self.net.before_kinesis_call("list_shards").await?;
+        self.inner.list_shards(stream).await
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<ShardIterator, KinesisApiError> {
+        self.net.before_kinesis_call("get_shard_iterator").await?;
+        self.inner.get_shard_iterator(stream, shard, position).await
+    }
+
+    async fn get_records(
+        &self,
+        iterator: &ShardIterator,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, KinesisApiError> {
+        self.net.before_kinesis_call("get_records").await?;
+        self.inner.get_records(iterator, limit).await
+    }
+}

@@ -1,0 +1,164 @@
+//! The recording processor: logs every batch and callback, takes a random (virtual) time to
+//! process, and checkpoints after every batch or every other batch (sometimes at a record
+//! inside the batch), so that re-delivery after a failover is exercised.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::log::{Callback, Delivered, Event, Recorder};
+use super::net::Net;
+use crate::checkpoint::{CheckpointError, Checkpointer};
+use crate::processor::{ProcessorError, RecordProcessor, ShardContext};
+use crate::record::RecordBatch;
+use crate::shard::ShardId;
+
+/// How processors of a run behave.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Work {
+    /// Largest time one batch takes (uniform from zero).
+    pub batch_time: Duration,
+    /// Probability that a batch is slow.
+    pub slow_batch: f64,
+    /// How long a slow batch takes (longer than a lease, to show renewals go on).
+    pub slow_time: Duration,
+}
+
+/// One processor (one shard lease of one incarnation).
+pub(crate) struct SimProcessor {
+    pub(crate) net: Net,
+    pub(crate) shard: ShardId,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) work: Work,
+    /// Checkpoint after every `every`-th batch.
+    pub(crate) every: u32,
+    pub(crate) batches: u32,
+}
+
+impl SimProcessor {
+    /// A processor whose RNG is forked from the incarnation's.
+    pub(crate) fn new(net: Net, shard: &ShardId, rng: &Arc<Mutex<ChaCha8Rng>>, work: Work) -> Self {
+        let mut rng = {
+            let mut parent = rng.lock().unwrap_or_else(|p| p.into_inner());
+            ChaCha8Rng::from_rng(&mut *parent)
+        };
+        let every = if rng.random_bool(0.3) { 2 } else { 1 };
+        Self {
+            net,
+            shard: shard.clone(),
+            rng,
+            work,
+            every,
+            batches: 0,
+        }
+    }
+
+    fn rec(&self) -> &Recorder {
+        &self.net.rec
+    }
+
+    fn callback(&self, what: Callback) {
+        self.rec().push(Event::Callback {
+            inc: self.net.inc,
+            shard: self.shard.clone(),
+            what,
+        });
+    }
+
+    fn batch_time(&mut self) -> Duration {
+        if self.work.slow_batch > 0.0 && self.rng.random_bool(self.work.slow_batch.min(1.0)) {
+            return self.work.slow_time;
+        }
+        let max = u64::try_from(self.work.batch_time.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(self.rng.random_range(0..=max))
+    }
+}
+
+/// The producer writes each record's index as its payload.
+fn payload_index(data: &[u8]) -> u64 {
+    std::str::from_utf8(data)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// A checkpoint behind the stored one is refused, not lost: the records are re-processed.
+fn tolerate_behind(r: Result<(), CheckpointError>) -> Result<(), CheckpointError> {
+    match r {
+        Err(CheckpointError::Behind { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+#[async_trait]
+impl RecordProcessor for SimProcessor {
+    async fn initialize(&mut self, shard: &ShardContext) -> Result<(), ProcessorError> {
+        self.net.halt_if_dead("initialize").await;
+        self.callback(Callback::Initialize(shard.checkpoint.clone()));
+        Ok(())
+    }
+
+    async fn process_records(
+        &mut self,
+        batch: &RecordBatch,
+        cp: &mut Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        self.net.halt_if_dead("process_records").await;
+        let records = batch
+            .records
+            .iter()
+            .map(|r| Delivered {
+                idx: payload_index(&r.data),
+                pos: r.position(),
+            })
+            .collect();
+        let id = self.net.rec.batch(self.net.inc, self.shard.clone(), records);
+        let t = self.batch_time();
+        if !t.is_zero() {
+            tokio::time::sleep(t).await;
+        }
+        self.net.halt_if_dead("process_records").await;
+        self.batches += 1;
+        let result = if self.batches % self.every == 0 {
+            let r = if batch.len() > 1 && self.rng.random_bool(0.1) {
+                // Checkpoint inside the batch: the rest is delivered again after a move.
+                let i = self.rng.random_range(0..batch.len());
+                cp.checkpoint_record(&batch.records[i]).await
+            } else {
+                cp.checkpoint().await
+            };
+            tolerate_behind(r)
+        } else {
+            Ok(())
+        };
+        self.net.halt_if_dead("process_records").await;
+        self.net.rec.batch_done(id, result.is_ok());
+        result.map_err(ProcessorError::retryable)
+    }
+
+    async fn shard_ended(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        self.net.halt_if_dead("shard_ended").await;
+        let r = cp.checkpoint().await;
+        self.net.halt_if_dead("shard_ended").await;
+        self.callback(Callback::ShardEnded(r.is_ok()));
+        r.map_err(ProcessorError::retryable)
+    }
+
+    async fn lease_lost(&mut self) {
+        self.net.halt_if_dead("lease_lost").await;
+        self.callback(Callback::LeaseLost);
+    }
+
+    async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        self.net.halt_if_dead("shutdown_requested").await;
+        self.callback(Callback::ShutdownRequested);
+        if cp.last_delivered().is_none() {
+            return Ok(());
+        }
+        let r = tolerate_behind(cp.checkpoint().await);
+        r.map_err(ProcessorError::retryable)
+    }
+}
