@@ -45,6 +45,9 @@ struct Args {
     /// mem: polling.max_records (GetRecords limit).
     #[arg(long, default_value_t = 10_000)]
     mem_max_records: u32,
+    /// mem: skip the plain MemKinesis loop (e.g. when profiling the worker alone).
+    #[arg(long)]
+    mem_no_plain: bool,
 
     /// local: shards of the kinesis-local stream.
     #[arg(long, default_value_t = 4)]
@@ -132,6 +135,7 @@ fn main() -> anyhow::Result<()> {
             min_interval: Duration::from_micros(args.mem_min_interval_us),
             idle_interval: Duration::from_micros(args.mem_idle_interval_us),
             max_records: args.mem_max_records,
+            plain: !args.mem_no_plain,
         };
         println!(
             "== mem: {} shards x {} records of {} B, current-thread runtime, \
@@ -145,35 +149,40 @@ fn main() -> anyhow::Result<()> {
         );
         match mem::run(&opts) {
             Ok(r) => {
+                // One core: records per CPU-second of the (single-threaded) process is the
+                // figure a busy shared machine cannot distort; wall-clock beside it.
                 rows.push(Row {
                     name: format!(
-                        "1. in-memory worker, NoopProcessor, {}x{} x {} B, 1 core (run() to last checkpoint)",
+                        "1. in-memory worker, NoopProcessor, {}x{} x {} B, current-thread runtime, run() to last checkpoint",
                         opts.shards, opts.per_shard, opts.record_size
                     ),
                     measured: format!(
-                        "{} ({} per CPU-s; {} in {})",
-                        fmt_rate(r.rate()),
+                        "{} per CPU-s ({} wall; {} records, CPU {}, wall {})",
                         fmt_rate(r.cpu_rate()),
+                        fmt_rate(r.rate()),
                         r.records,
+                        fmt_dur(r.cpu),
                         fmt_dur(r.elapsed)
                     ),
-                    target: ">= 1 M rec/s".into(),
-                    pass: Some(r.rate() >= 1e6),
+                    target: ">= 1 M rec/s per core".into(),
+                    pass: Some(r.cpu_rate() >= 1e6),
                 });
-                rows.push(Row {
-                    name: "   in-memory, plain MemKinesis GetRecords loop (backend alone)".into(),
-                    measured: format!(
-                        "{} ({} in {}); worker/plain {:.2}; steady {}",
-                        fmt_rate(r.plain_rate),
-                        r.records,
-                        fmt_dur(r.plain_elapsed),
-                        r.rate() / r.plain_rate,
-                        fmt_rate(r.records as f64 / r.steady.as_secs_f64())
-                    ),
-                    target: "-".into(),
-                    pass: None,
-                });
-                let _ = r.load;
+                if let Some((wall, cpu, elapsed)) = r.plain {
+                    rows.push(Row {
+                        name: "   same data, plain MemKinesis GetRecords loop (the backend alone)"
+                            .into(),
+                        measured: format!(
+                            "{} per CPU-s ({} wall, {}); worker/plain {:.2} per CPU-s",
+                            fmt_rate(cpu),
+                            fmt_rate(wall),
+                            fmt_dur(elapsed),
+                            r.cpu_rate() / cpu
+                        ),
+                        target: "-".into(),
+                        pass: None,
+                    });
+                }
+                let _ = (r.load, r.steady);
             }
             Err(e) => rows.push(failed("1. in-memory worker throughput", &e)),
         }

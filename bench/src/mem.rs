@@ -19,6 +19,8 @@ pub struct MemOpts {
     pub min_interval: Duration,
     pub idle_interval: Duration,
     pub max_records: u32,
+    /// Also time a plain MemKinesis GetRecords loop on the same data.
+    pub plain: bool,
 }
 
 #[derive(Debug)]
@@ -31,8 +33,8 @@ pub struct MemResult {
     pub steady: Duration,
     /// CPU time of the process during the run.
     pub cpu: Duration,
-    pub plain_rate: f64,
-    pub plain_elapsed: Duration,
+    /// The plain MemKinesis loop: records/s by wall time, records per CPU-second, wall time.
+    pub plain: Option<(f64, f64, Duration)>,
 }
 
 impl MemResult {
@@ -142,15 +144,27 @@ async fn run_async(opts: &MemOpts) -> anyhow::Result<MemResult> {
     );
     for (op, s) in &calls {
         println!(
-            "mem:   {op:<28} {:>5} calls {:>8} items  {:>8} total  max {:>7}",
+            "mem:   {op:<28} {:>5} calls {:>8} items  wall {:>8}  CPU {:>8}  max {:>7}",
             s.calls,
             s.items,
             fmt_dur(s.total),
+            fmt_dur(s.cpu),
             fmt_dur(s.max)
         );
     }
 
+    if !opts.plain {
+        return Ok(MemResult {
+            records: total,
+            load,
+            elapsed,
+            steady,
+            cpu,
+            plain: None,
+        });
+    }
     // The backend alone: the same GetRecords calls in a plain loop, shard after shard.
+    let cpu0 = process_cpu_time();
     let t = Instant::now();
     let mut n = 0u64;
     for s in &shards {
@@ -170,12 +184,18 @@ async fn run_async(opts: &MemOpts) -> anyhow::Result<MemResult> {
         }
     }
     let plain_elapsed = t.elapsed();
+    let plain_cpu = process_cpu_time() - cpu0;
     ensure!(n == total, "plain loop read {n} of {total}");
     let plain_rate = n as f64 / plain_elapsed.as_secs_f64();
+    let plain_cpu_rate = n as f64 / plain_cpu.as_secs_f64();
     println!(
-        "mem: plain MemKinesis GetRecords loop (no worker): {n} records in {} ({})",
+        "mem: plain MemKinesis GetRecords loop (no worker, limit {}): {n} records in {} ({}); \
+         CPU {} ({} per CPU-second)",
+        opts.max_records,
         fmt_dur(plain_elapsed),
-        fmt_rate(plain_rate)
+        fmt_rate(plain_rate),
+        fmt_dur(plain_cpu),
+        fmt_rate(plain_cpu_rate)
     );
     Ok(MemResult {
         records: total,
@@ -183,7 +203,6 @@ async fn run_async(opts: &MemOpts) -> anyhow::Result<MemResult> {
         elapsed,
         steady,
         cpu,
-        plain_rate,
-        plain_elapsed,
+        plain: Some((plain_rate, plain_cpu_rate, plain_elapsed)),
     })
 }

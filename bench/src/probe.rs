@@ -28,7 +28,6 @@ pub struct Probe {
     process_nanos: AtomicU64,
     first: OnceLock<Instant>,
     last: OnceLock<Instant>,
-    first_notify: Notify,
     done_notify: Notify,
 }
 
@@ -41,7 +40,6 @@ impl Probe {
             process_nanos: AtomicU64::new(0),
             first: OnceLock::new(),
             last: OnceLock::new(),
-            first_notify: Notify::new(),
             done_notify: Notify::new(),
         })
     }
@@ -76,15 +74,6 @@ impl Probe {
         self.last.get().copied()
     }
 
-    /// Waits for the first delivered record.
-    pub async fn first_record(&self) {
-        let notified = self.first_notify.notified();
-        if self.first.get().is_some() {
-            return;
-        }
-        notified.await;
-    }
-
     /// Waits until `total` records were delivered and checkpointed.
     pub async fn all_records(&self) {
         let notified = self.done_notify.notified();
@@ -110,9 +99,7 @@ impl RecordProcessor for Counting {
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
         let started = Instant::now();
-        if self.probe.first.set(started).is_ok() {
-            self.probe.first_notify.notify_waiters();
-        }
+        let _ = self.probe.first.set(started);
         let result = self.inner.process_records(batch, cp).await;
         let p = &self.probe;
         p.process_nanos
@@ -138,6 +125,9 @@ pub struct Call {
     pub op: &'static str,
     pub start: Duration,
     pub took: Duration,
+    /// CPU time of the calling thread during the call (meaningful on a current-thread
+    /// runtime, where a call starts and ends on the same thread).
+    pub cpu: Duration,
     pub items: u64,
 }
 
@@ -155,13 +145,15 @@ impl Recorder {
         self.calls.lock().unwrap().clear();
     }
 
-    fn record(&self, op: &'static str, started: Instant, items: u64) {
-        let took = started.elapsed();
+    fn record(&self, op: &'static str, started: (Instant, Duration), items: u64) {
+        let took = started.0.elapsed();
+        let cpu = thread_cpu_time().saturating_sub(started.1);
         let t0 = *self.t0.lock().unwrap();
         self.calls.lock().unwrap().push(Call {
             op,
-            start: started.saturating_duration_since(t0),
+            start: started.0.saturating_duration_since(t0),
             took,
+            cpu,
             items,
         });
     }
@@ -178,6 +170,7 @@ impl Recorder {
                 calls: 0,
                 items: 0,
                 total: Duration::ZERO,
+                cpu: Duration::ZERO,
                 max: Duration::ZERO,
                 first_start: c.start,
                 last_end: Duration::ZERO,
@@ -185,6 +178,7 @@ impl Recorder {
             s.calls += 1;
             s.items += c.items;
             s.total += c.took;
+            s.cpu += c.cpu;
             s.max = s.max.max(c.took);
             s.first_start = s.first_start.min(c.start);
             s.last_end = s.last_end.max(c.start + c.took);
@@ -198,6 +192,7 @@ pub struct OpSummary {
     pub calls: u64,
     pub items: u64,
     pub total: Duration,
+    pub cpu: Duration,
     pub max: Duration,
     pub first_start: Duration,
     pub last_end: Duration,
@@ -213,7 +208,7 @@ pub struct TimedKinesis {
 #[async_trait]
 impl KinesisApi for TimedKinesis {
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
-        let t = Instant::now();
+        let t = now();
         let r = self.inner.list_shards(stream).await;
         let n = r.as_ref().map_or(0, |s| s.len() as u64);
         self.rec.record("kinesis.list_shards", t, n);
@@ -226,7 +221,7 @@ impl KinesisApi for TimedKinesis {
         shard: &ShardId,
         position: &IteratorPosition,
     ) -> Result<ShardIterator, KinesisApiError> {
-        let t = Instant::now();
+        let t = now();
         let r = self.inner.get_shard_iterator(stream, shard, position).await;
         self.rec.record("kinesis.get_shard_iterator", t, 1);
         r
@@ -237,7 +232,7 @@ impl KinesisApi for TimedKinesis {
         iterator: &ShardIterator,
         limit: u32,
     ) -> Result<GetRecordsOutput, KinesisApiError> {
-        let t = Instant::now();
+        let t = now();
         let r = self.inner.get_records(iterator, limit).await;
         let n = r.as_ref().map_or(0, |o| o.records.len() as u64);
         self.rec.record("kinesis.get_records", t, n);
@@ -254,7 +249,7 @@ pub struct TimedStore {
 
 macro_rules! timed {
     ($self:ident, $op:literal, $call:expr) => {{
-        let t = Instant::now();
+        let t = now();
         let r = $call.await;
         $self.rec.record($op, t, 1);
         r
@@ -267,7 +262,7 @@ impl LeaseStore for TimedStore {
         timed!(self, "store.ensure_table", self.inner.ensure_table())
     }
     async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
-        let t = Instant::now();
+        let t = now();
         let r = self.inner.list().await;
         let n = r.as_ref().map_or(0, |l| l.leases.len() as u64);
         self.rec.record("store.list", t, n);
@@ -325,6 +320,18 @@ impl LeaseStore for TimedStore {
             self.inner.complete_handoff(lease, new_owner)
         )
     }
+}
+
+fn now() -> (Instant, Duration) {
+    (Instant::now(), thread_cpu_time())
+}
+
+/// CPU time of the calling thread.
+pub fn thread_cpu_time() -> Duration {
+    // SAFETY: clock_gettime only writes into the struct we pass.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// CPU time (user + system) of this process so far.

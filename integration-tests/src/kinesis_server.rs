@@ -314,3 +314,68 @@ pub async fn update_shard_count(client: &Client, stream: &str, target: u32) -> a
         .with_context(|| format!("UpdateShardCount {stream} to {target}"))?;
     wait_active(client, stream, Some(target)).await
 }
+
+/// kinesis-local serving its TLS port with a certificate of the caller's: HTTP/2 over TLS, as
+/// AWS serves `SubscribeToShard`.
+#[derive(Debug)]
+pub struct TlsKinesisLocal {
+    /// The process (stopped when dropped); its [`port`](ServerProcess::port) is the TLS port.
+    pub server: ServerProcess,
+    /// The plain (HTTP/1.1) port.
+    pub plain_port: u16,
+}
+
+impl TlsKinesisLocal {
+    /// `https://127.0.0.1:<TLS port>` (the certificate must name `IP:127.0.0.1`).
+    pub fn https_endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.server.port)
+    }
+}
+
+/// Starts kinesis-local as [`start_kinesis_local`] does, with its TLS port serving the
+/// certificate in `cert_path`: a JSON file `{"server":{"key":"<PEM>","cert":"<PEM>"}}` (the
+/// bundled certificate names no subject alternative name, so rustls refuses it). Waits until
+/// the TLS port accepts connections.
+pub async fn start_kinesis_local_tls(
+    cert_path: &std::path::Path,
+) -> anyhow::Result<TlsKinesisLocal> {
+    let dir = emulators_dir().join("node_modules").join("kinesis-local");
+    let main = dir.join("main.js");
+    ensure!(
+        main.exists(),
+        "kinesis-local is not installed at {} (run scripts/test.sh, or \
+         `npm install --prefix .emulators kinesis-local@0.6.2`)",
+        main.display()
+    );
+    ensure!(
+        cert_path.exists(),
+        "no certificate file at {}",
+        cert_path.display()
+    );
+    let plain = free_port()?;
+    let mut tls = free_port()?;
+    while tls == plain {
+        tls = free_port()?;
+    }
+    let mut cmd = Command::new("node");
+    cmd.arg(&main)
+        .env("KINESIS_MOCK_CERT_PATH", cert_path)
+        .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
+        .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
+        .env("CREATE_STREAM_DURATION", "100ms")
+        .env("DELETE_STREAM_DURATION", "100ms")
+        .env("SPLIT_SHARD_DURATION", "100ms")
+        .env("MERGE_SHARDS_DURATION", "100ms")
+        .env("UPDATE_SHARD_COUNT_DURATION", "100ms")
+        .env("REGISTER_STREAM_CONSUMER_DURATION", "100ms")
+        .env("DEREGISTER_STREAM_CONSUMER_DURATION", "100ms")
+        .env("SHARD_LIMIT", "1000")
+        .env("SHOULD_PERSIST_DATA", "false")
+        .env("LOAD_DATA_IF_EXISTS", "false")
+        .env("LOG_LEVEL", "WARN");
+    let server = ServerProcess::spawn("kinesis-local-tls", cmd, tls).await?;
+    Ok(TlsKinesisLocal {
+        server,
+        plain_port: plain,
+    })
+}

@@ -21,6 +21,7 @@ use crate::lease::coordinator::HeldLease;
 use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
+use crate::retrieval::deagg::deaggregate_batch;
 use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
@@ -189,12 +190,12 @@ impl Consumer {
             self.env.config.stream.clone(),
             self.shard.clone(),
             position,
-            lease.checkpoint.clone(),
             self.env.config.polling.clone(),
             self.env.prefetch.clone(),
             fetch_stop,
         );
         let label = self.shard.to_string();
+        let mut delivered_upto = lease.checkpoint.clone();
         loop {
             let fetched = tokio::select! {
                 biased;
@@ -212,6 +213,13 @@ impl Consumer {
                     if !self.held.is_valid() {
                         return Err(Stop::LeaseLost);
                     }
+                    // KPL aggregates become their user records (those in this shard's hash
+                    // range); what the checkpoint covers is dropped (a resume starts *at* the
+                    // checkpointed record, possibly inside an aggregate).
+                    let mut records = deaggregate_batch(records, &self.shard, lease.hash_range);
+                    records.retain(|r| r.position() > delivered_upto);
+                    let Some(last) = records.last() else { continue };
+                    delivered_upto = last.position();
                     let batch = RecordBatch {
                         shard_id: self.shard.clone(),
                         records,

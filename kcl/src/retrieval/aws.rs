@@ -784,4 +784,137 @@ mod tests {
             Err(KinesisApiError::Malformed(_))
         ));
     }
+
+    #[test]
+    fn starting_positions_map_to_the_subscribe_to_shard_types() {
+        let seq = SequenceNumber::parse("42").expect("valid");
+        let at = starting_position(&IteratorPosition::AtSequence(seq.clone())).expect("valid");
+        assert_eq!(at.r#type(), &ShardIteratorType::AtSequenceNumber);
+        assert_eq!(at.sequence_number(), Some("42"));
+        let after = starting_position(&IteratorPosition::AfterSequence(seq)).expect("valid");
+        assert_eq!(after.r#type(), &ShardIteratorType::AfterSequenceNumber);
+        assert_eq!(after.sequence_number(), Some("42"));
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let ts = starting_position(&IteratorPosition::AtTimestamp(t)).expect("valid");
+        assert_eq!(ts.r#type(), &ShardIteratorType::AtTimestamp);
+        assert_eq!(ts.timestamp(), Some(&DateTime::from(t)));
+        let trim = starting_position(&IteratorPosition::TrimHorizon).expect("valid");
+        assert_eq!(trim.r#type(), &ShardIteratorType::TrimHorizon);
+        assert_eq!(trim.sequence_number(), None);
+        let latest = starting_position(&IteratorPosition::Latest).expect("valid");
+        assert_eq!(latest.r#type(), &ShardIteratorType::Latest);
+    }
+
+    #[test]
+    fn subscription_events_convert_and_an_empty_continuation_is_the_shard_end() {
+        use aws_sdk_kinesis::types::{ChildShard as SdkChild, HashKeyRange as Hkr};
+        let record = aws_sdk_kinesis::types::Record::builder()
+            .sequence_number("7")
+            .data(aws_sdk_kinesis::primitives::Blob::new(b"x".to_vec()))
+            .partition_key("k")
+            .build()
+            .expect("complete");
+        let event = aws_sdk_kinesis::types::SubscribeToShardEvent::builder()
+            .records(record)
+            .continuation_sequence_number("7")
+            .millis_behind_latest(12)
+            .build()
+            .expect("complete");
+        let converted = convert_event(event).expect("valid");
+        assert_eq!(converted.records.len(), 1);
+        assert_eq!(converted.records[0].sequence_number.as_str(), "7");
+        assert_eq!(
+            converted.continuation_sequence_number.as_ref().map(|c| c.as_str()),
+            Some("7")
+        );
+        assert_eq!(converted.millis_behind_latest, Some(12));
+        assert!(converted.child_shards.is_empty());
+
+        let child = SdkChild::builder()
+            .shard_id("shardId-000000000002")
+            .parent_shards("shardId-000000000000")
+            .hash_key_range(
+                Hkr::builder()
+                    .starting_hash_key("0")
+                    .ending_hash_key("99")
+                    .build()
+                    .expect("complete"),
+            )
+            .build()
+            .expect("complete");
+        let last = aws_sdk_kinesis::types::SubscribeToShardEvent::builder()
+            .continuation_sequence_number("")
+            .millis_behind_latest(0)
+            .child_shards(child)
+            .build()
+            .expect("complete");
+        let converted = convert_event(last).expect("valid");
+        assert_eq!(converted.continuation_sequence_number, None);
+        assert_eq!(converted.child_shards.len(), 1);
+        assert_eq!(converted.child_shards[0].id.as_str(), "shardId-000000000002");
+        assert_eq!(
+            converted.child_shards[0].parents,
+            [ShardId::new("shardId-000000000000")]
+        );
+
+        let bad = aws_sdk_kinesis::types::SubscribeToShardEvent::builder()
+            .continuation_sequence_number("12x")
+            .millis_behind_latest(0)
+            .build()
+            .expect("complete");
+        assert!(matches!(
+            convert_event(bad),
+            Err(KinesisApiError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn classifies_subscription_errors() {
+        use aws_sdk_kinesis::operation::subscribe_to_shard::SubscribeToShardError;
+        use aws_sdk_kinesis::types::error::{
+            KmsDisabledException, ResourceInUseException, SubscribeToShardEventStreamError,
+        };
+        // SubscribeToShard within 5 s of the previous one: retried after a backoff.
+        let too_soon = SubscribeToShardError::ResourceInUseException(
+            ResourceInUseException::builder()
+                .meta(meta("ResourceInUseException", "too soon"))
+                .build(),
+        );
+        let too_soon: SdkError<_, HttpResponse> = SdkError::service_error(too_soon, response(400));
+        assert!(matches!(
+            classify(too_soon, "c"),
+            KinesisApiError::Transient(_)
+        ));
+
+        let in_stream = |err: SubscribeToShardEventStreamError| {
+            classify_event_error(
+                SdkError::service_error(err, RawMessage::invalid(None)),
+                "c",
+            )
+        };
+        // Another subscription took over.
+        let taken_over = SubscribeToShardEventStreamError::ResourceInUseException(
+            ResourceInUseException::builder()
+                .meta(meta("ResourceInUseException", "taken over"))
+                .build(),
+        );
+        assert!(matches!(
+            in_stream(taken_over),
+            KinesisApiError::Transient(_)
+        ));
+        let unknown = SubscribeToShardEventStreamError::generic(meta("SomethingNew", "?"));
+        assert!(matches!(in_stream(unknown), KinesisApiError::Transient(_)));
+        let kms = SubscribeToShardEventStreamError::KmsDisabledException(
+            KmsDisabledException::builder()
+                .meta(meta("KMSDisabledException", "key disabled"))
+                .build(),
+        );
+        assert!(matches!(in_stream(kms), KinesisApiError::Other(_)));
+        let dropped: SdkError<SubscribeToShardEventStreamError, RawMessage> =
+            SdkError::timeout_error("connection dropped");
+        assert!(matches!(
+            classify_event_error(dropped, "c"),
+            KinesisApiError::Transient(_)
+        ));
+    }
 }

@@ -51,7 +51,7 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A subscription with no event for this long is dropped and made again (Kinesis sends an
 /// event at least every few seconds, with no records if there are none: a longer silence is a
 /// dead connection).
-pub(crate) const EVENT_TIMEOUT: Duration = Duration::from_secs(35);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(35);
 /// The longest pause between two subscription attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::{IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
 use crate::config::PollingConfig;
 use crate::metrics as m;
-use crate::record::{ExtendedSequenceNumber, Record};
+use crate::record::{Record, SequenceNumber};
 use crate::shard::{ChildShard, ShardId};
 
 /// One unit read ahead of the processor.
@@ -84,15 +84,15 @@ impl Drop for Registered {
     }
 }
 
-/// Starts the fetcher task for `shard`, from `position`, skipping records at or before
-/// `after` (the checkpoint). Returns the receiving end of the prefetch queue. The task stops
-/// when `stop` is cancelled or the receiver is dropped.
+/// Starts the fetcher task for `shard`, from `position`. Returns the receiving end of the
+/// prefetch queue. The task stops when `stop` is cancelled or the receiver is dropped. Records
+/// come as read (KPL aggregates included): the consumer deaggregates them and drops what the
+/// checkpoint already covers.
 pub(crate) fn spawn_fetcher(
     kinesis: Arc<dyn KinesisApi>,
     stream: String,
     shard: ShardId,
     position: IteratorPosition,
-    after: ExtendedSequenceNumber,
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
@@ -105,7 +105,7 @@ pub(crate) fn spawn_fetcher(
         stream,
         shard,
         cfg,
-        last_read: after,
+        last_read: None,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -125,9 +125,8 @@ struct Fetcher {
     budget: Registered,
     /// Moving average of record sizes, to size requests to the budget.
     avg_record_bytes: usize,
-    /// The last position read (or the checkpoint): records at or before it are dropped, and an
-    /// expired iterator is renewed after it.
-    last_read: ExtendedSequenceNumber,
+    /// The last (outer) record read: an expired iterator is renewed after it.
+    last_read: Option<SequenceNumber>,
 }
 
 impl Fetcher {
@@ -163,7 +162,7 @@ impl Fetcher {
 
     /// Position to renew an expired iterator from.
     fn renew_position(&self, initial: &IteratorPosition) -> IteratorPosition {
-        match self.last_read.sequence() {
+        match &self.last_read {
             Some(seq) => IteratorPosition::AfterSequence(seq.clone()),
             None => initial.clone(),
         }
@@ -226,13 +225,9 @@ impl Fetcher {
                 }
             };
             let at_tip = out.millis_behind_latest == Some(0);
-            let records: Vec<Record> = out
-                .records
-                .into_iter()
-                .filter(|r| r.position() > self.last_read)
-                .collect();
+            let records: Vec<Record> = out.records;
             if let Some(last) = records.last() {
-                self.last_read = last.position();
+                self.last_read = Some(last.sequence_number.clone());
                 let bytes: usize = records.iter().map(|r| r.data.len()).sum();
                 let avg = bytes / records.len();
                 self.avg_record_bytes = (self.avg_record_bytes * 3 + avg.max(1)) / 4;

@@ -179,6 +179,32 @@ pub struct Sim {
     faults: FaultRates,
     timing: Timing,
     work: Work,
+    script: Vec<(Duration, Verb)>,
+}
+
+/// A scripted event, for [`Sim::at`]. Worker numbers are slots `0..workers`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Verb {
+    /// Kill worker `i`: its `run()` task is aborted and its network cut (no release; its
+    /// leases expire). It stays down until [`Verb::Start`] (or the settle phase).
+    Crash(usize),
+    /// Stop worker `i` gracefully (checkpoint, release). It stays down until [`Verb::Start`].
+    Stop(usize),
+    /// Start worker `i` again with its worker id, if it is down.
+    Start(usize),
+    /// Start worker `i` again with a fresh worker id, if it is down.
+    StartFresh(usize),
+    /// Crash worker `i` and start it again at once with the same id.
+    Bounce(usize),
+    /// Replace the network faults of worker `i` (`LinkFaults::default()` heals it).
+    Faults(usize, LinkFaults),
+    /// Split an open shard at a hash key.
+    Split(ShardId, u128),
+    /// Merge two adjacent open shards.
+    Merge(ShardId, ShardId),
+    /// `UpdateShardCount` to this many open shards.
+    ScaleTo(usize),
 }
 
 impl Sim {
@@ -200,6 +226,7 @@ impl Sim {
                 slow_batch: 0.01,
                 slow_time: Duration::from_secs(15),
             },
+            script: Vec::new(),
         }
     }
 
@@ -310,6 +337,28 @@ impl Sim {
     /// How processors behave.
     pub fn work(mut self, w: Work) -> Self {
         self.work = w;
+        self
+    }
+
+    /// Scripts `verb` at virtual time `at` (workers start within the first 3 s), on top of the
+    /// random faults (use [`FaultRates::none`] for a purely scripted run).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use kcl::testkit::sim::{FaultRates, Sim, Verb};
+    /// let report = Sim::new(1)
+    ///     .workers(2)
+    ///     .shards(2)
+    ///     .records(60)
+    ///     .duration(Duration::from_secs(30))
+    ///     .faults(FaultRates::none())
+    ///     .at(Duration::from_secs(10), Verb::Crash(0))
+    ///     .at(Duration::from_secs(20), Verb::Start(0))
+    ///     .run();
+    /// assert_eq!(report.counts.distinct, 60);
+    /// ```
+    pub fn at(mut self, at: Duration, verb: Verb) -> Self {
+        self.script.push((at, verb));
         self
     }
 
@@ -475,6 +524,7 @@ enum Action {
     Chaos,
     Start(usize),
     Heal(usize, Heal),
+    Script(usize),
 }
 
 /// Sets its flag when dropped (with the future that owns it).
@@ -501,6 +551,8 @@ struct Slot {
     rng: ChaCha8Rng,
     link: Arc<Mutex<Link>>,
     run: Option<Running>,
+    /// Kept down by a scripted `Crash` / `Stop` until a scripted `Start`.
+    scripted_down: bool,
 }
 
 struct Driver {
@@ -533,6 +585,7 @@ impl Driver {
                     rng: slot_rng,
                     link,
                     run: None,
+                    scripted_down: false,
                 }
             })
             .collect();
@@ -577,6 +630,10 @@ impl Driver {
             let d = self.chaos_gap();
             self.schedule(d, Action::Chaos);
         }
+        for k in 0..self.sim.script.len() {
+            let at = self.sim.script[k].0;
+            self.schedule(at, Action::Script(k));
+        }
 
         // Chaos: run the agenda until the chaos phase is over and every record is put.
         while let Some((&(at, seq), &action)) = self.agenda.iter().next() {
@@ -616,9 +673,14 @@ impl Driver {
             Action::Start(i) => match &self.slots[i].run {
                 Some(r) if r.stopping => self.schedule(Duration::from_secs(1), Action::Start(i)),
                 Some(_) => {}
-                None => self.start(i, true),
+                None if self.slots[i].scripted_down => {}
+                None => self.start(i, None),
             },
             Action::Heal(i, what) => self.heal(i, what),
+            Action::Script(k) => {
+                let verb = self.sim.script[k].1.clone();
+                self.verb(verb);
+            }
         }
     }
 
@@ -647,12 +709,73 @@ impl Driver {
         }
     }
 
-    /// Starts slot `i`; `chaos` picks a fresh id sometimes on restarts.
-    fn start(&mut self, i: usize, chaos: bool) {
-        let fresh = chaos && {
-            let p = self.sim.faults.fresh_id;
-            let slot = &mut self.slots[i];
-            slot.restarts > 0 && p > 0.0 && slot.rng.random_bool(p.min(1.0))
+    /// Runs a scripted verb.
+    fn verb(&mut self, verb: Verb) {
+        let n = self.slots.len();
+        let slot = |i: usize| i.min(n - 1);
+        match verb {
+            Verb::Crash(i) => {
+                self.crash(slot(i));
+                self.slots[slot(i)].scripted_down = true;
+            }
+            Verb::Stop(i) => {
+                self.stop(slot(i));
+                self.slots[slot(i)].scripted_down = true;
+            }
+            Verb::Start(i) | Verb::StartFresh(i) => {
+                let i = slot(i);
+                self.slots[i].scripted_down = false;
+                if self.slots[i].run.is_none() {
+                    self.start(i, Some(matches!(verb, Verb::StartFresh(_))));
+                }
+            }
+            Verb::Bounce(i) => {
+                self.crash(slot(i));
+                self.start(slot(i), Some(false));
+            }
+            Verb::Faults(i, f) => {
+                self.set_fault(slot(i), format!("set {f:?}"), |l| *l = f);
+            }
+            Verb::Split(id, at) => {
+                let (a, b) = self.kinesis.split(STREAM, &id, at);
+                self.rec.push(Event::Reshard(format!("split {id} -> {a}, {b}")));
+                self.stats.reshards += 1;
+            }
+            Verb::Merge(a, b) => {
+                let c = self.kinesis.merge(STREAM, &a, &b);
+                self.rec.push(Event::Reshard(format!("merge {a} + {b} -> {c}")));
+                self.stats.reshards += 1;
+            }
+            Verb::ScaleTo(target) => {
+                let n = self.kinesis.open_shard_ids(STREAM).len();
+                self.kinesis.update_shard_count(STREAM, target.max(1));
+                self.rec.push(Event::Reshard(format!("update_shard_count {n} -> {target}")));
+                self.stats.reshards += 1;
+            }
+        }
+    }
+
+    /// Asks slot `i` to stop gracefully.
+    fn stop(&mut self, i: usize) {
+        if let Some(r) = self.slots[i].run.as_mut() {
+            if !r.stopping {
+                r.stopping = true;
+                r.stop.shutdown();
+                self.rec.push(Event::Stop { inc: r.inc });
+            }
+        }
+    }
+
+    /// Starts slot `i`. `fresh`: `Some(true)` takes a fresh worker id, `Some(false)` keeps
+    /// it, `None` draws (chaos restarts).
+    fn start(&mut self, i: usize, fresh: Option<bool>) {
+        let fresh = match fresh {
+            Some(f) => f,
+            None => {
+                let p = self.sim.faults.fresh_id;
+                let slot = &mut self.slots[i];
+                slot.restarts > 0 && p > 0.0 && slot.rng.random_bool(p.min(1.0))
+            }
         };
         let slot = &mut self.slots[i];
         if fresh {
@@ -752,7 +875,7 @@ impl Driver {
                 inc: r.inc,
                 outcome,
             });
-            if chaos && !r.stopping {
+            if chaos && !r.stopping && !self.slots[i].scripted_down {
                 let d = self.millis(500, 5000);
                 self.schedule(d, Action::Start(i));
             }
@@ -810,11 +933,7 @@ impl Driver {
                     return;
                 }
                 let i = running[self.rng.random_range(0..running.len())];
-                if let Some(r) = self.slots[i].run.as_mut() {
-                    r.stopping = true;
-                    r.stop.shutdown();
-                    self.rec.push(Event::Stop { inc: r.inc });
-                }
+                self.stop(i);
                 self.stats.stops += 1;
                 let d = self.millis(500, 10_000);
                 self.schedule(d, Action::Start(i));
@@ -966,7 +1085,7 @@ impl Driver {
             self.reap(false);
             for i in 0..self.slots.len() {
                 if self.slots[i].run.is_none() {
-                    self.start(i, false);
+                    self.start(i, Some(false));
                 }
             }
             let delivered = self.rec.distinct_delivered();
@@ -993,7 +1112,7 @@ impl Driver {
             self.reap(false);
             for i in 0..self.slots.len() {
                 if self.slots[i].run.is_none() {
-                    self.start(i, false);
+                    self.start(i, Some(false));
                 }
             }
             let owners: Vec<_> = self
@@ -1072,14 +1191,8 @@ impl Driver {
     /// Graceful shutdown of the whole fleet; every lease must end up released.
     async fn shutdown(&mut self) {
         self.rec.push(Event::Phase("shutdown"));
-        for s in &mut self.slots {
-            if let Some(r) = s.run.as_mut() {
-                if !r.stopping {
-                    r.stopping = true;
-                    r.stop.shutdown();
-                    self.rec.push(Event::Stop { inc: r.inc });
-                }
-            }
+        for i in 0..self.slots.len() {
+            self.stop(i);
         }
         let deadline = self.rec.now() + Duration::from_secs(60) + self.sim.timing.lease_duration * 2;
         while self.slots.iter().any(|s| s.run.is_some()) && self.rec.now() < deadline {
