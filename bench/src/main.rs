@@ -13,6 +13,7 @@ mod probe;
 mod rss;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -45,6 +46,9 @@ struct Args {
     /// mem: polling.max_records (GetRecords limit).
     #[arg(long, default_value_t = 10_000)]
     mem_max_records: u32,
+    /// mem: worker runs over the same data; the one with the least CPU time is reported.
+    #[arg(long, default_value_t = 3)]
+    mem_repeats: usize,
     /// mem: skip the plain MemKinesis loop (e.g. when profiling the worker alone).
     #[arg(long)]
     mem_no_plain: bool,
@@ -136,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             idle_interval: Duration::from_micros(args.mem_idle_interval_us),
             max_records: args.mem_max_records,
             plain: !args.mem_no_plain,
+            repeats: args.mem_repeats,
         };
         println!(
             "== mem: {} shards x {} records of {} B, current-thread runtime, \
@@ -153,8 +158,8 @@ fn main() -> anyhow::Result<()> {
                 // figure a busy shared machine cannot distort; wall-clock beside it.
                 rows.push(Row {
                     name: format!(
-                        "1. in-memory worker, NoopProcessor, {}x{} x {} B, current-thread runtime, run() to last checkpoint",
-                        opts.shards, opts.per_shard, opts.record_size
+                        "1. in-memory worker, NoopProcessor, {}x{} x {} B, current-thread runtime, run() to last checkpoint (least CPU of {})",
+                        opts.shards, opts.per_shard, opts.record_size, opts.repeats
                     ),
                     measured: format!(
                         "{} per CPU-s ({} wall; {} records, CPU {}, wall {})",
@@ -210,7 +215,7 @@ fn main() -> anyhow::Result<()> {
                 opts.min_interval
                     .map_or("200 ms (default)".to_string(), |d| format!("{d:?}"))
             );
-            match rt.block_on(local::throughput(&opts)) {
+            match rt.block_on(interruptible(local::throughput(&opts))) {
                 Ok(r) => {
                     let (p, w) = (r.best_plain(), r.best_worker());
                     let ratio = p.as_secs_f64() / w.as_secs_f64();
@@ -245,7 +250,7 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => rows.push(failed("2. kinesis-local worker vs plain loop", &e)),
             }
         }
-        if all || args.mode == Mode::Startup {
+        if (all || args.mode == Mode::Startup) && !INTERRUPTED.load(Ordering::Relaxed) {
             let opts = local::StartupOpts {
                 shards: args.startup_shards,
                 repeats: args.startup_repeats,
@@ -257,7 +262,7 @@ fn main() -> anyhow::Result<()> {
                 if opts.moto { " / moto" } else { "" },
                 opts.repeats
             );
-            match rt.block_on(local::startup(&opts)) {
+            match rt.block_on(interruptible(local::startup(&opts))) {
                 Ok(rs) => {
                     for r in rs {
                         let samples: Vec<String> =
@@ -283,7 +288,7 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => rows.push(failed("3. time to first record", &e)),
             }
         }
-        if all || args.mode == Mode::Rss {
+        if (all || args.mode == Mode::Rss) && !INTERRUPTED.load(Ordering::Relaxed) {
             let opts = rss::RssOpts {
                 shards: args.rss_shards,
                 per_shard: args.rss_records,
@@ -296,7 +301,7 @@ fn main() -> anyhow::Result<()> {
                 "== rss: `kcl consume`, {} shards x {} records of {} B on kinesis-local + dynalite",
                 opts.shards, opts.per_shard, opts.record_size
             );
-            match rt.block_on(rss::run(&opts)) {
+            match rt.block_on(interruptible(rss::run(&opts))) {
                 Ok(r) => {
                     let mib = |b: u64| b as f64 / 1048576.0;
                     rows.push(Row {
@@ -334,6 +339,29 @@ fn main() -> anyhow::Result<()> {
 
     print_table(&rows);
     Ok(())
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Runs `fut` until it ends or SIGINT / SIGTERM arrives; on a signal the future is dropped,
+/// which stops the servers it started (they are killed when their handles drop).
+async fn interruptible<T>(
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        r = fut => r,
+        _ = term.recv() => {
+            INTERRUPTED.store(true, Ordering::Relaxed);
+            anyhow::bail!("interrupted (SIGTERM)")
+        }
+        _ = int.recv() => {
+            INTERRUPTED.store(true, Ordering::Relaxed);
+            anyhow::bail!("interrupted (SIGINT)")
+        }
+    }
 }
 
 fn failed(name: &str, e: &anyhow::Error) -> Row {

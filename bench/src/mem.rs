@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use kcl::retrieval::IteratorPosition;
-use kcl::testkit::MemBackends;
+use kcl::testkit::{MemBackends, MemLeaseStore};
 use kcl::{KinesisApi, PollingConfig, Worker};
 
 use crate::probe::{fmt_dur, fmt_rate, process_cpu_time, Probe, Recorder, TimedKinesis, TimedStore};
@@ -21,6 +21,8 @@ pub struct MemOpts {
     pub max_records: u32,
     /// Also time a plain MemKinesis GetRecords loop on the same data.
     pub plain: bool,
+    /// Worker runs over the same data (the one with the least CPU time is reported).
+    pub repeats: usize,
 }
 
 #[derive(Debug)]
@@ -87,71 +89,80 @@ async fn run_async(opts: &MemOpts) -> anyhow::Result<MemResult> {
         fmt_dur(load)
     );
 
-    let rec = Recorder::new();
-    let kinesis = Arc::new(TimedKinesis {
-        inner: Arc::new(k.clone()),
-        rec: rec.clone(),
-    });
-    let store = Arc::new(TimedStore {
-        inner: Arc::new(backends.leases().clone()),
-        rec: rec.clone(),
-    });
     let mut polling = PollingConfig::default();
     polling.min_interval = opts.min_interval;
     polling.idle_interval = opts.idle_interval;
     polling.max_records = opts.max_records;
-    let probe = Probe::new(total);
-    let worker = Worker::builder()
-        .application_name("bench-app")
-        .stream(stream)
-        .worker_id("bench-worker")
-        .kinesis(kinesis)
-        .lease_store(store)
-        .polling(polling)
-        .processor(probe.processor())
-        .build()?;
-    let stop = worker.shutdown_handle();
-    let cpu0 = process_cpu_time();
-    let t0 = Instant::now();
-    rec.reset(t0);
-    let running = tokio::spawn(worker.run());
-    tokio::time::timeout(Duration::from_secs(600), probe.all_records())
-        .await
-        .context("the worker did not deliver every record within 600 s")?;
-    let cpu = process_cpu_time() - cpu0;
-    let last = probe.last().context("done without a last record")?;
-    let first = probe.first().context("done without a first record")?;
-    let calls = rec.summary();
-    stop.shutdown();
-    running.await.context("worker panicked")??;
-    ensure!(probe.records() == total, "delivered {} of {total}", probe.records());
+    // Each repeat reads the same stream from TRIM_HORIZON with a fresh lease table; the run
+    // with the least CPU time is reported (the others were disturbed more by the machine).
+    let mut best: Option<(Duration, Duration, Duration)> = None;
+    for rep in 0..opts.repeats.max(1) {
+        let rec = Recorder::new();
+        let kinesis = Arc::new(TimedKinesis {
+            inner: Arc::new(k.clone()),
+            rec: rec.clone(),
+        });
+        let store = Arc::new(TimedStore {
+            inner: Arc::new(MemLeaseStore::new()),
+            rec: rec.clone(),
+        });
+        let probe = Probe::new(total);
+        let worker = Worker::builder()
+            .application_name("bench-app")
+            .stream(stream)
+            .worker_id("bench-worker")
+            .kinesis(kinesis)
+            .lease_store(store)
+            .polling(polling.clone())
+            .processor(probe.processor())
+            .build()?;
+        let stop = worker.shutdown_handle();
+        let cpu0 = process_cpu_time();
+        let t0 = Instant::now();
+        rec.reset(t0);
+        let running = tokio::spawn(worker.run());
+        tokio::time::timeout(Duration::from_secs(600), probe.all_records())
+            .await
+            .context("the worker did not deliver every record within 600 s")?;
+        let cpu = process_cpu_time() - cpu0;
+        let last = probe.last().context("done without a last record")?;
+        let first = probe.first().context("done without a first record")?;
+        let calls = rec.summary();
+        stop.shutdown();
+        running.await.context("worker panicked")??;
+        ensure!(probe.records() == total, "delivered {} of {total}", probe.records());
 
-    let elapsed = last - t0;
-    let steady = last - first;
-    println!(
-        "mem: worker delivered {total} records in {} ({}); first record after {}; \
-         {} batches; CPU {} ({} per CPU-second)",
-        fmt_dur(elapsed),
-        fmt_rate(total as f64 / elapsed.as_secs_f64()),
-        fmt_dur(first - t0),
-        probe.batches(),
-        fmt_dur(cpu),
-        fmt_rate(total as f64 / cpu.as_secs_f64()),
-    );
-    println!(
-        "mem:   time inside NoopProcessor::process_records (checkpoint): {} total",
-        fmt_dur(probe.process_time())
-    );
-    for (op, s) in &calls {
+        let elapsed = last - t0;
+        let steady = last - first;
         println!(
-            "mem:   {op:<28} {:>5} calls {:>8} items  wall {:>8}  CPU {:>8}  max {:>7}",
-            s.calls,
-            s.items,
-            fmt_dur(s.total),
-            fmt_dur(s.cpu),
-            fmt_dur(s.max)
+            "mem: run {rep}: worker delivered {total} records in {} ({}); first record after {}; \
+             {} batches; CPU {} ({} per CPU-second)",
+            fmt_dur(elapsed),
+            fmt_rate(total as f64 / elapsed.as_secs_f64()),
+            fmt_dur(first - t0),
+            probe.batches(),
+            fmt_dur(cpu),
+            fmt_rate(total as f64 / cpu.as_secs_f64()),
         );
+        println!(
+            "mem:   time inside NoopProcessor::process_records (checkpoint): {} wall",
+            fmt_dur(probe.process_time())
+        );
+        for (op, s) in &calls {
+            println!(
+                "mem:   {op:<28} {:>5} calls {:>8} items  wall {:>8}  CPU {:>8}  max {:>7}",
+                s.calls,
+                s.items,
+                fmt_dur(s.total),
+                fmt_dur(s.cpu),
+                fmt_dur(s.max)
+            );
+        }
+        if best.is_none_or(|b| cpu < b.1) {
+            best = Some((elapsed, cpu, steady));
+        }
     }
+    let (elapsed, cpu, steady) = best.context("no run")?;
 
     if !opts.plain {
         return Ok(MemResult {

@@ -41,6 +41,21 @@ pub struct RssResult {
     pub shutdown: Duration,
 }
 
+/// SIGKILLs and reaps the CLI if the benchmark stops early (error or interrupt).
+struct KillOnDrop(Option<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: our own unreaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
 fn proc_status(pid: i32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
@@ -122,6 +137,7 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
         .spawn()
         .with_context(|| format!("starting {}", opts.kcl_bin.display()))?;
     let pid = child.id() as i32;
+    let mut guard = KillOnDrop(Some(pid));
 
     // Poll VmHWM every 50 ms; the lease table every 500 ms until every shard's checkpoint is
     // its last record.
@@ -189,6 +205,7 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let shutdown = term.elapsed();
+    guard.0 = None; // reaped
     drop(child);
     let peak_rss = (ru.ru_maxrss as u64 * 1024).max(hwm);
     let exit_status = if libc::WIFEXITED(status) {

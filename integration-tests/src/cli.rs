@@ -155,17 +155,25 @@ impl CliEnv {
             "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
             "AWS_USE_FIPS_ENDPOINT",
             "AWS_USE_DUALSTACK_ENDPOINT",
+            // anyhow would print a backtrace after every error message.
+            "RUST_BACKTRACE",
+            "RUST_LIB_BACKTRACE",
         ] {
             cmd.env_remove(var);
         }
-        let no_file = log_dir().join("no-such-aws-config");
+        // An empty config and credentials file: no profile of the machine applies.
+        let empty = log_dir().join("empty-aws-config");
+        if !empty.exists() {
+            std::fs::create_dir_all(log_dir()).ok();
+            let _ = std::fs::write(&empty, b"");
+        }
         cmd.env("AWS_ENDPOINT_URL_KINESIS", &self.kinesis_endpoint)
             .env("AWS_ENDPOINT_URL_DYNAMODB", &self.dynamodb_endpoint)
             .env("AWS_REGION", &self.region)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_CONFIG_FILE", &no_file)
-            .env("AWS_SHARED_CREDENTIALS_FILE", &no_file)
+            .env("AWS_CONFIG_FILE", &empty)
+            .env("AWS_SHARED_CREDENTIALS_FILE", &empty)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", &self.rust_log)
             .env("NO_COLOR", "1");

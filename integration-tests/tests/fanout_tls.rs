@@ -50,7 +50,9 @@ impl TestPki {
         let server_key = KeyPair::generate()?;
         // `new` makes "127.0.0.1" an IP address name and "localhost" a DNS name.
         let mut server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-        server.distinguished_name.push(DnType::CommonName, "localhost");
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
         server.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -101,12 +103,45 @@ async fn client_trusting(endpoint: &str, ca_pem: &str) -> anyhow::Result<Client>
     Ok(Client::new(&conf))
 }
 
-/// Reads events until `n` records arrived (or 30 s passed); returns them and the last
-/// continuation sequence number.
+/// Subscribes from `position` and reads events until `n` records arrived (30 s at most);
+/// returns them and the last continuation sequence number. A subscription that fails before
+/// delivering a record with a retryable error (kinesis-local, like AWS, refuses a
+/// subscription made too soon after the previous one of the same consumer and shard, with
+/// `ResourceInUseException` in the event stream) is made again a second later, for up to 60 s.
+async fn subscribe_and_receive(
+    kinesis: &AwsKinesis,
+    arn: &str,
+    shard: &kcl::ShardId,
+    position: IteratorPosition,
+    n: usize,
+) -> anyhow::Result<(Vec<Record>, SequenceNumber)> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let received = match kinesis.subscribe_to_shard(arn, shard, &position).await {
+            Ok(mut events) => receive(&mut events, n).await?,
+            Err(e) => Err((e, 0)),
+        };
+        match received {
+            Ok(got) => {
+                println!("subscribed in {:?}", started.elapsed());
+                return Ok(got);
+            }
+            Err((e, 0)) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                println!("subscription refused ({e}); again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err((e, delivered)) => bail!("subscription failed after {delivered} records: {e:?}"),
+        }
+    }
+}
+
+/// Reads events until `n` records arrived (30 s at most): the records and the last
+/// continuation, or the stream's error and how many records came before it.
 async fn receive(
     events: &mut SubscriptionStream,
     n: usize,
-) -> anyhow::Result<(Vec<Record>, SequenceNumber)> {
+) -> anyhow::Result<Result<(Vec<Record>, SequenceNumber), (KinesisApiError, usize)>> {
     let mut records = Vec::new();
     let mut continuation = None;
     let read = async {
@@ -120,35 +155,16 @@ async fn receive(
                             .context("an open shard's event has a continuation")?,
                     );
                 }
-                Some(Err(e)) => bail!("subscription failed: {e:?}"),
+                Some(Err(e)) => return Ok(Err((e, records.len()))),
                 None => bail!("subscription ended after {} records", records.len()),
             }
         }
-        Ok(())
+        Ok(Ok(()))
     };
-    tokio::time::timeout(Duration::from_secs(30), read)
+    let outcome = tokio::time::timeout(Duration::from_secs(30), read)
         .await
         .with_context(|| format!("waiting for {n} records"))??;
-    Ok((records, continuation.context("no event")?))
-}
-
-/// `SubscribeToShard`, again while the service refuses a too-quick resubscription.
-async fn subscribe(
-    kinesis: &AwsKinesis,
-    arn: &str,
-    shard: &kcl::ShardId,
-    position: IteratorPosition,
-) -> anyhow::Result<SubscriptionStream> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match kinesis.subscribe_to_shard(arn, shard, &position).await {
-            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                println!("SubscribeToShard refused ({e}); again in 500 ms");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            other => return other.context("SubscribeToShard"),
-        }
-    }
+    Ok(outcome.map(|()| (records, continuation.expect("an event arrived"))))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,14 +202,18 @@ async fn fan_out_over_http2_and_tls() -> anyhow::Result<()> {
     );
     let shard = kinesis.list_shards(&stream).await?[0].id.clone();
 
-    let mut events = subscribe(&kinesis, &arn, &shard, IteratorPosition::TrimHorizon).await?;
     let data = |prefix: &str, n: usize| -> Vec<(String, Vec<u8>)> {
         (0..n)
             .map(|i| (format!("key-{i}"), format!("{prefix}-{i}").into_bytes()))
             .collect()
     };
     let puts = put_records(&client, &stream, data("first", 20)).await?;
-    let (records, continuation) = receive(&mut events, 20).await?;
+    let (records, continuation) =
+        subscribe_and_receive(&kinesis, &arn, &shard, IteratorPosition::TrimHorizon, 20).await?;
+    println!(
+        "first subscription: {} records, continuation {continuation}",
+        records.len()
+    );
     let got: Vec<_> = records.iter().map(|r| r.sequence_number.clone()).collect();
     let mut want: Vec<_> = puts.iter().map(|p| p.sequence_number.clone()).collect();
     want.sort();
@@ -208,24 +228,25 @@ async fn fan_out_over_http2_and_tls() -> anyhow::Result<()> {
         continuation >= *want.last().expect("20 records"),
         "continuation {continuation} is before the last record"
     );
-    drop(events);
 
     // Resubscribing after the continuation delivers only what came later.
     let later = put_records(&client, &stream, data("later", 5)).await?;
-    let mut events = subscribe(
+    let (records, _) = subscribe_and_receive(
         &kinesis,
         &arn,
         &shard,
-        IteratorPosition::AfterSequence(continuation),
+        IteratorPosition::AfterSequence(continuation.clone()),
+        5,
     )
     .await?;
-    let (records, _) = receive(&mut events, 5).await?;
     let got: Vec<_> = records.iter().map(|r| r.sequence_number.clone()).collect();
     let mut want: Vec<_> = later.iter().map(|p| p.sequence_number.clone()).collect();
     want.sort();
-    ensure!(got == want, "after resubscribing: received {got:?}, put {want:?}");
+    ensure!(
+        got == want,
+        "after resubscribing: received {got:?}, put {want:?}"
+    );
 
-    drop(events);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

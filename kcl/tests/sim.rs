@@ -1,5 +1,5 @@
 //! Deterministic fleet simulation (DESIGN §2, STYLE §5): a seed sweep, the regression seeds,
-//! and a determinism check.
+//! and a few scripted runs.
 //!
 //! Run with: `cargo test -p kcl --features testkit --test sim`
 //!
@@ -10,13 +10,24 @@
 
 use std::time::Duration;
 
-use kcl::testkit::sim::{divergence, sweep, SeedPlan, Sim};
+use kcl::testkit::sim::{divergence, sweep as run_sweep, FaultRates, SeedPlan, Sim, Verb};
 
-/// Seeds in the default sweep (paused time: tens of ms each).
+/// Seeds in the default sweep (paused time: tens to hundreds of ms each in debug builds).
 const DEFAULT_SEEDS: u64 = 200;
 
-/// Seeds that once failed; they run on every `cargo test`.
-const REGRESSIONS: &[u64] = &[];
+/// Seeds of `Sim::random` that once failed; they run on every `cargo test`. (Changing how
+/// `Sim::random` draws a scenario changes what a seed means: re-derive them then.)
+const REGRESSIONS: &[u64] = &[
+    // A child delivered before its parent's SHARD_END: the consumer took a parent missing from
+    // its (stale) shard listing for one trimmed away (`wait_for_parents` / `can_start`).
+    74, 102,
+    // Balance never reached: {2, 2, 0} — the most loaded worker is at target, so the idle one
+    // never steals (`plan_takes`).
+    3, 13, 16, 191,
+    // A handoff to a worker at its target whose old owner lost the lease (a slow batch) is
+    // never taken by force: the lease and its children stall (`plan_takes`).
+    180,
+];
 
 /// A run taking longer than this in real time is a livelock (time is paused).
 const HANG: Duration = Duration::from_secs(120);
@@ -26,7 +37,7 @@ fn threads() -> usize {
 }
 
 #[test]
-fn sweep_seeds() {
+fn sweep() {
     let plan = SeedPlan::from_env(DEFAULT_SEEDS);
     if plan.replay {
         let sim = Sim::random(plan.start);
@@ -48,21 +59,21 @@ fn sweep_seeds() {
         assert!(report.is_ok(), "seed {} failed; see above", plan.start);
         return;
     }
-    let summary = sweep(plan.seeds(), threads(), plan.check, HANG, Sim::random);
+    let summary = run_sweep(plan.seeds(), threads(), plan.check, HANG, Sim::random);
     print!("{summary}");
     for (seed, why) in &summary.nondeterministic {
-        // Informative only: a difference comes from an RNG or clock outside the sim.
+        // Informative only: a difference comes from an RNG or a clock outside the simulation.
         eprintln!("warning: seed {seed} is not deterministic: {why}");
     }
     assert!(
         summary.failed.is_empty(),
-        "{} of {} seeds failed:\n{}",
+        "{} of {} seeds failed (reports above):\n{}",
         summary.failed.len(),
         summary.seeds,
         summary
             .failed
             .iter()
-            .map(|r| format!("  seed {}: {}", r.seed, r.replay_command()))
+            .map(|r| format!("  {}", r.replay_command()))
             .collect::<Vec<_>>()
             .join("\n")
     );
@@ -70,7 +81,13 @@ fn sweep_seeds() {
 
 #[test]
 fn regression_seeds() {
-    let summary = sweep(REGRESSIONS.iter().copied(), threads(), false, HANG, Sim::random);
+    let summary = run_sweep(
+        REGRESSIONS.iter().copied(),
+        threads(),
+        false,
+        HANG,
+        Sim::random,
+    );
     print!("{summary}");
     assert!(summary.failed.is_empty(), "regression seeds failed");
 }
@@ -80,10 +97,9 @@ fn a_seed_replays_exactly() {
     let sim = Sim::random(3);
     let (a, b) = (sim.run(), sim.run());
     if let Some(why) = divergence(&a, &b) {
-        eprintln!(
-            "warning: seed 3 ran differently twice ({why}); \
-             some randomness or clock escapes the simulation"
-        );
+        // Not a failure of the library's guarantees: something random escapes the simulation
+        // (e.g. backon's jitter once its `std` feature seeds it from the OS).
+        eprintln!("warning: seed 3 ran differently twice ({why})");
     }
 }
 
@@ -93,10 +109,75 @@ fn a_quiet_fleet_delivers_everything_once() {
         .workers(3)
         .shards(4)
         .records(200)
-        .faults(kcl::testkit::sim::FaultRates::none())
+        .faults(FaultRates::none())
         .run();
     print!("{report}");
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.counts.distinct, 200);
     assert_eq!(report.counts.duplicates, 0, "no faults, no duplicates");
+}
+
+/// `Worker::run`'s cancel-safety contract: dropping the future abandons the held leases, which
+/// then expire. Every task `run()` spawned must stop with it: a renewer left behind keeps the
+/// leases alive forever (and a taker keeps taking leases nobody will process).
+#[test]
+fn an_aborted_worker_leaves_no_task_behind() {
+    let report = Sim::new(2)
+        .workers(3)
+        .shards(4)
+        .records(100)
+        .duration(Duration::from_secs(40))
+        .faults(FaultRates::none())
+        .at(Duration::from_secs(10), Verb::Crash(0))
+        .at(Duration::from_secs(15), Verb::StartFresh(0))
+        .at(Duration::from_secs(20), Verb::Crash(1))
+        .at(Duration::from_secs(25), Verb::Start(1))
+        .run();
+    print!("{report}");
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(
+        report.stats.zombie_calls, 0,
+        "tasks of aborted workers kept calling the backends: {:?}",
+        report.stats.zombie_ops
+    );
+}
+
+/// A scripted storm on one worker: a partition longer than the lease, then a slow table.
+#[test]
+fn a_partitioned_worker_stops_before_its_lease_can_be_taken() {
+    use kcl::testkit::sim::{LinkFaults, Partition};
+    let report = Sim::new(3)
+        .workers(3)
+        .shards(3)
+        .records(150)
+        .duration(Duration::from_secs(60))
+        .faults(FaultRates::none())
+        .at(
+            Duration::from_secs(10),
+            Verb::Faults(
+                0,
+                LinkFaults {
+                    partition: Some(Partition::Hang(Duration::from_secs(4))),
+                    ..LinkFaults::default()
+                },
+            ),
+        )
+        .at(
+            Duration::from_secs(35),
+            Verb::Faults(
+                0,
+                LinkFaults {
+                    latency: Duration::from_secs(8),
+                    ..LinkFaults::default()
+                },
+            ),
+        )
+        .at(
+            Duration::from_secs(50),
+            Verb::Faults(0, LinkFaults::default()),
+        )
+        .run();
+    print!("{report}");
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.counts.distinct, 150);
 }

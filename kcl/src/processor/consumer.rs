@@ -22,6 +22,7 @@ use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::deagg::deaggregate_batch;
+use crate::retrieval::fanout::spawn_subscriber;
 use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
@@ -185,15 +186,26 @@ impl Consumer {
 
         let fetch_stop = CancellationToken::new();
         let _stop_fetcher = fetch_stop.clone().drop_guard();
-        let mut rx = spawn_fetcher(
-            self.env.kinesis.clone(),
-            self.env.config.stream.clone(),
-            self.shard.clone(),
-            position,
-            self.env.config.polling.clone(),
-            self.env.prefetch.clone(),
-            fetch_stop,
-        );
+        let mut rx = match &self.env.consumer_arn {
+            Some(arn) => spawn_subscriber(
+                self.env.kinesis.clone(),
+                arn.clone(),
+                self.shard.clone(),
+                position,
+                self.env.config.polling.clone(),
+                self.env.prefetch.clone(),
+                fetch_stop,
+            ),
+            None => spawn_fetcher(
+                self.env.kinesis.clone(),
+                self.env.config.stream.clone(),
+                self.shard.clone(),
+                position,
+                self.env.config.polling.clone(),
+                self.env.prefetch.clone(),
+                fetch_stop,
+            ),
+        };
         let label = self.shard.to_string();
         let mut delivered_upto = lease.checkpoint.clone();
         loop {

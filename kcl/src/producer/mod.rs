@@ -27,9 +27,9 @@
 //! `ErrorCode` per entry, typically `ProvisionedThroughputExceededException`), and calls that
 //! failed as a whole with a retryable error, are sent again with exponential backoff and jitter,
 //! up to [`ProducerBuilder::max_attempts`] times per entry. Per-key order holds: a call carries
-//! at most one entry per partition key and per hash key (an aggregate carries all its key's
-//! records that fit), so a key's later records are never sent before its earlier ones are
-//! stored. Records of one key are therefore stored in the order they were put, across flushes
+//! at most one entry per partition key (its oldest; with aggregation, that entry holds as many
+//! of the key's records as fit in an aggregate), so a key's later records are never sent before
+//! its earlier ones are stored. Records of one key are therefore stored in the order they were put, across flushes
 //! too (one flush sends at a time). When an entry runs out of attempts, the flush goes on with
 //! the other keys, then fails with [`ProducerError::Unsent`]; the unsent records stay buffered,
 //! first in line, for the next flush (or come back from [`Producer::close`]).

@@ -54,6 +54,7 @@ use aws_sdk_kinesis::config::http::HttpResponse;
 use aws_sdk_kinesis::config::StalledStreamProtectionConfig;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError;
 use aws_sdk_kinesis::types::{
     ConsumerStatus, ShardIteratorType, StartingPosition, SubscribeToShardEventStream,
 };
@@ -323,7 +324,10 @@ impl KinesisApi for AwsKinesis {
                     .into(),
                 ));
             }
-            debug!(stream, consumer_name, status, "waiting for the stream consumer");
+            debug!(
+                stream,
+                consumer_name, status, "waiting for the stream consumer"
+            );
             tokio::time::sleep(CONSUMER_POLL_INTERVAL).await;
         }
     }
@@ -403,7 +407,10 @@ impl AwsKinesis {
             {
                 Ok(None)
             }
-            Err(e) => Err(classify(e, &format!("stream consumer {name} of {stream_arn}"))),
+            Err(e) => Err(classify(
+                e,
+                &format!("stream consumer {name} of {stream_arn}"),
+            )),
         }
     }
 
@@ -578,18 +585,41 @@ where
     classify_service(service, server_error, what)
 }
 
-/// Classifies an error inside a subscription's event stream: as [`classify`], but an unknown
-/// error code is transient (the subscription broke; subscribing again tells whether it lasts).
-fn classify_event_error<E>(err: SdkError<E, RawMessage>, what: &str) -> KinesisApiError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    match err {
-        SdkError::ServiceError(ctx) => classify_service(ctx.into_err(), true, what),
+/// Classifies an error inside a subscription's event stream: as [`classify`], but by the
+/// modeled exception (an event-stream error carries its type in a header, and the SDK leaves
+/// the error code empty), and an error it does not know is transient (the subscription broke;
+/// subscribing again tells whether the cause lasts).
+fn classify_event_error(
+    err: SdkError<SubscribeToShardEventStreamError, RawMessage>,
+    what: &str,
+) -> KinesisApiError {
+    use SubscribeToShardEventStreamError as E;
+    let service = match err {
+        SdkError::ServiceError(ctx) => ctx.into_err(),
         err @ (SdkError::TimeoutError(_)
         | SdkError::DispatchFailure(_)
-        | SdkError::ResponseError(_)) => KinesisApiError::Transient(Box::new(err)),
-        err => KinesisApiError::Other(Box::new(err)),
+        | SdkError::ResponseError(_)) => return KinesisApiError::Transient(Box::new(err)),
+        err => return KinesisApiError::Other(Box::new(err)),
+    };
+    match service {
+        // The SDK puts an event-stream error's message into the exception, not its metadata.
+        E::ResourceNotFoundException(ref e) => {
+            KinesisApiError::NotFound(match e.message().or(service.message()) {
+                Some(message) => format!("{what}: {message}"),
+                None => what.to_owned(),
+            })
+        }
+        E::KmsThrottlingException(_) => KinesisApiError::Throttled(Box::new(service)),
+        E::KmsDisabledException(_)
+        | E::KmsInvalidStateException(_)
+        | E::KmsAccessDeniedException(_)
+        | E::KmsNotFoundException(_)
+        | E::KmsOptInRequired(_) => KinesisApiError::Other(Box::new(service)),
+        // Another subscription took over, or the service failed.
+        E::ResourceInUseException(_) | E::InternalFailureException(_) => {
+            KinesisApiError::Transient(Box::new(service))
+        }
+        other => classify_service(other, true, what),
     }
 }
 
@@ -824,7 +854,10 @@ mod tests {
         assert_eq!(converted.records.len(), 1);
         assert_eq!(converted.records[0].sequence_number.as_str(), "7");
         assert_eq!(
-            converted.continuation_sequence_number.as_ref().map(|c| c.as_str()),
+            converted
+                .continuation_sequence_number
+                .as_ref()
+                .map(|c| c.as_str()),
             Some("7")
         );
         assert_eq!(converted.millis_behind_latest, Some(12));
@@ -843,6 +876,7 @@ mod tests {
             .build()
             .expect("complete");
         let last = aws_sdk_kinesis::types::SubscribeToShardEvent::builder()
+            .set_records(Some(Vec::new()))
             .continuation_sequence_number("")
             .millis_behind_latest(0)
             .child_shards(child)
@@ -851,13 +885,17 @@ mod tests {
         let converted = convert_event(last).expect("valid");
         assert_eq!(converted.continuation_sequence_number, None);
         assert_eq!(converted.child_shards.len(), 1);
-        assert_eq!(converted.child_shards[0].id.as_str(), "shardId-000000000002");
+        assert_eq!(
+            converted.child_shards[0].id.as_str(),
+            "shardId-000000000002"
+        );
         assert_eq!(
             converted.child_shards[0].parents,
             [ShardId::new("shardId-000000000000")]
         );
 
         let bad = aws_sdk_kinesis::types::SubscribeToShardEvent::builder()
+            .set_records(Some(Vec::new()))
             .continuation_sequence_number("12x")
             .millis_behind_latest(0)
             .build()
@@ -887,10 +925,7 @@ mod tests {
         ));
 
         let in_stream = |err: SubscribeToShardEventStreamError| {
-            classify_event_error(
-                SdkError::service_error(err, RawMessage::invalid(None)),
-                "c",
-            )
+            classify_event_error(SdkError::service_error(err, RawMessage::invalid(None)), "c")
         };
         // Another subscription took over.
         let taken_over = SubscribeToShardEventStreamError::ResourceInUseException(
@@ -902,6 +937,22 @@ mod tests {
             in_stream(taken_over),
             KinesisApiError::Transient(_)
         ));
+        // As the SDK parses them from an event stream: no error code, only the type.
+        let codeless = SubscribeToShardEventStreamError::ResourceInUseException(
+            ResourceInUseException::builder()
+                .message("Another active subscription exists")
+                .build(),
+        );
+        assert!(matches!(in_stream(codeless), KinesisApiError::Transient(_)));
+        let gone = SubscribeToShardEventStreamError::ResourceNotFoundException(
+            ResourceNotFoundException::builder()
+                .message("no shard")
+                .build(),
+        );
+        match in_stream(gone) {
+            KinesisApiError::NotFound(m) => assert_eq!(m, "c: no shard"),
+            other => panic!("unexpected {other:?}"),
+        }
         let unknown = SubscribeToShardEventStreamError::generic(meta("SomethingNew", "?"));
         assert!(matches!(in_stream(unknown), KinesisApiError::Transient(_)));
         let kms = SubscribeToShardEventStreamError::KmsDisabledException(

@@ -3,11 +3,12 @@
 //! contract ([`Fetched`]), so the consumer does not know which one feeds it.
 //!
 //! **Positions.** The first subscription starts at the position it is given (a checkpoint
-//! resumes *at* the checkpointed record, and records at or before the checkpoint are dropped,
-//! so a restart inside a KPL aggregate loses none of its sub-records). Every event carries a
-//! `ContinuationSequenceNumber`; the next subscription starts `AFTER_SEQUENCE_NUMBER` the last
-//! one received (as the Java KCL does), and records at or before the last one delivered are
-//! dropped again, so a resubscription neither loses nor repeats a record.
+//! resumes *at* the checkpointed record). Records come as read, KPL aggregates included: the
+//! consumer deaggregates them and drops what the checkpoint already covers, as with polling.
+//! Every event carries a `ContinuationSequenceNumber`; the next subscription starts
+//! `AFTER_SEQUENCE_NUMBER` the last one received (as the Java KCL does), and records at or
+//! before the last one delivered are dropped, so a resubscription neither loses nor repeats a
+//! record.
 //!
 //! **Resubscribing.** Kinesis ends every subscription after 5 minutes: the subscriber then
 //! subscribes again at once. A subscription that cannot be made, breaks, ends without an event
@@ -43,7 +44,7 @@ use super::polling::{Fetched, PrefetchBudget};
 use super::{IteratorPosition, KinesisApi, KinesisApiError};
 use crate::config::PollingConfig;
 use crate::metrics as m;
-use crate::record::{ExtendedSequenceNumber, Record};
+use crate::record::{Record, SequenceNumber};
 use crate::shard::ShardId;
 
 /// A `SubscribeToShard` call that has not answered after this long is abandoned and retried.
@@ -56,17 +57,16 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(35);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Starts the subscriber task for `shard` with the registered stream consumer `consumer_arn`,
-/// from `position`, skipping records at or before `after` (the checkpoint). Returns the
-/// receiving end of the prefetch queue (`cfg.prefetch_batches` batches, bytes from `budget`).
-/// The task stops when `stop` is cancelled, the receiver is dropped, the shard ends or an
-/// error is not retryable.
-#[allow(clippy::too_many_arguments)] // the same contract as `polling::spawn_fetcher`
+/// from `position`. Returns the receiving end of the prefetch queue (`cfg.prefetch_batches`
+/// batches, bytes from `budget`), with the contract of `polling::spawn_fetcher`: records come
+/// as read (KPL aggregates included; the consumer deaggregates them and drops what the
+/// checkpoint covers). The task stops when `stop` is cancelled, the receiver is dropped, the
+/// shard ends or an error is not retryable.
 pub(crate) fn spawn_subscriber(
     kinesis: Arc<dyn KinesisApi>,
     consumer_arn: String,
     shard: ShardId,
     position: IteratorPosition,
-    after: ExtendedSequenceNumber,
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
@@ -78,7 +78,7 @@ pub(crate) fn spawn_subscriber(
         shard,
         budget,
         position,
-        last_read: after,
+        last_read: None,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -98,8 +98,9 @@ struct Subscriber {
     /// Where the next subscription starts: the initial position, then after the last
     /// continuation sequence number received.
     position: IteratorPosition,
-    /// The last record delivered (or the checkpoint): records at or before it are dropped.
-    last_read: ExtendedSequenceNumber,
+    /// The last (outer) record delivered: records at or before it are dropped (a resubscription
+    /// that repeats them).
+    last_read: Option<SequenceNumber>,
 }
 
 /// How one subscription ended.
@@ -179,7 +180,10 @@ impl Subscriber {
                 }
                 Err(_) => {
                     let e = format!("no subscription event for {EVENT_TIMEOUT:?}");
-                    return (Ended::Retry(KinesisApiError::Transient(e.into())), had_events);
+                    return (
+                        Ended::Retry(KinesisApiError::Transient(e.into())),
+                        had_events,
+                    );
                 }
             };
             had_events = true;
@@ -206,10 +210,10 @@ impl Subscriber {
         let records: Vec<Record> = event
             .records
             .into_iter()
-            .filter(|r| r.position() > self.last_read)
+            .filter(|r| self.last_read.as_ref() < Some(&r.sequence_number))
             .collect();
         if let Some(last) = records.last() {
-            self.last_read = last.position();
+            self.last_read = Some(last.sequence_number.clone());
             let bytes: usize = records.iter().map(|r| r.data.len()).sum();
             let Some(permit) = self.budget.acquire(bytes).await else {
                 return false;
@@ -354,7 +358,6 @@ mod tests {
     fn start(
         s: &Setup,
         position: IteratorPosition,
-        after: ExtendedSequenceNumber,
         prefetch_batches: usize,
         budget_bytes: usize,
     ) -> mpsc::Receiver<Fetched> {
@@ -363,7 +366,6 @@ mod tests {
             s.arn.clone(),
             s.shard.clone(),
             position,
-            after,
             cfg(prefetch_batches),
             PrefetchBudget::new(budget_bytes),
             CancellationToken::new(),
@@ -414,13 +416,7 @@ mod tests {
         for i in 0..3 {
             s.kinesis.inner.put("s", "key", format!("early-{i}"));
         }
-        let mut rx = start(
-            &s,
-            IteratorPosition::TrimHorizon,
-            ExtendedSequenceNumber::TrimHorizon,
-            3,
-            1 << 20,
-        );
+        let mut rx = start(&s, IteratorPosition::TrimHorizon, 3, 1 << 20);
         produce(&s.kinesis.inner, "late", 20, Duration::from_millis(300));
         let got = take(&mut rx, 23).await;
         let mut want = names("early", 3);
@@ -430,30 +426,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn resumes_at_the_checkpoint_and_drops_it() {
+    async fn starts_at_the_position_given() {
         let s = setup().await;
-        let (_, first) = s.kinesis.inner.put("s", "key", "r-0");
-        s.kinesis.inner.put("s", "key", "r-1");
-        let mut rx = start(
-            &s,
-            IteratorPosition::AtSequence(first.clone()),
-            ExtendedSequenceNumber::at(first, 0),
-            3,
-            1 << 20,
+        s.kinesis.inner.put("s", "key", "r-0");
+        let (_, second) = s.kinesis.inner.put("s", "key", "r-1");
+        s.kinesis.inner.put("s", "key", "r-2");
+        // At a checkpoint: the checkpointed record comes again (the consumer drops what the
+        // checkpoint covers, which inside a KPL aggregate is only some of its sub-records).
+        let mut rx = start(&s, IteratorPosition::AtSequence(second.clone()), 3, 1 << 20);
+        assert_eq!(data(&take(&mut rx, 2).await), ["r-1", "r-2"]);
+        // After a sequence number (another consumer: one subscription per consumer and shard).
+        let other = s
+            .kinesis
+            .register_stream_consumer("s", "other")
+            .await
+            .expect("registered");
+        let mut rx = spawn_subscriber(
+            Arc::new(s.kinesis.clone()),
+            other,
+            s.shard.clone(),
+            IteratorPosition::AfterSequence(second),
+            cfg(3),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
         );
-        assert_eq!(data(&take(&mut rx, 1).await), ["r-1"]);
+        assert_eq!(data(&take(&mut rx, 1).await), ["r-2"]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn resubscribes_after_the_five_minute_end_without_loss_or_duplicates() {
         let s = setup().await;
-        let mut rx = start(
-            &s,
-            IteratorPosition::TrimHorizon,
-            ExtendedSequenceNumber::TrimHorizon,
-            3,
-            1 << 20,
-        );
+        let mut rx = start(&s, IteratorPosition::TrimHorizon, 3, 1 << 20);
         // 16 minutes of records, one every 7 s: the subscription ends 3 times meanwhile.
         let n = 16 * 60 / 7;
         produce(&s.kinesis.inner, "r", n, Duration::from_secs(7));
@@ -477,13 +480,7 @@ mod tests {
         for i in 0..5 {
             k.put("s", "key", format!("r-{i}"));
         }
-        let mut rx = start(
-            &s,
-            IteratorPosition::TrimHorizon,
-            ExtendedSequenceNumber::TrimHorizon,
-            3,
-            1 << 20,
-        );
+        let mut rx = start(&s, IteratorPosition::TrimHorizon, 3, 1 << 20);
         assert_eq!(data(&take(&mut rx, 5).await), names("r", 5));
         // Closed while subscribed: the rest of the parent, then its end.
         k.put("s", "key", "r-5");
@@ -505,13 +502,7 @@ mod tests {
     async fn a_reader_that_does_not_read_stops_the_subscription() {
         let s = setup().await;
         // 2 batches and a 4 KiB budget; 10 records of 1 KiB arrive every 100 ms for 10 s.
-        let mut rx = start(
-            &s,
-            IteratorPosition::TrimHorizon,
-            ExtendedSequenceNumber::TrimHorizon,
-            2,
-            4 * 1024,
-        );
+        let mut rx = start(&s, IteratorPosition::TrimHorizon, 2, 4 * 1024);
         let k = s.kinesis.inner.clone();
         tokio::spawn(async move {
             for round in 0..100 {
@@ -545,13 +536,7 @@ mod tests {
             k.put("s", "key", format!("r-{i}"));
         }
         let started = Instant::now();
-        let mut rx = start(
-            &s,
-            IteratorPosition::TrimHorizon,
-            ExtendedSequenceNumber::TrimHorizon,
-            3,
-            1 << 20,
-        );
+        let mut rx = start(&s, IteratorPosition::TrimHorizon, 3, 1 << 20);
         let mut got = take(&mut rx, 5).await;
         // The next event breaks the connection; resubscribing within 5 s of the first
         // subscription is refused (ResourceInUseException) until the 5 s have passed.
@@ -574,13 +559,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_deregistered_consumer_fails_the_shard() {
         let s = setup().await;
-        let mut rx = start(
-            &s,
-            IteratorPosition::Latest,
-            ExtendedSequenceNumber::Latest,
-            3,
-            1 << 20,
-        );
+        let mut rx = start(&s, IteratorPosition::Latest, 3, 1 << 20);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(s.kinesis.inner.deregister_stream_consumer(&s.arn));
         match rx.recv().await {
@@ -601,7 +580,6 @@ mod tests {
             s.arn.clone(),
             s.shard.clone(),
             IteratorPosition::Latest,
-            ExtendedSequenceNumber::Latest,
             cfg(3),
             PrefetchBudget::new(1 << 20),
             stop.clone(),

@@ -739,8 +739,9 @@ impl MemKinesis {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let arn =
-            format!("arn:aws:kinesis:us-east-1:000000000000:stream/{stream}/consumer/{name}:{created}");
+        let arn = format!(
+            "arn:aws:kinesis:us-east-1:000000000000:stream/{stream}/consumer/{name}:{created}"
+        );
         st.fan_out.consumers.insert(
             arn.clone(),
             MemConsumer {
@@ -863,7 +864,11 @@ impl MemSubscription {
                 // A `subscription_event` fault breaks the subscription instead of sending the
                 // event (a dropped connection).
                 let result = match result {
-                    Ok(event) => self.kinesis.fault("subscription_event").await.map(|()| event),
+                    Ok(event) => self
+                        .kinesis
+                        .fault("subscription_event")
+                        .await
+                        .map(|()| event),
                     Err(e) => Err(e),
                 };
                 // An error, or the shard's last event, ends the stream.
@@ -1059,8 +1064,12 @@ mod fan_out_tests {
             Err(KinesisApiError::Other(_))
         ));
         assert!(matches!(
-            k.subscribe_to_shard("arn:nope", &ShardId::new("shardId-000000000000"), &IteratorPosition::Latest)
-                .await,
+            k.subscribe_to_shard(
+                "arn:nope",
+                &ShardId::new("shardId-000000000000"),
+                &IteratorPosition::Latest
+            )
+            .await,
             Err(KinesisApiError::NotFound(_))
         ));
     }
@@ -1083,7 +1092,11 @@ mod fan_out_tests {
         let (_, b) = k.put("s", "key", "b");
         let (_, c) = k.put("s", "key", "c");
         let second = next(&mut events).await;
-        let seqs: Vec<_> = second.records.iter().map(|r| r.sequence_number.clone()).collect();
+        let seqs: Vec<_> = second
+            .records
+            .iter()
+            .map(|r| r.sequence_number.clone())
+            .collect();
         assert_eq!(seqs, [b, c.clone()]);
         assert_eq!(second.continuation_sequence_number, Some(c.clone()));
         assert!(started.elapsed() <= SUBSCRIPTION_POLL * 2);
@@ -1139,7 +1152,10 @@ mod fan_out_tests {
         {
             Err(e @ KinesisApiError::Transient(_)) => {
                 assert!(e.is_retryable());
-                assert!(format!("{:?}", e).contains("ResourceInUseException"), "{e:?}");
+                assert!(
+                    format!("{:?}", e).contains("ResourceInUseException"),
+                    "{e:?}"
+                );
             }
             Err(e) => panic!("unexpected {e:?}"),
             Ok(_) => panic!("a second subscription within 5 s was accepted"),
@@ -1157,7 +1173,10 @@ mod fan_out_tests {
         k.put("s", "key", "x");
         match old.next().await {
             Some(Err(e @ KinesisApiError::Transient(_))) => {
-                assert!(format!("{:?}", e).contains("ResourceInUseException"), "{e:?}")
+                assert!(
+                    format!("{:?}", e).contains("ResourceInUseException"),
+                    "{e:?}"
+                )
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -72,7 +72,11 @@ pub struct Violation {
 }
 
 impl Violation {
-    pub(crate) fn new(invariant: Invariant, at: Option<Duration>, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        invariant: Invariant,
+        at: Option<Duration>,
+        detail: impl Into<String>,
+    ) -> Self {
         Self {
             invariant,
             at,
@@ -236,7 +240,10 @@ pub(crate) fn check(
                         _ => v.push(Violation::new(
                             Invariant::ExclusiveDelivery,
                             at,
-                            format!("{key}: {op:?} applied for {} which did not hold it", worker(*inc)),
+                            format!(
+                                "{key}: {op:?} applied for {} which did not hold it",
+                                worker(*inc)
+                            ),
                         )),
                     },
                     Op::Checkpoint => match current {
@@ -357,7 +364,8 @@ pub(crate) fn check(
                     }
                 }
                 if let Some(t2) = ts.get(n + 1) {
-                    let again: Vec<u64> = t2.delivered.intersection(&t.delivered).copied().collect();
+                    let again: Vec<u64> =
+                        t2.delivered.intersection(&t.delivered).copied().collect();
                     if !again.is_empty() {
                         v.push(Violation::new(
                             Invariant::PlannedMoveDuplicate,

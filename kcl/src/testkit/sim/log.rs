@@ -255,6 +255,8 @@ struct State {
     open: std::collections::BTreeMap<u64, Inc>,
     /// Records delivered at least once.
     delivered: std::collections::BTreeSet<u64>,
+    /// Backend calls per operation (not part of the log: they only measure the load).
+    calls: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// The shared, append-only log of a run. Cheap to clone; never locked across `.await`.
@@ -274,6 +276,7 @@ impl Recorder {
                 next_batch: 0,
                 open: std::collections::BTreeMap::new(),
                 delivered: std::collections::BTreeSet::new(),
+                calls: std::collections::BTreeMap::new(),
             })),
         }
     }
@@ -369,6 +372,16 @@ impl Recorder {
             push_locked(&mut st, at, Event::BatchDone { id, ok: false });
         }
         open.len()
+    }
+
+    /// Counts a backend call.
+    pub(crate) fn count_call(&self, op: &'static str) {
+        *self.lock().calls.entry(op).or_default() += 1;
+    }
+
+    /// Backend calls per operation so far.
+    pub fn calls(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        self.lock().calls.clone()
     }
 
     /// How many distinct records were delivered so far.

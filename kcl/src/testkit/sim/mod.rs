@@ -63,7 +63,9 @@ const APP: &str = "sim-app";
 
 /// The command that replays `seed` alone.
 pub fn replay_command(seed: u64) -> String {
-    format!("KCL_SIM_SEED={seed} cargo test -p kcl --features testkit --test sim -- --nocapture sweep")
+    format!(
+        "KCL_SIM_SEED={seed} cargo test -p kcl --features testkit --test sim -- --nocapture sweep"
+    )
 }
 
 /// How often each kind of fault happens during the chaos phase.
@@ -414,6 +416,8 @@ pub struct Stats {
     pub zombie_calls: usize,
     /// Zombie calls per operation.
     pub zombie_ops: BTreeMap<String, usize>,
+    /// Backend calls per operation (the load a run put on the backends).
+    pub calls: BTreeMap<String, usize>,
 }
 
 /// The result of [`Sim::run`].
@@ -489,6 +493,7 @@ impl fmt::Display for SimReport {
             c.expiry_overlaps,
             s.zombie_calls
         )?;
+        writeln!(f, "  backend calls: {:?}", s.calls)?;
         if !s.zombie_ops.is_empty() {
             writeln!(f, "  zombie calls by operation: {:?}", s.zombie_ops)?;
         }
@@ -685,7 +690,10 @@ impl Driver {
     }
 
     fn produce(&mut self) {
-        let n = self.producer.random_range(1..=8u64).min(self.sim.records - self.produced);
+        let n = self
+            .producer
+            .random_range(1..=8u64)
+            .min(self.sim.records - self.produced);
         for _ in 0..n {
             let idx = self.produced;
             self.produced += 1;
@@ -738,18 +746,22 @@ impl Driver {
             }
             Verb::Split(id, at) => {
                 let (a, b) = self.kinesis.split(STREAM, &id, at);
-                self.rec.push(Event::Reshard(format!("split {id} -> {a}, {b}")));
+                self.rec
+                    .push(Event::Reshard(format!("split {id} -> {a}, {b}")));
                 self.stats.reshards += 1;
             }
             Verb::Merge(a, b) => {
                 let c = self.kinesis.merge(STREAM, &a, &b);
-                self.rec.push(Event::Reshard(format!("merge {a} + {b} -> {c}")));
+                self.rec
+                    .push(Event::Reshard(format!("merge {a} + {b} -> {c}")));
                 self.stats.reshards += 1;
             }
             Verb::ScaleTo(target) => {
                 let n = self.kinesis.open_shard_ids(STREAM).len();
                 self.kinesis.update_shard_count(STREAM, target.max(1));
-                self.rec.push(Event::Reshard(format!("update_shard_count {n} -> {target}")));
+                self.rec.push(Event::Reshard(format!(
+                    "update_shard_count {n} -> {target}"
+                )));
                 self.stats.reshards += 1;
             }
         }
@@ -796,10 +808,12 @@ impl Driver {
         };
         let procs = Arc::new(Mutex::new(ChaCha8Rng::from_rng(&mut slot.rng)));
         let t = &self.sim.timing;
-        let mut polling = PollingConfig::default();
-        polling.max_records = t.max_records;
-        polling.idle_interval = t.idle_interval;
-        polling.prefetch_batches = t.prefetch_batches;
+        let polling = PollingConfig {
+            max_records: t.max_records,
+            idle_interval: t.idle_interval,
+            prefetch_batches: t.prefetch_batches,
+            ..PollingConfig::default()
+        };
         let work = self.sim.work;
         let factory_net = net.clone();
         let worker = Worker::builder()
@@ -954,7 +968,9 @@ impl Driver {
             3 => {
                 let p = self.rng.random_range(0.2..0.95);
                 let d = self.millis(lease_ms / 4, lease_ms * 3);
-                self.set_fault(slot, format!("throttle {p:.2} for {d:?}"), |l| l.throttle = p);
+                self.set_fault(slot, format!("throttle {p:.2} for {d:?}"), |l| {
+                    l.throttle = p
+                });
                 self.stats.link_faults += 1;
                 self.schedule(d, Action::Heal(slot, Heal::Throttle));
             }
@@ -1100,14 +1116,16 @@ impl Driver {
         }
     }
 
-    /// Waits until the fleet is balanced and no lease has moved for three taker rounds.
+    /// Waits until the fleet is stable for three rounds in a row: balanced, no lease changed
+    /// hands, and every active lease renewed since the previous round (its owner really holds
+    /// it). A round is longer than both the taker and the renewal intervals.
     async fn balance(&mut self) {
         self.rec.push(Event::Phase("balance"));
         let t = &self.sim.timing;
-        let round = t.taker_interval;
+        let round = t.taker_interval.max(t.lease_duration / 3 * 3 / 2);
         let deadline = self.rec.now() + Duration::from_secs(120).max(t.lease_duration * 12);
         let mut stable = 0;
-        let mut last = Vec::new();
+        let mut last: BTreeMap<crate::lease::LeaseKey, (Option<WorkerId>, u64)> = BTreeMap::new();
         loop {
             self.reap(false);
             for i in 0..self.slots.len() {
@@ -1115,16 +1133,29 @@ impl Driver {
                     self.start(i, Some(false));
                 }
             }
-            let owners: Vec<_> = self
+            let now: BTreeMap<_, _> = self
                 .leases
                 .leases()
                 .into_iter()
-                .map(|l| (l.key, l.owner, l.checkpoint_owner))
+                .filter(|l| !l.is_finished())
+                .map(|l| (l.key, (l.owner, l.counter.0)))
                 .collect();
-            let moved = owners != last;
-            last = owners;
+            let moved = now.len() != last.len()
+                || now
+                    .iter()
+                    .any(|(k, (owner, _))| last.get(k).is_none_or(|l| l.0 != *owner));
+            let stale: Vec<String> = now
+                .iter()
+                .filter(|(k, (_, counter))| last.get(*k).is_some_and(|l| l.1 == *counter))
+                .map(|(k, (owner, _))| format!("{k} ({owner:?})"))
+                .collect();
+            last = now;
             let verdict = match self.imbalance() {
                 None if moved => Some("leases are still moving".to_owned()),
+                None if !stale.is_empty() => Some(format!(
+                    "owned but not renewed (nobody holds them): {}",
+                    stale.join(", ")
+                )),
                 other => other,
             };
             match verdict {
@@ -1194,7 +1225,8 @@ impl Driver {
         for i in 0..self.slots.len() {
             self.stop(i);
         }
-        let deadline = self.rec.now() + Duration::from_secs(60) + self.sim.timing.lease_duration * 2;
+        let deadline =
+            self.rec.now() + Duration::from_secs(60) + self.sim.timing.lease_duration * 2;
         while self.slots.iter().any(|s| s.run.is_some()) && self.rec.now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             self.reap(false);
@@ -1221,7 +1253,10 @@ impl Driver {
             self.violations.push(Violation::new(
                 Invariant::ShutdownRelease,
                 Some(self.rec.now()),
-                format!("still owned after every worker stopped: {}", owned.join(", ")),
+                format!(
+                    "still owned after every worker stopped: {}",
+                    owned.join(", ")
+                ),
             ));
         }
     }
@@ -1258,6 +1293,12 @@ impl Driver {
                 _ => {}
             }
         }
+        self.stats.calls = self
+            .rec
+            .calls()
+            .into_iter()
+            .map(|(op, n)| (op.to_owned(), n))
+            .collect();
         // Stop any task left (a zombie) before the runtime is dropped.
         for s in &self.slots {
             if let Some(r) = &s.run {

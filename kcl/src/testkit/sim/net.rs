@@ -112,6 +112,7 @@ impl Net {
     /// Applies the faults of a lease-table call before it reaches the table.
     async fn before_lease_call(&self, op: &'static str) -> Result<(), LeaseStoreError> {
         self.halt_if_dead(op).await;
+        self.rec.count_call(op);
         let draw = {
             let mut link = self.link();
             let f = link.faults.clone();
@@ -176,6 +177,7 @@ impl Net {
 
     async fn before_kinesis_call(&self, op: &'static str) -> Result<(), KinesisApiError> {
         self.halt_if_dead(op).await;
+        self.rec.count_call(op);
         let throttled = {
             let mut link = self.link();
             let p = link.faults.kinesis_throttle;

@@ -115,7 +115,10 @@ impl RecordProcessor for SimProcessor {
                 pos: r.position(),
             })
             .collect();
-        let id = self.net.rec.batch(self.net.inc, self.shard.clone(), records);
+        let id = self
+            .net
+            .rec
+            .batch(self.net.inc, self.shard.clone(), records);
         let t = self.batch_time();
         if !t.is_zero() {
             tokio::time::sleep(t).await;

@@ -1,0 +1,439 @@
+//! Fleet benchmark (issue 3), in memory under tokio's paused clock, with the default timings
+//! (10 s lease, renewals every 3.3 s, taker every 2 s): crash failover, rebalancing 64 shards
+//! from 1 to 4 workers, graceful shutdown, and lease-table requests per lease-hour.
+//!
+//! Run with: `cargo run --release -p kcl-bench --bin kcl-fleet-bench`
+//!
+//! Paused time makes the figures exact for the protocol (no machine noise); they do not include
+//! DynamoDB latency, which adds a few milliseconds per step on AWS.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kcl::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable};
+use kcl::testkit::{MemKinesis, MemLeaseStore};
+use kcl::{
+    Checkpointer, ExtendedSequenceNumber, ProcessorError, RecordBatch, RecordProcessor, ShardId,
+    WorkerId,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+const SHARDS: usize = 64;
+
+/// Counts lease-table requests by kind.
+#[derive(Debug, Default)]
+struct Counts {
+    scans: AtomicU64,
+    gets: AtomicU64,
+    renews: AtomicU64,
+    checkpoints: AtomicU64,
+    other_writes: AtomicU64,
+}
+
+#[derive(Debug)]
+struct CountingStore {
+    inner: MemLeaseStore,
+    counts: Arc<Counts>,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[async_trait]
+impl LeaseStore for CountingStore {
+    async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
+        self.inner.ensure_table().await
+    }
+    async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
+        bump(&self.counts.scans);
+        self.inner.list().await
+    }
+    async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
+        bump(&self.counts.gets);
+        self.inner.get(key).await
+    }
+    async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.create_if_absent(lease).await
+    }
+    async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.renews);
+        self.inner.renew(lease).await
+    }
+    async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.take(lease, owner).await
+    }
+    async fn checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &ExtendedSequenceNumber,
+        children: &[ShardId],
+    ) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.checkpoints);
+        self.inner.checkpoint(lease, checkpoint, children).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.release(lease).await
+    }
+    async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.delete(lease).await
+    }
+    async fn request_handoff(
+        &self,
+        lease: &Lease,
+        to: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.request_handoff(lease, to).await
+    }
+    async fn complete_handoff(
+        &self,
+        lease: &Lease,
+        to: &WorkerId,
+    ) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.complete_handoff(lease, to).await
+    }
+}
+
+/// (virtual time, worker, shard, sequence) of every delivery.
+type Log = Arc<Mutex<Vec<(Instant, String, ShardId, String)>>>;
+
+struct Probe {
+    worker: String,
+    log: Log,
+}
+
+#[async_trait]
+impl RecordProcessor for Probe {
+    async fn process_records(
+        &mut self,
+        batch: &RecordBatch,
+        cp: &mut Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        {
+            let now = Instant::now();
+            let mut log = self
+                .log
+                .lock()
+                .map_err(|_| ProcessorError::fatal("poisoned"))?;
+            for r in batch {
+                log.push((
+                    now,
+                    self.worker.clone(),
+                    batch.shard_id.clone(),
+                    r.sequence_number.to_string(),
+                ));
+            }
+        }
+        cp.checkpoint().await.map_err(ProcessorError::retryable)
+    }
+
+    async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        if cp.last_delivered().is_some() {
+            cp.checkpoint().await.map_err(ProcessorError::retryable)?;
+        }
+        Ok(())
+    }
+}
+
+struct Fleet {
+    kinesis: MemKinesis,
+    leases: MemLeaseStore,
+    counts: Arc<Counts>,
+    log: Log,
+    workers: BTreeMap<String, (kcl::ShutdownHandle, JoinHandle<()>)>,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        let kinesis = MemKinesis::new();
+        kinesis.create_stream("s", SHARDS);
+        Self {
+            kinesis,
+            leases: MemLeaseStore::new(),
+            counts: Arc::default(),
+            log: Arc::default(),
+            workers: BTreeMap::new(),
+        }
+    }
+
+    fn start(&mut self, id: &str) -> anyhow::Result<()> {
+        let (worker_name, log) = (id.to_owned(), self.log.clone());
+        let w = kcl::Worker::builder()
+            .application_name("fleet-bench")
+            .stream("s")
+            .worker_id(id)
+            .kinesis(Arc::new(self.kinesis.clone()))
+            .lease_store(Arc::new(CountingStore {
+                inner: self.leases.clone(),
+                counts: self.counts.clone(),
+            }))
+            .processor(move || Probe {
+                worker: worker_name.clone(),
+                log: log.clone(),
+            })
+            .build()?;
+        let stop = w.shutdown_handle();
+        let handle = tokio::spawn(async move {
+            let _ = w.run().await;
+        });
+        self.workers.insert(id.to_owned(), (stop, handle));
+        Ok(())
+    }
+
+    fn owners(&self) -> BTreeMap<String, BTreeSet<ShardId>> {
+        let mut out: BTreeMap<String, BTreeSet<ShardId>> = BTreeMap::new();
+        for l in self.leases.leases() {
+            if let (Some(o), None) = (&l.owner, &l.checkpoint_owner) {
+                out.entry(o.to_string()).or_default().insert(l.shard_id());
+            }
+        }
+        out
+    }
+
+    /// Puts one record on every shard every 100 ms, forever.
+    fn produce(&self) -> JoinHandle<()> {
+        let k = self.kinesis.clone();
+        let shards = k.open_shard_ids("s");
+        tokio::spawn(async move {
+            let ranges: Vec<_> = kcl::KinesisApi::list_shards(&k, "s")
+                .await
+                .map(|s| s.into_iter().map(|s| s.hash_range).collect())
+                .unwrap_or_default();
+            let mut n = 0u64;
+            loop {
+                for (i, r) in ranges.iter().enumerate() {
+                    n += 1;
+                    k.put_with_hash(
+                        "s",
+                        &format!("k{i}"),
+                        r.start(),
+                        bytes::Bytes::from(n.to_string()),
+                    );
+                }
+                let _ = &shards;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    async fn wait_until(
+        &self,
+        timeout: Duration,
+        mut f: impl FnMut(&Self) -> bool,
+    ) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if f(self) {
+                return Some(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    fn duplicates(&self) -> usize {
+        let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+        let distinct: BTreeSet<(&ShardId, &String)> =
+            log.iter().map(|(_, _, s, q)| (s, q)).collect();
+        log.len() - distinct.len()
+    }
+
+    /// Time until each of `shards` got a delivery by a worker other than `gone` after `since`.
+    fn resumed_after(&self, shards: &BTreeSet<ShardId>, gone: &str, since: Instant) -> bool {
+        let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+        shards.iter().all(|s| {
+            log.iter()
+                .any(|(t, w, sh, _)| sh == s && w != gone && *t > since)
+        })
+    }
+}
+
+fn balanced(owners: &BTreeMap<String, BTreeSet<ShardId>>, workers: usize) -> bool {
+    owners.len() == workers
+        && owners.values().map(BTreeSet::len).sum::<usize>() == SHARDS
+        && owners.values().all(|s| s.len() == SHARDS / workers)
+}
+
+async fn four_balanced_workers() -> anyhow::Result<(Fleet, JoinHandle<()>)> {
+    let mut fleet = Fleet::new();
+    let producer = fleet.produce();
+    for id in ["w1", "w2", "w3", "w4"] {
+        fleet.start(id)?;
+    }
+    fleet
+        .wait_until(Duration::from_secs(300), |f| balanced(&f.owners(), 4))
+        .await
+        .ok_or_else(|| anyhow::anyhow!("4 workers never balanced"))?;
+    Ok((fleet, producer))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()?;
+    rt.block_on(async_main())
+}
+
+async fn async_main() -> anyhow::Result<()> {
+    // 1. Rebalance: 64 shards, 1 → 4 workers.
+    let mut fleet = Fleet::new();
+    let producer = fleet.produce();
+    fleet.start("w1")?;
+    fleet
+        .wait_until(Duration::from_secs(120), |f| {
+            f.owners().get("w1").map(BTreeSet::len) == Some(SHARDS)
+        })
+        .await
+        .ok_or_else(|| anyhow::anyhow!("w1 never took all shards"))?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let dups_before = fleet.duplicates();
+    for id in ["w2", "w3", "w4"] {
+        fleet.start(id)?;
+    }
+    let rebalance = fleet
+        .wait_until(Duration::from_secs(300), |f| balanced(&f.owners(), 4))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rebalance_dups = fleet.duplicates() - dups_before;
+
+    // 2. Steady state: lease-table requests per lease-hour, over 10 virtual minutes.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let c = &fleet.counts;
+    let snap = |c: &Counts| {
+        [
+            c.scans.load(Ordering::Relaxed),
+            c.gets.load(Ordering::Relaxed),
+            c.renews.load(Ordering::Relaxed),
+            c.checkpoints.load(Ordering::Relaxed),
+            c.other_writes.load(Ordering::Relaxed),
+        ]
+    };
+    let before = snap(c);
+    let window = Duration::from_secs(600);
+    tokio::time::sleep(window).await;
+    let after = snap(c);
+    let lease_hours = SHARDS as f64 * window.as_secs_f64() / 3600.0;
+    let worker_hours = 4.0 * window.as_secs_f64() / 3600.0;
+    let d: Vec<f64> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a - b) as f64)
+        .collect();
+    producer.abort();
+    for (_, (stop, h)) in std::mem::take(&mut fleet.workers) {
+        stop.shutdown();
+        let _ = h.await;
+    }
+
+    // 3. Crash failover: kill one of 4 balanced workers at different points of its renewal
+    //    cycle; time until every orphaned shard delivers again.
+    let mut failovers = Vec::new();
+    for trial in 0..20u64 {
+        let (mut fleet, producer) = four_balanced_workers().await?;
+        // Spread the crash over the renewal and taker cycles.
+        tokio::time::sleep(Duration::from_millis(10_000 + trial * 487)).await;
+        let orphans = fleet.owners().get("w4").cloned().unwrap_or_default();
+        let (_, handle) = fleet
+            .workers
+            .remove("w4")
+            .ok_or_else(|| anyhow::anyhow!("no w4"))?;
+        let crashed = Instant::now();
+        handle.abort(); // SIGKILL: nothing released
+        let t = fleet
+            .wait_until(Duration::from_secs(120), |f| {
+                f.resumed_after(&orphans, "w4", crashed)
+            })
+            .await;
+        failovers.push(t.map_or(f64::INFINITY, |d| d.as_secs_f64()));
+        producer.abort();
+        for (_, (stop, h)) in std::mem::take(&mut fleet.workers) {
+            stop.shutdown();
+            let _ = h.await;
+        }
+    }
+    failovers.sort_by(f64::total_cmp);
+
+    // 4. Graceful shutdown: time until peers resume the released shards.
+    let (mut fleet, producer) = four_balanced_workers().await?;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let released = fleet.owners().get("w4").cloned().unwrap_or_default();
+    let dups_before = fleet.duplicates();
+    let (stop, handle) = fleet
+        .workers
+        .remove("w4")
+        .ok_or_else(|| anyhow::anyhow!("no w4"))?;
+    let stopped = Instant::now();
+    stop.shutdown();
+    let graceful = fleet
+        .wait_until(Duration::from_secs(60), |f| {
+            f.resumed_after(&released, "w4", stopped)
+        })
+        .await;
+    let _ = handle.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let graceful_dups = fleet.duplicates() - dups_before;
+    producer.abort();
+    for (_, (stop, h)) in std::mem::take(&mut fleet.workers) {
+        stop.shutdown();
+        let _ = h.await;
+    }
+
+    let secs =
+        |d: Option<Duration>| d.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+    println!("kcl fleet benchmark — in memory, paused time, default timings (10 s lease, renew 3.3 s, taker 2 s)\n");
+    println!("| measure | kcl-rs | target | Java KCL 2.x |");
+    println!("|---|---|---|---|");
+    println!(
+        "| crash failover, 20 crashes: p50 / p95 / max | {:.1} / {:.1} / {:.1} s | p95 ≤ 12 s | ≈ 20–40 s |",
+        percentile(&failovers, 0.5),
+        percentile(&failovers, 0.95),
+        failovers.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "| rebalance 64 shards, 1 → 4 workers: time | {} | ≤ 15 s | minutes (1 lease / 20 s) |",
+        secs(rebalance)
+    );
+    println!("| rebalance: duplicates delivered | {rebalance_dups} | 0 | > 0 (no handoff) |");
+    println!(
+        "| graceful shutdown: until peers resume | {} | ≤ 2 s | lease expiry (no release) |",
+        secs(graceful)
+    );
+    println!("| graceful shutdown: duplicates delivered | {graceful_dups} | 0 | |");
+    println!(
+        "| renewal writes per lease-hour | {:.0} | | ≈ 1 090 |",
+        d[2] / lease_hours
+    );
+    println!(
+        "| table scans per worker-hour (taker) | {:.0} | | 180 (every 20 s) |",
+        d[0] / worker_hours
+    );
+    println!(
+        "| other reads (GetItem) per lease-hour | {:.1} | | |",
+        d[1] / lease_hours
+    );
+    println!(
+        "| other writes (take/release/handoff/create) per lease-hour | {:.1} | | |",
+        d[4] / lease_hours
+    );
+    println!(
+        "| checkpoint writes per lease-hour (processor checkpoints every batch) | {:.0} | | app-dependent |",
+        d[3] / lease_hours
+    );
+    Ok(())
+}
