@@ -30,6 +30,10 @@ pub trait StreamFixture: Send + Sync {
     async fn split(&self, stream: &str, shard: &ShardId, at: u128) -> anyhow::Result<()>;
     /// Merges two adjacent shards and waits until the stream is usable.
     async fn merge(&self, stream: &str, a: &ShardId, b: &ShardId) -> anyhow::Result<()>;
+    /// The stream's wall clock (arrival timestamps are on it).
+    fn now(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now()
+    }
 }
 
 /// The in-memory Kinesis as a fixture.
@@ -58,6 +62,9 @@ impl StreamFixture for MemStream {
     async fn merge(&self, stream: &str, a: &ShardId, b: &ShardId) -> anyhow::Result<()> {
         self.0.merge(stream, a, b);
         Ok(())
+    }
+    fn now(&self) -> std::time::SystemTime {
+        self.0.now()
     }
 }
 
@@ -553,4 +560,40 @@ async fn sorted_shards(fixture: &dyn StreamFixture, stream: &str) -> anyhow::Res
 
 fn midpoint(r: HashKeyRange) -> u128 {
     r.start() + (r.end() - r.start()) / 2 + 1
+}
+
+/// Scenario: AT_TIMESTAMP starts every shard at the first record at or after the time.
+pub async fn at_timestamp(
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+) -> anyhow::Result<()> {
+    const KEYS: u32 = 16;
+    let stream = crate::unique_name("at-ts");
+    fixture.create_stream(&stream, 2).await?;
+    fixture.put(&stream, records(0, 400, KEYS)).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let start = fixture.now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fixture.put(&stream, records(400, 800, KEYS)).await?;
+    let log = DeliveryLog::default();
+    let w = worker("at-ts-app", &stream, "w1", fixture, leases, &log)
+        .start_at(start)
+        .build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    log.wait_for(400, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.shutdown();
+    run.await??;
+    let log = log.snapshot();
+    ensure!(
+        log.len() == 400,
+        "{} deliveries, expected the 400 records after the timestamp",
+        log.len()
+    );
+    ensure!(
+        log.iter().all(|d| d.key + d.n * KEYS >= 400),
+        "a record from before the timestamp was delivered"
+    );
+    Ok(())
 }

@@ -42,4 +42,5 @@ scenario_tests! {
     split_and_merge_dynalite: split_and_merge on Table::Dynalite;
     two_workers_graceful_handoff_moto: two_workers_graceful_handoff on Table::Moto;
     two_workers_graceful_handoff_dynalite: two_workers_graceful_handoff on Table::Dynalite;
+    at_timestamp_dynalite: at_timestamp on Table::Dynalite;
 }

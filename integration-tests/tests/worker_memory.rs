@@ -31,3 +31,12 @@ async fn two_workers_graceful_handoff() -> anyhow::Result<()> {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_timestamp() -> anyhow::Result<()> {
+    scenarios::at_timestamp(
+        &MemStream(MemKinesis::new()),
+        Arc::new(MemLeaseStore::new()),
+    )
+    .await
+}
