@@ -27,7 +27,8 @@ const FRAMING: usize = KPL_MAGIC.len() + DIGEST_LEN;
 ///
 /// let data = aggregate(&[UserRecord::new("k", "a"), UserRecord::new("k", "b")]);
 /// assert!(data.starts_with(&[0xF3, 0x89, 0x9A, 0xC2]));
-/// let subs = deaggregate(Record::new(data, "k", SequenceNumber::from_u128(1), None)).into_records();
+/// let outer = Record::new(data, "k", SequenceNumber::from_u128(1), None);
+/// let subs = deaggregate(outer).into_records();
 /// assert_eq!(subs.len(), 2);
 /// ```
 pub fn aggregate(records: &[UserRecord]) -> Bytes {

@@ -29,10 +29,12 @@
 //! up to [`ProducerBuilder::max_attempts`] times per entry. Per-key order holds: a call carries
 //! at most one entry per partition key (its oldest; with aggregation, that entry holds as many
 //! of the key's records as fit in an aggregate), so a key's later records are never sent before
-//! its earlier ones are stored. Records of one key are therefore stored in the order they were put, across flushes
-//! too (one flush sends at a time). When an entry runs out of attempts, the flush goes on with
-//! the other keys, then fails with [`ProducerError::Unsent`]; the unsent records stay buffered,
-//! first in line, for the next flush (or come back from [`Producer::close`]).
+//! its earlier ones are stored. Records of one key are therefore stored in the order they were
+//! put, across flushes too (one flush sends at a time). The price: without aggregation a key
+//! gets one record per call, that is per round trip; aggregate hot keys. When an entry runs out
+//! of attempts, the flush goes on with the other keys, then fails with
+//! [`ProducerError::Unsent`]; the unsent records stay buffered, first in line, for the next
+//! flush (or come back from [`Producer::close`]).
 //!
 //! **Delivery** is at least once: a call whose answer is lost (a timeout, a cancelled flush) is
 //! sent again, and Kinesis may then store its records twice.
@@ -177,7 +179,9 @@ impl fmt::Debug for UserRecord {
 /// # use kcl::producer::ProducerError;
 /// # fn f(e: ProducerError) {
 /// match e {
-///     ProducerError::InvalidRecord(r) | ProducerError::Closed(r) | ProducerError::BufferFull(r) => {
+///     ProducerError::InvalidRecord(r)
+///     | ProducerError::Closed(r)
+///     | ProducerError::BufferFull(r) => {
 ///         let record = r.into_record(); // not taken: yours again
 ///     }
 ///     ProducerError::Unsent(u) => eprintln!("{} records not sent yet: {u}", u.count()),
@@ -236,13 +240,20 @@ impl RecordRefused {
 
 /// Records a flush could not get Kinesis to accept.
 #[derive(Debug, thiserror::Error)]
-#[error("{count} records not accepted by Kinesis{}", last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+#[error("{count} records not accepted by Kinesis{}", last_error_suffix(.last_error))]
 pub struct Unsent {
     count: usize,
     records: Vec<UserRecord>,
     last_error: Option<String>,
     #[source]
     source: Option<KinesisApiError>,
+}
+
+fn last_error_suffix(last_error: &Option<String>) -> String {
+    last_error
+        .as_ref()
+        .map(|e| format!(" (last error: {e})"))
+        .unwrap_or_default()
 }
 
 impl Unsent {
@@ -884,6 +895,12 @@ impl<P: PutRecords> Inner<P> {
             }
         };
         let mut st = self.lock();
+        let position: HashMap<u64, usize> = st
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id, i))
+            .collect();
         let mut accepted: HashSet<u64> = HashSet::new();
         let mut failed = 0;
         for (i, &id) in ids.iter().enumerate() {
@@ -900,7 +917,7 @@ impl<P: PutRecords> Inner<P> {
                         *last_error = Some(format!("{error_code}: {message}"));
                     }
                     failed += 1;
-                    let Some(e) = st.entries.iter_mut().find(|e| e.id == id) else {
+                    let Some(e) = position.get(&id).map(|&p| &mut st.entries[p]) else {
                         continue;
                     };
                     e.attempts += 1;
@@ -931,7 +948,12 @@ impl<P: PutRecords> Inner<P> {
                 .increment(accepted.len() as u64);
         }
         if failed > 0 {
-            debug!(stream = %self.stream, failed, last_error = ?last_error, "PutRecords rejected entries");
+            debug!(
+                stream = %self.stream,
+                failed,
+                last_error = ?last_error,
+                "PutRecords rejected entries"
+            );
         }
         Outcome {
             failed,
