@@ -1,7 +1,7 @@
 //! A fleet of three `kcl consume` processes (p1, p2, p3) on one 64-shard kinesis-local stream,
 //! lease table on dynalite, records put continuously while they run:
 //!
-//! 1. the three balance (21–22 leases each, through graceful handoffs);
+//! 1. the three balance (20–22 leases each, through graceful handoffs; see [`BALANCED`]);
 //! 2. p1 is killed with SIGKILL and p2 stopped with SIGTERM (exit code 0);
 //! 3. p3 ends up with all 64 leases (p2's at once, released; p1's once they expired: the
 //!    CLI's lease duration is the default 10 s);
@@ -52,6 +52,9 @@ const BALANCED: std::ops::RangeInclusive<usize> = 20..=22;
 const BALANCE_TIMEOUT: Duration = Duration::from_secs(75);
 /// p1's leases expire after the CLI's default 10 s, and p3's taker looks every 2 s.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(40);
+/// The earliest p1's leases can expire after its kill (lease duration 10 s, renewed every
+/// 3.3 s), with some slack.
+const MIN_EXPIRY: Duration = Duration::from_secs(6);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(40);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -83,8 +86,8 @@ fn owners(leases: &[Lease]) -> Owners {
     o
 }
 
-/// Kills every process still running when dropped (the processes themselves also kill on
-/// drop; this keeps them together and in order).
+/// The three processes. Dropping it (a failed check included) kills those still running:
+/// each [`KclProcess`] sends SIGKILL when dropped.
 struct Fleet(Vec<KclProcess>);
 
 impl Fleet {
@@ -233,7 +236,7 @@ async fn three_processes_balance_fail_over_and_deliver_everything() -> anyhow::R
     }
     let started = Instant::now();
 
-    // 1. Balance: 21–22 leases each, all owned, no handoff pending.
+    // 1. Balance: 20–22 leases each, all owned, no handoff pending.
     let deadline = started + BALANCE_TIMEOUT;
     let mut last_seen = None;
     let balanced = loop {
@@ -332,10 +335,16 @@ async fn three_processes_balance_fail_over_and_deliver_everything() -> anyhow::R
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let takeover = killed.elapsed();
     eprintln!(
-        "[{:>5.1?}] p3 holds all {SHARDS} leases, {:.1?} after p1's kill",
-        t0.elapsed(),
-        killed.elapsed()
+        "[{:>5.1?}] p3 holds all {SHARDS} leases, {takeover:.1?} after p1's kill",
+        t0.elapsed()
+    );
+    // p1 renewed every 10 s / 3: its leases cannot have looked expired to p3 much sooner
+    // than 10 s - 3.3 s after the kill (p1 was at its target: nothing was stolen from it).
+    ensure!(
+        takeover >= MIN_EXPIRY,
+        "p3 held p1's leases {takeover:?} after the kill: before they could have expired"
     );
 
     // 4. Every record printed by someone.

@@ -95,6 +95,26 @@ impl HeldLease {
             .clone()
     }
 
+    /// Runs the last write of this holder (release, completed handoff): the lease is marked
+    /// lost under the same lock, so no renewal can follow it.
+    pub(crate) async fn write_final<F, Fut>(&self, op: F) -> Result<Lease, LeaseStoreError>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: std::future::Future<Output = Result<Lease, LeaseStoreError>>,
+    {
+        let state = self.state.lock().await;
+        if !self.is_valid() {
+            return Err(LeaseStoreError::ConditionFailed {
+                key: self.key.clone(),
+            });
+        }
+        let result = op(state.clone()).await;
+        if result.is_ok() {
+            self.mark_lost();
+        }
+        result
+    }
+
     fn begin_handoff(&self, to: WorkerId) {
         *self.handoff_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
         self.handoff.cancel();

@@ -115,7 +115,12 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
             .filter(|(w, _)| **w != s.me)
             .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
         if let Some((victim, &count)) = victim {
-            let surplus = count.saturating_sub(target);
+            // A victim at the target still gives one lease to a worker two or more below it
+            // (64 leases on 3 workers: 22/22/20 would otherwise never become 22/21/21).
+            let surplus = match count.saturating_sub(target) {
+                0 if wanted > 1 && count > mine + 1 => 1,
+                s => s,
+            };
             let n = wanted.min(surplus).min(limits.max_leases_to_steal);
             candidates.extend(
                 active
@@ -214,6 +219,29 @@ mod tests {
             l.owner = Some(WorkerId::new("a"));
         }
         assert!(plan(&half, "a", &[0, 1, 2, 3], &[], 10).is_empty());
+    }
+
+    #[test]
+    fn a_worker_two_below_target_takes_one_from_a_worker_at_target() {
+        // 64 leases, 3 workers: a=22, b=22, c=20 → c takes one (22/21/21); then stable.
+        let mut leases: Vec<_> = (0..64).map(|i| lease(i, Some("a"))).collect();
+        for l in leases.iter_mut().skip(22).take(22) {
+            l.owner = Some(WorkerId::new("b"));
+        }
+        for l in leases.iter_mut().skip(44) {
+            l.owner = Some(WorkerId::new("c"));
+        }
+        let held_c: Vec<usize> = (44..64).collect();
+        let p = plan(&leases, "c", &held_c, &[], 4);
+        assert_eq!(p.len(), 1);
+        leases[0].owner = Some(WorkerId::new("c"));
+        let held_c: Vec<usize> = std::iter::once(0).chain(44..64).collect();
+        assert!(plan(&leases, "c", &held_c, &[], 4).is_empty());
+        // b at 21 does not take from a at 22: one below target is balanced enough.
+        let held_b: Vec<usize> = (22..44).filter(|i| *i != 22).collect();
+        let mut l2 = leases.clone();
+        l2[22].owner = Some(WorkerId::new("c"));
+        assert!(plan(&l2, "b", &held_b, &[], 4).is_empty());
     }
 
     #[test]

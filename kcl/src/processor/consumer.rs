@@ -459,13 +459,13 @@ impl Consumer {
                     let to = &to;
                     let store = &store;
                     self.held
-                        .write(|l| async move { store.complete_handoff(&l, to).await })
+                        .write_final(|l| async move { store.complete_handoff(&l, to).await })
                         .await
                 }
                 None => {
                     let store = &store;
                     self.held
-                        .write(|l| async move { store.release(&l).await })
+                        .write_final(|l| async move { store.release(&l).await })
                         .await
                 }
             };
@@ -488,7 +488,9 @@ impl Consumer {
                             let to = &to;
                             if let Err(e) = self
                                 .held
-                                .write(|l| async move { store.complete_handoff(&l, to).await })
+                                .write_final(
+                                    |l| async move { store.complete_handoff(&l, to).await },
+                                )
                                 .await
                             {
                                 warn!(error = %e, "completing the handoff failed; the lease will expire instead");

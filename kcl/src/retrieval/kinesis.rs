@@ -116,8 +116,9 @@ impl SubscriptionEvent {
 
 /// The events of one subscription; it ends after about 5 minutes (then resubscribe from the
 /// last continuation sequence number) or with an error.
-pub type SubscriptionStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<SubscriptionEvent, KinesisApiError>> + Send>>;
+pub type SubscriptionStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<SubscriptionEvent, KinesisApiError>> + Send>,
+>;
 
 /// Errors of the Kinesis seam, classified so the retrieval layer can act on them.
 #[derive(Debug, thiserror::Error)]

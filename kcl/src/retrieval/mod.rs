@@ -9,14 +9,17 @@
 //! The [`KinesisApi`] seam is all it needs from Kinesis.
 
 pub mod deagg;
-pub mod kinesis;
 pub(crate) mod fanout;
+pub mod kinesis;
 pub(crate) mod polling;
 
 #[cfg(feature = "aws")]
 pub mod aws;
 
-pub use kinesis::{GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
+pub use kinesis::{
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+    SubscriptionEvent, SubscriptionStream,
+};
 
 use crate::config::InitialPosition;
 use crate::record::ExtendedSequenceNumber;
