@@ -88,13 +88,14 @@ pub async fn dynamo_client(server: &ServerProcess) -> aws_sdk_dynamodb::Client {
 }
 
 /// Reads every shard from TRIM_HORIZON with the SDK directly (one task per shard, GetRecords
-/// with Limit 10 000 back to back) until `per_shard` records each or caught up. Returns the
+/// with Limit `limit` back to back) until `per_shard` records each or caught up. Returns the
 /// records read and the time until the last one arrived.
 pub async fn plain_loop(
     kc: &aws_sdk_kinesis::Client,
     stream: &str,
     shards: &[ShardId],
     per_shard: u64,
+    limit: u32,
 ) -> anyhow::Result<(u64, Duration)> {
     let t0 = Instant::now();
     let reads = shards.iter().map(|id| async move {
@@ -112,7 +113,7 @@ pub async fn plain_loop(
             let out = kc
                 .get_records()
                 .shard_iterator(i)
-                .limit(10_000)
+                .limit(i32::try_from(limit).unwrap_or(10_000))
                 .send()
                 .await
                 .context("GetRecords")?;
@@ -213,6 +214,8 @@ pub struct LocalOpts {
     pub put_parallelism: usize,
     /// `None`: the library's default polling settings.
     pub min_interval: Option<Duration>,
+    /// GetRecords limit of the plain loop and the worker's `polling.max_records`.
+    pub max_records: u32,
 }
 
 #[derive(Debug)]
@@ -251,15 +254,15 @@ pub async fn throughput(opts: &LocalOpts) -> anyhow::Result<LocalResult> {
     let records = records_for(&keys, 0, opts.per_shard, opts.record_size);
     let total = records.len() as u64;
     let t = Instant::now();
-    let puts = kinesis_server::put_records_with_parallelism(
-        &kc,
-        stream,
-        records,
-        opts.put_parallelism,
-    )
-    .await?;
+    let puts =
+        kinesis_server::put_records_with_parallelism(&kc, stream, records, opts.put_parallelism)
+            .await?;
     let load = t.elapsed();
-    ensure!(puts.len() as u64 == total, "loaded {} of {total}", puts.len());
+    ensure!(
+        puts.len() as u64 == total,
+        "loaded {} of {total}",
+        puts.len()
+    );
     println!(
         "local: loaded {} shards x {} records of {} B into kinesis-local in {} ({}, {} PutRecords in flight)",
         opts.shards,
@@ -270,11 +273,14 @@ pub async fn throughput(opts: &LocalOpts) -> anyhow::Result<LocalResult> {
         opts.put_parallelism
     );
     let shard_ids: Vec<ShardId> = ranges.iter().map(|(id, _)| id.clone()).collect();
-    let polling = opts.min_interval.map(|d| {
+    let polling = {
         let mut p = PollingConfig::default();
-        p.min_interval = d;
-        p
-    });
+        if let Some(d) = opts.min_interval {
+            p.min_interval = d;
+        }
+        p.max_records = opts.max_records;
+        Some(p)
+    };
     let mut result = LocalResult {
         records: total,
         load,
@@ -286,7 +292,14 @@ pub async fn throughput(opts: &LocalOpts) -> anyhow::Result<LocalResult> {
         // Alternate the order so neither side always runs on a warmer server.
         for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
             if side == 0 {
-                let (n, d) = plain_loop(&kc, stream, &shard_ids, opts.per_shard as u64).await?;
+                let (n, d) = plain_loop(
+                    &kc,
+                    stream,
+                    &shard_ids,
+                    opts.per_shard as u64,
+                    opts.max_records,
+                )
+                .await?;
                 ensure!(n == total, "plain loop read {n} of {total}");
                 println!(
                     "local: round {round}: plain GetRecords loop: {n} records in {} ({})",

@@ -65,6 +65,9 @@ struct Args {
     /// local: the worker's polling.min_interval in ms (default: the library's, 200 ms).
     #[arg(long)]
     local_min_interval_ms: Option<u64>,
+    /// local: GetRecords limit of the plain loop and the worker's polling.max_records.
+    #[arg(long, default_value_t = 10_000)]
+    local_max_records: u32,
 
     /// startup: shards.
     #[arg(long, default_value_t = 16)]
@@ -122,8 +125,7 @@ struct Row {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -206,12 +208,14 @@ fn main() -> anyhow::Result<()> {
                 rounds: args.local_rounds,
                 put_parallelism: args.put_parallelism,
                 min_interval: args.local_min_interval_ms.map(Duration::from_millis),
+                max_records: args.local_max_records,
             };
             println!(
-                "== local: kinesis-local + dynalite, {} shards x {} records of {} B, worker polling.min_interval {}",
+                "== local: kinesis-local + dynalite, {} shards x {} records of {} B, GetRecords limit {}, worker polling.min_interval {}",
                 opts.shards,
                 opts.per_shard,
                 opts.record_size,
+                opts.max_records,
                 opts.min_interval
                     .map_or("200 ms (default)".to_string(), |d| format!("{d:?}"))
             );
@@ -265,8 +269,7 @@ fn main() -> anyhow::Result<()> {
             match rt.block_on(interruptible(local::startup(&opts))) {
                 Ok(rs) => {
                     for r in rs {
-                        let samples: Vec<String> =
-                            r.samples.iter().map(|d| fmt_dur(*d)).collect();
+                        let samples: Vec<String> = r.samples.iter().map(|d| fmt_dur(*d)).collect();
                         rows.push(Row {
                             name: format!(
                                 "3. run() to first record, {} shards, {}, {}",

@@ -9,7 +9,9 @@ use kcl::retrieval::IteratorPosition;
 use kcl::testkit::{MemBackends, MemLeaseStore};
 use kcl::{KinesisApi, PollingConfig, Worker};
 
-use crate::probe::{fmt_dur, fmt_rate, process_cpu_time, Probe, Recorder, TimedKinesis, TimedStore};
+use crate::probe::{
+    fmt_dur, fmt_rate, process_cpu_time, Probe, Recorder, TimedKinesis, TimedStore,
+};
 
 #[derive(Debug, Clone)]
 pub struct MemOpts {
@@ -130,7 +132,11 @@ async fn run_async(opts: &MemOpts) -> anyhow::Result<MemResult> {
         let calls = rec.summary();
         stop.shutdown();
         running.await.context("worker panicked")??;
-        ensure!(probe.records() == total, "delivered {} of {total}", probe.records());
+        ensure!(
+            probe.records() == total,
+            "delivered {} of {total}",
+            probe.records()
+        );
 
         let elapsed = last - t0;
         let steady = last - first;

@@ -232,11 +232,36 @@ impl KinesisApi for TimedKinesis {
         iterator: &ShardIterator,
         limit: u32,
     ) -> Result<GetRecordsOutput, KinesisApiError> {
-        let t = now();
+        // A call the caller gives up on (its future dropped: a timeout) is recorded too.
+        let mut guard = Abandoned {
+            rec: &self.rec,
+            op: "kinesis.get_records ABANDONED",
+            started: Some(now()),
+        };
         let r = self.inner.get_records(iterator, limit).await;
+        let t = guard.started.take().unwrap_or_else(now);
+        let op = match &r {
+            Ok(_) => "kinesis.get_records",
+            Err(_) => "kinesis.get_records ERROR",
+        };
         let n = r.as_ref().map_or(0, |o| o.records.len() as u64);
-        self.rec.record("kinesis.get_records", t, n);
+        self.rec.record(op, t, n);
         r
+    }
+}
+
+/// Records a call whose future was dropped before it finished.
+struct Abandoned<'a> {
+    rec: &'a Recorder,
+    op: &'static str,
+    started: Option<(Instant, Duration)>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.started.take() {
+            self.rec.record(self.op, t, 0);
+        }
     }
 }
 
@@ -272,7 +297,11 @@ impl LeaseStore for TimedStore {
         timed!(self, "store.get", self.inner.get(key))
     }
     async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-        timed!(self, "store.create_if_absent", self.inner.create_if_absent(lease))
+        timed!(
+            self,
+            "store.create_if_absent",
+            self.inner.create_if_absent(lease)
+        )
     }
     async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
         timed!(self, "store.renew", self.inner.renew(lease))

@@ -172,7 +172,9 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
         // SAFETY: non-blocking check that the child is still running.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         if r == pid {
-            bail!("the CLI exited before draining the stream (status {status}); see its log in /tmp");
+            bail!(
+                "the CLI exited before draining the stream (status {status}); see its log in /tmp"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };

@@ -213,7 +213,9 @@ impl WorkerConfig {
             {
                 return Err(ConfigError::new(
                     "retrieval.consumer_name",
-                    format!("{consumer_name:?} has characters other than a-z, A-Z, 0-9, '_', '.', '-'"),
+                    format!(
+                        "{consumer_name:?} has characters other than a-z, A-Z, 0-9, '_', '.', '-'"
+                    ),
                 ));
             }
         }

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use kcl::retrieval::{GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
+use kcl::retrieval::{
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+};
 use kcl::shard::{Shard, ShardId};
 use kcl::testkit::{MemKinesis, MemLeaseStore};
 use kcl::{Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
@@ -38,7 +40,10 @@ impl RecordProcessor for Measure {
     ) -> Result<(), ProcessorError> {
         let now = now_micros();
         {
-            let mut l = self.0.lock().map_err(|_| ProcessorError::fatal("poisoned"))?;
+            let mut l = self
+                .0
+                .lock()
+                .map_err(|_| ProcessorError::fatal("poisoned"))?;
             for r in batch {
                 let sent: u128 = std::str::from_utf8(&r.data)
                     .ok()
@@ -71,7 +76,10 @@ impl KinesisApi for Counting {
     ) -> Result<ShardIterator, KinesisApiError> {
         // Iterators carry the shard; remember which one by prefix is not possible for every
         // backend, so count per iterator *shard* through a wrapper map instead.
-        let it = self.inner.get_shard_iterator(stream, shard, position).await?;
+        let it = self
+            .inner
+            .get_shard_iterator(stream, shard, position)
+            .await?;
         Ok(ShardIterator::new(format!("{}#{}", shard, it.as_str())))
     }
     async fn get_records(
@@ -87,13 +95,20 @@ impl KinesisApi for Counting {
         if let Ok(mut c) = self.calls.lock() {
             *c.entry((shard.to_owned(), second)).or_insert(0) += 1;
         }
-        let mut out = self.inner.get_records(&ShardIterator::new(inner_it), limit).await?;
+        let mut out = self
+            .inner
+            .get_records(&ShardIterator::new(inner_it), limit)
+            .await?;
         out.next_iterator = out
             .next_iterator
             .map(|n| ShardIterator::new(format!("{shard}#{}", n.as_str())));
         Ok(out)
     }
-    async fn register_stream_consumer(&self, stream: &str, name: &str) -> Result<String, KinesisApiError> {
+    async fn register_stream_consumer(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<String, KinesisApiError> {
         self.inner.register_stream_consumer(stream, name).await
     }
     async fn subscribe_to_shard(
@@ -142,7 +157,7 @@ async fn polling_on_kinesis_local(shards: u32) -> anyhow::Result<(f64, f64, usiz
     let stop = worker.shutdown_handle();
     let run = tokio::spawn(worker.run());
     tokio::time::sleep(Duration::from_secs(4)).await; // leases taken, fetchers at the tip
-    // 20 records/s for 20 s, one PutRecord each, spread over partition keys.
+                                                      // 20 records/s for 20 s, one PutRecord each, spread over partition keys.
     let mut puts = Vec::new();
     for i in 0..400u32 {
         let c = kclient.clone();
@@ -152,7 +167,9 @@ async fn polling_on_kinesis_local(shards: u32) -> anyhow::Result<(f64, f64, usiz
                 .put_record()
                 .stream_name(s)
                 .partition_key(format!("k{i}"))
-                .data(aws_sdk_kinesis::primitives::Blob::new(now_micros().to_string()))
+                .data(aws_sdk_kinesis::primitives::Blob::new(
+                    now_micros().to_string(),
+                ))
                 .send()
                 .await;
         }));
@@ -166,7 +183,10 @@ async fn polling_on_kinesis_local(shards: u32) -> anyhow::Result<(f64, f64, usiz
     run.await??;
     let mut v = lat.lock().map(|l| l.clone()).unwrap_or_default();
     let n = v.len();
-    let max_rate = calls.lock().map(|c| c.values().copied().max().unwrap_or(0)).unwrap_or(0);
+    let max_rate = calls
+        .lock()
+        .map(|c| c.values().copied().max().unwrap_or(0))
+        .unwrap_or(0);
     Ok((pct(&mut v, 0.5), pct(&mut v, 0.99), n, max_rate))
 }
 
@@ -201,7 +221,9 @@ async fn fan_out_in_memory(shards: usize) -> anyhow::Result<(f64, f64, usize)> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    println!("kcl propagation delay: put → process_records, default settings, 20 records/s for 20 s\n");
+    println!(
+        "kcl propagation delay: put → process_records, default settings, 20 records/s for 20 s\n"
+    );
     println!("| retrieval | backend | shards | p50 | p99 | records | max GetRecords/s on a shard | target |");
     println!("|---|---|---|---|---|---|---|---|");
     for shards in [4u32, 16] {
@@ -212,6 +234,8 @@ async fn main() -> anyhow::Result<()> {
         let (p50, p99, n) = fan_out_in_memory(shards).await?;
         println!("| fan-out | in memory | {shards} | {p50:.0} ms | {p99:.0} ms | {n} | – | p50 ≤ 100 ms |");
     }
-    println!("\nAWS's published figures: polling ≈ 200 ms average, enhanced fan-out ≈ 70 ms average.");
+    println!(
+        "\nAWS's published figures: polling ≈ 200 ms average, enhanced fan-out ≈ 70 ms average."
+    );
     Ok(())
 }

@@ -79,9 +79,6 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         })
         .count();
     let mut wanted = target.saturating_sub(mine);
-    if wanted == 0 {
-        return Vec::new();
-    }
 
     let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.refused.contains(&l.key);
     let mut candidates: Vec<Take> = active
@@ -105,8 +102,25 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         })
         .collect();
     candidates.sort_by(|a, b| a.reason.cmp(&b.reason).then_with(|| a.key.cmp(&b.key)));
-    candidates.truncate(wanted);
-    wanted -= candidates.len();
+    // Leases that name this worker are always taken back, whatever the target: nobody else
+    // will take them before they expire. (Handoffs to us are already counted in `mine`.)
+    let reclaims = candidates
+        .iter()
+        .take_while(|t| t.reason == TakeReason::Reclaim)
+        .count();
+    let pending = |k: &LeaseKey| {
+        active
+            .iter()
+            .any(|l| &l.key == k && l.checkpoint_owner.is_some())
+    };
+    let new_reclaims = candidates[..reclaims]
+        .iter()
+        .filter(|t| !pending(&t.key))
+        .count();
+    wanted = wanted.saturating_sub(new_reclaims);
+    let others = (candidates.len() - reclaims).min(wanted);
+    candidates.truncate(reclaims + others);
+    wanted -= others;
 
     if wanted > 0 {
         // Steal from the most loaded live worker (ties: lowest id, for determinism).
@@ -242,6 +256,21 @@ mod tests {
         let mut l2 = leases.clone();
         l2[22].owner = Some(WorkerId::new("c"));
         assert!(plan(&l2, "b", &held_b, &[], 4).is_empty());
+    }
+
+    #[test]
+    fn an_expired_handoff_to_us_is_taken_even_at_target() {
+        // b asked a for lease 0 (handoff pending), a died: b takes it once it expired, even
+        // though the pending handoff already counts toward b's target.
+        let mut leases = vec![lease(0, Some("b")), lease(1, Some("b"))];
+        leases[0].checkpoint_owner = Some(WorkerId::new("a"));
+        assert!(
+            plan(&leases, "b", &[1], &[], 4).is_empty(),
+            "not before it expired"
+        );
+        let p = plan(&leases, "b", &[1], &[0], 4);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].reason, TakeReason::Reclaim);
     }
 
     #[test]

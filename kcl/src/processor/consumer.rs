@@ -4,12 +4,11 @@
 //! The user's `process_records` future is never a `select!` branch (dropping it mid-batch would
 //! leave its side effects half done): cancellation is checked between batches.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
@@ -51,8 +50,6 @@ pub(crate) struct ConsumerEnv {
     pub(crate) kinesis: Arc<dyn KinesisApi>,
     pub(crate) factory: Arc<dyn ProcessorFactory>,
     pub(crate) error_policy: ErrorPolicy,
-    /// Shards in the latest listing (a parent missing from it no longer blocks its children).
-    pub(crate) listed: watch::Receiver<Arc<BTreeSet<ShardId>>>,
     /// Wakes the shard syncer (at shard end).
     pub(crate) sync_now: Arc<Notify>,
     /// Cancelled on graceful shutdown.
@@ -329,22 +326,10 @@ impl Consumer {
                 self.retry_delay("shard_ended", &e, &mut delays).await?;
             }
         }
-        self.create_child_leases(&children).await;
+        // The shard syncer creates the child leases at once, from a listing, parents first and
+        // with their full lineage (a child of a merge must also wait for its other parent).
         self.env.sync_now.notify_one();
         Ok(())
-    }
-
-    async fn create_child_leases(&mut self, children: &[ChildShard]) {
-        for child in children {
-            let lease = Lease::new(&child.id, ExtendedSequenceNumber::TrimHorizon)
-                .with_parents(child.parents.iter().cloned())
-                .with_hash_range(child.hash_range);
-            match self.env.store.create_if_absent(&lease).await {
-                Ok(created) => debug!(child = %child.id, created, "child lease"),
-                // The shard syncer creates it on its next run.
-                Err(e) => warn!(child = %child.id, error = %e, "creating child lease failed"),
-            }
-        }
     }
 
     async fn wait_for_parents(&mut self, lease: &Lease) -> Result<(), Stop> {
@@ -364,8 +349,7 @@ impl Consumer {
                 };
                 states.push((parent.clone(), state));
             }
-            let listed = self.env.listed.borrow().clone();
-            if can_start(&states, &listed) {
+            if can_start(&states) {
                 return Ok(());
             }
             debug!(parents = ?states, "waiting for parent shards to finish");

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -35,6 +35,11 @@ pub(crate) fn plan_new_leases(
 ) -> Vec<Lease> {
     let by_id: BTreeMap<&ShardId, &Shard> = shards.iter().map(|s| (&s.id, s)).collect();
     let leased: BTreeSet<ShardId> = leases.iter().map(|l| l.shard_id()).collect();
+    let started: BTreeSet<ShardId> = leases
+        .iter()
+        .filter(|l| !l.checkpoint.is_initial())
+        .map(|l| l.shard_id())
+        .collect();
     let mut memo: BTreeMap<ShardId, bool> = BTreeMap::new();
     let mut children: BTreeMap<&ShardId, Vec<&ShardId>> = BTreeMap::new();
     for s in shards {
@@ -48,10 +53,10 @@ pub(crate) fn plan_new_leases(
     let mut ordered: Vec<&Shard> = shards.iter().collect();
     ordered.sort_by(|a, b| a.id.cmp(&b.id));
     for shard in ordered {
-        // A shard with a leased descendant was processed already (its finished lease may have
-        // been cleaned up): leasing it again would re-deliver it and block nothing.
+        // A shard with a descendant whose lease has started was processed already (its
+        // finished lease may have been cleaned up): leasing it again would re-deliver it.
         if leased.contains(&shard.id)
-            || has_leased_descendant(&shard.id, &children, &leased, &mut superseded)
+            || has_started_descendant(&shard.id, &children, &started, &mut superseded)
         {
             continue;
         }
@@ -77,8 +82,8 @@ pub(crate) fn plan_new_leases(
     out
 }
 
-/// True if a descendant of `id` (through the listed shards) has a lease.
-fn has_leased_descendant(
+/// True if a descendant of `id` (through the listed shards) has a lease that has started.
+fn has_started_descendant(
     id: &ShardId,
     children: &BTreeMap<&ShardId, Vec<&ShardId>>,
     leased: &BTreeSet<ShardId>,
@@ -90,7 +95,7 @@ fn has_leased_descendant(
     memo.insert(id.clone(), false); // guards against malformed cycles
     let result = children.get(id).is_some_and(|cs| {
         cs.iter()
-            .any(|c| leased.contains(*c) || has_leased_descendant(c, children, leased, memo))
+            .any(|c| leased.contains(*c) || has_started_descendant(c, children, leased, memo))
     });
     memo.insert(id.clone(), result);
     result
@@ -156,7 +161,6 @@ pub(crate) struct ShardSyncer {
     kinesis: Arc<dyn KinesisApi>,
     store: Arc<dyn LeaseStore>,
     config: Arc<WorkerConfig>,
-    listed: watch::Sender<Arc<BTreeSet<ShardId>>>,
     /// When each lease was first seen deletable (deleted after `finished_lease_retention`).
     deletable_since: std::sync::Mutex<BTreeMap<crate::lease::LeaseKey, Instant>>,
 }
@@ -166,13 +170,11 @@ impl ShardSyncer {
         kinesis: Arc<dyn KinesisApi>,
         store: Arc<dyn LeaseStore>,
         config: Arc<WorkerConfig>,
-        listed: watch::Sender<Arc<BTreeSet<ShardId>>>,
     ) -> Self {
         Self {
             kinesis,
             store,
             config,
-            listed,
             deletable_since: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
@@ -222,10 +224,12 @@ impl ShardSyncer {
 
     /// Lists shards, creates missing leases and deletes finished ones.
     pub(crate) async fn sync_once(&self) -> Result<(), Error> {
-        let shards = self.kinesis.list_shards(&self.config.stream).await?;
-        self.listed
-            .send_replace(Arc::new(shards.iter().map(|s| s.id.clone()).collect()));
+        // The table is read *before* the shards are listed: every lease in the snapshot then
+        // predates the listing, so a lease whose shard is missing from it really belongs to a
+        // shard that left the stream — not to one created after the listing (deleting that
+        // one would let its children start before it).
         let table = self.store.list().await?;
+        let shards = self.kinesis.list_shards(&self.config.stream).await?;
         for lease in plan_new_leases(&shards, &table.leases, self.config.initial_position) {
             if self.store.create_if_absent(&lease).await? {
                 debug!(lease = %lease.key, checkpoint = %lease.checkpoint, "created lease");
@@ -333,7 +337,11 @@ mod tests {
             shard("b", &["a"], false),
             shard("c", &["b"], false),
         ];
-        let c = Lease::new(&ShardId::new("c"), ExtendedSequenceNumber::TrimHorizon);
+        let mut c = Lease::new(&ShardId::new("c"), ExtendedSequenceNumber::TrimHorizon);
+        // Not started yet: its ancestors still get leases (and it waits for them).
+        let out = plan_new_leases(&shards, &[c.clone()], InitialPosition::TrimHorizon);
+        assert_eq!(out.len(), 2, "{:?}", ids(&out));
+        c.checkpoint = ExtendedSequenceNumber::at(SequenceNumber::from_u128(9), 0);
         let out = plan_new_leases(&shards, &[c], InitialPosition::TrimHorizon);
         assert!(out.is_empty(), "{:?}", ids(&out));
     }

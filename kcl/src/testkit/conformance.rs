@@ -96,6 +96,21 @@ where
     run_raw_items(store, store).await;
 }
 
+/// [`run_all`] without the concurrent-writes case, for servers that do not apply conditional
+/// writes atomically under concurrent requests (moto: two of six concurrent takes with the same
+/// counter have been seen to succeed on a loaded machine). DynamoDB, dynalite and the in-memory
+/// store must pass [`run_all`].
+///
+/// # Panics
+/// On the first violation, with a message naming the case.
+pub async fn run_all_serial<S>(store: &S)
+where
+    S: LeaseStore + RawItems,
+{
+    run_protocol_cases(store, false).await;
+    run_raw_items(store, store).await;
+}
+
 /// Every operation of the protocol and every fencing failure, through the [`LeaseStore`]
 /// trait alone. Calls [`LeaseStore::ensure_table`] (twice) first.
 ///
@@ -109,6 +124,10 @@ where
 /// # }
 /// ```
 pub async fn run_protocol(store: &dyn LeaseStore) {
+    run_protocol_cases(store, true).await;
+}
+
+async fn run_protocol_cases(store: &dyn LeaseStore, concurrent: bool) {
     let cx = Cx::new(store);
     ensure_table_is_idempotent(&cx).await;
     create_if_absent_creates_once(&cx).await;
@@ -123,7 +142,9 @@ pub async fn run_protocol(store: &dyn LeaseStore) {
     graceful_handoff(&cx).await;
     handoff_ended_by_a_take(&cx).await;
     missing_leases_fail_every_write(&cx).await;
-    concurrent_takes_have_one_winner(&cx).await;
+    if concurrent {
+        concurrent_takes_have_one_winner(&cx).await;
+    }
 }
 
 /// The cases that plant raw items: items of other entity types are skipped (neither leases nor

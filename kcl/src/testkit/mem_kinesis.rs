@@ -653,7 +653,9 @@ impl MemKinesis {
                 .iter_mut()
                 .find(|sh| sh.end.is_none() && sh.range.contains(hash))
                 .ok_or_else(|| {
-                    KinesisApiError::Transient(format!("no open shard holds hash key {hash}").into())
+                    KinesisApiError::Transient(
+                        format!("no open shard holds hash key {hash}").into(),
+                    )
                 })?;
             shard.records.push(Stored {
                 seq,

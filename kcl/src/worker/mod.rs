@@ -3,15 +3,14 @@
 
 mod shutdown;
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::JoinMap;
+use tokio_util::task::{AbortOnDropHandle, JoinMap};
 use tracing::{error, info, Instrument};
 
 pub use shutdown::ShutdownHandle;
@@ -140,14 +139,8 @@ impl Worker {
         info!(stream = %cfg.stream, table = %cfg.table_name, "starting worker");
         self.store.ensure_table().await?;
 
-        let (listed_tx, listed_rx) = watch::channel(Arc::new(BTreeSet::new()));
         let sync_now = Arc::new(Notify::new());
-        let syncer = ShardSyncer::new(
-            self.kinesis.clone(),
-            self.store.clone(),
-            cfg.clone(),
-            listed_tx,
-        );
+        let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone());
         // The first sync must succeed before any lease is taken.
         syncer.sync_at_start(&self.shutdown).await?;
         let consumer_arn = match &cfg.retrieval {
@@ -167,23 +160,24 @@ impl Worker {
         let background = CancellationToken::new();
         let renewer_stop = CancellationToken::new();
         let (acquired_tx, mut acquired_rx) = mpsc::channel(64);
-        let renewer = tokio::spawn(
+        // Aborted if `run()` is dropped: a cancelled worker must stop renewing its leases.
+        let renewer = AbortOnDropHandle::new(tokio::spawn(
             coordinator
                 .clone()
                 .run_renewer(renewer_stop.clone())
                 .in_current_span(),
-        );
-        let taker = tokio::spawn(
+        ));
+        let taker = AbortOnDropHandle::new(tokio::spawn(
             coordinator
                 .clone()
                 .run_taker(acquired_tx, background.clone())
                 .in_current_span(),
-        );
-        let syncer_task = tokio::spawn(
+        ));
+        let syncer_task = AbortOnDropHandle::new(tokio::spawn(
             syncer
                 .run(sync_now.clone(), background.clone())
                 .in_current_span(),
-        );
+        ));
 
         let env = ConsumerEnv {
             config: cfg.clone(),
@@ -191,7 +185,6 @@ impl Worker {
             kinesis: self.kinesis.clone(),
             factory: self.factory.clone(),
             error_policy: self.error_policy.clone(),
-            listed: listed_rx,
             sync_now,
             shutdown: self.shutdown.clone(),
             prefetch: PrefetchBudget::new(cfg.polling.prefetch_bytes),

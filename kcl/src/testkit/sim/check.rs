@@ -125,8 +125,6 @@ struct Tenure {
     acquired: usize,
     /// Index of the holder's release / completed handoff, if it ended so.
     planned_end: Option<usize>,
-    /// Index of the take that ended it, if one did.
-    forced_end: Option<usize>,
     /// (entry index of the batch, batch id).
     batches: Vec<(usize, u64)>,
     delivered: BTreeSet<u64>,
@@ -218,14 +216,10 @@ pub(crate) fn check(
                 let current = ts.last_mut().filter(|t| t.planned_end.is_none());
                 match op {
                     Op::Take => {
-                        if let Some(t) = current {
-                            t.forced_end = Some(i);
-                        }
                         ts.push(Tenure {
                             inc: *inc,
                             acquired: i,
                             planned_end: None,
-                            forced_end: None,
                             batches: Vec::new(),
                             delivered: BTreeSet::new(),
                             max_delivered: None,
