@@ -88,6 +88,16 @@ struct Args {
     /// rss: stop loading after this many seconds.
     #[arg(long, default_value_t = 300)]
     rss_load_budget_secs: u64,
+    /// rss: runs of the CLI over the same data (the worst peak is reported).
+    #[arg(long, default_value_t = 2)]
+    rss_runs: usize,
+    /// rss: also run the CLI once under heaptrack, writing the profile into this directory.
+    #[arg(long)]
+    rss_heaptrack: Option<PathBuf>,
+    /// rss: after the measured runs, one more run with this extra environment variable for the
+    /// CLI (KEY=VALUE, repeatable; e.g. MALLOC_ARENA_MAX=2), printed but not in the table.
+    #[arg(long)]
+    rss_extra_env: Vec<String>,
     /// rss: the kcl CLI binary.
     #[arg(long, default_value_os_t = default_kcl_bin())]
     kcl_bin: PathBuf,
@@ -299,6 +309,9 @@ fn main() -> anyhow::Result<()> {
                 put_parallelism: args.put_parallelism,
                 load_budget: Duration::from_secs(args.rss_load_budget_secs),
                 kcl_bin: args.kcl_bin.clone(),
+                runs: args.rss_runs,
+                heaptrack: args.rss_heaptrack.clone(),
+                extra_env: args.rss_extra_env.clone(),
             };
             println!(
                 "== rss: `kcl consume`, {} shards x {} records of {} B on kinesis-local + dynalite",
@@ -320,9 +333,11 @@ fn main() -> anyhow::Result<()> {
                             }
                         ),
                         measured: format!(
-                            "{:.1} MiB (VmHWM at drain {:.1} MiB; drained {} in {}, {}; CPU {}; load {}; exit {} after SIGTERM in {})",
+                            "{:.1} MiB = {:.1} MB (runs: {}; {}); drained {} in {}, {}; CPU {}; load {}; exit {} after SIGTERM in {}",
                             mib(r.peak_rss),
-                            mib(r.hwm_at_drain),
+                            r.peak_rss as f64 / 1e6,
+                            r.peaks.iter().map(|p| format!("{:.1} MiB", mib(*p))).collect::<Vec<_>>().join(", "),
+                            r.how,
                             r.records,
                             fmt_dur(r.drain),
                             fmt_rate(r.records as f64 / r.drain.as_secs_f64()),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::{ExtendedSequenceNumber, LeaseStore, SequenceNumber, ShardId};
 use kcl_integration_tests::{dynamo_servers, kinesis_server, unique_name};
@@ -23,6 +23,13 @@ pub struct RssOpts {
     /// Stop loading after this long (fewer records than asked for).
     pub load_budget: Duration,
     pub kcl_bin: PathBuf,
+    /// Runs of the CLI over the same data (each from TRIM_HORIZON).
+    pub runs: usize,
+    /// Also run the CLI once under heaptrack, writing the profile here.
+    pub heaptrack: Option<PathBuf>,
+    /// After the measured runs, one more run per entry with this extra environment variable
+    /// (`KEY=VALUE`, e.g. `MALLOC_ARENA_MAX=2`), reported on its own.
+    pub extra_env: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -30,10 +37,12 @@ pub struct RssResult {
     pub per_shard_loaded: usize,
     pub records: u64,
     pub load: Duration,
-    /// Peak RSS of the CLI (kernel's ru_maxrss at exit), bytes.
+    /// Peak RSS of the CLI, bytes (the worst run).
     pub peak_rss: u64,
-    /// VmHWM when every record was checkpointed (before SIGTERM), bytes.
-    pub hwm_at_drain: u64,
+    /// Every run's peak.
+    pub peaks: Vec<u64>,
+    /// How the peak was measured.
+    pub how: String,
     /// Start of the CLI to every record checkpointed.
     pub drain: Duration,
     pub cpu: Duration,
@@ -41,17 +50,19 @@ pub struct RssResult {
     pub shutdown: Duration,
 }
 
-/// SIGKILLs and reaps the CLI if the benchmark stops early (error or interrupt).
-struct KillOnDrop(Option<i32>);
+/// SIGKILLs the CLI (and its wrapper) if the benchmark stops early (error or interrupt), and
+/// reaps the wrapper.
+struct KillOnDrop(Vec<i32>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
+        for &pid in &self.0 {
+            // SAFETY: signalling processes we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(&wrapper) = self.0.last() {
             // SAFETY: our own unreaped child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
+            unsafe { libc::waitpid(wrapper, std::ptr::null_mut(), 0) };
         }
     }
 }
@@ -118,11 +129,148 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
     let total = (loaded * ranges.len()) as u64;
     ensure!(last.len() == ranges.len(), "not every shard got records");
 
+    let mut runs = Vec::new();
+    for run in 0..opts.runs.max(1) {
+        let r = run_cli(opts, &kinesis, &dynalite, &dc, stream, &last, None, None).await?;
+        println!(
+            "rss: run {run}: peak RSS {:.1} MiB ({}); checkpointed all {total} records after {} ({}); \
+             CPU {}; exit {} {} after SIGTERM",
+            r.peak as f64 / 1048576.0,
+            r.how,
+            fmt_dur(r.drain),
+            fmt_rate(total as f64 / r.drain.as_secs_f64()),
+            fmt_dur(r.cpu),
+            r.exit_status,
+            fmt_dur(r.shutdown)
+        );
+        runs.push(r);
+    }
+    if let Some(dir) = &opts.heaptrack {
+        let out = dir.join("kcl-consume");
+        let r = run_cli(
+            opts,
+            &kinesis,
+            &dynalite,
+            &dc,
+            stream,
+            &last,
+            Some(&out),
+            None,
+        )
+        .await?;
+        println!(
+            "rss: heaptrack run (RSS not representative): drained in {}; profile {}.*",
+            fmt_dur(r.drain),
+            out.display()
+        );
+    }
+    for kv in &opts.extra_env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--rss-extra-env {kv:?}: expected KEY=VALUE"))?;
+        let r = run_cli(
+            opts,
+            &kinesis,
+            &dynalite,
+            &dc,
+            stream,
+            &last,
+            None,
+            Some((k, v)),
+        )
+        .await?;
+        println!(
+            "rss: with {kv}: peak RSS {:.1} MiB ({}); drained in {}",
+            r.peak as f64 / 1048576.0,
+            r.how,
+            fmt_dur(r.drain)
+        );
+    }
+    let worst = runs.iter().max_by_key(|r| r.peak).context("no run")?;
+    Ok(RssResult {
+        per_shard_loaded: loaded,
+        records: total,
+        load,
+        peak_rss: worst.peak,
+        peaks: runs.iter().map(|r| r.peak).collect(),
+        how: worst.how.clone(),
+        drain: worst.drain,
+        cpu: worst.cpu,
+        exit_status: worst.exit_status,
+        shutdown: worst.shutdown,
+    })
+}
+
+/// One run of the CLI over the whole stream (a fresh application: from TRIM_HORIZON).
+struct CliRun {
+    /// Peak RSS in bytes.
+    peak: u64,
+    /// How `peak` was measured.
+    how: String,
+    drain: Duration,
+    cpu: Duration,
+    exit_status: i32,
+    shutdown: Duration,
+}
+
+/// The pid of the process whose argv[0] is `bin` and whose arguments include `needle`.
+fn find_pid(bin: &std::path::Path, needle: &str) -> Option<i32> {
+    let bin = bin.to_string_lossy();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| *a == bin) && args.iter().any(|a| a == needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_cli(
+    opts: &RssOpts,
+    kinesis: &kcl_integration_tests::ServerProcess,
+    dynalite: &kcl_integration_tests::ServerProcess,
+    dc: &aws_sdk_dynamodb::Client,
+    stream: &str,
+    last: &BTreeMap<ShardId, SequenceNumber>,
+    heaptrack: Option<&std::path::Path>,
+    extra_env: Option<(&str, &str)>,
+) -> anyhow::Result<CliRun> {
     let app = unique_name("bench-rss");
     let store = DynamoLeaseStore::new(dc.clone(), &app);
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("{app}.stderr.log")))?;
+    let log_path = std::env::temp_dir().join(format!("{app}.stderr.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let time_out = std::env::temp_dir().join(format!("{app}.maxrss"));
+    let time = std::path::Path::new("/usr/bin/time");
+    // Under /usr/bin/time (its %M is the child's ru_maxrss; a child spawned straight from this
+    // big process would inherit this process's high-water mark at exec), or under heaptrack.
+    let mut cmd = match heaptrack {
+        Some(out) => {
+            let mut c = Command::new("heaptrack");
+            c.arg("-o").arg(out).arg(&opts.kcl_bin);
+            c
+        }
+        None if time.exists() => {
+            let mut c = Command::new(time);
+            c.args(["-f", "%M", "-o"]).arg(&time_out).arg(&opts.kcl_bin);
+            c
+        }
+        None => Command::new(&opts.kcl_bin),
+    };
+    if let Some((k, v)) = extra_env {
+        cmd.env(k, v);
+    }
     let started = Instant::now();
-    let child = Command::new(&opts.kcl_bin)
+    let wrapper = cmd
         .args(["consume", "--stream", stream, "--app", &app])
         .env("AWS_ENDPOINT_URL_KINESIS", kinesis.endpoint())
         .env("AWS_ENDPOINT_URL_DYNAMODB", dynalite.endpoint())
@@ -136,24 +284,32 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", opts.kcl_bin.display()))?;
-    let pid = child.id() as i32;
-    let mut guard = KillOnDrop(Some(pid));
+    let wpid = wrapper.id() as i32;
+    let mut guard = KillOnDrop(vec![wpid]);
+    let pid = loop {
+        if let Some(pid) = find_pid(&opts.kcl_bin, &app) {
+            break pid;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the CLI process did not appear"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    guard.0.insert(0, pid);
 
     // Poll VmHWM every 50 ms; the lease table every 500 ms until every shard's checkpoint is
     // its last record.
     let mut hwm = 0;
-    let mut max_rss = 0;
     let mut last_check = Instant::now() - Duration::from_secs(1);
     let drain = loop {
-        if let Some((h, r)) = proc_status(pid) {
+        if let Some((h, _)) = proc_status(pid) {
             hwm = hwm.max(h);
-            max_rss = max_rss.max(r);
         }
-        if started.elapsed() > Duration::from_secs(1800) {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            bail!("the CLI did not drain the stream in 30 min");
-        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the CLI did not drain the stream in 30 min"
+        );
         if last_check.elapsed() >= Duration::from_millis(500) {
             last_check = Instant::now();
             if let Ok(table) = store.list().await {
@@ -169,33 +325,29 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
             }
         }
         let mut status = 0;
-        // SAFETY: non-blocking check that the child is still running.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            bail!(
-                "the CLI exited before draining the stream (status {status}); see its log in /tmp"
-            );
-        }
+        // SAFETY: non-blocking check that the wrapper (or the CLI) is still running.
+        let r = unsafe { libc::waitpid(wpid, &mut status, libc::WNOHANG) };
+        ensure!(
+            r != wpid,
+            "the CLI exited before draining the stream (status {status}); see {}",
+            log_path.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let hwm_at_drain = proc_status(pid).map_or(hwm, |(h, _)| h.max(hwm));
-    println!(
-        "rss: the CLI checkpointed all {total} records after {} ({}); VmHWM {:.1} MiB",
-        fmt_dur(drain),
-        fmt_rate(total as f64 / drain.as_secs_f64()),
-        hwm_at_drain as f64 / 1048576.0
-    );
+    if let Some((h, _)) = proc_status(pid) {
+        hwm = hwm.max(h);
+    }
 
-    // SIGTERM, then wait4 for the exit status and the kernel's peak RSS.
+    // SIGTERM to the CLI, then reap the wrapper (which exits with it).
     let term = Instant::now();
-    // SAFETY: signalling our own child.
+    // SAFETY: signalling our own (grand)child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let mut status = 0;
     // SAFETY: wait4 only writes into `status` and `ru`.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-        if r == pid {
+        let r = unsafe { libc::wait4(wpid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == wpid {
             break;
         }
         if term.elapsed() > Duration::from_secs(60) {
@@ -204,23 +356,34 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
         if let Some((h, _)) = proc_status(pid) {
             hwm = hwm.max(h);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let shutdown = term.elapsed();
-    guard.0 = None; // reaped
-    drop(child);
-    let peak_rss = (ru.ru_maxrss as u64 * 1024).max(hwm);
+    guard.0.clear(); // reaped
+    drop(wrapper);
     let exit_status = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {
         -libc::WTERMSIG(status)
     };
-    Ok(RssResult {
-        per_shard_loaded: loaded,
-        records: total,
-        load,
-        peak_rss,
-        hwm_at_drain,
+    let time_kib = std::fs::read_to_string(&time_out)
+        .ok()
+        .and_then(|s| s.lines().last().and_then(|l| l.trim().parse::<u64>().ok()));
+    let _ = std::fs::remove_file(&time_out);
+    let (peak, how) = match time_kib {
+        Some(kib) => (
+            (kib * 1024).max(hwm),
+            format!(
+                "/usr/bin/time %M {:.1} MiB, VmHWM polled {:.1} MiB",
+                kib as f64 / 1024.0,
+                hwm as f64 / 1048576.0
+            ),
+        ),
+        None => (hwm, "VmHWM polled every 50 ms".to_string()),
+    };
+    Ok(CliRun {
+        peak,
+        how,
         drain,
         cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
         exit_status,
