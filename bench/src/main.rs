@@ -184,6 +184,18 @@ fn main() -> anyhow::Result<()> {
                     target: ">= 1 M rec/s per core".into(),
                     pass: Some(r.cpu_rate() >= 1e6),
                 });
+                let own = r.cpu.saturating_sub(r.backend_cpu);
+                rows.push(Row {
+                    name: "   same run, CPU outside MemKinesis::get_records (the worker's own work, incl. dropping records)".into(),
+                    measured: format!(
+                        "{} per CPU-s ({} of {} CPU in get_records)",
+                        fmt_rate(r.records as f64 / own.as_secs_f64()),
+                        fmt_dur(r.backend_cpu),
+                        fmt_dur(r.cpu)
+                    ),
+                    target: "-".into(),
+                    pass: None,
+                });
                 if let Some((wall, cpu, elapsed)) = r.plain {
                     rows.push(Row {
                         name: "   same data, plain MemKinesis GetRecords loop (the backend alone)"
@@ -258,6 +270,25 @@ fn main() -> anyhow::Result<()> {
                         ),
                         target: ">= 0.95 x plain".into(),
                         pass: Some(ratio >= 0.95),
+                    });
+                    let wr = r.best_worker_reading();
+                    let rounds_reading: Vec<String> = r
+                        .plain
+                        .iter()
+                        .zip(&r.worker)
+                        .map(|(p, w)| format!("{:.2}", p.as_secs_f64() / w.reading().as_secs_f64()))
+                        .collect();
+                    rows.push(Row {
+                        name: "   same worker runs, from the first GetShardIterator (without start-up: lease table, ListShards, takes)".into(),
+                        measured: format!(
+                            "{} ({}); ratio {:.2} (per round: {})",
+                            fmt_rate(r.rate(wr)),
+                            fmt_dur(wr),
+                            p.as_secs_f64() / wr.as_secs_f64(),
+                            rounds_reading.join(", ")
+                        ),
+                        target: "-".into(),
+                        pass: None,
                     });
                     let _ = r.load;
                 }
