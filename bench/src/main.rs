@@ -7,6 +7,7 @@
 //!
 //! Prints details while it runs, then one table: measured figure, target, pass/fail.
 
+mod ferro;
 mod local;
 mod mem;
 mod probe;
@@ -98,6 +99,9 @@ struct Args {
     /// CLI (KEY=VALUE, repeatable; e.g. MALLOC_ARENA_MAX=2), printed but not in the table.
     #[arg(long)]
     rss_extra_env: Vec<String>,
+    /// rss: the Kinesis server: ferrokinesis when installed (`auto`), else kinesis-local.
+    #[arg(long, value_enum, default_value_t = RssKinesis::Auto)]
+    rss_kinesis: RssKinesis,
     /// rss: the kcl CLI binary.
     #[arg(long, default_value_os_t = default_kcl_bin())]
     kcl_bin: PathBuf,
@@ -122,6 +126,15 @@ enum Mode {
     Local,
     Startup,
     Rss,
+}
+
+/// The Kinesis server of the `rss` benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RssKinesis {
+    /// ferrokinesis when installed under `.emulators/ferrokinesis`, else kinesis-local.
+    Auto,
+    KinesisLocal,
+    Ferrokinesis,
 }
 
 /// One line of the final table.
@@ -343,9 +356,19 @@ fn main() -> anyhow::Result<()> {
                 runs: args.rss_runs,
                 heaptrack: args.rss_heaptrack.clone(),
                 extra_env: args.rss_extra_env.clone(),
+                ferrokinesis: match args.rss_kinesis {
+                    RssKinesis::Auto => ferro::installed(),
+                    RssKinesis::KinesisLocal => false,
+                    RssKinesis::Ferrokinesis => true,
+                },
+            };
+            let server = if opts.ferrokinesis {
+                "ferrokinesis"
+            } else {
+                "kinesis-local"
             };
             println!(
-                "== rss: `kcl consume`, {} shards x {} records of {} B on kinesis-local + dynalite",
+                "== rss: `kcl consume`, {} shards x {} records of {} B on {server} + dynalite",
                 opts.shards, opts.per_shard, opts.record_size
             );
             match rt.block_on(interruptible(rss::run(&opts))) {
@@ -353,7 +376,7 @@ fn main() -> anyhow::Result<()> {
                     let mib = |b: u64| b as f64 / 1048576.0;
                     rows.push(Row {
                         name: format!(
-                            "4. peak RSS of `kcl consume`, {}x{} x {} B{}",
+                            "4. peak RSS of `kcl consume`, {}x{} x {} B on {server}{}",
                             opts.shards,
                             r.per_shard_loaded,
                             opts.record_size,

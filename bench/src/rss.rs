@@ -1,5 +1,6 @@
-//! Benchmark 4: peak RSS of the `kcl consume` CLI draining a stream on kinesis-local, with
-//! the lease table on dynalite.
+//! Benchmark 4: peak RSS of the `kcl consume` CLI draining a stream on ferrokinesis (when
+//! installed; kinesis-local otherwise, which loads too slowly for the full size), with the
+//! lease table on dynalite.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ pub struct RssOpts {
     /// After the measured runs, one more run per entry with this extra environment variable
     /// (`KEY=VALUE`, e.g. `MALLOC_ARENA_MAX=2`), reported on its own.
     pub extra_env: Vec<String>,
+    /// Serve the stream from ferrokinesis instead of kinesis-local.
+    pub ferrokinesis: bool,
 }
 
 #[derive(Debug)]
@@ -67,7 +70,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn proc_status(pid: i32) -> Option<(u64, u64)> {
+/// `/proc/PID/status` figures, bytes: (VmHWM, RssAnon, RssFile).
+fn proc_status(pid: i32) -> Option<(u64, u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         s.lines()
@@ -76,7 +80,7 @@ fn proc_status(pid: i32) -> Option<(u64, u64)> {
             .and_then(|v| v.parse::<u64>().ok())
             .map(|kb| kb * 1024)
     };
-    Some((field("VmHWM:")?, field("VmRSS:")?))
+    Some((field("VmHWM:")?, field("RssAnon:")?, field("RssFile:")?))
 }
 
 pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
@@ -85,7 +89,11 @@ pub async fn run(opts: &RssOpts) -> anyhow::Result<RssResult> {
         "{} is missing: build it first with `cargo build --release -p kcl --features cli`",
         opts.kcl_bin.display()
     );
-    let kinesis = kinesis_server::start_kinesis_local().await?;
+    let kinesis = if opts.ferrokinesis {
+        crate::ferro::start().await?
+    } else {
+        kinesis_server::start_kinesis_local().await?
+    };
     let dynalite = dynamo_servers::start_dynalite().await?;
     let kc = kinesis_server::kinesis_client(&kinesis).await;
     let dc = dynamo_client(&dynalite).await;
@@ -301,10 +309,14 @@ async fn run_cli(
     // Poll VmHWM every 50 ms; the lease table every 500 ms until every shard's checkpoint is
     // its last record.
     let mut hwm = 0;
+    // The largest heap (anonymous) and mapped-file (the binary's pages) parts seen.
+    let (mut anon, mut file) = (0, 0);
     let mut last_check = Instant::now() - Duration::from_secs(1);
     let drain = loop {
-        if let Some((h, _)) = proc_status(pid) {
+        if let Some((h, a, f)) = proc_status(pid) {
             hwm = hwm.max(h);
+            anon = anon.max(a);
+            file = file.max(f);
         }
         ensure!(
             started.elapsed() < Duration::from_secs(1800),
@@ -334,8 +346,10 @@ async fn run_cli(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    if let Some((h, _)) = proc_status(pid) {
+    if let Some((h, a, f)) = proc_status(pid) {
         hwm = hwm.max(h);
+        anon = anon.max(a);
+        file = file.max(f);
     }
 
     // SIGTERM to the CLI, then reap the wrapper (which exits with it).
@@ -353,7 +367,7 @@ async fn run_cli(
         if term.elapsed() > Duration::from_secs(60) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        if let Some((h, _)) = proc_status(pid) {
+        if let Some((h, _, _)) = proc_status(pid) {
             hwm = hwm.max(h);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -370,16 +384,21 @@ async fn run_cli(
         .ok()
         .and_then(|s| s.lines().last().and_then(|l| l.trim().parse::<u64>().ok()));
     let _ = std::fs::remove_file(&time_out);
+    let parts = format!(
+        "largest polled: heap (RssAnon) {:.1} MiB, binary and files (RssFile) {:.1} MiB",
+        anon as f64 / 1048576.0,
+        file as f64 / 1048576.0
+    );
     let (peak, how) = match time_kib {
         Some(kib) => (
             (kib * 1024).max(hwm),
             format!(
-                "/usr/bin/time %M {:.1} MiB, VmHWM polled {:.1} MiB",
+                "/usr/bin/time %M {:.1} MiB, VmHWM polled {:.1} MiB; {parts}",
                 kib as f64 / 1024.0,
                 hwm as f64 / 1048576.0
             ),
         ),
-        None => (hwm, "VmHWM polled every 50 ms".to_string()),
+        None => (hwm, format!("VmHWM polled every 50 ms; {parts}")),
     };
     Ok(CliRun {
         peak,

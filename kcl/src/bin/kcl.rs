@@ -15,7 +15,7 @@ use kcl::{
     async_trait, Checkpointer, InitialPosition, ProcessorError, RecordBatch, RecordProcessor,
     Worker,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::sync::Mutex;
 
 #[derive(Parser)]
@@ -77,7 +77,12 @@ fn parse_position(s: &str) -> Result<InitialPosition, String> {
 
 /// Writes records as JSON lines; one lock per batch keeps lines whole.
 struct JsonLines {
-    out: Arc<Mutex<tokio::io::Stdout>>,
+    out: Arc<Mutex<BufWriter<tokio::io::Stdout>>>,
+    /// One line at a time is encoded here (a batch is never encoded whole: 16 shards' worth of
+    /// encoded batches waiting for the lock would double the memory the prefetch budget bounds).
+    line: Vec<u8>,
+    /// The base64 of one record's data.
+    data: String,
 }
 
 #[async_trait]
@@ -87,26 +92,27 @@ impl RecordProcessor for JsonLines {
         batch: &RecordBatch,
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
-        let mut buf = Vec::with_capacity(batch.data_bytes() * 4 / 3 + batch.len() * 160);
         let shard =
             serde_json::to_string(batch.shard_id.as_str()).map_err(ProcessorError::fatal)?;
-        for r in batch {
-            let key = serde_json::to_string(&r.partition_key).map_err(ProcessorError::fatal)?;
-            let _ = write!(
-                buf,
-                "{{\"shard\":{shard},\"seq\":\"{}\",\"subseq\":{},\"key\":{key},\"data\":\"",
-                r.sequence_number, r.sub_sequence_number
-            );
-            let mut data = String::new();
-            base64::engine::general_purpose::STANDARD.encode_string(&r.data, &mut data);
-            buf.extend_from_slice(data.as_bytes());
-            buf.extend_from_slice(b"\"}\n");
-        }
         {
             let mut out = self.out.lock().await;
-            out.write_all(&buf)
-                .await
-                .map_err(ProcessorError::retryable)?;
+            for r in batch {
+                self.line.clear();
+                self.data.clear();
+                let key = serde_json::to_string(&r.partition_key).map_err(ProcessorError::fatal)?;
+                let _ = write!(
+                    self.line,
+                    "{{\"shard\":{shard},\"seq\":\"{}\",\"subseq\":{},\"key\":{key},\"data\":\"",
+                    r.sequence_number, r.sub_sequence_number
+                );
+                base64::engine::general_purpose::STANDARD.encode_string(&r.data, &mut self.data);
+                self.line.extend_from_slice(self.data.as_bytes());
+                self.line.extend_from_slice(b"\"}\n");
+                out.write_all(&self.line)
+                    .await
+                    .map_err(ProcessorError::retryable)?;
+            }
+            // Written out before the checkpoint says the batch is done.
             out.flush().await.map_err(ProcessorError::retryable)?;
         }
         cp.checkpoint().await.map_err(ProcessorError::retryable)
@@ -139,13 +145,20 @@ async fn main() -> anyhow::Result<()> {
             worker_id,
             position,
         } => {
-            let out = Arc::new(Mutex::new(tokio::io::stdout()));
+            let out = Arc::new(Mutex::new(BufWriter::with_capacity(
+                64 * 1024,
+                tokio::io::stdout(),
+            )));
             let mut builder = Worker::builder()
                 .application_name(app)
                 .stream(stream)
                 .backends(kcl::Aws::from_conf(&sdk))
                 .initial_position(position)
-                .processor(move || JsonLines { out: out.clone() });
+                .processor(move || JsonLines {
+                    out: out.clone(),
+                    line: Vec::new(),
+                    data: String::new(),
+                });
             if let Some(t) = table {
                 builder = builder.table_name(t);
             }

@@ -109,41 +109,12 @@ fn convert_result(
     }
 }
 
-/// Classifies an SDK error of `PutRecords` to `stream`.
+/// Classifies an SDK error of `PutRecords` to `stream` (as every Kinesis call's error is).
 fn classify<E>(err: SdkError<E, HttpResponse>, stream: &str) -> KinesisApiError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let (service, server_error) = match err {
-        SdkError::ServiceError(ctx) => {
-            let server_error = ctx.raw().status().is_server_error();
-            (ctx.into_err(), server_error)
-        }
-        err @ (SdkError::TimeoutError(_)
-        | SdkError::DispatchFailure(_)
-        | SdkError::ResponseError(_)) => return KinesisApiError::Transient(Box::new(err)),
-        err => return KinesisApiError::Other(Box::new(err)),
-    };
-    match service.code() {
-        Some(
-            "ProvisionedThroughputExceededException"
-            | "KMSThrottlingException"
-            | "LimitExceededException"
-            | "ThrottlingException",
-        ) => KinesisApiError::Throttled(Box::new(service)),
-        Some("ResourceNotFoundException") => KinesisApiError::NotFound(match service.message() {
-            Some(message) => format!("stream {stream}: {message}"),
-            None => format!("stream {stream}"),
-        }),
-        Some(
-            "InternalFailureException"
-            | "InternalFailure"
-            | "ServiceUnavailable"
-            | "ResourceInUseException",
-        ) => KinesisApiError::Transient(Box::new(service)),
-        _ if server_error => KinesisApiError::Transient(Box::new(service)),
-        _ => KinesisApiError::Other(Box::new(service)),
-    }
+    crate::retrieval::aws::classify(err, &format!("stream {stream}"))
 }
 
 #[cfg(test)]

@@ -566,8 +566,9 @@ fn convert_child(child: aws_sdk_kinesis::types::ChildShard) -> Result<ChildShard
     Ok(ChildShard::new(ShardId::new(id), parents, hash_range))
 }
 
-/// Classifies an SDK error; `what` names the resource for `NotFound`.
-fn classify<E>(err: SdkError<E, HttpResponse>, what: &str) -> KinesisApiError
+/// Classifies an SDK error; `what` names the resource for `NotFound`. The producer's
+/// `PutRecords` errors go through it too.
+pub(crate) fn classify<E>(err: SdkError<E, HttpResponse>, what: &str) -> KinesisApiError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {

@@ -54,18 +54,54 @@ impl PrefetchBudget {
     }
 
     /// Records to ask for: at most `max_records`, and no more than this fetcher's share of the
-    /// budget holds at the average record size seen.
+    /// budget holds while in flight, at the average record size seen.
     fn limit(&self, max_records: u32, avg_record_bytes: usize) -> u32 {
         let share = self.total / self.fetchers.load(Ordering::Relaxed).max(1);
-        let fit = share / avg_record_bytes.max(1);
+        let fit = share / in_flight_bytes(1, avg_record_bytes).max(1);
         u32::try_from(fit).unwrap_or(u32::MAX).clamp(1, max_records)
     }
 
+    /// Waits for `bytes` of room (at least 1, at most the whole budget, so never forever).
     pub(crate) async fn acquire(self: &Arc<Self>, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        // A response larger than the whole budget waits for all of it (never forever).
-        let want = u32::try_from(bytes.clamp(1, self.total)).unwrap_or(u32::MAX);
+        let want = u32::try_from(self.clamp(bytes)).unwrap_or(u32::MAX);
         self.bytes.clone().acquire_many_owned(want).await.ok()
     }
+
+    fn clamp(&self, bytes: usize) -> usize {
+        bytes.clamp(1, self.total)
+    }
+
+    /// Resizes a reservation to the `bytes` a response actually holds: the excess goes back at
+    /// once; a shortfall (records larger than the average the request was sized by) is taken
+    /// if free, and otherwise carried over budget for this one batch rather than waited for,
+    /// since fetchers that wait for more while holding part of the budget could deadlock.
+    fn fit(&self, mut reserved: OwnedSemaphorePermit, bytes: usize) -> OwnedSemaphorePermit {
+        let want = self.clamp(bytes);
+        let have = reserved.num_permits();
+        if want < have {
+            drop(reserved.split(have - want));
+        } else if want > have {
+            let extra = u32::try_from(want - have).unwrap_or(u32::MAX);
+            match self.bytes.clone().try_acquire_many_owned(extra) {
+                Ok(more) => reserved.merge(more),
+                Err(_) => debug!(
+                    over = want - have,
+                    "response larger than reserved; carried over the prefetch budget"
+                ),
+            }
+        }
+        reserved
+    }
+}
+
+/// The memory a `GetRecords` answer of `records` records takes while it is received: the
+/// body (base64 in JSON, about 1.4 × the data) and the decoded records beside it. Reserved
+/// before the call, and cut to the records' own bytes once they are decoded.
+fn in_flight_bytes(records: u32, avg_record_bytes: usize) -> usize {
+    (records as usize)
+        .saturating_mul(avg_record_bytes)
+        .saturating_mul(5)
+        / 2
 }
 
 /// Counts a fetcher in its budget's fair shares while it lives.
@@ -180,12 +216,19 @@ impl Fetcher {
         let mut next_call = Instant::now();
         loop {
             tokio::time::sleep_until(next_call).await;
-            let started = Instant::now();
-            next_call = started + self.cfg.min_interval;
             let limit = self
                 .budget
                 .0
                 .limit(self.cfg.max_records, self.avg_record_bytes);
+            // Room for the answer is reserved before asking, so the budget bounds what is in
+            // flight as well as what waits for the processor (a response held while waiting
+            // for room would be outside it).
+            let expected = in_flight_bytes(limit, self.avg_record_bytes);
+            let Some(reserved) = self.budget.0.acquire(expected).await else {
+                return;
+            };
+            let started = Instant::now();
+            next_call = started + self.cfg.min_interval;
             let call = self.kinesis.get_records(&iterator, limit);
             let result = tokio::time::timeout(GET_RECORDS_TIMEOUT, call)
                 .await
@@ -196,6 +239,7 @@ impl Fetcher {
                     out
                 }
                 Err(KinesisApiError::ExpiredIterator) => {
+                    drop(reserved);
                     debug!(shard = %self.shard, "shard iterator expired; renewing");
                     match self.iterator(&self.renew_position(&position)).await {
                         Ok(it) => iterator = it,
@@ -207,6 +251,7 @@ impl Fetcher {
                     continue;
                 }
                 Err(e) if e.is_retryable() => {
+                    drop(reserved);
                     let label = self.shard.to_string();
                     if matches!(e, KinesisApiError::Throttled(_)) {
                         metrics::counter!(m::THROTTLES, "shard" => label).increment(1);
@@ -231,9 +276,7 @@ impl Fetcher {
                 let bytes: usize = records.iter().map(|r| r.data.len()).sum();
                 let avg = bytes / records.len();
                 self.avg_record_bytes = (self.avg_record_bytes * 3 + avg.max(1)) / 4;
-                let Some(permit) = self.budget.0.acquire(bytes).await else {
-                    return;
-                };
+                let permit = self.budget.0.fit(reserved, bytes);
                 let batch = Fetched::Records {
                     records,
                     millis_behind_latest: out.millis_behind_latest,
@@ -242,8 +285,11 @@ impl Fetcher {
                 if tx.send(batch).await.is_err() {
                     return;
                 }
-            } else if at_tip {
-                next_call = next_call.max(Instant::now() + self.cfg.idle_interval);
+            } else {
+                drop(reserved);
+                if at_tip {
+                    next_call = next_call.max(Instant::now() + self.cfg.idle_interval);
+                }
             }
             match out.next_iterator {
                 Some(next) => iterator = next,
@@ -257,5 +303,56 @@ impl Fetcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_sized_so_every_fetcher_fits_its_share_in_flight() {
+        let budget = PrefetchBudget::new(10 << 20);
+        let _fetchers: Vec<_> = (0..4).map(|_| Registered::new(budget.clone())).collect();
+        // 2.5 MiB share, 1 KiB records, 2.5 KiB each in flight: 1 024 records.
+        assert_eq!(budget.limit(10_000, 1024), 1024);
+        assert_eq!(in_flight_bytes(1024, 1024), 10 << 20 >> 2);
+        // Never more than asked for, never zero.
+        assert_eq!(budget.limit(100, 1024), 100);
+        assert_eq!(budget.limit(10_000, 64 << 20), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_cut_to_the_answer_and_grown_only_from_free_room() {
+        let budget = PrefetchBudget::new(1000);
+        let reserved = budget.acquire(600).await.expect("open");
+        // Smaller answer: the excess goes back at once.
+        let held = budget.fit(reserved, 100);
+        assert_eq!(held.num_permits(), 100);
+        assert_eq!(budget.bytes.available_permits(), 900);
+        // Larger answer with room free: the shortfall is taken.
+        let held = budget.fit(held, 300);
+        assert_eq!(held.num_permits(), 300);
+        assert_eq!(budget.bytes.available_permits(), 700);
+        // Larger answer without room: carried as is, never waited for.
+        let other = budget.acquire(700).await.expect("open");
+        let held = budget.fit(held, 500);
+        assert_eq!(held.num_permits(), 300);
+        drop((held, other));
+        assert_eq!(budget.bytes.available_permits(), 1000);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_larger_than_the_budget_waits_for_all_of_it() {
+        let budget = PrefetchBudget::new(1000);
+        let held = budget.acquire(10).await.expect("open");
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.acquire(5000).await.map(|p| p.num_permits()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(held);
+        assert_eq!(waiting.await.expect("joined"), Some(1000));
     }
 }
