@@ -323,6 +323,7 @@ pub async fn throughput(opts: &LocalOpts) -> anyhow::Result<LocalResult> {
     for round in 0..opts.rounds {
         // Alternate the order so neither side always runs on a warmer server.
         for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            settle(&kc, stream).await;
             if side == 0 {
                 let (n, d) = plain_loop(
                     &kc,
@@ -373,6 +374,26 @@ pub async fn throughput(opts: &LocalOpts) -> anyhow::Result<LocalResult> {
         }
     }
     Ok(result)
+}
+
+/// Waits until kinesis-local is idle again: after serving tens of megabytes it stays busy for
+/// seconds (garbage collection), and whichever run comes next would pay for it. Idle = a
+/// ListShards answered within 150 ms, three times in a row (at most 30 s).
+async fn settle(kc: &aws_sdk_kinesis::Client, stream: &str) {
+    let api = AwsKinesis::new(kc.clone());
+    let t = Instant::now();
+    let mut quick = 0;
+    while quick < 3 && t.elapsed() < Duration::from_secs(30) {
+        let call = Instant::now();
+        let _ = api.list_shards(stream).await;
+        if call.elapsed() < Duration::from_millis(150) {
+            quick += 1;
+        } else {
+            quick = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("local: server settled in {}", fmt_dur(t.elapsed()));
 }
 
 // ---------------------------------------------------------------------------------------------

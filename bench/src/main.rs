@@ -60,8 +60,9 @@ struct Args {
     /// local: records per shard.
     #[arg(long, default_value_t = 5_000)]
     local_records: usize,
-    /// local: rounds of (plain loop, worker), alternating which goes first.
-    #[arg(long, default_value_t = 2)]
+    /// local: rounds of (plain loop, worker), alternating which goes first (kinesis-local's
+    /// times vary by ±20 % from run to run, so fewer rounds say little).
+    #[arg(long, default_value_t = 4)]
     local_rounds: usize,
     /// local: the worker's polling.min_interval in ms (default: the library's, 200 ms).
     #[arg(long)]
@@ -258,12 +259,20 @@ fn main() -> anyhow::Result<()> {
                 Ok(r) => {
                     let (p, w) = (r.best_plain(), r.best_worker());
                     let ratio = p.as_secs_f64() / w.as_secs_f64();
-                    let rounds: Vec<String> = r
+                    let mut per_round: Vec<f64> = r
                         .plain
                         .iter()
                         .zip(&r.worker)
-                        .map(|(p, w)| format!("{:.2}", p.as_secs_f64() / w.elapsed.as_secs_f64()))
+                        .map(|(p, w)| p.as_secs_f64() / w.elapsed.as_secs_f64())
                         .collect();
+                    let rounds: Vec<String> =
+                        per_round.iter().map(|x| format!("{x:.2}")).collect();
+                    per_round.sort_by(f64::total_cmp);
+                    let median = match per_round.len() {
+                        0 => f64::NAN,
+                        n if n % 2 == 1 => per_round[n / 2],
+                        n => (per_round[n / 2 - 1] + per_round[n / 2]) / 2.0,
+                    };
                     rows.push(Row {
                         name: format!(
                             "2. kinesis-local, plain GetRecords loop, {}x{} x {} B (best of {})",
@@ -276,7 +285,7 @@ fn main() -> anyhow::Result<()> {
                     rows.push(Row {
                         name: "2. kinesis-local, worker (Aws + DynamoLeaseStore on dynalite), run() to last checkpoint".into(),
                         measured: format!(
-                            "{} ({}); ratio {ratio:.2} (per round: {})",
+                            "{} ({}); ratio {ratio:.2} best of each (per round: {}; median {median:.2})",
                             fmt_rate(r.rate(w)),
                             fmt_dur(w),
                             rounds.join(", ")
