@@ -265,8 +265,7 @@ fn main() -> anyhow::Result<()> {
                         .zip(&r.worker)
                         .map(|(p, w)| p.as_secs_f64() / w.elapsed.as_secs_f64())
                         .collect();
-                    let rounds: Vec<String> =
-                        per_round.iter().map(|x| format!("{x:.2}")).collect();
+                    let rounds: Vec<String> = per_round.iter().map(|x| format!("{x:.2}")).collect();
                     per_round.sort_by(f64::total_cmp);
                     let median = match per_round.len() {
                         0 => f64::NAN,

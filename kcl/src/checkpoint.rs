@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 
 use crate::lease::coordinator::HeldLease;
 use crate::lease::{LeaseStore, LeaseStoreError};
@@ -195,13 +195,11 @@ impl Checkpointer {
             .await
         };
         let result = write
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_jitter()
-                    .with_max_times(usize::MAX),
-            )
+            .retry(crate::backoff::exponential(
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+                crate::backoff::seed(&[self.held.key().as_str(), "checkpoint"]),
+            ))
             .sleep(tokio::time::sleep)
             .when(|e: &LeaseStoreError| e.is_retryable() && held.is_valid())
             .await;

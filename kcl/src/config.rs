@@ -44,7 +44,9 @@ pub struct PollingConfig {
     /// second per shard, shared by every polling consumer of the stream: the default, 200 ms,
     /// keeps one worker within that.
     pub min_interval: Duration,
-    /// Pause after a call that returned nothing and is at the tip of the shard.
+    /// Pause after a call that returned nothing at the tip of the shard, counted from its
+    /// answer (so a slow server is asked less often). Raise it to leave read capacity to other
+    /// polling consumers of an idle stream, at the cost of latency.
     pub idle_interval: Duration,
     /// Batches read ahead of the processor per shard.
     pub prefetch_batches: usize,

@@ -59,6 +59,7 @@
 
 #[cfg(feature = "aws")]
 mod aws;
+mod backoff;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -371,14 +371,8 @@ impl Consumer {
             } => (*min_delay, *max_delay),
             _ => (Duration::from_millis(100), Duration::from_secs(30)),
         };
-        Box::new(
-            ExponentialBuilder::default()
-                .with_min_delay(min)
-                .with_max_delay(max)
-                .with_jitter()
-                .without_max_times()
-                .build(),
-        )
+        let seed = crate::backoff::seed(&[self.env.config.worker_id.as_str(), self.shard.as_str()]);
+        Box::new(crate::backoff::exponential(min, max, seed).build())
     }
 
     async fn retry_delay(

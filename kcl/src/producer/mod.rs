@@ -79,7 +79,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use bytes::Bytes;
 use tracing::{debug, error, warn};
 
@@ -795,11 +795,8 @@ impl<P: PutRecords> Inner<P> {
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> {
-        ExponentialBuilder::default()
-            .with_min_delay(self.cfg.min_backoff)
-            .with_max_delay(self.cfg.max_backoff)
-            .with_jitter()
-            .without_max_times()
+        // Producers run in many processes: each draws its own seed.
+        crate::backoff::exponential(self.cfg.min_backoff, self.cfg.max_backoff, rand::random())
             .build()
     }
 

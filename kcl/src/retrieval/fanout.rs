@@ -33,7 +33,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -114,22 +114,18 @@ enum Ended {
     Stop,
 }
 
-fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(MAX_BACKOFF)
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
 impl Subscriber {
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        let seed = crate::backoff::seed(&[&self.consumer_arn, self.shard.as_str()]);
+        crate::backoff::exponential(Duration::from_millis(100), MAX_BACKOFF, seed).build()
+    }
+
     async fn run(mut self, tx: mpsc::Sender<Fetched>) {
-        let mut delays = backoff();
+        let mut delays = self.backoff();
         loop {
             let (ended, had_events) = self.subscription(&tx).await;
             if had_events {
-                delays = backoff();
+                delays = self.backoff();
             }
             match ended {
                 Ended::Stop => return,

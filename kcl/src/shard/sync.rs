@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -181,12 +181,11 @@ impl ShardSyncer {
 
     /// The first sync: retried with backoff while failures are retryable.
     pub(crate) async fn sync_at_start(&self, stop: &CancellationToken) -> Result<(), Error> {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .with_max_times(8)
-            .build();
+        let seed = crate::backoff::seed(&[self.config.worker_id.as_str(), "shard-sync"]);
+        let mut delays =
+            crate::backoff::exponential(Duration::from_millis(200), Duration::from_secs(5), seed)
+                .with_max_times(8)
+                .build();
         loop {
             let err = match self.sync_once().await {
                 Ok(()) => return Ok(()),
