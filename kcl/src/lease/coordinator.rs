@@ -332,6 +332,36 @@ impl LeaseCoordinator {
         }
     }
 
+    /// At shutdown, once every consumer has exited: releases the leases the table names this
+    /// worker as owner of without it holding them — a graceful handoff completed to it that
+    /// its taker had not picked up yet — so peers need not wait for them to expire. A handoff
+    /// still pending (`checkpointOwner` set: the old owner may still be processing) is left to
+    /// expire, so no two workers ever process the shard at once.
+    pub(crate) async fn release_unheld(&self) {
+        let table = match self.store.list().await {
+            Ok(table) => table,
+            Err(e) => {
+                warn!(error = %e, "could not list leases to release at shutdown");
+                return;
+            }
+        };
+        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        for lease in table.leases.iter().filter(|l| {
+            l.owner.as_ref() == Some(&self.me)
+                && l.checkpoint_owner.is_none()
+                && !held.contains(&l.key)
+        }) {
+            match self.store.release(lease).await {
+                Ok(_) => {
+                    info!(lease = %lease.key, "released a lease handed over but not yet taken")
+                }
+                Err(e) => {
+                    debug!(lease = %lease.key, error = %e, "could not release lease at shutdown")
+                }
+            }
+        }
+    }
+
     async fn take_round(
         &self,
         tracker: &mut ExpiryTracker,
@@ -408,5 +438,67 @@ impl LeaseCoordinator {
         }
         metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
         Ok(taken)
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::config::WorkerConfig;
+    use crate::record::ExtendedSequenceNumber;
+    use crate::shard::ShardId;
+    use crate::testkit::MemLeaseStore;
+
+    async fn lease(store: &MemLeaseStore, shard: &str) -> Lease {
+        let lease = Lease::new(&ShardId::new(shard), ExtendedSequenceNumber::TrimHorizon);
+        assert!(store.create_if_absent(&lease).await.unwrap());
+        lease
+    }
+
+    fn find(store: &MemLeaseStore, key: &LeaseKey) -> Lease {
+        store.leases().into_iter().find(|l| &l.key == key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_completed_handoffs_not_yet_taken_and_nothing_else() {
+        let store = MemLeaseStore::new();
+        let (me, peer) = (WorkerId::new("me"), WorkerId::new("peer"));
+        let coordinator = LeaseCoordinator::new(
+            Arc::new(store.clone()),
+            me.clone(),
+            &WorkerConfig::new("app", "stream"),
+        );
+        // Handed over to us and completed, but not taken by our taker yet.
+        let a = lease(&store, "shardId-a").await;
+        let a = store.take(&a, &peer).await.unwrap();
+        store.request_handoff(&a, &me).await.unwrap();
+        // The old owner completes it with its own view of the lease.
+        let a = store.complete_handoff(&a, &me).await.unwrap();
+        // A handoff to us still pending: the peer may still be processing.
+        let b = lease(&store, "shardId-b").await;
+        let b = store.take(&b, &peer).await.unwrap();
+        let b = store.request_handoff(&b, &me).await.unwrap();
+        // Held by us (its consumer releases it), and a peer's lease.
+        let c = lease(&store, "shardId-c").await;
+        let c = store.take(&c, &me).await.unwrap();
+        coordinator.held_map().insert(
+            c.key.clone(),
+            Arc::new(HeldLease::new(
+                c.clone(),
+                Instant::now(),
+                Duration::from_secs(10),
+            )),
+        );
+        let d = lease(&store, "shardId-d").await;
+        let d = store.take(&d, &peer).await.unwrap();
+
+        coordinator.release_unheld().await;
+
+        let a_now = find(&store, &a.key);
+        assert_eq!(a_now.owner, None);
+        assert_eq!(a_now.counter, a.counter.next());
+        assert_eq!(find(&store, &b.key), b);
+        assert_eq!(find(&store, &c.key), c);
+        assert_eq!(find(&store, &d.key), d);
     }
 }

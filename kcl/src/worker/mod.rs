@@ -231,12 +231,17 @@ impl Worker {
             }
         })
         .await;
-        if drained.is_err() {
-            error!(
-                remaining = consumers.len(),
-                "shutdown_timeout passed; abandoning processors (their leases will expire)"
-            );
-            consumers.abort_all();
+        match drained {
+            // Every consumer has released its lease; a handoff completed to this worker but
+            // not taken yet would otherwise keep its shard idle until it expires.
+            Ok(()) => coordinator.release_unheld().await,
+            Err(_) => {
+                error!(
+                    remaining = consumers.len(),
+                    "shutdown_timeout passed; abandoning processors (their leases will expire)"
+                );
+                consumers.abort_all();
+            }
         }
         renewer_stop.cancel();
         let _ = renewer.await;
