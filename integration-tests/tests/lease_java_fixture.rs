@@ -1,0 +1,230 @@
+//! A lease table written by the Java KCL: items as the Java KCL 3.x `DynamoDBLeaseSerializer`
+//! writes them (attribute names and DynamoDB types; `throughputKBps` and
+//! `pendingCheckpointState`, which kcl does not use; no `entityType`), planted as raw items in
+//! moto, dynalite and the in-memory store. kcl must read every one of them as the Java KCL
+//! means it, take over from the Java workers through the usual conditional writes, and leave
+//! the attributes it does not know in place, so a fleet can move from the Java KCL to kcl (or
+//! back) on the same table.
+
+use kcl::lease::dynamo::DynamoLeaseStore;
+use kcl::lease::item::{AttrValue, Item};
+use kcl::lease::{LeaseCounter, LeaseKey};
+use kcl::shard::HashKeyRange;
+use kcl::testkit::conformance::RawItems;
+use kcl::testkit::MemLeaseStore;
+use kcl::{ExtendedSequenceNumber, Lease, LeaseStore, SequenceNumber, ShardId, WorkerId};
+use kcl_integration_tests::dynamo_servers::{start_dynalite, start_moto};
+use kcl_integration_tests::{sdk_config, unique_name};
+
+const MAX_HASH: &str = "340282366920938463463374607431768211455";
+const MID_HASH: &str = "170141183460469231731687303715884105727";
+const SEQ: &str = "49590338271490256608559692538361571095921575989136588898";
+const PENDING_SEQ: &str = "49590338271490256608559692540925702759324208523137515618";
+
+fn s(v: &str) -> AttrValue {
+    AttrValue::S(v.to_owned())
+}
+
+fn n(v: &str) -> AttrValue {
+    AttrValue::N(v.to_owned())
+}
+
+fn ss(v: &[&str]) -> AttrValue {
+    AttrValue::Ss(v.iter().map(|x| (*x).to_owned()).collect())
+}
+
+fn item(pairs: &[(&str, AttrValue)]) -> Item {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+/// The Java KCL's items: a finished parent, its two children (one owned mid-stream with a
+/// pending two-phase checkpoint, one in a graceful handoff), and a fresh unowned lease.
+fn java_items() -> Vec<Item> {
+    vec![
+        // Parent, read to its end by the Java KCL.
+        item(&[
+            ("leaseKey", s("shardId-000000000000")),
+            ("leaseCounter", n("5731")),
+            ("ownerSwitchesSinceCheckpoint", n("0")),
+            ("checkpoint", s("SHARD_END")),
+            ("checkpointSubSequenceNumber", n("0")),
+            (
+                "childShardIds",
+                ss(&["shardId-000000000001", "shardId-000000000002"]),
+            ),
+            ("startingHashKey", s("0")),
+            ("endingHashKey", s(MAX_HASH)),
+        ]),
+        // Child 1: owned by a Java worker, checkpointed inside a KPL aggregate, with a pending
+        // checkpoint and the Java KCL 3.x throughput figure.
+        item(&[
+            ("leaseKey", s("shardId-000000000001")),
+            ("leaseOwner", s("java-worker-1")),
+            ("leaseCounter", n("1234")),
+            ("ownerSwitchesSinceCheckpoint", n("2")),
+            ("checkpoint", s(SEQ)),
+            ("checkpointSubSequenceNumber", n("3")),
+            ("pendingCheckpoint", s(PENDING_SEQ)),
+            ("pendingCheckpointSubSequenceNumber", n("0")),
+            ("pendingCheckpointState", AttrValue::B(vec![1, 2, 3])),
+            ("parentShardId", ss(&["shardId-000000000000"])),
+            ("startingHashKey", s("0")),
+            ("endingHashKey", s(MID_HASH)),
+            ("throughputKBps", n("12.5")),
+        ]),
+        // Child 2: a graceful handoff in progress from java-worker-1 to java-worker-2.
+        item(&[
+            ("leaseKey", s("shardId-000000000002")),
+            ("leaseOwner", s("java-worker-2")),
+            ("checkpointOwner", s("java-worker-1")),
+            ("leaseCounter", n("77")),
+            ("ownerSwitchesSinceCheckpoint", n("0")),
+            ("checkpoint", s("TRIM_HORIZON")),
+            ("checkpointSubSequenceNumber", n("0")),
+            ("parentShardId", ss(&["shardId-000000000000"])),
+            (
+                "startingHashKey",
+                s("170141183460469231731687303715884105728"),
+            ),
+            ("endingHashKey", s(MAX_HASH)),
+        ]),
+        // Another stream's shard, never taken (Java writes LATEST and no hash range for
+        // leases created before 2.3).
+        item(&[
+            ("leaseKey", s("shardId-000000000009")),
+            ("leaseCounter", n("0")),
+            ("ownerSwitchesSinceCheckpoint", n("0")),
+            ("checkpoint", s("LATEST")),
+            ("checkpointSubSequenceNumber", n("0")),
+        ]),
+    ]
+}
+
+fn seq(v: &str) -> SequenceNumber {
+    SequenceNumber::parse(v).expect("fixture sequence number")
+}
+
+fn expected_leases() -> Vec<Lease> {
+    let shard = |i: u32| ShardId::new(format!("shardId-{i:012}"));
+    let range = |a: &str, b: &str| Some(HashKeyRange::parse(a, b).expect("fixture range"));
+
+    let mut parent = Lease::new(&shard(0), ExtendedSequenceNumber::ShardEnd);
+    parent.counter = LeaseCounter(5731);
+    parent.child_shard_ids = vec![shard(1), shard(2)];
+    parent.hash_range = range("0", MAX_HASH);
+
+    let mut child1 = Lease::new(&shard(1), ExtendedSequenceNumber::at(seq(SEQ), 3));
+    child1.owner = Some(WorkerId::new("java-worker-1"));
+    child1.counter = LeaseCounter(1234);
+    child1.owner_switches_since_checkpoint = 2;
+    child1.pending_checkpoint = Some(ExtendedSequenceNumber::at(seq(PENDING_SEQ), 0));
+    child1.parent_shard_ids = vec![shard(0)];
+    child1.hash_range = range("0", MID_HASH);
+
+    let mut child2 = Lease::new(&shard(2), ExtendedSequenceNumber::TrimHorizon);
+    child2.owner = Some(WorkerId::new("java-worker-2"));
+    child2.checkpoint_owner = Some(WorkerId::new("java-worker-1"));
+    child2.counter = LeaseCounter(77);
+    child2.parent_shard_ids = vec![shard(0)];
+    child2.hash_range = range("170141183460469231731687303715884105728", MAX_HASH);
+
+    let mut other = Lease::new(&shard(9), ExtendedSequenceNumber::Latest);
+    other.counter = LeaseCounter(0);
+
+    vec![parent, child1, child2, other]
+}
+
+async fn reads_and_takes_over_a_java_table<S: LeaseStore + RawItems>(store: &S, name: &str) {
+    store.ensure_table().await.expect("ensure_table");
+    for it in java_items() {
+        store.put_raw(it).await.expect("put_raw");
+    }
+
+    // Every item reads as the Java KCL means it; nothing is reported malformed.
+    let table = store.list().await.expect("list");
+    assert!(table.malformed.is_empty(), "{name}: {:?}", table.malformed);
+    let mut leases = table.leases.clone();
+    leases.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(leases, expected_leases(), "{name}");
+
+    // A kcl worker takes child 1 over from the expired Java worker, checkpoints further into
+    // the shard, and releases it.
+    let me = WorkerId::new("kcl-worker");
+    let child1 = leases[1].clone();
+    let taken = store.take(&child1, &me).await.expect("take");
+    assert_eq!(taken.counter, LeaseCounter(1235), "{name}");
+    assert_eq!(taken.owner_switches_since_checkpoint, 3, "{name}");
+    let further = ExtendedSequenceNumber::at(seq(PENDING_SEQ), 1);
+    let checkpointed = store
+        .checkpoint(&taken, &further, &[])
+        .await
+        .expect("checkpoint");
+    store.release(&checkpointed).await.expect("release");
+
+    // A single read decodes the handoff in progress between the two Java workers too.
+    let child2 = store
+        .get(&LeaseKey::new("shardId-000000000002"))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(child2, expected_leases()[2], "{name}");
+
+    let Some(raw) = store.get_raw("shardId-000000000001") else {
+        return; // the in-memory store keeps leases, not items
+    };
+    let raw = raw.await.expect("get_raw").expect("present");
+    // Written with the Java KCL's names and types.
+    assert_eq!(raw.get("leaseCounter"), Some(&n("1237")), "{name}: {raw:?}");
+    assert_eq!(raw.get("checkpoint"), Some(&s(PENDING_SEQ)), "{name}");
+    assert_eq!(
+        raw.get("checkpointSubSequenceNumber"),
+        Some(&n("1")),
+        "{name}"
+    );
+    assert_eq!(
+        raw.get("ownerSwitchesSinceCheckpoint"),
+        Some(&n("0")),
+        "{name}"
+    );
+    assert_eq!(raw.get("leaseOwner"), None, "{name}: released");
+    // The checkpoint superseded the two-phase pending checkpoint, as the Java KCL's does.
+    for gone in [
+        "pendingCheckpoint",
+        "pendingCheckpointSubSequenceNumber",
+        "pendingCheckpointState",
+    ] {
+        assert_eq!(raw.get(gone), None, "{name}: {gone}");
+    }
+    // What kcl does not use is left as the Java KCL wrote it.
+    assert_eq!(raw.get("throughputKBps"), Some(&n("12.5")), "{name}");
+    assert_eq!(
+        raw.get("parentShardId"),
+        Some(&ss(&["shardId-000000000000"])),
+        "{name}"
+    );
+    assert_eq!(raw.get("endingHashKey"), Some(&s(MID_HASH)), "{name}");
+}
+
+#[tokio::test]
+async fn java_table_in_memory() {
+    reads_and_takes_over_a_java_table(&MemLeaseStore::new(), "memory").await;
+}
+
+#[tokio::test]
+async fn java_table_on_dynalite() {
+    let server = start_dynalite().await.expect("dynalite");
+    let conf = sdk_config(&server.endpoint()).await;
+    let store = DynamoLeaseStore::from_conf(&conf, unique_name("java-fixture"));
+    reads_and_takes_over_a_java_table(&store, "dynalite").await;
+}
+
+#[tokio::test]
+async fn java_table_on_moto() {
+    let server = start_moto().await.expect("moto");
+    let conf = sdk_config(&server.endpoint()).await;
+    let store = DynamoLeaseStore::from_conf(&conf, unique_name("java-fixture"));
+    reads_and_takes_over_a_java_table(&store, "moto").await;
+}
