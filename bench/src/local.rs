@@ -233,6 +233,8 @@ pub struct LocalOpts {
     pub min_interval: Option<Duration>,
     /// GetRecords limit of the plain loop and the worker's `polling.max_records`.
     pub max_records: u32,
+    /// The worker's `polling.prefetch_bytes` (`None`: the library's default).
+    pub prefetch_bytes: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -303,6 +305,9 @@ pub async fn throughput(opts: &LocalOpts) -> anyhow::Result<LocalResult> {
             p.min_interval = d;
         }
         p.max_records = opts.max_records;
+        if let Some(b) = opts.prefetch_bytes {
+            p.prefetch_bytes = b;
+        }
         Some(p)
     };
     // ListShards on the loaded stream (the worker lists shards at start; the plain loop is

@@ -70,6 +70,9 @@ struct Args {
     /// local: GetRecords limit of the plain loop and the worker's polling.max_records.
     #[arg(long, default_value_t = 10_000)]
     local_max_records: u32,
+    /// local: the worker's polling.prefetch_bytes in MiB (default: the library's, 24 MiB).
+    #[arg(long)]
+    local_prefetch_mib: Option<usize>,
 
     /// startup: shards.
     #[arg(long, default_value_t = 16)]
@@ -245,15 +248,18 @@ fn main() -> anyhow::Result<()> {
                 put_parallelism: args.put_parallelism,
                 min_interval: args.local_min_interval_ms.map(Duration::from_millis),
                 max_records: args.local_max_records,
+                prefetch_bytes: args.local_prefetch_mib.map(|m| m << 20),
             };
             println!(
-                "== local: kinesis-local + dynalite, {} shards x {} records of {} B, GetRecords limit {}, worker polling.min_interval {}",
+                "== local: kinesis-local + dynalite, {} shards x {} records of {} B, GetRecords limit {}, worker polling.min_interval {}, prefetch_bytes {}",
                 opts.shards,
                 opts.per_shard,
                 opts.record_size,
                 opts.max_records,
                 opts.min_interval
-                    .map_or("200 ms (default)".to_string(), |d| format!("{d:?}"))
+                    .map_or("200 ms (default)".to_string(), |d| format!("{d:?}")),
+                opts.prefetch_bytes
+                    .map_or("24 MiB (default)".to_string(), |b| format!("{} MiB", b >> 20))
             );
             match rt.block_on(interruptible(local::throughput(&opts))) {
                 Ok(r) => {
