@@ -61,6 +61,41 @@ impl PrefetchBudget {
         u32::try_from(fit).unwrap_or(u32::MAX).clamp(1, max_records)
     }
 
+    /// Room for a call of up to `fair` records: the fair share's worth if it is free, else
+    /// whatever is free now, else (nothing free) waits for room for one record. Sizing calls
+    /// to the free room instead of waiting for a full share keeps a shard at the tip from
+    /// waiting on other shards' calls in flight: when every fetcher reserves its share, the
+    /// last one would otherwise wait for someone's answer before it could even ask.
+    async fn reserve(
+        self: &Arc<Self>,
+        fair: u32,
+        avg_record_bytes: usize,
+    ) -> Option<OwnedSemaphorePermit> {
+        let want = self.clamp(in_flight_bytes(fair, avg_record_bytes));
+        let least = self.clamp(in_flight_bytes(1, avg_record_bytes));
+        let free = self.bytes.available_permits().min(want);
+        if free >= least {
+            let n = u32::try_from(free).unwrap_or(u32::MAX);
+            if let Ok(p) = self.bytes.clone().try_acquire_many_owned(n) {
+                return Some(p);
+            }
+        }
+        self.acquire(least).await
+    }
+
+    /// Records a call may ask for with `reserved` room: at least 1, at most `fair`.
+    fn records_in(
+        &self,
+        reserved: &OwnedSemaphorePermit,
+        fair: u32,
+        avg_record_bytes: usize,
+    ) -> u32 {
+        let per_record = in_flight_bytes(1, avg_record_bytes).max(1);
+        u32::try_from(reserved.num_permits() / per_record)
+            .unwrap_or(u32::MAX)
+            .clamp(1, fair.max(1))
+    }
+
     /// Waits for `bytes` of room (at least 1, at most the whole budget, so never forever).
     pub(crate) async fn acquire(self: &Arc<Self>, bytes: usize) -> Option<OwnedSemaphorePermit> {
         let want = u32::try_from(self.clamp(bytes)).unwrap_or(u32::MAX);
@@ -217,17 +252,20 @@ impl Fetcher {
         let mut next_call = Instant::now();
         loop {
             tokio::time::sleep_until(next_call).await;
-            let limit = self
+            let fair = self
                 .budget
                 .0
                 .limit(self.cfg.max_records, self.avg_record_bytes);
             // Room for the answer is reserved before asking, so the budget bounds what is in
             // flight as well as what waits for the processor (a response held while waiting
-            // for room would be outside it).
-            let expected = in_flight_bytes(limit, self.avg_record_bytes);
-            let Some(reserved) = self.budget.0.acquire(expected).await else {
+            // for room would be outside it). The call asks for what the room reserved holds.
+            let Some(reserved) = self.budget.0.reserve(fair, self.avg_record_bytes).await else {
                 return;
             };
+            let limit = self
+                .budget
+                .0
+                .records_in(&reserved, fair, self.avg_record_bytes);
             let started = Instant::now();
             next_call = started + self.cfg.min_interval;
             let call = self.kinesis.get_records(&iterator, limit);
@@ -344,6 +382,32 @@ mod tests {
         assert_eq!(held.num_permits(), 300);
         drop((held, other));
         assert_eq!(budget.bytes.available_permits(), 1000);
+    }
+
+    #[tokio::test]
+    async fn calls_are_sized_to_the_free_room_up_to_the_fair_share() {
+        let budget = PrefetchBudget::new(40 << 10);
+        // All free: the fair share's worth (4 records of 1 KiB: 16 KiB in flight).
+        let a = budget.reserve(4, 1024).await.expect("open");
+        assert_eq!(a.num_permits(), 16 << 10);
+        assert_eq!(budget.records_in(&a, 4, 1024), 4);
+        // 24 KiB free: again a full share.
+        let b = budget.reserve(4, 1024).await.expect("open");
+        assert_eq!(budget.records_in(&b, 4, 1024), 4);
+        // 8 KiB free: only 2 records' room, taken at once instead of waiting.
+        let c = budget.reserve(4, 1024).await.expect("open");
+        assert_eq!(c.num_permits(), 8 << 10);
+        assert_eq!(budget.records_in(&c, 4, 1024), 2);
+        // Nothing free: waits for one record's room.
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(4, 1024).await.map(|p| p.num_permits()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(a);
+        assert_eq!(waiting.await.expect("joined"), Some(4 << 10));
+        drop((b, c));
     }
 
     #[tokio::test]
