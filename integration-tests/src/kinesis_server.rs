@@ -39,14 +39,29 @@ const MAX_PUT_ATTEMPTS: u32 = 20;
 /// stream-state transitions (100 ms) and a 1000-shard account limit. The returned process's
 /// [`port`](ServerProcess::port) / [`endpoint`](ServerProcess::endpoint) is the plain one.
 pub async fn start_kinesis_local() -> anyhow::Result<ServerProcess> {
-    let dir = emulators_dir().join("node_modules").join("kinesis-local");
-    let main = dir.join("main.js");
+    let cert = emulators_dir()
+        .join("node_modules")
+        .join("kinesis-local")
+        .join("server.json");
+    let (cmd, plain, _tls) = kinesis_local_command(&cert)?;
+    ServerProcess::spawn("kinesis-local", cmd, plain).await
+}
+
+/// The kinesis-local command both starters run: free plain and TLS ports, the certificate
+/// file `cert`, short stream-state transitions, a 1000-shard account limit, in memory only.
+/// Returns the command and its (plain, TLS) ports.
+fn kinesis_local_command(cert: &std::path::Path) -> anyhow::Result<(Command, u16, u16)> {
+    let main = emulators_dir()
+        .join("node_modules")
+        .join("kinesis-local")
+        .join("main.js");
     ensure!(
         main.exists(),
         "kinesis-local is not installed at {} (run scripts/test.sh, or \
          `npm install --prefix .emulators kinesis-local@0.6.2`)",
         main.display()
     );
+    ensure!(cert.exists(), "no certificate file at {}", cert.display());
     let plain = free_port()?;
     let mut tls = free_port()?;
     while tls == plain {
@@ -55,7 +70,7 @@ pub async fn start_kinesis_local() -> anyhow::Result<ServerProcess> {
     let mut cmd = Command::new("node");
     cmd.arg(&main)
         // Required even when only the plain port is used.
-        .env("KINESIS_MOCK_CERT_PATH", dir.join("server.json"))
+        .env("KINESIS_MOCK_CERT_PATH", cert)
         .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
         .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
         .env("CREATE_STREAM_DURATION", "100ms")
@@ -70,7 +85,7 @@ pub async fn start_kinesis_local() -> anyhow::Result<ServerProcess> {
         .env("SHOULD_PERSIST_DATA", "false")
         .env("LOAD_DATA_IF_EXISTS", "false")
         .env("LOG_LEVEL", "WARN");
-    ServerProcess::spawn("kinesis-local", cmd, plain).await
+    Ok((cmd, plain, tls))
 }
 
 /// An `aws-sdk-kinesis` client for `server` (dummy credentials, `us-east-1`).
@@ -339,40 +354,7 @@ impl TlsKinesisLocal {
 pub async fn start_kinesis_local_tls(
     cert_path: &std::path::Path,
 ) -> anyhow::Result<TlsKinesisLocal> {
-    let dir = emulators_dir().join("node_modules").join("kinesis-local");
-    let main = dir.join("main.js");
-    ensure!(
-        main.exists(),
-        "kinesis-local is not installed at {} (run scripts/test.sh, or \
-         `npm install --prefix .emulators kinesis-local@0.6.2`)",
-        main.display()
-    );
-    ensure!(
-        cert_path.exists(),
-        "no certificate file at {}",
-        cert_path.display()
-    );
-    let plain = free_port()?;
-    let mut tls = free_port()?;
-    while tls == plain {
-        tls = free_port()?;
-    }
-    let mut cmd = Command::new("node");
-    cmd.arg(&main)
-        .env("KINESIS_MOCK_CERT_PATH", cert_path)
-        .env("KINESIS_MOCK_PLAIN_PORT", plain.to_string())
-        .env("KINESIS_MOCK_TLS_PORT", tls.to_string())
-        .env("CREATE_STREAM_DURATION", "100ms")
-        .env("DELETE_STREAM_DURATION", "100ms")
-        .env("SPLIT_SHARD_DURATION", "100ms")
-        .env("MERGE_SHARDS_DURATION", "100ms")
-        .env("UPDATE_SHARD_COUNT_DURATION", "100ms")
-        .env("REGISTER_STREAM_CONSUMER_DURATION", "100ms")
-        .env("DEREGISTER_STREAM_CONSUMER_DURATION", "100ms")
-        .env("SHARD_LIMIT", "1000")
-        .env("SHOULD_PERSIST_DATA", "false")
-        .env("LOAD_DATA_IF_EXISTS", "false")
-        .env("LOG_LEVEL", "WARN");
+    let (cmd, plain, tls) = kinesis_local_command(cert_path)?;
     let server = ServerProcess::spawn("kinesis-local-tls", cmd, tls).await?;
     Ok(TlsKinesisLocal {
         server,
