@@ -167,8 +167,25 @@ pub(crate) struct LeaseCoordinator {
     limits: Limits,
     /// Leases held or winding down, until their consumer exits.
     held: StdMutex<BTreeMap<LeaseKey, Arc<HeldLease>>>,
-    /// Leases this worker will not take again (stopped by the error policy).
+    /// Leases this worker will not take again (its processor failed for good).
     refused: StdMutex<BTreeSet<LeaseKey>>,
+    /// Leases whose shard could not be read, set aside for a while.
+    quarantined: StdMutex<BTreeMap<LeaseKey, Quarantine>>,
+    /// The first quarantine of a shard; doubled per consecutive failure.
+    quarantine: Duration,
+}
+
+/// A shard set aside after a read failure.
+#[derive(Debug, Clone, Copy)]
+struct Quarantine {
+    until: Instant,
+    failures: u32,
+}
+
+/// How long a shard is set aside after its `failures`-th consecutive read failure: `base`,
+/// doubled per further failure, at most 32 × `base`.
+pub(crate) fn quarantine_for(base: Duration, failures: u32) -> Duration {
+    base.saturating_mul(1 << failures.saturating_sub(1).min(5))
 }
 
 impl LeaseCoordinator {
@@ -189,6 +206,8 @@ impl LeaseCoordinator {
             },
             held: StdMutex::new(BTreeMap::new()),
             refused: StdMutex::new(BTreeSet::new()),
+            quarantined: StdMutex::new(BTreeMap::new()),
+            quarantine: cfg.quarantine,
         }
     }
 
@@ -210,6 +229,47 @@ impl LeaseCoordinator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone());
+    }
+
+    /// Sets a shard that could not be read aside for a while (longer after each consecutive
+    /// failure); its lease was released, so other workers may try it meanwhile.
+    pub(crate) fn quarantine(&self, key: &LeaseKey, error: &str) {
+        let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        let failures = q.get(key).map_or(0, |e| e.failures) + 1;
+        let pause = quarantine_for(self.quarantine, failures);
+        q.insert(
+            key.clone(),
+            Quarantine {
+                until: Instant::now() + pause,
+                failures,
+            },
+        );
+        warn!(lease = %key, %error, failures, retry_in = ?pause, "shard quarantined after a read failure");
+        metrics::counter!(m::SHARDS_QUARANTINED).increment(1);
+    }
+
+    /// The shard was read again (or left for another reason): its failures are forgotten.
+    pub(crate) fn clear_quarantine(&self, key: &LeaseKey) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Leases not to take now: refused for good, or still in quarantine.
+    fn excluded(&self, now: Instant) -> BTreeSet<LeaseKey> {
+        let mut out = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            q.iter()
+                .filter(|(_, e)| e.until > now)
+                .map(|(k, _)| k.clone()),
+        );
+        out
     }
 
     /// Snapshot of the held leases.
@@ -382,18 +442,14 @@ impl LeaseCoordinator {
             .collect();
         self.notice_handoffs(&table.leases).await;
         let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        let refused = self
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let excluded = self.excluded(now);
         let plan = plan_takes(
             &Snapshot {
                 leases: &table.leases,
                 me: &self.me,
                 held: &held,
                 expired: &expired,
-                refused: &refused,
+                excluded: &excluded,
             },
             self.limits,
         );
@@ -457,6 +513,55 @@ mod tests {
 
     fn find(store: &MemLeaseStore, key: &LeaseKey) -> Lease {
         store.leases().into_iter().find(|l| &l.key == key).unwrap()
+    }
+
+    #[test]
+    fn quarantine_doubles_per_failure_up_to_32_times_the_base() {
+        let base = Duration::from_secs(10);
+        let table = [
+            (1, 10),
+            (2, 20),
+            (3, 40),
+            (5, 160),
+            (6, 320),
+            (7, 320),
+            (100, 320),
+        ];
+        for (failures, secs) in table {
+            assert_eq!(
+                quarantine_for(base, failures),
+                Duration::from_secs(secs),
+                "{failures}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quarantined_lease_is_excluded_until_its_time_is_up() {
+        let store = MemLeaseStore::new();
+        let mut cfg = WorkerConfig::new("app", "stream");
+        cfg.quarantine = Duration::from_secs(10);
+        let c = LeaseCoordinator::new(Arc::new(store), WorkerId::new("me"), &cfg);
+        let key = LeaseKey::new("shardId-1");
+        c.quarantine(&key, "AccessDenied");
+        assert!(c.excluded(Instant::now()).contains(&key));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!c.excluded(Instant::now()).contains(&key));
+        // A second failure in a row: twice as long.
+        c.quarantine(&key, "AccessDenied");
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(c.excluded(Instant::now()).contains(&key));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!c.excluded(Instant::now()).contains(&key));
+        // Read again: forgotten.
+        c.clear_quarantine(&key);
+        c.quarantine(&key, "AccessDenied");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!c.excluded(Instant::now()).contains(&key));
+        // A processor failure is refused for good.
+        c.refuse(&key);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(c.excluded(Instant::now()).contains(&key));
     }
 
     #[tokio::test]

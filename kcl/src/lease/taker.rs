@@ -42,8 +42,9 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) held: &'a BTreeSet<LeaseKey>,
     /// Leases the expiry tracker considers expired (owned ones only matter).
     pub(crate) expired: &'a BTreeSet<LeaseKey>,
-    /// Leases this worker refuses to take (e.g. stopped by the error policy).
-    pub(crate) refused: &'a BTreeSet<LeaseKey>,
+    /// Leases this worker does not take now (its processor failed on them, or their shard
+    /// could not be read and is in quarantine).
+    pub(crate) excluded: &'a BTreeSet<LeaseKey>,
 }
 
 /// Limits of one round.
@@ -80,7 +81,7 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         .count();
     let mut wanted = target.saturating_sub(mine);
 
-    let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.refused.contains(&l.key);
+    let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.excluded.contains(&l.key);
     let mut candidates: Vec<Take> = active
         .iter()
         .filter(takeable)
@@ -182,14 +183,14 @@ mod tests {
         let me = WorkerId::new(me);
         let held: BTreeSet<_> = held.iter().map(key).collect();
         let expired: BTreeSet<_> = expired.iter().map(key).collect();
-        let refused = BTreeSet::new();
+        let excluded = BTreeSet::new();
         plan_takes(
             &Snapshot {
                 leases,
                 me: &me,
                 held: &held,
                 expired: &expired,
-                refused: &refused,
+                excluded: &excluded,
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
