@@ -11,6 +11,7 @@ use std::time::Duration;
 use backon::Retryable;
 
 use crate::lease::coordinator::HeldLease;
+use crate::lease::write::LeaseWrite;
 use crate::lease::{LeaseStore, LeaseStoreError};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, InvalidSequenceNumber, Record};
@@ -266,21 +267,16 @@ impl Checkpointer {
             (ExtendedSequenceNumber::ShardEnd, Some(c)) => c.iter().map(|c| c.id.clone()).collect(),
             _ => Vec::new(),
         };
-        let store = &self.store;
+        let store = self.store.as_ref();
         let held = &self.held;
-        let write = || async {
-            held.write(|lease| {
-                let pos = &pos;
-                let children = &children;
-                async move {
-                    // Re-check under the lock: the stored checkpoint may have moved.
-                    if *pos < lease.checkpoint {
-                        return Ok(lease);
-                    }
-                    store.checkpoint(&lease, pos, children).await
-                }
-            })
-            .await
+        let write = || {
+            held.write(
+                store,
+                LeaseWrite::Checkpoint {
+                    position: pos.clone(),
+                    children: children.clone(),
+                },
+            )
         };
         let result = write
             .retry(crate::backoff::exponential(

@@ -19,6 +19,9 @@ pub const PROCESSOR_ERRORS: &str = "kcl_processor_errors_total";
 pub const PROCESSOR_PANICS: &str = "kcl_processor_panics_total";
 /// Counter: shards released and set aside for a while because they could not be read.
 pub const SHARDS_QUARANTINED: &str = "kcl_shards_quarantined_total";
+/// Counter: lease-table writes recognised as applied after their answer was lost (a 5xx or
+/// timeout on the way back, then a retry whose condition failed); label `op`.
+pub const LOST_ANSWERS: &str = "kcl_lease_lost_answers_total";
 /// Gauge: leases held by this worker.
 pub const LEASES_HELD: &str = "kcl_leases_held";
 /// Counter: leases taken (any reason).

@@ -19,6 +19,7 @@ use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, Shar
 use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::config::WorkerConfig;
 use crate::lease::coordinator::HeldLease;
+use crate::lease::write::LeaseWrite;
 use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
@@ -512,22 +513,11 @@ impl Consumer {
             if !self.held.is_valid() {
                 break;
             }
-            let result = match self.held.handoff_to() {
-                Some(to) => {
-                    let to = &to;
-                    let store = &store;
-                    self.held
-                        .write_final(|l| async move { store.complete_handoff(&l, to).await })
-                        .await
-                }
-                None => {
-                    let store = &store;
-                    self.held
-                        .write_final(|l| async move { store.release(&l).await })
-                        .await
-                }
+            let write = match self.held.handoff_to() {
+                Some(to) => LeaseWrite::CompleteHandoff { to },
+                None => LeaseWrite::Release,
             };
-            match result {
+            match self.held.write_final(store.as_ref(), write).await {
                 Ok(_) => {
                     debug!("lease released");
                     break;
@@ -542,15 +532,8 @@ impl Consumer {
                                     == Some(&self.env.config.worker_id) =>
                         {
                             let to = now.owner.clone().unwrap_or_else(|| WorkerId::new(""));
-                            let store = &store;
-                            let to = &to;
-                            if let Err(e) = self
-                                .held
-                                .write_final(
-                                    |l| async move { store.complete_handoff(&l, to).await },
-                                )
-                                .await
-                            {
+                            let write = LeaseWrite::CompleteHandoff { to };
+                            if let Err(e) = self.held.write_final(store.as_ref(), write).await {
                                 warn!(error = %e, "completing the handoff failed; the lease will expire instead");
                             }
                         }
