@@ -22,8 +22,8 @@ use async_trait::async_trait;
 use kcl::lease::LeaseStore;
 use kcl::shard::hash_key;
 use kcl::{
-    Checkpointer, ErrorPolicy, ProcessorError, RecordBatch, RecordProcessor, SequenceNumber,
-    ShardId,
+    Checkpointer, ErrorPolicy, ExtendedSequenceNumber, ProcessorError, RecordBatch,
+    RecordProcessor, SequenceNumber, ShardContext, ShardId,
 };
 use tokio::time::Instant;
 
@@ -135,6 +135,16 @@ impl Batches {
     }
 }
 
+/// Where each worker's processors started: (worker, shard, checkpoint at `initialize`).
+#[derive(Clone, Debug, Default)]
+struct Starts(Arc<Mutex<Vec<(&'static str, ShardId, ExtendedSequenceNumber)>>>);
+
+impl Starts {
+    fn snapshot(&self) -> Vec<(&'static str, ShardId, ExtendedSequenceNumber)> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
 /// Logs the records of every batch it processes, checkpoints after each, and — in the failing
 /// worker — fails every batch holding a record of wave 1 or later. Checkpoints in
 /// `shutdown_requested` like the CLI's processor.
@@ -143,10 +153,22 @@ struct FailingProcessor {
     fail: Option<Failure>,
     log: DeliveryLog,
     failed: Batches,
+    starts: Starts,
 }
 
 #[async_trait]
 impl RecordProcessor for FailingProcessor {
+    async fn initialize(&mut self, shard: &ShardContext) -> Result<(), ProcessorError> {
+        if let Ok(mut s) = self.starts.0.lock() {
+            s.push((
+                self.worker,
+                shard.shard_id.clone(),
+                shard.checkpoint.clone(),
+            ));
+        }
+        Ok(())
+    }
+
     async fn process_records(
         &mut self,
         batch: &RecordBatch,
@@ -192,7 +214,20 @@ pub async fn processor_failure(
     failure: Failure,
     then: Then,
 ) -> anyhow::Result<()> {
-    let case = format!("{failure:?} error, then {then:?}");
+    let case = format!(
+        "{}, then {}",
+        match failure {
+            Failure::Retryable => "retryable error",
+            Failure::Fatal => "fatal error",
+            Failure::Panic => "panic",
+        },
+        match then {
+            Then::Shutdown => "graceful shutdown (retry policy)",
+            Then::Steal => "a second worker joins (retry policy)",
+            Then::StopShardPolicy => "StopShard policy",
+            Then::DeadLetter => "dead-letter (Handoff) policy",
+        }
+    );
     let stream = crate::unique_name("fail");
     let app = format!("fail-{failure:?}-{then:?}").to_lowercase();
     fixture.create_stream(&stream, SHARDS).await?;
@@ -226,13 +261,15 @@ pub async fn processor_failure(
             })
         }
     };
+    let starts = Starts::default();
     let processor = |worker: &'static str, fail: Option<Failure>| {
-        let (log, failed) = (log.clone(), failed.clone());
+        let (log, failed, starts) = (log.clone(), failed.clone(), starts.clone());
         move || FailingProcessor {
             worker,
             fail,
             log: log.clone(),
             failed: failed.clone(),
+            starts: starts.clone(),
         }
     };
     let w1 = worker(&app, &stream, FAILING, fixture, leases.clone(), &log)
@@ -271,7 +308,8 @@ pub async fn processor_failure(
         .await?;
     }
 
-    let shard_stopped = failure == Failure::Fatal || then == Then::StopShardPolicy;
+    let shard_stopped =
+        failure != Failure::Panic && (failure == Failure::Fatal || then == Then::StopShardPolicy);
     let stop_first = matches!(then, Then::Shutdown) || dead_letter;
     if shard_stopped && !dead_letter {
         // The error policy stopped both shards: their leases are released in the table (an
@@ -300,7 +338,6 @@ pub async fn processor_failure(
             .await
             .with_context(|| case.clone())?;
     }
-    let after_w1 = leases.list().await?.leases;
 
     // The second worker of the application.
     let w2 = worker(&app, &stream, NEXT, fixture, leases.clone(), &log)
@@ -343,7 +380,7 @@ pub async fn processor_failure(
             &failed.distinct(),
             &log.snapshot(),
             Some(&handed),
-            &after_w1,
+            &starts.snapshot(),
         )
         .with_context(|| format!("{case}: after w1 handed {handed:?} over to w2"))?;
     } else {
@@ -426,7 +463,7 @@ pub async fn processor_failure(
             dead_lettered.distinct().is_empty(),
             "{case}: the dead-letter callback was called"
         );
-        check_failed_batches_redelivered(&failed, &log, None, &after_w1)
+        check_failed_batches_redelivered(&failed, &log, None, &starts.snapshot())
             .with_context(|| case.clone())?;
         let got: BTreeSet<u32> = log.iter().map(|d| d.key + d.n * KEYS).collect();
         let missing: Vec<u32> = (0..3 * WAVE).filter(|i| !got.contains(i)).take(5).collect();
@@ -439,12 +476,12 @@ pub async fn processor_failure(
 }
 
 /// Every record of every batch that failed on w1 (on `shards` only, if given) was delivered to
-/// w2. `after_w1` is the lease table when w1 had let go, for the error message.
+/// w2. `starts` (where w2's processors started) is for the error message.
 fn check_failed_batches_redelivered(
     failed: &[SeenBatch],
     log: &[Delivery],
     shards: Option<&BTreeSet<ShardId>>,
-    after_w1: &[kcl::Lease],
+    starts: &[(&'static str, ShardId, ExtendedSequenceNumber)],
 ) -> anyhow::Result<()> {
     let next: BTreeSet<(u32, u32)> = log
         .iter()
@@ -471,11 +508,11 @@ fn check_failed_batches_redelivered(
         "records of a batch that failed on w1 never reached the next owner (skipped):",
     );
     for (shard, recs) in &missing {
-        let checkpoint = after_w1
+        let started: Vec<String> = starts
             .iter()
-            .find(|l| &l.shard_id() == shard)
-            .map(|l| l.checkpoint.to_string())
-            .unwrap_or_else(|| "?".into());
+            .filter(|(w, s, _)| *w == NEXT && s == shard)
+            .map(|(_, _, cp)| cp.to_string())
+            .collect();
         let last_failed = failed
             .iter()
             .filter(|b| &b.shard == shard)
@@ -484,15 +521,16 @@ fn check_failed_batches_redelivered(
             .map(ToString::to_string)
             .unwrap_or_default();
         msg.push_str(&format!(
-            "\n  {shard}: {} of {} failed records missing, e.g. {} (key/n@seq); checkpoint \
-             when w1 let go: {checkpoint}; the failed batch ends at {last_failed}",
+            "\n  {shard}: {} of {} failed records missing, e.g. {} (key/n@seq); the failed \
+             batch ends at {last_failed}; {NEXT} started the shard at checkpoint {}",
             recs.len(),
             total.get(shard).copied().unwrap_or(0),
             recs.iter()
                 .take(3)
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            started.join(", then ")
         ));
     }
     bail!(msg)
