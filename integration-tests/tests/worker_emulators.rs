@@ -28,9 +28,12 @@ macro_rules! scenario_tests {
     ($($name:ident: $scenario:ident on $table:expr;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() -> anyhow::Result<()> {
+            let started = std::time::Instant::now();
             let kinesis = LocalKinesis::start().await?;
             let (_table_server, leases) = lease_table($table).await?;
-            scenarios::$scenario(&kinesis, leases).await
+            let result = scenarios::$scenario(&kinesis, leases).await;
+            println!("{} took {:.1?}", stringify!($name), started.elapsed());
+            result
         }
     )*};
 }
