@@ -135,12 +135,15 @@ impl Batches {
     }
 }
 
-/// Where each worker's processors started: (worker, shard, checkpoint at `initialize`).
+/// A processor's start: (worker, shard, checkpoint at `initialize`).
+type Start = (&'static str, ShardId, ExtendedSequenceNumber);
+
+/// Where each worker's processors started.
 #[derive(Clone, Debug, Default)]
-struct Starts(Arc<Mutex<Vec<(&'static str, ShardId, ExtendedSequenceNumber)>>>);
+struct Starts(Arc<Mutex<Vec<Start>>>);
 
 impl Starts {
-    fn snapshot(&self) -> Vec<(&'static str, ShardId, ExtendedSequenceNumber)> {
+    fn snapshot(&self) -> Vec<Start> {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
@@ -481,7 +484,7 @@ fn check_failed_batches_redelivered(
     failed: &[SeenBatch],
     log: &[Delivery],
     shards: Option<&BTreeSet<ShardId>>,
-    starts: &[(&'static str, ShardId, ExtendedSequenceNumber)],
+    starts: &[Start],
 ) -> anyhow::Result<()> {
     let next: BTreeSet<(u32, u32)> = log
         .iter()
