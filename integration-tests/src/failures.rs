@@ -293,7 +293,8 @@ pub async fn processor_failure(
     })
     .await
     .with_context(|| case.clone())?;
-    let dead_letter = then == Then::DeadLetter && failure != Failure::Panic;
+    // A panic is caught and handled as a fatal error, through the same error policy.
+    let dead_letter = then == Then::DeadLetter;
     if dead_letter {
         // w1 goes on after each handoff to the callback: it dead-letters all of wave 1.
         poll(
@@ -312,7 +313,7 @@ pub async fn processor_failure(
     }
 
     let shard_stopped =
-        failure != Failure::Panic && (failure == Failure::Fatal || then == Then::StopShardPolicy);
+        !dead_letter && (failure != Failure::Retryable || then == Then::StopShardPolicy);
     let stop_first = matches!(then, Then::Shutdown) || dead_letter;
     if shard_stopped && !dead_letter {
         // The error policy stopped both shards: their leases are released in the table (an
@@ -392,13 +393,13 @@ pub async fn processor_failure(
             .await?;
     }
     if let Some(run) = run1.take() {
-        if !(shard_stopped || failure == Failure::Panic) {
+        if !shard_stopped {
             // Still retrying on the shard it kept: stopped gracefully now.
             stop1.shutdown();
             run.await??;
         } else {
-            // It holds nothing: w2 takes the leases (released, or once expired after a panic)
-            // while w1 runs; stopped at the end.
+            // It holds nothing (its leases were released): w2 takes them while w1 runs;
+            // stopped at the end.
             poll("w2 holds every lease", TIMEOUT, || async {
                 let mine = owned_by(&*leases, NEXT).await?;
                 Ok((mine.len() == SHARDS as usize).then_some(()))
