@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -400,13 +402,21 @@ impl LeaseCoordinator {
         stop: CancellationToken,
     ) {
         let mut tracker = ExpiryTracker::default();
-        let mut tick = tokio::time::interval(self.taker_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut jitter = StdRng::seed_from_u64(crate::backoff::seed(&[self.me.as_str(), "taker"]));
+        let mut first = true;
         loop {
+            // The first round at once (a starting worker announces itself), then every
+            // `taker_interval` ± 25 %: peers started together drift apart instead of planning
+            // on the same snapshot round after round.
+            let pause = if std::mem::take(&mut first) {
+                Duration::ZERO
+            } else {
+                self.taker_interval.mul_f64(jitter.random_range(0.75..1.25))
+            };
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             match self.take_round(&mut tracker, &stop).await {
                 Ok(taken) => {
@@ -502,6 +512,7 @@ impl LeaseCoordinator {
                 held: &held,
                 expired: &expired,
                 excluded: &excluded,
+                order_seed: crate::backoff::seed(&[self.me.as_str()]),
             },
             self.limits,
         );
