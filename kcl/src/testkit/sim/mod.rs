@@ -819,6 +819,8 @@ impl Driver {
         let work = self.sim.work;
         let factory_net = net.clone();
         let worker = Worker::builder()
+            // Paused clock: the heartbeat must run on this runtime.
+            .heartbeat(crate::config::Heartbeat::Task)
             .application_name(APP)
             .stream(STREAM)
             .worker_id(slot.id.as_str())
