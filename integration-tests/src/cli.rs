@@ -13,6 +13,7 @@ use std::io::Read as _;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -238,6 +239,8 @@ pub struct KclProcess {
     reader: Option<JoinHandle<Option<ChildStdout>>>,
     /// Asks `reader` to stop and hand the pipe back ([`KclProcess::close_stdout`]).
     close: Option<oneshot::Sender<()>>,
+    /// `reader` stops reading (and hands the pipe back) once it has this many lines.
+    read_limit: Arc<AtomicUsize>,
     stderr_log: PathBuf,
     exit: Option<ExitStatus>,
 }
@@ -306,10 +309,16 @@ impl KclProcess {
             .with_context(|| format!("starting {} ({label})", bin.display()))?;
         let pid = child.id().context("the new process has no pid")?;
         let out = Arc::new(Mutex::new(Captured::default()));
+        let read_limit = Arc::new(AtomicUsize::new(usize::MAX));
         let (reader, close) = if piped {
             let stdout = child.stdout.take().context("stdout not piped")?;
             let (close_tx, close_rx) = oneshot::channel();
-            let reader = tokio::spawn(read_stdout(stdout, out.clone(), close_rx));
+            let reader = tokio::spawn(read_stdout(
+                stdout,
+                out.clone(),
+                close_rx,
+                read_limit.clone(),
+            ));
             (Some(reader), Some(close_tx))
         } else {
             (None, None)
@@ -321,9 +330,16 @@ impl KclProcess {
             out,
             reader,
             close,
+            read_limit,
             stderr_log,
             exit: None,
         })
+    }
+
+    /// Stops reading stdout once `n` lines were read (as a slow reader would): the process
+    /// then blocks writing once the pipe is full. [`KclProcess::close_stdout`] reads the rest.
+    pub fn stop_reading_after(&self, n: usize) {
+        self.read_limit.store(n, Ordering::Relaxed);
     }
 
     /// Closes the test's end of the stdout pipe, as a reader that stops reading does (`head
@@ -351,7 +367,8 @@ impl KclProcess {
 
     async fn drain_and_close(&mut self, close: oneshot::Sender<()>) -> anyhow::Result<usize> {
         wait_stopped(self.pid, Duration::from_secs(10)).await?;
-        // The reader hands the pipe back between two reads: nothing read is lost.
+        // The reader hands the pipe back between two reads (or has, at its read limit):
+        // nothing read is lost.
         let _ = close.send(());
         let reader = self.reader.take().context("no stdout reader")?;
         let stdout = reader
@@ -611,15 +628,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Reads `stdout` into `sink` until EOF (then returns `None`) or until `close` fires (then
-/// returns the pipe, unread bytes still in it).
+/// Reads `stdout` into `sink` until EOF (then returns `None`), or until `close` fires or
+/// `limit` lines were read (then returns the pipe, unread bytes still in it).
 async fn read_stdout(
     mut stdout: ChildStdout,
     sink: Arc<Mutex<Captured>>,
     mut close: oneshot::Receiver<()>,
+    limit: Arc<AtomicUsize>,
 ) -> Option<ChildStdout> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        if lock(&sink).lines.len() >= limit.load(Ordering::Relaxed) {
+            return Some(stdout);
+        }
         let read = tokio::select! {
             biased;
             Ok(()) = &mut close => return Some(stdout),
