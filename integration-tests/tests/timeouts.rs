@@ -277,3 +277,53 @@ async fn configured_timeouts_replace_the_defaults() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The operation timeout bounds `SubscribeToShard` until its initial response, not the event
+/// stream: with a 2 s operation timeout a subscription still delivers events for 6 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_outlives_the_operation_timeout() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use kcl_integration_tests::kinesis_server::{create_stream, put_records, start_kinesis_local};
+
+    let server = start_kinesis_local().await?;
+    let timeouts = TimeoutConfig::builder()
+        .operation_attempt_timeout(Duration::from_secs(2))
+        .operation_timeout(Duration::from_secs(2))
+        .build();
+    let conf = config(&server.endpoint(), Some(timeouts)).await;
+    let client = aws_sdk_kinesis::Client::new(&conf);
+    let stream = kcl_integration_tests::unique_name("subscribe-timeout");
+    create_stream(&client, &stream, 1).await?;
+    let kinesis = AwsKinesis::from_conf(&conf);
+    let arn = kinesis.register_stream_consumer(&stream, "c").await?;
+    let shard = kinesis.list_shards(&stream).await?[0].id.clone();
+    let mut events = kinesis
+        .subscribe_to_shard(&arn, &shard, &IteratorPosition::TrimHorizon)
+        .await?;
+    let started = Instant::now();
+    let mut received = 0;
+    let mut event_count = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        put_records(&client, &stream, vec![("k".into(), b"v".to_vec())]).await?;
+        match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+            Ok(Some(Ok(event))) => {
+                event_count += 1;
+                received += event.records.len();
+            }
+            Ok(Some(Err(e))) => {
+                anyhow::bail!(
+                    "the subscription failed after {:?}: {e:?}",
+                    started.elapsed()
+                )
+            }
+            Ok(None) => anyhow::bail!("the subscription ended after {:?}", started.elapsed()),
+            Err(_) => anyhow::bail!("no event for 5 s"),
+        }
+    }
+    eprintln!(
+        "{event_count} events, {received} records in {:.1?}",
+        started.elapsed()
+    );
+    ensure!(received > 0, "no record arrived");
+    Ok(())
+}
