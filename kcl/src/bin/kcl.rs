@@ -143,8 +143,8 @@ enum WriteError {
     #[error("an earlier write to stdout was abandoned")]
     Abandoned,
     /// A line could not be encoded.
-    #[error("encoding a record as JSON failed")]
-    Encode(#[from] serde_json::Error),
+    #[error("encoding a record as a JSON line failed: {0}")]
+    Encode(String),
 }
 
 impl WriteError {
@@ -313,14 +313,16 @@ fn encode_line(buf: &mut Vec<u8>, shard: &str, r: &Record) -> Result<(), WriteEr
         "{{\"shard\":{shard},\"seq\":\"{}\",\"subseq\":{},\"key\":",
         r.sequence_number, r.sub_sequence_number
     );
-    serde_json::to_writer(&mut *buf, &r.partition_key)?;
+    serde_json::to_writer(&mut *buf, &r.partition_key)
+        .map_err(|e| WriteError::Encode(e.to_string()))?;
     buf.extend_from_slice(b",\"data\":\"");
     let at = buf.len();
-    let len = base64::encoded_len(r.data.len(), true).unwrap_or(usize::MAX);
-    buf.resize(at.saturating_add(len), 0);
+    let len = base64::encoded_len(r.data.len(), true)
+        .ok_or_else(|| WriteError::Encode("the record is too large".into()))?;
+    buf.resize(at + len, 0);
     let n = base64::engine::general_purpose::STANDARD
         .encode_slice(&r.data, &mut buf[at..])
-        .map_err(|e| WriteError::Failed(std::io::Error::other(e)))?;
+        .map_err(|e| WriteError::Encode(e.to_string()))?;
     buf.truncate(at + n);
     buf.extend_from_slice(b"\"}\n");
     Ok(())
@@ -353,7 +355,8 @@ impl JsonLines {
 
     /// Queues the batch's lines not queued yet and writes the buffer out.
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), WriteError> {
-        let shard = serde_json::to_string(batch.shard_id.as_str())?;
+        let shard = serde_json::to_string(batch.shard_id.as_str())
+            .map_err(|e| WriteError::Encode(e.to_string()))?;
         let mut st = self.out.state.lock().await;
         // First what a failed write left (the rest of a line may have been written already).
         st.write_out().await?;
