@@ -395,6 +395,12 @@ impl RecordProcessor for JsonLines {
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
         if let Err(e) = self.write(batch).await {
+            // Inside `process_records` the batch may be checkpointed up to its last line
+            // written whole; after it returns an error, no callback may (the worker's
+            // processed watermark stops before a failed batch).
+            if let Err(cp_error) = self.checkpoint_written(cp).await {
+                tracing::debug!(error = %cp_error, "checkpointing the lines written failed");
+            }
             if matches!(e, WriteError::Closed) {
                 // The consumer stops; the leases are released, checkpointed at what was written.
                 self.out.closed.cancel();
@@ -415,9 +421,16 @@ impl RecordProcessor for JsonLines {
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
-        // Only what was written: a batch whose write failed is not checkpointed (or only up
-        // to its last line written whole).
-        self.checkpoint_written(cp).await
+        // Only what was written, and (outside `process_records`) no further than the batches
+        // processed whole: a failed batch's lines written were checkpointed when it failed.
+        let written = lock(&self.written).clone();
+        match (written, cp.last_processed().cloned()) {
+            (Some(w), Some(p)) => cp
+                .checkpoint_at(w.min(p))
+                .await
+                .map_err(ProcessorError::retryable),
+            _ => Ok(()),
+        }
     }
 }
 
