@@ -573,6 +573,20 @@ impl LeaseStore for DynamoLeaseStore {
             .map_err(|e| fenced("DeleteItem", &self.table, &lease.key, e))
     }
 
+    async fn resolve_latest(
+        &self,
+        lease: &Lease,
+        at: std::time::SystemTime,
+    ) -> Result<Lease, LeaseStoreError> {
+        let done = effect::latest_resolved(lease, at);
+        let mut u = Update::default();
+        u.set(attr::LEASE_COUNTER, number(done.counter.0));
+        u.set(attr::LATEST_RESOLVED_AT, number(item::epoch_millis(at)));
+        self.conditional_update("UpdateItem(resolve_latest)", lease, Fence::OwnerAtLatest, u)
+            .await?;
+        Ok(done)
+    }
+
     async fn request_handoff(
         &self,
         lease: &Lease,
@@ -636,6 +650,8 @@ enum Fence<'a> {
     OwnerWithoutHandoff,
     /// `checkpointOwner = :me AND leaseOwner = :new` (complete a handoff to `:new`).
     HandingOverTo(&'a WorkerId),
+    /// `leaseOwner = :me AND checkpoint = LATEST` (record what `LATEST` stood for).
+    OwnerAtLatest,
 }
 
 /// The pieces of an `UpdateItem` request: `SET`/`REMOVE` clauses and their placeholders.
@@ -705,6 +721,13 @@ impl Update {
                 let checkpoint_owner = checkpoint_owner();
                 let new_owner = self.value(AttributeValue::S(new_owner.as_str().to_owned()));
                 format!("{checkpoint_owner} = {me} AND {owner} = {new_owner}")
+            }
+            Fence::OwnerAtLatest => {
+                let checkpoint = self.name(attr::CHECKPOINT);
+                let latest = self.value(AttributeValue::S(
+                    ExtendedSequenceNumber::Latest.checkpoint_str().to_owned(),
+                ));
+                format!("{owner} = {me} AND {checkpoint} = {latest}")
             }
         };
         condition.push_str(" AND ");

@@ -39,6 +39,9 @@ pub mod attr {
     pub const PENDING_CHECKPOINT_STATE: &str = "pendingCheckpointState";
     /// Graceful handoff: the previous owner (Java KCL 3.x).
     pub const CHECKPOINT_OWNER: &str = "checkpointOwner";
+    /// This library's: the stream time (epoch milliseconds) a `LATEST` checkpoint stood for
+    /// when the shard was first read.
+    pub const LATEST_RESOLVED_AT: &str = "latestResolvedAt";
     /// Java KCL 3.x stores other entities in the table; only `LEASE` (or none) are leases.
     pub const ENTITY_TYPE: &str = "entityType";
 }
@@ -101,7 +104,16 @@ pub fn encode(lease: &Lease) -> Item {
     if let Some(o) = &lease.checkpoint_owner {
         item.insert(attr::CHECKPOINT_OWNER.into(), s(o.as_str()));
     }
+    if let Some(t) = lease.latest_resolved_at {
+        item.insert(attr::LATEST_RESOLVED_AT.into(), n(epoch_millis(t)));
+    }
     item
+}
+
+/// Milliseconds since the Unix epoch (0 for earlier times).
+pub fn epoch_millis(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// String-set value of shard ids.
@@ -201,6 +213,8 @@ pub fn decode(item: &Item) -> Result<Option<Lease>, MalformedLease> {
         hash_range,
         pending_checkpoint,
         checkpoint_owner: opt_s(attr::CHECKPOINT_OWNER)?.map(WorkerId::new),
+        latest_resolved_at: opt_n(attr::LATEST_RESOLVED_AT)?
+            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
     }))
 }
 

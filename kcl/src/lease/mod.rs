@@ -11,6 +11,7 @@
 //! | take       | counter = seen                     | owner = me, counter + 1, switches + 1    |
 //! | checkpoint | counter = seen, owner = me         | checkpoint, counter + 1, switches = 0    |
 //! | release    | counter = seen, owner = me         | owner removed, counter + 1               |
+//! | resolve `LATEST` | counter = seen, owner = me, checkpoint `LATEST` | `latestResolvedAt`, counter + 1 |
 //!
 //! **Expiry is observed, never computed from clocks**: a lease is expired for an observer when
 //! its counter has not changed for `lease_duration` by the observer's own monotonic clock
@@ -160,6 +161,11 @@ pub struct Lease {
     pub pending_checkpoint: Option<ExtendedSequenceNumber>,
     /// `checkpointOwner` (Java KCL 3.x): the previous owner during a graceful handoff.
     pub checkpoint_owner: Option<WorkerId>,
+    /// `latestResolvedAt` (this library's): while the checkpoint is still `LATEST`, the
+    /// stream's time that `LATEST` stood for when the shard was first read. A new owner
+    /// resumes there (`AT_TIMESTAMP`), not at a fresh `LATEST` that would skip what arrived
+    /// meanwhile. Other KCLs ignore it (and start at `LATEST`, as they always do).
+    pub latest_resolved_at: Option<std::time::SystemTime>,
 }
 
 impl Lease {
@@ -176,6 +182,7 @@ impl Lease {
             hash_range: None,
             pending_checkpoint: None,
             checkpoint_owner: None,
+            latest_resolved_at: None,
         }
     }
 

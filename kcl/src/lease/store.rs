@@ -149,6 +149,25 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Deletes the lease if its counter is still that of `lease`.
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError>;
 
+    /// Records the stream time `at` that a `LATEST` checkpoint stood for when the shard was
+    /// first read (`latestResolvedAt`): counter + 1, if the counter and owner are still those
+    /// of `lease` and the checkpoint is still `LATEST`. A new owner then resumes at `at`
+    /// instead of a fresh `LATEST`, which would skip what arrived in between.
+    ///
+    /// The default refuses ([`LeaseStoreError::Other`]): a store that does not implement it
+    /// works, with a crash before the first checkpoint skipping what arrived meanwhile, as in
+    /// other KCLs.
+    async fn resolve_latest(
+        &self,
+        lease: &Lease,
+        at: std::time::SystemTime,
+    ) -> Result<Lease, LeaseStoreError> {
+        let _ = (lease, at);
+        Err(LeaseStoreError::Other(
+            format!("{self:?} does not store latestResolvedAt").into(),
+        ))
+    }
+
     /// Graceful handoff, step 1 (the new owner): `leaseOwner` = `new_owner`,
     /// `checkpointOwner` = the current owner, counter unchanged — if the counter and owner are
     /// still those of `lease` and no handoff is pending. The old owner notices on its next
@@ -220,6 +239,15 @@ pub(crate) mod effect {
             c.dedup();
             l.child_shard_ids = c;
         }
+        l
+    }
+
+    pub(crate) fn latest_resolved(lease: &Lease, at: std::time::SystemTime) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        // Stored in whole milliseconds.
+        let ms = crate::lease::item::epoch_millis(at);
+        l.latest_resolved_at = Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
         l
     }
 

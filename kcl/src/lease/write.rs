@@ -16,7 +16,7 @@ use backon::BackoffBuilder;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
+use super::{item, Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
 use crate::metrics as m;
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
@@ -35,6 +35,8 @@ pub(crate) enum LeaseWrite {
     },
     /// Give the lease up.
     Release,
+    /// Record the stream time a `LATEST` checkpoint stood for.
+    ResolveLatest { at: std::time::SystemTime },
     /// Graceful handoff, step 1 (the new owner `to`).
     RequestHandoff { to: WorkerId },
     /// Graceful handoff, step 2 (the old owner, to `to`).
@@ -49,6 +51,7 @@ impl LeaseWrite {
             Self::Take { .. } => "take",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Release => "release",
+            Self::ResolveLatest { .. } => "resolve_latest",
             Self::RequestHandoff { .. } => "request_handoff",
             Self::CompleteHandoff { .. } => "complete_handoff",
         }
@@ -67,6 +70,7 @@ impl LeaseWrite {
                 store.checkpoint(seen, position, children).await
             }
             Self::Release => store.release(seen).await,
+            Self::ResolveLatest { at } => store.resolve_latest(seen, *at).await,
             Self::RequestHandoff { to } => store.request_handoff(seen, to).await,
             Self::CompleteHandoff { to } => store.complete_handoff(seen, to).await,
         }
@@ -102,6 +106,13 @@ impl LeaseWrite {
                         .all(|c| observed.child_shard_ids.contains(c))
             }
             Self::Release => next && observed.owner.is_none() && same_checkpoint,
+            Self::ResolveLatest { at } => {
+                next && seen.owner.is_some()
+                    && observed.owner == seen.owner
+                    && same_checkpoint
+                    && observed.latest_resolved_at.map(item::epoch_millis)
+                        == Some(item::epoch_millis(*at))
+            }
             Self::RequestHandoff { to } => {
                 // Leaves the counter as it was.
                 observed.counter == seen.counter

@@ -138,6 +138,7 @@ async fn run_protocol_cases(store: &dyn LeaseStore, concurrent: bool) {
     checkpoint(&cx).await;
     checkpoint_with_children(&cx).await;
     release(&cx).await;
+    resolve_latest(&cx).await;
     delete(&cx).await;
     graceful_handoff(&cx).await;
     handoff_ended_by_a_take(&cx).await;
@@ -958,6 +959,56 @@ async fn release(cx: &Cx<'_>) {
         format!("take after release returned {retaken:?}"),
     );
     cx.expect_stored(CASE, &held.key, Some(&retaken)).await;
+}
+
+async fn resolve_latest(cx: &Cx<'_>) {
+    const CASE: &str = "resolve_latest";
+    let mut l = cx.lease("resolve-latest");
+    l.checkpoint = ExtendedSequenceNumber::Latest;
+    cx.create(CASE, &l).await;
+    let held = must(CASE, "take", cx.store.take(&l, &WorkerId::new("w1")).await);
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_764_000_000_123);
+    let mut other = held.clone();
+    other.owner = Some(WorkerId::new("w2"));
+    condition_failed(
+        CASE,
+        "resolve by a worker that does not own the lease",
+        &held.key,
+        cx.store.resolve_latest(&other, at).await,
+    );
+    let resolved = must(
+        CASE,
+        "resolve by the owner",
+        cx.store.resolve_latest(&held, at).await,
+    );
+    let mut expected = held.clone();
+    expected.counter = held.counter.next();
+    expected.latest_resolved_at = Some(at);
+    check(
+        resolved == expected,
+        CASE,
+        format!("resolve_latest returned {resolved:?}, expected {expected:?}"),
+    );
+    cx.expect_stored(CASE, &held.key, Some(&resolved)).await;
+    condition_failed(
+        CASE,
+        "resolve with a stale counter",
+        &held.key,
+        cx.store.resolve_latest(&held, at).await,
+    );
+    // Once checkpointed past LATEST, there is nothing to resolve.
+    let position = ExtendedSequenceNumber::at(crate::record::SequenceNumber::from_u128(7), 0);
+    let checkpointed = must(
+        CASE,
+        "checkpoint",
+        cx.store.checkpoint(&resolved, &position, &[]).await,
+    );
+    condition_failed(
+        CASE,
+        "resolve after a checkpoint",
+        &held.key,
+        cx.store.resolve_latest(&checkpointed, at).await,
+    );
 }
 
 async fn delete(cx: &Cx<'_>) {

@@ -197,6 +197,24 @@ impl LeaseStore for MemLeaseStore {
         .await
     }
 
+    async fn resolve_latest(
+        &self,
+        lease: &Lease,
+        at: std::time::SystemTime,
+    ) -> Result<Lease, LeaseStoreError> {
+        self.write(
+            "resolve_latest",
+            lease,
+            |s| {
+                s.owner.is_some()
+                    && s.owner == lease.owner
+                    && s.checkpoint == ExtendedSequenceNumber::Latest
+            },
+            |l| effect::latest_resolved(l, at),
+        )
+        .await
+    }
+
     async fn request_handoff(
         &self,
         lease: &Lease,
