@@ -32,6 +32,8 @@ struct Counts {
     renews: AtomicU64,
     checkpoints: AtomicU64,
     other_writes: AtomicU64,
+    /// Successful takes per lease (every acquisition, handoffs included, ends in a take).
+    takes: Mutex<BTreeMap<LeaseKey, u32>>,
 }
 
 #[derive(Debug)]
@@ -67,7 +69,11 @@ impl LeaseStore for CountingStore {
     }
     async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
         bump(&self.counts.other_writes);
-        self.inner.take(lease, owner).await
+        let taken = self.inner.take(lease, owner).await?;
+        if let Ok(mut takes) = self.counts.takes.lock() {
+            *takes.entry(lease.key.clone()).or_default() += 1;
+        }
+        Ok(taken)
     }
     async fn checkpoint(
         &self,
@@ -258,6 +264,37 @@ impl Fleet {
     }
 }
 
+/// A fleet of `workers` started within one second on a table with no leases yet: the time
+/// until it is balanced, and the leases that moved again after their first take.
+async fn cold_start(workers: usize, trial: u64) -> anyhow::Result<(Option<Duration>, u32)> {
+    let mut fleet = Fleet::new();
+    let producer = fleet.produce();
+    let started = Instant::now();
+    for w in 0..workers as u64 {
+        // Spread over the first second, in an order that differs per trial.
+        let offset = (w * 7919 + trial * 104_729) % 1000;
+        tokio::time::sleep_until(started + Duration::from_millis(offset)).await;
+        fleet.start(&format!("cold-{trial}-{w}"))?;
+    }
+    let balanced_at = fleet
+        .wait_until(Duration::from_secs(300), |f| balanced(&f.owners(), workers))
+        .await
+        .map(|_| started.elapsed());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let moved: u32 = fleet
+        .counts
+        .takes
+        .lock()
+        .map(|t| t.values().map(|n| n.saturating_sub(1)).sum())
+        .unwrap_or(u32::MAX);
+    producer.abort();
+    for (_, (stop, h)) in std::mem::take(&mut fleet.workers) {
+        stop.shutdown();
+        let _ = h.await;
+    }
+    Ok((balanced_at, moved))
+}
+
 fn balanced(owners: &BTreeMap<String, BTreeSet<ShardId>>, workers: usize) -> bool {
     owners.len() == workers
         && owners.values().map(BTreeSet::len).sum::<usize>() == SHARDS
@@ -394,6 +431,14 @@ async fn async_main() -> anyhow::Result<()> {
         let _ = h.await;
     }
 
+    // 5. Cold start: 8 workers × 64 shards, no leases yet, all started within one second.
+    let mut cold = Vec::new();
+    for trial in 0..5 {
+        cold.push(cold_start(8, trial).await?);
+    }
+    let cold_moved = cold.iter().map(|(_, m)| *m).max().unwrap_or(0);
+    let cold_slowest = cold.iter().map(|(t, _)| *t).max().flatten();
+
     let secs =
         |d: Option<Duration>| d.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
     println!("kcl fleet benchmark — in memory, paused time, default timings (10 s lease, renew 3.3 s, taker 2 s)\n");
@@ -415,6 +460,14 @@ async fn async_main() -> anyhow::Result<()> {
         secs(graceful)
     );
     println!("| graceful shutdown: duplicates delivered | {graceful_dups} | 0 | |");
+    println!(
+        "| cold start, 8 workers × 64 shards, 5 trials: slowest to balance | {} | | |",
+        secs(cold_slowest)
+    );
+    println!(
+        "| cold start: leases moved again after their first take (worst trial) | {cold_moved} of {SHARDS} ({:.0} %) | ≤ 10 % | |",
+        f64::from(cold_moved) * 100.0 / SHARDS as f64
+    );
     println!(
         "| renewal writes per lease-hour | {:.0} | | ≈ 1 090 |",
         d[2] / lease_hours

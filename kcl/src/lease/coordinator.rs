@@ -157,20 +157,17 @@ impl HeldLease {
         // Reads under the lock are tried once, never retried with sleeps: the renewer waits
         // on this lock, and its heartbeat must not stall behind a slow table.
         let read_once = Instant::now();
-        if let Some((earlier, seen)) = state.unconfirmed.take() {
-            match write::read_back(store, &self.key, read_once).await {
-                Ok(Some(observed)) if earlier.was_applied(&seen, &observed) => {
-                    debug!(lease = %self.key, write = earlier.name(), "an earlier write whose answer was lost was applied");
-                    metrics::counter!(m::LOST_ANSWERS, "op" => earlier.name()).increment(1);
-                    state.lease = kept(&state.lease, observed);
-                }
-                // Not applied; or the lease moved, which the write below finds out.
-                Ok(_) => {}
-                Err(e) => {
-                    state.unconfirmed = Some((earlier, seen));
-                    return Err(e);
-                }
+        // Cleared only once resolved: this call may be dropped during the read (the renewer
+        // gives up after one interval), and the next write must still know.
+        if let Some((earlier, seen)) = state.unconfirmed.clone() {
+            let observed = write::read_back(store, &self.key, read_once).await?;
+            if let Some(observed) = observed.filter(|o| earlier.was_applied(&seen, o)) {
+                debug!(lease = %self.key, write = earlier.name(), "an earlier write whose answer was lost was applied");
+                metrics::counter!(m::LOST_ANSWERS, "op" => earlier.name()).increment(1);
+                state.lease = kept(&state.lease, observed);
             }
+            // Otherwise not applied; or the lease moved, which the write below finds out.
+            state.unconfirmed = None;
         }
         if let LeaseWrite::Checkpoint { position, .. } = &write {
             // The stored checkpoint may have moved since the caller looked (or an earlier
