@@ -50,7 +50,11 @@ fn threads() -> usize {
 fn sweep() {
     let plan = SeedPlan::from_env(DEFAULT_SEEDS);
     if plan.replay {
-        let sim = Sim::random(plan.start);
+        let sim = if std::env::var_os("KCL_SIM_V1").is_some() {
+            Sim::random_v1(plan.start)
+        } else {
+            Sim::random(plan.start)
+        };
         println!("{sim:#?}");
         let report = sim.run();
         if std::env::var_os("KCL_SIM_LOG").is_some() {
@@ -96,7 +100,7 @@ fn regression_seeds() {
         threads(),
         false,
         HANG,
-        Sim::random,
+        Sim::random_v1,
     );
     print!("{summary}");
     assert!(summary.failed.is_empty(), "regression seeds failed");

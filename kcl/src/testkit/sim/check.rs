@@ -12,22 +12,37 @@
 //!   with one virtual clock there is no skew to excuse one);
 //! - a batch still being processed when the next holder delivers is allowed only after a forced
 //!   end (the bounded window of §2.4); after a planned end it is a violation;
-//! - after a planned end the next tenure re-delivers nothing the previous one delivered (§2.5);
+//! - after a planned end the next tenure re-delivers nothing the previous one *processed*
+//!   (§2.5): what failed there must come again (§2.7);
 //! - every checkpoint written comes from the tenure's holder and is at or behind what that
 //!   tenure delivered (§2.2), and a lease's checkpoint never goes backwards, not even through a
 //!   deletion and re-creation (§2.2);
+//! - a checkpoint written outside `process_records` covers only records of the tenure whose
+//!   `process_records` returned `Ok` or that the error policy dead-lettered; one written from
+//!   inside may also cover the batch being processed (§2.7; `SHARD_END` covers everything the
+//!   tenure delivered);
 //! - no record of a child shard is delivered before every parent's `SHARD_END` checkpoint (§2.3);
-//! - per partition key, first deliveries follow put order (what §2.3 is for);
-//! - every record put is delivered (§2.1; checked after the fleet settled).
+//! - per partition key, over *every* delivery (see [`Invariant::KeyOrder`]): first deliveries
+//!   follow put order; within a tenure a key never goes back, except that a batch retried after
+//!   it failed comes again as it was; and no record is delivered again once a later record of
+//!   its key came from another (a descendant) shard;
+//! - every record put is delivered (§2.1; checked after the fleet settled);
+//! - no worker's `run()` panics.
+//!
+//! Balance and the release of every lease at shutdown are judged by the driver from the lease
+//! table, with [`imbalance`] and [`still_owned`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use super::log::{Entry, Event, Inc, IncInfo, Op, Outcome};
-use crate::lease::LeaseKey;
+use super::log::{BatchOutcome, Entry, Event, Exit, Inc, IncInfo, Op, Outcome};
+use crate::lease::{Lease, LeaseKey, WorkerId};
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
+
+#[cfg(test)]
+mod tests;
 
 /// Which guarantee a violation breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -41,20 +56,31 @@ pub enum Invariant {
     CheckpointNotDelivered,
     /// §2.2: a checkpoint written by an incarnation that did not hold the lease.
     CheckpointByNonHolder,
+    /// §2.7: a checkpoint covering a record whose `process_records` failed (or never
+    /// returned), written outside that `process_records` call.
+    CheckpointCoversFailed,
     /// §2.3: a child record delivered before a parent's `SHARD_END`.
     ParentsFirst,
-    /// §2.3: first deliveries of one partition key out of put order.
+    /// §2.3, per partition key over every delivery:
+    /// 1. first deliveries follow put order (nothing skipped ahead);
+    /// 2. within one tenure, a key's records come in put order: a re-delivery there is only a
+    ///    batch retried as it was after it failed (a replay after a move is a new tenure that
+    ///    starts again from the checkpoint, in order);
+    /// 3. a record is never delivered again after a record of its key put later was delivered
+    ///    from another shard (a key lives on one shard at a time, so that shard is a
+    ///    descendant, which starts only after this one ended: re-reading the ancestor then
+    ///    replays the key's history out of order).
     KeyOrder,
     /// §2.4: a batch delivered outside the deliverer's tenure.
     ExclusiveDelivery,
     /// §2.4: processing overlapped the next holder's after a planned move.
     ExclusiveProcessing,
-    /// §2.5: records delivered again after a planned move.
+    /// §2.5: records processed before a planned move delivered again after it.
     PlannedMoveDuplicate,
     /// Balance: a live worker outside `[floor, ceil]` of active leases per live worker once
     /// the fleet is stable.
     Balance,
-    /// Graceful shutdown left a lease owned.
+    /// Graceful shutdown left a lease owned (or a worker did not stop).
     ShutdownRelease,
     /// A worker's `run()` panicked.
     WorkerPanic,
@@ -117,6 +143,19 @@ pub struct Counts {
     pub tenures: usize,
     /// Tenures that ended with a release or a completed handoff.
     pub planned_moves: usize,
+    /// Graceful handoffs completed (planned moves to a worker that asked).
+    pub handoffs: usize,
+    /// Takes that ended another incarnation's tenure (its lease expired, or its restarted
+    /// worker reclaimed it).
+    pub forced_moves: usize,
+    /// `process_records` calls that returned a retryable error.
+    pub failed_batches: usize,
+    /// `process_records` calls that returned a fatal error.
+    pub fatal_batches: usize,
+    /// `process_records` calls that panicked.
+    pub panicked_batches: usize,
+    /// Batches handed to the dead-letter handler.
+    pub dead_letters: usize,
 }
 
 #[derive(Debug)]
@@ -129,10 +168,38 @@ struct Tenure {
     batches: Vec<(usize, u64)>,
     delivered: BTreeSet<u64>,
     max_delivered: Option<ExtendedSequenceNumber>,
+    /// Every record delivered in the tenure, by position.
+    records: BTreeMap<ExtendedSequenceNumber, u64>,
+    /// Records of batches that returned `Ok` or were dead-lettered.
+    processed: BTreeSet<u64>,
+    /// Per key, the last record delivered (KeyOrder rule 2).
+    last_of_key: BTreeMap<u32, u64>,
+    /// The previous batch: its records and how it ended (a retry repeats a failed one).
+    previous: Option<(Vec<u64>, Option<BatchOutcome>)>,
 }
 
-fn shard_of(key: &LeaseKey) -> ShardId {
-    key.shard_id()
+impl Tenure {
+    fn new(inc: Inc, acquired: usize) -> Self {
+        Self {
+            inc,
+            acquired,
+            planned_end: None,
+            batches: Vec::new(),
+            delivered: BTreeSet::new(),
+            max_delivered: None,
+            records: BTreeMap::new(),
+            processed: BTreeSet::new(),
+            last_of_key: BTreeMap::new(),
+            previous: None,
+        }
+    }
+}
+
+/// A delivered batch, for applying its outcome later.
+struct BatchInfo {
+    /// The lease and the index of the tenure it was delivered in (none if outside any).
+    tenure: Option<(LeaseKey, usize)>,
+    records: Vec<u64>,
 }
 
 /// Checks a finished run's log. `parents` is the lineage listed at the end of the run.
@@ -166,18 +233,22 @@ pub(crate) fn check(
                 outcome: Outcome::Applied(l),
                 ..
             } if l.checkpoint == ExtendedSequenceNumber::ShardEnd => {
-                shard_end.entry(shard_of(key)).or_insert(i);
+                shard_end.entry(key.shard_id()).or_insert(i);
             }
             _ => {}
         }
     }
     counts.produced = produced.len();
+    let key_of = |idx: u64| produced.get(&idx).map(|p| p.0);
 
     let mut tenures: BTreeMap<LeaseKey, Vec<Tenure>> = BTreeMap::new();
+    let mut batches: BTreeMap<u64, BatchInfo> = BTreeMap::new();
     let mut max_checkpoint: BTreeMap<LeaseKey, ExtendedSequenceNumber> = BTreeMap::new();
     // idx → (entry index, position in batch) of its first delivery.
     let mut first: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
     let mut distinct = BTreeSet::new();
+    // Per key, per shard: the highest record delivered from it (KeyOrder rule 3).
+    let mut key_high: BTreeMap<u32, BTreeMap<ShardId, u64>> = BTreeMap::new();
 
     for (i, e) in entries.iter().enumerate() {
         let at = Some(e.at);
@@ -187,6 +258,7 @@ pub(crate) fn check(
                 op,
                 key,
                 outcome,
+                batch,
                 ..
             } => {
                 let ts = tenures.entry(key.clone()).or_default();
@@ -213,23 +285,23 @@ pub(crate) fn check(
                 let Outcome::Applied(l) = outcome else {
                     continue;
                 };
+                let open = ts.last().filter(|t| t.planned_end.is_none()).map(|t| t.inc);
                 let current = ts.last_mut().filter(|t| t.planned_end.is_none());
                 match op {
                     Op::Take => {
-                        ts.push(Tenure {
-                            inc: *inc,
-                            acquired: i,
-                            planned_end: None,
-                            batches: Vec::new(),
-                            delivered: BTreeSet::new(),
-                            max_delivered: None,
-                        });
+                        if open.is_some_and(|o| o != *inc) {
+                            counts.forced_moves += 1;
+                        }
+                        ts.push(Tenure::new(*inc, i));
                         counts.tenures += 1;
                     }
                     Op::Release | Op::CompleteHandoff => match current {
                         Some(t) if t.inc == *inc => {
                             t.planned_end = Some(i);
                             counts.planned_moves += 1;
+                            if *op == Op::CompleteHandoff {
+                                counts.handoffs += 1;
+                            }
                         }
                         // A worker shutting down releases a lease that names it without any
                         // tenure open (a handoff completed to it that it never took): the
@@ -261,6 +333,27 @@ pub(crate) fn check(
                                     ),
                                 ));
                             }
+                            let running: BTreeSet<u64> = batch
+                                .and_then(|b| batches.get(&b))
+                                .map(|b| b.records.iter().copied().collect())
+                                .unwrap_or_default();
+                            if let Some(idx) =
+                                uncovered(&t.records, &t.processed, &running, &l.checkpoint)
+                            {
+                                v.push(Violation::new(
+                                    Invariant::CheckpointCoversFailed,
+                                    at,
+                                    format!(
+                                        "{key}: {} checkpointed {} {}, covering record {idx} whose process_records did not return Ok",
+                                        worker(*inc),
+                                        l.checkpoint,
+                                        match batch {
+                                            Some(b) => format!("inside process_records of batch {b}"),
+                                            None => "outside process_records".to_owned(),
+                                        }
+                                    ),
+                                ));
+                            }
                         }
                         _ => v.push(Violation::new(
                             Invariant::CheckpointByNonHolder,
@@ -283,15 +376,43 @@ pub(crate) fn check(
             } => {
                 let key = LeaseKey::for_shard(shard);
                 let ts = tenures.entry(key.clone()).or_default();
+                let n = ts.len().saturating_sub(1);
+                let idxs: Vec<u64> = records.iter().map(|r| r.idx).collect();
+                let mut tenure = None;
                 match ts.last_mut() {
                     Some(t) if t.inc == *inc && t.planned_end.is_none() => {
+                        // KeyOrder rule 2: a retry repeats the failed batch before it.
+                        let retry = matches!(
+                            &t.previous,
+                            Some((prev, Some(BatchOutcome::Failed { .. }))) if *prev == idxs
+                        );
+                        for r in records {
+                            let Some(k) = key_of(r.idx) else { continue };
+                            match t.last_of_key.get(&k) {
+                                Some(&last) if r.idx <= last && !retry => v.push(Violation::new(
+                                    Invariant::KeyOrder,
+                                    at,
+                                    format!(
+                                        "key-{k}: record {} delivered to {} after record {last} in the same tenure of {shard} (not a retry of a failed batch)",
+                                        r.idx,
+                                        worker(*inc)
+                                    ),
+                                )),
+                                _ => {}
+                            }
+                            let last = t.last_of_key.entry(k).or_insert(r.idx);
+                            *last = (*last).max(r.idx);
+                        }
+                        t.previous = Some((idxs.clone(), None));
                         t.batches.push((i, *id));
                         for r in records {
                             t.delivered.insert(r.idx);
+                            t.records.insert(r.pos.clone(), r.idx);
                             if t.max_delivered.as_ref().is_none_or(|m| r.pos > *m) {
                                 t.max_delivered = Some(r.pos.clone());
                             }
                         }
+                        tenure = Some((key.clone(), n));
                     }
                     last => {
                         let why = match last {
@@ -314,6 +435,13 @@ pub(crate) fn check(
                         ));
                     }
                 }
+                batches.insert(
+                    *id,
+                    BatchInfo {
+                        tenure,
+                        records: idxs,
+                    },
+                );
                 // §2.3: parents finished first.
                 for p in parents.get(shard).into_iter().flatten() {
                     if shard_end.get(p).is_none_or(|&end| end > i) {
@@ -335,8 +463,58 @@ pub(crate) fn check(
                     counts.deliveries += 1;
                     distinct.insert(r.idx);
                     first.entry(r.idx).or_insert((i, k));
+                    // KeyOrder rule 3: not again once a later record came from another shard.
+                    let Some(key) = key_of(r.idx) else { continue };
+                    let high = key_high.entry(key).or_default();
+                    if let Some((s, h)) = high
+                        .iter()
+                        .find(|(s, h)| *s != shard && **h > r.idx)
+                        .map(|(s, h)| (s.clone(), *h))
+                    {
+                        v.push(Violation::new(
+                            Invariant::KeyOrder,
+                            at,
+                            format!(
+                                "key-{key}: record {} delivered again from {shard} to {} after record {h}, put later, was delivered from {s}",
+                                r.idx,
+                                worker(*inc)
+                            ),
+                        ));
+                    }
+                    let h = high.entry(shard.clone()).or_insert(r.idx);
+                    *h = (*h).max(r.idx);
                 }
             }
+            Event::BatchDone { id, outcome } => {
+                match outcome {
+                    BatchOutcome::Failed { fatal: false } => counts.failed_batches += 1,
+                    BatchOutcome::Failed { fatal: true } => counts.fatal_batches += 1,
+                    BatchOutcome::Panicked => counts.panicked_batches += 1,
+                    BatchOutcome::Ok | BatchOutcome::Aborted => {}
+                }
+                if let Some((t, b)) = tenure_of(&mut tenures, &batches, *id) {
+                    if let Some(prev) = t.previous.as_mut().filter(|p| p.0 == b.records) {
+                        prev.1 = Some(*outcome);
+                    }
+                    if outcome.is_ok() {
+                        t.processed.extend(b.records.iter().copied());
+                    }
+                }
+            }
+            Event::DeadLetter { id } => {
+                counts.dead_letters += 1;
+                if let Some((t, b)) = tenure_of(&mut tenures, &batches, *id) {
+                    t.processed.extend(b.records.iter().copied());
+                }
+            }
+            Event::Exited {
+                inc,
+                outcome: Exit::Panic,
+            } => v.push(Violation::new(
+                Invariant::WorkerPanic,
+                at,
+                format!("{}: run() panicked", worker(*inc)),
+            )),
             _ => {}
         }
     }
@@ -364,13 +542,13 @@ pub(crate) fn check(
                 }
                 if let Some(t2) = ts.get(n + 1) {
                     let again: Vec<u64> =
-                        t2.delivered.intersection(&t.delivered).copied().collect();
+                        t2.delivered.intersection(&t.processed).copied().collect();
                     if !again.is_empty() {
                         v.push(Violation::new(
                             Invariant::PlannedMoveDuplicate,
                             Some(entries[t2.acquired].at),
                             format!(
-                                "{key}: {} records delivered to {} were delivered again to {} after a planned move (e.g. record {})",
+                                "{key}: {} records processed by {} were delivered again to {} after a planned move (e.g. record {})",
                                 again.len(),
                                 worker(t.inc),
                                 worker(t2.inc),
@@ -399,12 +577,9 @@ pub(crate) fn check(
         let examples: Vec<String> = missing
             .iter()
             .take(8)
-            .map(|idx| {
-                let shard = entries[produced[idx].1].event.clone();
-                match shard {
-                    Event::Put { shard, .. } => format!("{idx} ({shard})"),
-                    _ => idx.to_string(),
-                }
+            .map(|idx| match &entries[produced[idx].1].event {
+                Event::Put { shard, .. } => format!("{idx} ({shard})"),
+                _ => idx.to_string(),
             })
             .collect();
         v.push(Violation::new(
@@ -419,7 +594,7 @@ pub(crate) fn check(
         ));
     }
 
-    // Per-key order of first deliveries.
+    // KeyOrder rule 1: first deliveries in put order.
     let mut by_key: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for (idx, (key, _)) in &produced {
         by_key.entry(*key).or_default().push(*idx);
@@ -441,6 +616,77 @@ pub(crate) fn check(
         }
     }
     (condense(v), counts)
+}
+
+/// The tenure batch `id` was delivered in, with the batch.
+fn tenure_of<'a>(
+    tenures: &'a mut BTreeMap<LeaseKey, Vec<Tenure>>,
+    batches: &'a BTreeMap<u64, BatchInfo>,
+    id: u64,
+) -> Option<(&'a mut Tenure, &'a BatchInfo)> {
+    let b = batches.get(&id)?;
+    let (key, n) = b.tenure.as_ref()?;
+    let t = tenures.get_mut(key)?.get_mut(*n)?;
+    Some((t, b))
+}
+
+/// §2.7: the first record of a tenure that a checkpoint at `upto` covers although it was not
+/// processed (`running`: the records of the `process_records` call the checkpoint was written
+/// from, which it may cover). `SHARD_END` covers every record the tenure delivered.
+fn uncovered(
+    records: &BTreeMap<ExtendedSequenceNumber, u64>,
+    processed: &BTreeSet<u64>,
+    running: &BTreeSet<u64>,
+    upto: &ExtendedSequenceNumber,
+) -> Option<u64> {
+    records
+        .range(..=upto.clone())
+        .map(|(_, idx)| *idx)
+        .find(|idx| !processed.contains(idx) && !running.contains(idx))
+}
+
+/// Why the fleet is not balanced, if it is not: every active (unfinished) lease must be owned
+/// by a live worker with no handoff pending, and each live worker must hold between the floor
+/// and the ceiling of active leases per live worker.
+pub fn imbalance(live: &BTreeSet<WorkerId>, leases: &[Lease]) -> Option<String> {
+    if live.is_empty() {
+        return None;
+    }
+    let active: Vec<_> = leases.iter().filter(|l| !l.is_finished()).collect();
+    let mut load: BTreeMap<&WorkerId, usize> = live.iter().map(|w| (w, 0)).collect();
+    for l in &active {
+        match (&l.owner, &l.checkpoint_owner) {
+            (_, Some(from)) => return Some(format!("{}: handoff from {from} pending", l.key)),
+            (Some(o), None) => match load.get_mut(o) {
+                Some(n) => *n += 1,
+                None => return Some(format!("{} owned by {o}, not a live worker", l.key)),
+            },
+            (None, None) => return Some(format!("{} unowned", l.key)),
+        }
+    }
+    let lo = active.len() / live.len();
+    let hi = active.len().div_ceil(live.len());
+    if load.values().all(|&n| (lo..=hi).contains(&n)) {
+        None
+    } else {
+        Some(format!(
+            "{} active leases over {} live workers (want {lo}..={hi} each): {:?}",
+            active.len(),
+            live.len(),
+            load
+        ))
+    }
+}
+
+/// Leases still owned (or with a handoff pending) once every worker stopped gracefully. A
+/// finished lease whose release failed stays owned (nobody takes finished leases): that is
+/// harmless. An unfinished one must have been released.
+pub fn still_owned(leases: &[Lease]) -> Vec<String> {
+    leases
+        .iter()
+        .filter(|l| !l.is_finished() && (l.owner.is_some() || l.checkpoint_owner.is_some()))
+        .map(|l| format!("{} ({:?})", l.key, l.owner))
+        .collect()
 }
 
 /// Keeps the first violation of each invariant per shard (the text before the first `:`), with
