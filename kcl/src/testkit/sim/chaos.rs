@@ -204,9 +204,11 @@ impl Driver {
         let p = self.extra.random_range(0.3..=1.0);
         let lease_ms = self.lease_ms();
         let d = millis(&mut self.extra, 500, (2 * lease_ms).max(3000));
-        self.set_fault(slot, format!("processors fail ({kind:?}, {p:.2}) for {d:?}"), |l| {
-            l.processor = Some(ProcessorFault { kind, p })
-        });
+        self.set_fault(
+            slot,
+            format!("processors fail ({kind:?}, {p:.2}) for {d:?}"),
+            |l| l.processor = Some(ProcessorFault { kind, p }),
+        );
         self.stats.processor_faults += 1;
         self.schedule(d, Action::Heal(slot, Heal::Processor));
         if follow > 0.0 && self.extra.random_bool(follow.min(1.0)) {

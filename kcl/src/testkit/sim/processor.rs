@@ -126,7 +126,8 @@ impl SimProcessor {
                 Err(ProcessorError::retryable("simulated downstream outage"))
             }
             FailKind::Fatal => {
-                self.rec().batch_done(id, BatchOutcome::Failed { fatal: true });
+                self.rec()
+                    .batch_done(id, BatchOutcome::Failed { fatal: true });
                 Err(ProcessorError::fatal("simulated poison record"))
             }
             FailKind::Panic => {

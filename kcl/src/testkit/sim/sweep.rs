@@ -224,7 +224,11 @@ impl fmt::Display for SweepSummary {
             write!(f, "{r}")?;
         }
         for (seed, why) in &self.panicked {
-            writeln!(f, "seed {seed}: PANICKED: {why}\n  replay: {}", replay_command(*seed))?;
+            writeln!(
+                f,
+                "seed {seed}: PANICKED: {why}\n  replay: {}",
+                replay_command(*seed)
+            )?;
         }
         for (seed, why) in &self.nondeterministic {
             writeln!(f, "seed {seed}: NONDETERMINISTIC: {why}")?;
@@ -357,4 +361,82 @@ pub fn divergence(a: &SimReport, b: &SimReport) -> Option<String> {
         show(a),
         show(b)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_with_missing_failed_or_nondeterministic_seeds_has_problems() {
+        let fine = SweepSummary {
+            planned: 2,
+            seeds: 2,
+            ..SweepSummary::default()
+        };
+        assert!(fine.problems().is_empty());
+        let short = SweepSummary {
+            planned: 3,
+            seeds: 2,
+            ..SweepSummary::default()
+        };
+        assert_eq!(short.problems(), ["only 2 of 3 planned seeds ran"]);
+        let twice = SweepSummary {
+            planned: 2,
+            seeds: 2,
+            nondeterministic: vec![(7, "hashes differ".into())],
+            ..SweepSummary::default()
+        };
+        assert_eq!(twice.problems(), ["seed 7 ran differently twice"]);
+        let failed = SweepSummary {
+            planned: 1,
+            seeds: 1,
+            failed: vec![SimReport {
+                seed: 9,
+                ..SimReport::default()
+            }],
+            ..SweepSummary::default()
+        };
+        assert_eq!(failed.problems().len(), 1);
+        let lost = SweepSummary {
+            planned: 1,
+            seeds: 1,
+            lost_threads: 1,
+            ..SweepSummary::default()
+        };
+        assert_eq!(lost.problems().len(), 1);
+    }
+
+    #[test]
+    fn missing_chaos_names_what_never_happened() {
+        let mut s = SweepSummary::default();
+        assert_eq!(s.missing_chaos(), CHAOS_KINDS);
+        for k in CHAOS_KINDS {
+            s.chaos.insert(k, 1);
+        }
+        s.chaos.insert("merges", 0);
+        assert_eq!(s.missing_chaos(), ["merges"]);
+    }
+
+    #[test]
+    fn runs_that_differ_are_told_apart() {
+        use crate::testkit::sim::log::{Entry, Event};
+        let entry = |what: &'static str| Entry {
+            at: Duration::ZERO,
+            event: Event::Phase(what),
+        };
+        let a = SimReport {
+            hash: 1,
+            log: vec![entry("chaos"), entry("settle")],
+            ..SimReport::default()
+        };
+        let b = SimReport {
+            hash: 2,
+            log: vec![entry("chaos"), entry("balance")],
+            ..SimReport::default()
+        };
+        assert_eq!(divergence(&a, &a.clone()), None);
+        let why = divergence(&a, &b).unwrap_or_default();
+        assert!(why.contains("entry 1"), "{why}");
+    }
 }

@@ -96,8 +96,8 @@ impl Log {
                 .cloned()
                 .unwrap_or(ExtendedSequenceNumber::TrimHorizon),
         };
-        let owner = matches!(op, Op::Take | Op::Checkpoint)
-            .then(|| WorkerId::new(format!("w{inc}")));
+        let owner =
+            matches!(op, Op::Take | Op::Checkpoint).then(|| WorkerId::new(format!("w{inc}")));
         self.push(Event::Write {
             inc,
             op,
@@ -118,7 +118,13 @@ impl Log {
     }
 
     fn release(&mut self, inc: Inc, s: u32) -> &mut Self {
-        self.write(inc, Op::Release, s, ExtendedSequenceNumber::TrimHorizon, None)
+        self.write(
+            inc,
+            Op::Release,
+            s,
+            ExtendedSequenceNumber::TrimHorizon,
+            None,
+        )
     }
 
     fn handoff(&mut self, inc: Inc, s: u32) -> &mut Self {
@@ -137,7 +143,13 @@ impl Log {
     }
 
     fn shard_end(&mut self, inc: Inc, s: u32) -> &mut Self {
-        self.write(inc, Op::Checkpoint, s, ExtendedSequenceNumber::ShardEnd, None)
+        self.write(
+            inc,
+            Op::Checkpoint,
+            s,
+            ExtendedSequenceNumber::ShardEnd,
+            None,
+        )
     }
 
     /// Delivers records `idxs` of shard `s` to `inc`; returns the batch id.
@@ -567,7 +579,11 @@ fn balance() {
     let mut pending = lease(1, Some("b"), false);
     pending.checkpoint_owner = Some(WorkerId::new("a"));
     assert!(imbalance(&live, &[lease(0, Some("a"), false), pending]).is_some());
-    assert_eq!(imbalance(&BTreeSet::new(), &lopsided), None, "no live worker");
+    assert_eq!(
+        imbalance(&BTreeSet::new(), &lopsided),
+        None,
+        "no live worker"
+    );
 }
 
 #[test]
