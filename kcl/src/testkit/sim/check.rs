@@ -3,8 +3,12 @@
 //! A **tenure** is one incarnation's hold on one lease: it begins with an applied `take` and
 //! ends with the next applied `take` of that lease by anyone (a *forced* end: the lease expired
 //! or was reclaimed), or with the holder's own applied `release` / `complete_handoff` (a
-//! *planned* end). Since every write is fenced by the lease counter, tenures of one lease are
-//! totally ordered, and:
+//! *planned* end). A release is no planned end when the holder's processing had already ended
+//! without a final checkpoint — its `lease_lost` was called (it saw the lease expire by its own
+//! clock), or its processor panicked — or when it is a restarted incarnation of the same worker
+//! id releasing what its dead predecessor held (`release_unheld` at shutdown): those are forced
+//! ends that happened to be cleaned up. Since every write is fenced by the lease counter,
+//! tenures of one lease are totally ordered, and:
 //!
 //! - every batch of a shard must be delivered inside a live tenure of the delivering
 //!   incarnation (§2.4: the owner stops delivering at `last write start + lease_duration`, before
@@ -36,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use super::log::{BatchOutcome, Entry, Event, Exit, Inc, IncInfo, Op, Outcome};
+use super::log::{BatchOutcome, Callback, Entry, Event, Exit, Inc, IncInfo, Op, Outcome};
 use crate::lease::{Lease, LeaseKey, WorkerId};
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
@@ -164,6 +168,9 @@ struct Tenure {
     acquired: usize,
     /// Index of the holder's release / completed handoff, if it ended so.
     planned_end: Option<usize>,
+    /// Processing ended without a final checkpoint (`lease_lost`, a panic, the holder died):
+    /// a release after that is no planned move.
+    lost: bool,
     /// (entry index of the batch, batch id).
     batches: Vec<(usize, u64)>,
     delivered: BTreeSet<u64>,
@@ -184,6 +191,7 @@ impl Tenure {
             inc,
             acquired,
             planned_end: None,
+            lost: false,
             batches: Vec::new(),
             delivered: BTreeSet::new(),
             max_delivered: None,
@@ -214,6 +222,9 @@ pub(crate) fn check(
         incs.get(inc as usize)
             .map_or_else(|| format!("#{inc}"), |i| format!("{}#{inc}", i.worker))
     };
+    let worker_id = |inc: Inc| incs.get(inc as usize).map(|i| &i.worker);
+    // Incarnations that crashed or whose run() returned.
+    let mut dead: BTreeSet<Inc> = BTreeSet::new();
 
     // Puts, batch ends, SHARD_END times.
     let mut produced: BTreeMap<u64, (u32, usize)> = BTreeMap::new();
@@ -287,6 +298,12 @@ pub(crate) fn check(
                 };
                 let open = ts.last().filter(|t| t.planned_end.is_none()).map(|t| t.inc);
                 let current = ts.last_mut().filter(|t| t.planned_end.is_none());
+                // A restarted worker releasing what its dead predecessor (same id) held.
+                let predecessor = |t: &Tenure| {
+                    t.inc != *inc
+                        && dead.contains(&t.inc)
+                        && worker_id(t.inc).is_some_and(|w| Some(w) == worker_id(*inc))
+                };
                 match op {
                     Op::Take => {
                         if open.is_some_and(|o| o != *inc) {
@@ -298,10 +315,16 @@ pub(crate) fn check(
                     Op::Release | Op::CompleteHandoff => match current {
                         Some(t) if t.inc == *inc => {
                             t.planned_end = Some(i);
-                            counts.planned_moves += 1;
-                            if *op == Op::CompleteHandoff {
-                                counts.handoffs += 1;
+                            if !t.lost {
+                                counts.planned_moves += 1;
+                                if *op == Op::CompleteHandoff {
+                                    counts.handoffs += 1;
+                                }
                             }
+                        }
+                        Some(t) if *op == Op::Release && predecessor(t) => {
+                            t.planned_end = Some(i);
+                            t.lost = true;
                         }
                         // A worker shutting down releases a lease that names it without any
                         // tenure open (a handoff completed to it that it never took): the
@@ -496,6 +519,8 @@ pub(crate) fn check(
                     if let Some(prev) = t.previous.as_mut().filter(|p| p.0 == b.records) {
                         prev.1 = Some(*outcome);
                     }
+                    // The consumer task died with its processor.
+                    t.lost |= *outcome == BatchOutcome::Panicked;
                     if outcome.is_ok() {
                         t.processed.extend(b.records.iter().copied());
                     }
@@ -507,14 +532,32 @@ pub(crate) fn check(
                     t.processed.extend(b.records.iter().copied());
                 }
             }
-            Event::Exited {
+            Event::Exited { inc, outcome } => {
+                dead.insert(*inc);
+                if *outcome == Exit::Panic {
+                    v.push(Violation::new(
+                        Invariant::WorkerPanic,
+                        at,
+                        format!("{}: run() panicked", worker(*inc)),
+                    ));
+                }
+            }
+            Event::Crash { inc } => {
+                dead.insert(*inc);
+            }
+            Event::Callback {
                 inc,
-                outcome: Exit::Panic,
-            } => v.push(Violation::new(
-                Invariant::WorkerPanic,
-                at,
-                format!("{}: run() panicked", worker(*inc)),
-            )),
+                shard,
+                what: Callback::LeaseLost,
+            } => {
+                let holder = tenures
+                    .get_mut(&LeaseKey::for_shard(shard))
+                    .and_then(|ts| ts.last_mut())
+                    .filter(|t| t.inc == *inc && t.planned_end.is_none());
+                if let Some(t) = holder {
+                    t.lost = true;
+                }
+            }
             _ => {}
         }
     }
@@ -527,7 +570,7 @@ pub(crate) fn check(
             let next_first = ts[n + 1..]
                 .iter()
                 .find_map(|t2| t2.batches.first().map(|b| b.0));
-            if let Some(end) = t.planned_end {
+            if let Some(end) = t.planned_end.filter(|_| !t.lost) {
                 for &(bi, id) in &t.batches {
                     if done_at.get(&id).is_none_or(|&d| d > end) {
                         v.push(Violation::new(

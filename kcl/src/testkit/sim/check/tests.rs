@@ -8,7 +8,9 @@ use super::*;
 use crate::lease::{Lease, LeaseKey, WorkerId};
 use crate::record::{ExtendedSequenceNumber, SequenceNumber};
 use crate::shard::ShardId;
-use crate::testkit::sim::log::{BatchOutcome, Delivered, Entry, Event, Exit, IncInfo, LeaseView};
+use crate::testkit::sim::log::{
+    BatchOutcome, Callback, Delivered, Entry, Event, Exit, IncInfo, LeaseView,
+};
 
 fn shard(n: u32) -> ShardId {
     ShardId::new(format!("shardId-{n:012}"))
@@ -32,12 +34,20 @@ struct Log {
 
 impl Log {
     fn new(incarnations: usize) -> Self {
+        let ids: Vec<String> = (0..incarnations).map(|i| format!("w{i}")).collect();
+        Self::with_workers(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Incarnation `i` runs worker id `ids[i]` (a restart may reuse an id).
+    fn with_workers(ids: &[&str]) -> Self {
         Self {
             entries: Vec::new(),
-            incs: (0..incarnations)
-                .map(|i| IncInfo {
+            incs: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| IncInfo {
                     slot: i,
-                    worker: WorkerId::new(format!("w{i}")),
+                    worker: WorkerId::new(*id),
                     crashed_at: None,
                 })
                 .collect(),
@@ -97,7 +107,7 @@ impl Log {
                 .unwrap_or(ExtendedSequenceNumber::TrimHorizon),
         };
         let owner =
-            matches!(op, Op::Take | Op::Checkpoint).then(|| WorkerId::new(format!("w{inc}")));
+            matches!(op, Op::Take | Op::Checkpoint).then(|| self.incs[inc as usize].worker.clone());
         self.push(Event::Write {
             inc,
             op,
@@ -621,4 +631,58 @@ fn counts_of_moves_and_outcomes() {
         ),
         (3, 2, 1, 1, 1, 1, 1, 1)
     );
+}
+
+#[test]
+fn a_release_after_the_lease_was_lost_is_no_planned_move() {
+    // The holder saw its lease expire by its own clock (lease_lost: no final checkpoint),
+    // nobody took it, and it released it at shutdown: what follows may repeat records.
+    let run = |lost: bool| {
+        let mut log = Log::new(2);
+        log.put(0, 0, &[0, 1]).take(0, 0);
+        log.processed(0, 0, &[0, 1], OK);
+        if lost {
+            log.push(Event::Callback {
+                inc: 0,
+                shard: shard(0),
+                what: Callback::LeaseLost,
+            });
+        }
+        log.release(0, 0).take(1, 0);
+        log.processed(1, 0, &[0, 1], OK);
+        log
+    };
+    run(true).assert_clean();
+    assert_eq!(run(true).counts().planned_moves, 0);
+    run(false).assert_only(Invariant::PlannedMoveDuplicate);
+
+    // The same after the processor panicked (its consumer task died with it).
+    let mut log = Log::new(2);
+    log.put(0, 0, &[0, 1]).take(0, 0);
+    log.processed(0, 0, &[0], OK);
+    log.processed(0, 0, &[1], BatchOutcome::Panicked);
+    log.release(0, 0).take(1, 0);
+    log.processed(1, 0, &[0, 1], OK);
+    log.assert_clean();
+}
+
+#[test]
+fn a_restarted_worker_may_release_what_its_dead_predecessor_held() {
+    // Incarnations 0 and 1 are the same worker id; 0 finished the shard but its release
+    // failed, then it crashed; 1 releases the lease at its shutdown.
+    let run = |ids: &[&str], crashed: bool| {
+        let mut log = Log::with_workers(ids);
+        log.put(0, 0, &[0]).take(0, 0);
+        log.processed(0, 0, &[0], OK);
+        log.shard_end(0, 0);
+        if crashed {
+            log.push(Event::Crash { inc: 0 });
+        }
+        log.release(1, 0);
+        log
+    };
+    run(&["w0", "w0"], true).assert_clean();
+    // The holder still alive, or another worker: not its release to make.
+    run(&["w0", "w0"], false).assert_only(Invariant::ExclusiveDelivery);
+    run(&["w0", "w1"], true).assert_only(Invariant::ExclusiveDelivery);
 }
