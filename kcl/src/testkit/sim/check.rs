@@ -7,7 +7,9 @@
 //! without a final checkpoint — its `lease_lost` was called (it saw the lease expire by its own
 //! clock), or its processor panicked — or when it is a restarted incarnation of the same worker
 //! id releasing what its dead predecessor held (`release_unheld` at shutdown): those are forced
-//! ends that happened to be cleaned up. Since every write is fenced by the lease counter,
+//! ends that happened to be cleaned up. (A holder is also told its lease is lost when a
+//! checkpoint returns `CheckpointError::LeaseLost`.) Since every write is fenced by the lease
+//! counter,
 //! tenures of one lease are totally ordered, and:
 //!
 //! - every batch of a shard must be delivered inside a live tenure of the delivering
@@ -30,6 +32,10 @@
 //!   follow put order; within a tenure a key never goes back, except that a batch retried after
 //!   it failed comes again as it was; and no record is delivered again once a later record of
 //!   its key came from another (a descendant) shard;
+//! - a holder is told its lease is lost only if it may be: not after a write of its own was
+//!   refused while the lease still named it and nobody else had written it since its own
+//!   applied write whose answer was lost (§2.6: such a write is recognised by reading the item
+//!   back, never taken for a lost lease);
 //! - every record put is delivered (§2.1; checked after the fleet settled);
 //! - no worker's `run()` panics.
 //!
@@ -81,6 +87,11 @@ pub enum Invariant {
     ExclusiveProcessing,
     /// §2.5: records processed before a planned move delivered again after it.
     PlannedMoveDuplicate,
+    /// §2.6: a holder told its lease was lost (`lease_lost`, or a checkpoint refused with
+    /// `CheckpointError::LeaseLost`) after one of its writes was refused only because its view
+    /// of the lease was stale: the lease still named it and nobody else had written it since
+    /// its own last applied write (whose answer was lost).
+    FalseLeaseLoss,
     /// Balance: a live worker outside `[floor, ceil]` of active leases per live worker once
     /// the fleet is stable.
     Balance,
@@ -171,6 +182,9 @@ struct Tenure {
     /// Processing ended without a final checkpoint (`lease_lost`, a panic, the holder died):
     /// a release after that is no planned move.
     lost: bool,
+    /// A write of the holder refused although only the holder itself had written the lease
+    /// since (its own view was stale), if one was.
+    stale_refusal: Option<usize>,
     /// (entry index of the batch, batch id).
     batches: Vec<(usize, u64)>,
     delivered: BTreeSet<u64>,
@@ -192,6 +206,7 @@ impl Tenure {
             acquired,
             planned_end: None,
             lost: false,
+            stale_refusal: None,
             batches: Vec::new(),
             delivered: BTreeSet::new(),
             max_delivered: None,
@@ -255,6 +270,8 @@ pub(crate) fn check(
     let mut tenures: BTreeMap<LeaseKey, Vec<Tenure>> = BTreeMap::new();
     let mut batches: BTreeMap<u64, BatchInfo> = BTreeMap::new();
     let mut max_checkpoint: BTreeMap<LeaseKey, ExtendedSequenceNumber> = BTreeMap::new();
+    // The incarnation of the last applied write of each lease.
+    let mut last_writer: BTreeMap<LeaseKey, Inc> = BTreeMap::new();
     // idx → (entry index, position in batch) of its first delivery.
     let mut first: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
     let mut distinct = BTreeSet::new();
@@ -294,8 +311,25 @@ pub(crate) fn check(
                     }
                 }
                 let Outcome::Applied(l) = outcome else {
+                    // §2.6: refused although nobody but the holder wrote the lease since.
+                    let own = matches!(
+                        op,
+                        Op::Renew | Op::Checkpoint | Op::Release | Op::CompleteHandoff
+                    );
+                    let holder = ts
+                        .last_mut()
+                        .filter(|t| t.inc == *inc && t.planned_end.is_none());
+                    if let Some(t) = holder.filter(|_| own) {
+                        if last_writer.get(key) == Some(inc) && t.stale_refusal.is_none() {
+                            t.stale_refusal = Some(i);
+                        }
+                    }
+                    if matches!(outcome, Outcome::Deleted) {
+                        last_writer.remove(key);
+                    }
                     continue;
                 };
+                last_writer.insert(key.clone(), *inc);
                 let open = ts.last().filter(|t| t.planned_end.is_none()).map(|t| t.inc);
                 let current = ts.last_mut().filter(|t| t.planned_end.is_none());
                 // A restarted worker releasing what its dead predecessor (same id) held.
@@ -548,13 +582,28 @@ pub(crate) fn check(
             Event::Callback {
                 inc,
                 shard,
-                what: Callback::LeaseLost,
+                what: Callback::LeaseLost | Callback::CheckpointLeaseLost,
             } => {
                 let holder = tenures
                     .get_mut(&LeaseKey::for_shard(shard))
                     .and_then(|ts| ts.last_mut())
                     .filter(|t| t.inc == *inc && t.planned_end.is_none());
                 if let Some(t) = holder {
+                    if let Some(r) = t.stale_refusal.filter(|_| !t.lost) {
+                        v.push(Violation::new(
+                            Invariant::FalseLeaseLoss,
+                            at,
+                            format!(
+                                "{shard}: {} was told its lease is lost, but nobody else had written it: its {} refused at {:.3}s came after an applied write of its own whose answer was lost",
+                                worker(*inc),
+                                match &entries[r].event {
+                                    Event::Write { op, .. } => format!("{op:?}"),
+                                    _ => "write".to_owned(),
+                                },
+                                entries[r].at.as_secs_f64()
+                            ),
+                        ));
+                    }
                     t.lost = true;
                 }
             }

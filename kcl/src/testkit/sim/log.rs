@@ -123,6 +123,9 @@ pub enum Callback {
     ShutdownRequested,
     /// `lease_lost`.
     LeaseLost,
+    /// A checkpoint returned `CheckpointError::LeaseLost`: the processor was told the lease
+    /// is lost (in any callback).
+    CheckpointLeaseLost,
 }
 
 /// One record of a delivered batch.

@@ -107,6 +107,13 @@ impl SimProcessor {
         });
     }
 
+    /// Logs that a checkpoint told the processor its lease is lost.
+    fn note_lease_lost(&self, r: &Result<(), CheckpointError>) {
+        if matches!(r, Err(CheckpointError::LeaseLost { .. })) {
+            self.callback(Callback::CheckpointLeaseLost);
+        }
+    }
+
     /// Fails batch `id` as `kind` says (logged first: a panic logs nothing after).
     fn fail(&mut self, id: u64, kind: FailKind) -> Result<(), ProcessorError> {
         // The worker refuses the shard after a panic, a fatal error (unless dead-lettered) or
@@ -213,6 +220,7 @@ impl RecordProcessor for SimProcessor {
             Ok(())
         };
         self.net.halt_if_dead("process_records").await;
+        self.note_lease_lost(&result);
         let outcome = match result {
             Ok(()) => BatchOutcome::Ok,
             Err(_) => BatchOutcome::Failed { fatal: false },
@@ -228,6 +236,7 @@ impl RecordProcessor for SimProcessor {
         self.net.halt_if_dead("shard_ended").await;
         let r = cp.checkpoint().await;
         self.net.halt_if_dead("shard_ended").await;
+        self.note_lease_lost(&r);
         self.callback(Callback::ShardEnded(r.is_ok()));
         r.map_err(ProcessorError::retryable)
     }
@@ -244,6 +253,8 @@ impl RecordProcessor for SimProcessor {
             return Ok(());
         }
         let r = tolerate_behind(cp.checkpoint().await);
+        self.net.halt_if_dead("shutdown_requested").await;
+        self.note_lease_lost(&r);
         r.map_err(ProcessorError::retryable)
     }
 }

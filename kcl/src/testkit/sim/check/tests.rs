@@ -686,3 +686,84 @@ fn a_restarted_worker_may_release_what_its_dead_predecessor_held() {
     run(&["w0", "w0"], false).assert_only(Invariant::ExclusiveDelivery);
     run(&["w0", "w1"], true).assert_only(Invariant::ExclusiveDelivery);
 }
+
+impl Log {
+    /// The last write's answer was lost (it was applied all the same).
+    fn answer_lost(&mut self) -> &mut Self {
+        if let Some(Entry {
+            event: Event::Write { response_lost, .. },
+            ..
+        }) = self.entries.last_mut()
+        {
+            *response_lost = true;
+        }
+        self
+    }
+
+    /// A write of `inc` the table refused.
+    fn refused(&mut self, inc: Inc, op: Op, s: u32) -> &mut Self {
+        self.push(Event::Write {
+            inc,
+            op,
+            key: LeaseKey::for_shard(&shard(s)),
+            outcome: Outcome::Refused,
+            response_lost: false,
+            batch: None,
+        })
+    }
+
+    fn told_lost(&mut self, inc: Inc, s: u32, what: Callback) -> &mut Self {
+        self.push(Event::Callback {
+            inc,
+            shard: shard(s),
+            what,
+        })
+    }
+}
+
+#[test]
+fn a_lost_answer_is_not_a_lost_lease() {
+    // The holder's renewal is applied but its answer lost; its next checkpoint, written on
+    // the old counter, is refused; and it takes that for a lost lease.
+    let run = |other_took: bool, told: Callback| {
+        let mut log = Log::new(2);
+        log.put(0, 0, &[0]).take(0, 0);
+        log.processed(0, 0, &[0], OK);
+        log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
+            .answer_lost();
+        if other_took {
+            log.take(1, 0);
+        }
+        log.refused(0, Op::Checkpoint, 0).told_lost(0, 0, told);
+        if other_took {
+            log.processed(1, 0, &[0], OK);
+        }
+        log
+    };
+    run(false, Callback::LeaseLost).assert_only(Invariant::FalseLeaseLoss);
+    run(false, Callback::CheckpointLeaseLost).assert_only(Invariant::FalseLeaseLoss);
+    // Refused because another worker took the lease: lost indeed.
+    run(true, Callback::LeaseLost).assert_clean();
+    // Refused after another worker wrote the lease (here: asked for it): not stale.
+    let mut log = Log::new(2);
+    log.put(0, 0, &[0]).take(0, 0);
+    log.processed(0, 0, &[0], OK);
+    log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
+        .answer_lost();
+    log.write(
+        1,
+        Op::RequestHandoff,
+        0,
+        ExtendedSequenceNumber::TrimHorizon,
+        None,
+    );
+    log.refused(0, Op::Checkpoint, 0)
+        .told_lost(0, 0, Callback::CheckpointLeaseLost);
+    log.assert_clean();
+    // Told lost without a refusal: its own clock said the lease may have expired.
+    let mut log = Log::new(1);
+    log.put(0, 0, &[0]).take(0, 0);
+    log.processed(0, 0, &[0], OK);
+    log.told_lost(0, 0, Callback::LeaseLost);
+    log.assert_clean();
+}
