@@ -32,10 +32,12 @@
 //!   follow put order; within a tenure a key never goes back, except that a batch retried after
 //!   it failed comes again as it was; and no record is delivered again once a later record of
 //!   its key came from another (a descendant) shard;
-//! - a holder is told its lease is lost only if it may be: not after a write of its own was
-//!   refused while the lease still named it and nobody else had written it since its own
-//!   applied write whose answer was lost (§2.6: such a write is recognised by reading the item
-//!   back, never taken for a lost lease);
+//! - a holder is told its lease is lost only if it may be: once another worker wrote the
+//!   lease, or once its own clock said the lease may have expired (`lease_duration` after it
+//!   sent its last write whose answer it got; a loss is for good, so once is enough) — never
+//!   while the lease has been its own by both accounts all along, e.g. after its own write was
+//!   refused because an earlier one was applied but its answer lost (§2.6: that is recognised
+//!   by reading the item back);
 //! - every record put is delivered (§2.1; checked after the fleet settled);
 //! - no worker's `run()` panics.
 //!
@@ -88,9 +90,10 @@ pub enum Invariant {
     /// §2.5: records processed before a planned move delivered again after it.
     PlannedMoveDuplicate,
     /// §2.6: a holder told its lease was lost (`lease_lost`, or a checkpoint refused with
-    /// `CheckpointError::LeaseLost`) after one of its writes was refused only because its view
-    /// of the lease was stale: the lease still named it and nobody else had written it since
-    /// its own last applied write (whose answer was lost).
+    /// `CheckpointError::LeaseLost`) although nobody else had written the lease since its own
+    /// last applied write, and its own clock had said all along that the lease was valid
+    /// (`lease_duration` after it sent its last write whose answer it got). Typically a write
+    /// refused because an earlier one was applied but its answer lost, taken for a lost lease.
     FalseLeaseLoss,
     /// Balance: a live worker outside `[floor, ceil]` of active leases per live worker once
     /// the fleet is stable.
@@ -182,9 +185,12 @@ struct Tenure {
     /// Processing ended without a final checkpoint (`lease_lost`, a panic, the holder died):
     /// a release after that is no planned move.
     lost: bool,
-    /// A write of the holder refused although only the holder itself had written the lease
-    /// since (its own view was stale), if one was.
-    stale_refusal: Option<usize>,
+    /// Until when the holder's own clock says the lease is valid: `lease_duration` after it
+    /// sent its last write whose answer it got.
+    valid_until: Option<Duration>,
+    /// The holder's clock said the lease may have expired at some point (an answer came
+    /// after `valid_until`): it may have given the lease up then, for good.
+    lapsed: bool,
     /// (entry index of the batch, batch id).
     batches: Vec<(usize, u64)>,
     delivered: BTreeSet<u64>,
@@ -206,7 +212,8 @@ impl Tenure {
             acquired,
             planned_end: None,
             lost: false,
-            stale_refusal: None,
+            valid_until: None,
+            lapsed: false,
             batches: Vec::new(),
             delivered: BTreeSet::new(),
             max_delivered: None,
@@ -225,11 +232,13 @@ struct BatchInfo {
     records: Vec<u64>,
 }
 
-/// Checks a finished run's log. `parents` is the lineage listed at the end of the run.
+/// Checks a finished run's log. `parents` is the lineage listed at the end of the run;
+/// `lease_duration` the workers'.
 pub(crate) fn check(
     entries: &[Entry],
     incs: &[IncInfo],
     parents: &BTreeMap<ShardId, Vec<ShardId>>,
+    lease_duration: Duration,
 ) -> (Vec<Violation>, Counts) {
     let mut v = Vec::new();
     let mut counts = Counts::default();
@@ -311,19 +320,6 @@ pub(crate) fn check(
                     }
                 }
                 let Outcome::Applied(l) = outcome else {
-                    // §2.6: refused although nobody but the holder wrote the lease since.
-                    let own = matches!(
-                        op,
-                        Op::Renew | Op::Checkpoint | Op::Release | Op::CompleteHandoff
-                    );
-                    let holder = ts
-                        .last_mut()
-                        .filter(|t| t.inc == *inc && t.planned_end.is_none());
-                    if let Some(t) = holder.filter(|_| own) {
-                        if last_writer.get(key) == Some(inc) && t.stale_refusal.is_none() {
-                            t.stale_refusal = Some(i);
-                        }
-                    }
                     if matches!(outcome, Outcome::Deleted) {
                         last_writer.remove(key);
                     }
@@ -589,22 +585,32 @@ pub(crate) fn check(
                     .and_then(|ts| ts.last_mut())
                     .filter(|t| t.inc == *inc && t.planned_end.is_none());
                 if let Some(t) = holder {
-                    if let Some(r) = t.stale_refusal.filter(|_| !t.lost) {
+                    let key = LeaseKey::for_shard(shard);
+                    let own = last_writer.get(&key) == Some(inc) && !t.lapsed && !t.lost;
+                    if let Some(until) = t.valid_until.filter(|u| own && e.at < *u) {
                         v.push(Violation::new(
                             Invariant::FalseLeaseLoss,
                             at,
                             format!(
-                                "{shard}: {} was told its lease is lost, but nobody else had written it: its {} refused at {:.3}s came after an applied write of its own whose answer was lost",
+                                "{shard}: {} was told its lease is lost, but nobody else had written it since its own last write and its own clock said it was valid until {:.3}s{}",
                                 worker(*inc),
-                                match &entries[r].event {
-                                    Event::Write { op, .. } => format!("{op:?}"),
-                                    _ => "write".to_owned(),
-                                },
-                                entries[r].at.as_secs_f64()
+                                until.as_secs_f64(),
+                                refusal(entries, i, *inc, &key)
                             ),
                         ));
                     }
                     t.lost = true;
+                }
+            }
+            Event::Acked { inc, key, sent } => {
+                let holder = tenures
+                    .get_mut(key)
+                    .and_then(|ts| ts.last_mut())
+                    .filter(|t| t.inc == *inc && t.planned_end.is_none());
+                if let Some(t) = holder {
+                    t.lapsed |= t.valid_until.is_some_and(|u| e.at >= u);
+                    let until = *sent + lease_duration;
+                    t.valid_until = Some(t.valid_until.map_or(until, |u| u.max(until)));
                 }
             }
             _ => {}
@@ -708,6 +714,45 @@ pub(crate) fn check(
         }
     }
     (condense(v), counts)
+}
+
+/// Describes the last refused write of `inc` on `key` before entry `upto`, with the applied
+/// write of its own whose answer was lost before it, if there are such.
+fn refusal(entries: &[Entry], upto: usize, inc: Inc, key: &LeaseKey) -> String {
+    let mine = |e: &Entry| match &e.event {
+        Event::Write {
+            inc: i,
+            key: k,
+            op,
+            outcome,
+            response_lost,
+            ..
+        } if *i == inc && k == key => Some((*op, outcome.clone(), *response_lost)),
+        _ => None,
+    };
+    let refused = entries[..upto]
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(n, e)| match mine(e) {
+            Some((op, Outcome::Refused, _)) => Some((n, op, e.at)),
+            _ => None,
+        });
+    let Some((n, op, at)) = refused else {
+        return String::new();
+    };
+    let lost = entries[..n].iter().rev().find_map(|e| match mine(e) {
+        Some((op, Outcome::Applied(_), true)) => Some((op, e.at)),
+        _ => None,
+    });
+    match lost {
+        Some((lop, lat)) => format!(
+            " (its {op:?} refused at {:.3}s: its {lop:?} at {:.3}s was applied, but its answer lost)",
+            at.as_secs_f64(),
+            lat.as_secs_f64()
+        ),
+        None => format!(" (its {op:?} refused at {:.3}s)", at.as_secs_f64()),
+    }
 }
 
 /// The tenure batch `id` was delivered in, with the batch.

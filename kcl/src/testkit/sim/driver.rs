@@ -565,7 +565,8 @@ impl Driver {
             .collect();
         let entries = self.rec.entries();
         let incs = self.rec.incarnations();
-        let (mut violations, counts) = check::check(&entries, &incs, &parents);
+        let lease_duration = self.sim.timing.lease_duration;
+        let (mut violations, counts) = check::check(&entries, &incs, &parents, lease_duration);
         violations.extend(self.violations);
         for e in &entries {
             match &e.event {

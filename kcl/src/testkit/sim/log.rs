@@ -238,6 +238,19 @@ pub enum Event {
         /// incarnation's processor of that shard when it was written (`None`: written from
         /// another callback, e.g. `shutdown_requested`).
         batch: Option<u64>,
+        /// When the caller made the call (a holder's lease is valid for `lease_duration` from
+        /// the start of its last write it knows was applied).
+        sent: Duration,
+    },
+    /// The answer of an applied lease write reached its caller, which then counts the lease
+    /// valid for `lease_duration` from when it sent the write.
+    Acked {
+        /// The incarnation.
+        inc: Inc,
+        /// The lease.
+        key: LeaseKey,
+        /// When the write was sent.
+        sent: Duration,
     },
     /// A dead incarnation's task tried to reach a backend (it is held forever).
     Zombie {

@@ -144,9 +144,11 @@ impl Net {
         }
     }
 
-    /// Applies the faults of a lease-table call before it reaches the table.
-    async fn before_lease_call(&self, op: &'static str) -> Result<(), LeaseStoreError> {
+    /// Applies the faults of a lease-table call before it reaches the table. Returns when
+    /// the call was made (its caller's clock starts there).
+    async fn before_lease_call(&self, op: &'static str) -> Result<Duration, LeaseStoreError> {
         self.halt_if_dead(op).await;
+        let sent = self.rec.now();
         self.rec.count_call(op);
         let draw = {
             let mut link = self.link();
@@ -186,7 +188,7 @@ impl Net {
         }
         // A crash during the delay: the request never leaves the dead machine.
         self.halt_if_dead(op).await;
-        Ok(())
+        Ok(sent)
     }
 
     /// The response travels back: a random part of the link's latency (so a write is applied
@@ -262,6 +264,7 @@ impl SimLeaseStore {
     /// Logs a write that reached the table, then maybe loses its response.
     fn after_write<T>(
         &self,
+        sent: Duration,
         op: Op,
         key: &LeaseKey,
         result: Result<T, LeaseStoreError>,
@@ -291,6 +294,7 @@ impl SimLeaseStore {
             outcome,
             response_lost,
             batch,
+            sent,
         });
         if response_lost {
             return Err(transient("simulated lost response (the write was applied)"));
@@ -300,13 +304,23 @@ impl SimLeaseStore {
 
     async fn lease_write(
         &self,
+        sent: Duration,
         op: Op,
         key: &LeaseKey,
         result: impl std::future::Future<Output = Result<Lease, LeaseStoreError>>,
     ) -> Result<Lease, LeaseStoreError> {
         let result = result.await;
-        let r = self.after_write(op, key, result, |l| Outcome::Applied(LeaseView::from(l)));
+        let r = self.after_write(sent, op, key, result, |l| {
+            Outcome::Applied(LeaseView::from(l))
+        });
         self.net.after_lease_call("write").await;
+        if r.is_ok() {
+            self.net.rec.push(Event::Acked {
+                inc: self.net.inc,
+                key: key.clone(),
+                sent,
+            });
+        }
         r
     }
 }
@@ -333,9 +347,9 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-        self.net.before_lease_call("create_if_absent").await?;
+        let sent = self.net.before_lease_call("create_if_absent").await?;
         let result = self.inner.create_if_absent(lease).await;
-        let r = self.after_write(Op::Create, &lease.key, result, |created| {
+        let r = self.after_write(sent, Op::Create, &lease.key, result, |created| {
             if *created {
                 Outcome::Applied(LeaseView::from(lease))
             } else {
@@ -347,14 +361,14 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("renew").await?;
-        self.lease_write(Op::Renew, &lease.key, self.inner.renew(lease))
+        let sent = self.net.before_lease_call("renew").await?;
+        self.lease_write(sent, Op::Renew, &lease.key, self.inner.renew(lease))
             .await
     }
 
     async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("take").await?;
-        self.lease_write(Op::Take, &lease.key, self.inner.take(lease, owner))
+        let sent = self.net.before_lease_call("take").await?;
+        self.lease_write(sent, Op::Take, &lease.key, self.inner.take(lease, owner))
             .await
     }
 
@@ -364,8 +378,9 @@ impl LeaseStore for SimLeaseStore {
         checkpoint: &ExtendedSequenceNumber,
         child_shard_ids: &[ShardId],
     ) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("checkpoint").await?;
+        let sent = self.net.before_lease_call("checkpoint").await?;
         self.lease_write(
+            sent,
             Op::Checkpoint,
             &lease.key,
             self.inner.checkpoint(lease, checkpoint, child_shard_ids),
@@ -374,15 +389,15 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("release").await?;
-        self.lease_write(Op::Release, &lease.key, self.inner.release(lease))
+        let sent = self.net.before_lease_call("release").await?;
+        self.lease_write(sent, Op::Release, &lease.key, self.inner.release(lease))
             .await
     }
 
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
-        self.net.before_lease_call("delete").await?;
+        let sent = self.net.before_lease_call("delete").await?;
         let result = self.inner.delete(lease).await;
-        let r = self.after_write(Op::Delete, &lease.key, result, |_| Outcome::Deleted);
+        let r = self.after_write(sent, Op::Delete, &lease.key, result, |_| Outcome::Deleted);
         self.net.after_lease_call("delete").await;
         r
     }
@@ -392,8 +407,9 @@ impl LeaseStore for SimLeaseStore {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("request_handoff").await?;
+        let sent = self.net.before_lease_call("request_handoff").await?;
         self.lease_write(
+            sent,
             Op::RequestHandoff,
             &lease.key,
             self.inner.request_handoff(lease, new_owner),
@@ -406,8 +422,9 @@ impl LeaseStore for SimLeaseStore {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("complete_handoff").await?;
+        let sent = self.net.before_lease_call("complete_handoff").await?;
         self.lease_write(
+            sent,
             Op::CompleteHandoff,
             &lease.key,
             self.inner.complete_handoff(lease, new_owner),

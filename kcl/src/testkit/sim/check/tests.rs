@@ -30,6 +30,8 @@ struct Log {
     stored: BTreeMap<u32, ExtendedSequenceNumber>,
     counter: u64,
     next_batch: u64,
+    /// Time skipped by `wait`.
+    skipped: Duration,
 }
 
 impl Log {
@@ -55,11 +57,23 @@ impl Log {
             stored: BTreeMap::new(),
             counter: 0,
             next_batch: 0,
+            skipped: Duration::ZERO,
         }
     }
 
+    /// The time of the next event.
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.entries.len() as u64) + self.skipped
+    }
+
+    /// Lets `d` pass before the next event.
+    fn wait(&mut self, d: Duration) -> &mut Self {
+        self.skipped += d;
+        self
+    }
+
     fn push(&mut self, event: Event) -> &mut Self {
-        let at = Duration::from_millis(self.entries.len() as u64);
+        let at = self.now();
         self.entries.push(Entry { at, event });
         self
     }
@@ -120,6 +134,7 @@ impl Log {
             }),
             response_lost: false,
             batch,
+            sent: self.now(),
         })
     }
 
@@ -190,11 +205,11 @@ impl Log {
     }
 
     fn violations(&self) -> Vec<Violation> {
-        check(&self.entries, &self.incs, &self.parents).0
+        check(&self.entries, &self.incs, &self.parents, LEASE).0
     }
 
     fn counts(&self) -> Counts {
-        check(&self.entries, &self.incs, &self.parents).1
+        check(&self.entries, &self.incs, &self.parents, LEASE).1
     }
 
     /// The invariants broken (each once).
@@ -218,6 +233,9 @@ impl Log {
         );
     }
 }
+
+/// The workers' lease duration in these logs (events are a millisecond apart).
+const LEASE: Duration = Duration::from_secs(10);
 
 const OK: BatchOutcome = BatchOutcome::Ok;
 const FAILED: BatchOutcome = BatchOutcome::Failed { fatal: false };
@@ -262,6 +280,7 @@ fn checkpoints_do_not_regress_through_deletion() {
         outcome: Outcome::Deleted,
         response_lost: false,
         batch: None,
+        sent: Duration::ZERO,
     });
     log.write(0, Op::Create, 0, ExtendedSequenceNumber::TrimHorizon, None);
     log.assert_only(Invariant::CheckpointRegressed);
@@ -687,6 +706,64 @@ fn a_restarted_worker_may_release_what_its_dead_predecessor_held() {
     run(&["w0", "w1"], true).assert_only(Invariant::ExclusiveDelivery);
 }
 
+#[test]
+fn a_lost_answer_is_not_a_lost_lease() {
+    // The holder's renewal is applied but its answer lost; its next checkpoint, written on
+    // the old counter, is refused; and it takes that for a lost lease although its own clock
+    // says the lease is valid.
+    let run = |other_wrote: Option<Op>, told: Callback| {
+        let mut log = Log::new(2);
+        log.put(0, 0, &[0]).take(0, 0).acked(0, 0);
+        log.processed(0, 0, &[0], OK);
+        log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
+            .answer_lost();
+        if let Some(op) = other_wrote {
+            log.write(1, op, 0, ExtendedSequenceNumber::TrimHorizon, None);
+        }
+        log.refused(0, Op::Checkpoint, 0).told_lost(0, 0, told);
+        if other_wrote == Some(Op::Take) {
+            log.processed(1, 0, &[0], OK);
+        }
+        log
+    };
+    run(None, Callback::LeaseLost).assert_only(Invariant::FalseLeaseLoss);
+    run(None, Callback::CheckpointLeaseLost).assert_only(Invariant::FalseLeaseLoss);
+    // Another worker took the lease, or asked for it: the refusal is not the holder's doing.
+    run(Some(Op::Take), Callback::LeaseLost).assert_clean();
+    run(Some(Op::RequestHandoff), Callback::CheckpointLeaseLost).assert_clean();
+
+    // Told lost once its own clock says the lease may have expired: a legitimate stop (its
+    // renewals were too slow, or never answered).
+    let run = |after: Duration| {
+        let mut log = Log::new(1);
+        log.put(0, 0, &[0]).take(0, 0).acked(0, 0);
+        log.processed(0, 0, &[0], OK);
+        log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
+            .answer_lost();
+        log.wait(after).told_lost(0, 0, Callback::LeaseLost);
+        log
+    };
+    run(LEASE).assert_clean();
+    run(LEASE / 2).assert_only(Invariant::FalseLeaseLoss);
+    // An answer that came after the holder's clock ran out: it may have let the lease go
+    // then (for good), whatever the answer says later.
+    let mut log = Log::new(1);
+    log.put(0, 0, &[0]).take(0, 0).acked(0, 0);
+    log.processed(0, 0, &[0], OK);
+    log.wait(LEASE / 2)
+        .write(0, Op::Checkpoint, 0, pos(0), None);
+    log.wait(LEASE / 2)
+        .acked(0, 0)
+        .told_lost(0, 0, Callback::LeaseLost);
+    log.assert_clean();
+    // Never an answer at all (the take's was lost too): no clock to contradict.
+    let mut log = Log::new(1);
+    log.put(0, 0, &[0]).take(0, 0);
+    log.processed(0, 0, &[0], OK);
+    log.told_lost(0, 0, Callback::LeaseLost);
+    log.assert_clean();
+}
+
 impl Log {
     /// The last write's answer was lost (it was applied all the same).
     fn answer_lost(&mut self) -> &mut Self {
@@ -700,6 +777,26 @@ impl Log {
         self
     }
 
+    /// The answer of `inc`'s last write of shard `s`'s lease reached it.
+    fn acked(&mut self, inc: Inc, s: u32) -> &mut Self {
+        let sent = self
+            .entries
+            .iter()
+            .rev()
+            .find_map(|e| match &e.event {
+                Event::Write { inc: i, key, .. } if *i == inc && key.shard_id() == shard(s) => {
+                    Some(e.at)
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        self.push(Event::Acked {
+            inc,
+            key: LeaseKey::for_shard(&shard(s)),
+            sent,
+        })
+    }
+
     /// A write of `inc` the table refused.
     fn refused(&mut self, inc: Inc, op: Op, s: u32) -> &mut Self {
         self.push(Event::Write {
@@ -709,6 +806,7 @@ impl Log {
             outcome: Outcome::Refused,
             response_lost: false,
             batch: None,
+            sent: self.now(),
         })
     }
 
@@ -719,51 +817,4 @@ impl Log {
             what,
         })
     }
-}
-
-#[test]
-fn a_lost_answer_is_not_a_lost_lease() {
-    // The holder's renewal is applied but its answer lost; its next checkpoint, written on
-    // the old counter, is refused; and it takes that for a lost lease.
-    let run = |other_took: bool, told: Callback| {
-        let mut log = Log::new(2);
-        log.put(0, 0, &[0]).take(0, 0);
-        log.processed(0, 0, &[0], OK);
-        log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
-            .answer_lost();
-        if other_took {
-            log.take(1, 0);
-        }
-        log.refused(0, Op::Checkpoint, 0).told_lost(0, 0, told);
-        if other_took {
-            log.processed(1, 0, &[0], OK);
-        }
-        log
-    };
-    run(false, Callback::LeaseLost).assert_only(Invariant::FalseLeaseLoss);
-    run(false, Callback::CheckpointLeaseLost).assert_only(Invariant::FalseLeaseLoss);
-    // Refused because another worker took the lease: lost indeed.
-    run(true, Callback::LeaseLost).assert_clean();
-    // Refused after another worker wrote the lease (here: asked for it): not stale.
-    let mut log = Log::new(2);
-    log.put(0, 0, &[0]).take(0, 0);
-    log.processed(0, 0, &[0], OK);
-    log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
-        .answer_lost();
-    log.write(
-        1,
-        Op::RequestHandoff,
-        0,
-        ExtendedSequenceNumber::TrimHorizon,
-        None,
-    );
-    log.refused(0, Op::Checkpoint, 0)
-        .told_lost(0, 0, Callback::CheckpointLeaseLost);
-    log.assert_clean();
-    // Told lost without a refusal: its own clock said the lease may have expired.
-    let mut log = Log::new(1);
-    log.put(0, 0, &[0]).take(0, 0);
-    log.processed(0, 0, &[0], OK);
-    log.told_lost(0, 0, Callback::LeaseLost);
-    log.assert_clean();
 }
