@@ -12,7 +12,8 @@
 //! restart, the fleet settles, and the run checks the guarantees of DESIGN §2 over its event
 //! log (see [`check`] for the exact definitions): every record delivered at least once;
 //! checkpoints never regress, only cover delivered records, and never cover a record whose
-//! processing failed; no child record before its parents ended; no two holders of one shard
+//! processing failed; a lease is not given up for a lost answer; no child record before its
+//! parents ended; no two holders of one shard
 //! outside the expiry window; no duplicates after planned moves; per-key order; balance once
 //! the fleet is stable; every lease released after a graceful shutdown. Duplicates are
 //! counted, and so is the chaos that actually happened ([`SimReport::chaos`]).
