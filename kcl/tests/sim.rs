@@ -117,24 +117,24 @@ fn sweep() {
 
 #[test]
 fn regression_seeds() {
-    let summary = run_sweep(
+    let v2 = run_sweep(
         REGRESSIONS.iter().copied(),
         threads(),
         false,
         HANG,
         Sim::random,
     );
-    print!("{summary}");
-    assert_sweep_ok(&summary);
-    let summary = run_sweep(
+    print!("Sim::random: {v2}");
+    let v1 = run_sweep(
         REGRESSIONS_V1.iter().copied(),
         threads(),
         false,
         HANG,
         Sim::random_v1,
     );
-    print!("{summary}");
-    assert_sweep_ok(&summary);
+    print!("Sim::random_v1: {v1}");
+    assert_sweep_ok(&v2);
+    assert_sweep_ok(&v1);
 }
 
 /// Two runs of a seed are the same run, event for event: polling and fan-out, with failing
