@@ -4,7 +4,8 @@
 //! producer writes records for 40 partition keys while two workers share the stream; the stream
 //! is split and merged while they run. The report shows the guarantees of DESIGN.md §2 holding:
 //! every produced record processed (at least once), per-key order kept across the reshards, and
-//! child shards started only after their parents finished.
+//! child shards started only after their parents finished; it exits non-zero if a check
+//! fails. The test suite runs it too (`integration-tests/tests/quickstart.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use kcl::testkit::MemBackends;
 use kcl::{
-    async_trait, Checkpointer, ExtendedSequenceNumber, ProcessorError, RecordBatch,
+    async_trait, Checkpointer, ExtendedSequenceNumber, Lease, ProcessorError, RecordBatch,
     RecordProcessor, ShardId, Worker,
 };
 use tokio::time::Instant;
@@ -93,6 +94,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let report = run().await?;
+    report.print();
+    // Exits non-zero when a check fails (the test suite runs this too: tests/quickstart.rs).
+    report.check()
+}
+
+/// Runs the demo: produce, consume with two workers, reshard, shut down; returns the report.
+pub async fn run() -> anyhow::Result<Report> {
     let started = Instant::now();
     let backends = MemBackends::new();
     let kinesis = backends.kinesis().clone();
@@ -170,74 +179,122 @@ async fn main() -> anyhow::Result<()> {
             vec![shards[2].id.clone(), shards[3].id.clone()],
         ),
     ];
-    let report = Report::new(&log, &lineage);
-    println!(
-        "kcl quickstart: in-memory stream, 4 shards, 2 workers, 1 split + 1 merge while running\n"
-    );
-    println!("  records produced           {RECORDS:>8}");
-    println!(
-        "  records processed          {:>8}  (distinct)",
-        report.distinct
-    );
-    println!(
-        "  deliveries                 {:>8}  ({} duplicates, allowed by at-least-once)",
-        log.len(),
-        log.len() - report.distinct
-    );
-    println!(
-        "  per-key order violations   {:>8}",
-        report.order_violations
-    );
-    println!(
-        "  child-before-parent        {:>8}",
-        report.child_before_parent
-    );
-    println!(
-        "  records per worker         {}",
-        report
-            .per_worker
-            .iter()
-            .map(|(w, n)| format!("{w}: {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!("\n  lease table after shutdown:");
-    for l in backends.leases().leases() {
-        let parents: Vec<_> = l.parent_shard_ids.iter().map(|p| p.as_str()).collect();
-        let children: Vec<_> = l.child_shard_ids.iter().map(|p| p.as_str()).collect();
-        let cp = match &l.checkpoint {
-            ExtendedSequenceNumber::Sequence { sequence, .. } => format!(
-                "…{}",
-                &sequence.as_str()[sequence.as_str().len().saturating_sub(8)..]
-            ),
-            other => other.to_string(),
-        };
-        println!(
-            "    {:<22} owner={:<8} checkpoint={:<12} parents={:?} children={:?}",
-            l.key.as_str(),
-            l.owner.as_ref().map_or("-", |o| o.as_str()),
-            cp,
-            parents,
-            children
-        );
-    }
-    println!("\n  finished in {:.1} s", started.elapsed().as_secs_f64());
-    if report.distinct != RECORDS || report.order_violations > 0 || report.child_before_parent > 0 {
-        bail!("a guarantee was violated (see the report above)");
-    }
-    println!("  OK: every record processed, per-key order held, children after parents");
-    Ok(())
+    Ok(Report::new(
+        &log,
+        &lineage,
+        backends.leases().leases(),
+        started.elapsed(),
+    ))
 }
 
-struct Report {
-    distinct: usize,
-    order_violations: usize,
-    child_before_parent: usize,
-    per_worker: BTreeMap<&'static str, usize>,
+/// What the demo saw.
+pub struct Report {
+    /// Distinct records processed.
+    pub distinct: usize,
+    /// Deliveries, duplicates included.
+    pub deliveries: usize,
+    /// Records delivered before an earlier record of their key.
+    pub order_violations: usize,
+    /// Child shards whose first record came before a parent's last.
+    pub child_before_parent: usize,
+    /// Deliveries per worker.
+    pub per_worker: BTreeMap<&'static str, usize>,
+    /// The lease table after shutdown.
+    pub leases: Vec<Lease>,
+    /// How long the demo ran.
+    pub elapsed: Duration,
 }
 
 impl Report {
-    fn new(log: &[Delivery], lineage: &[(ShardId, Vec<ShardId>)]) -> Self {
+    /// The guarantees the demo shows: (what, held).
+    pub fn checks(&self) -> Vec<(&'static str, bool)> {
+        vec![
+            ("every produced record processed", self.distinct == RECORDS),
+            ("per-key order held", self.order_violations == 0),
+            ("children after parents", self.child_before_parent == 0),
+            (
+                "every lease released at shutdown",
+                self.leases.iter().all(|l| l.owner.is_none()),
+            ),
+        ]
+    }
+
+    /// `Err` naming the failed checks, if any.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let failed: Vec<&str> = self
+            .checks()
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(what, _)| what)
+            .collect();
+        if !failed.is_empty() {
+            bail!("a guarantee was violated (see the report above): {failed:?}");
+        }
+        Ok(())
+    }
+
+    /// Prints the report.
+    pub fn print(&self) {
+        println!(
+            "kcl quickstart: in-memory stream, 4 shards, 2 workers, 1 split + 1 merge while running\n"
+        );
+        println!("  records produced           {RECORDS:>8}");
+        println!(
+            "  records processed          {:>8}  (distinct)",
+            self.distinct
+        );
+        println!(
+            "  deliveries                 {:>8}  ({} duplicates, allowed by at-least-once)",
+            self.deliveries,
+            self.deliveries - self.distinct
+        );
+        println!("  per-key order violations   {:>8}", self.order_violations);
+        println!(
+            "  child-before-parent        {:>8}",
+            self.child_before_parent
+        );
+        println!(
+            "  records per worker         {}",
+            self.per_worker
+                .iter()
+                .map(|(w, n)| format!("{w}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("\n  lease table after shutdown:");
+        for l in &self.leases {
+            let parents: Vec<_> = l.parent_shard_ids.iter().map(|p| p.as_str()).collect();
+            let children: Vec<_> = l.child_shard_ids.iter().map(|p| p.as_str()).collect();
+            let cp = match &l.checkpoint {
+                ExtendedSequenceNumber::Sequence { sequence, .. } => format!(
+                    "…{}",
+                    &sequence.as_str()[sequence.as_str().len().saturating_sub(8)..]
+                ),
+                other => other.to_string(),
+            };
+            println!(
+                "    {:<22} owner={:<8} checkpoint={:<12} parents={:?} children={:?}",
+                l.key.as_str(),
+                l.owner.as_ref().map_or("-", |o| o.as_str()),
+                cp,
+                parents,
+                children
+            );
+        }
+        println!("\n  finished in {:.1} s", self.elapsed.as_secs_f64());
+        for (what, ok) in self.checks() {
+            println!("  {} {what}", if ok { "ok    " } else { "FAILED" });
+        }
+    }
+}
+
+impl Report {
+    fn new(
+        log: &[Delivery],
+        lineage: &[(ShardId, Vec<ShardId>)],
+        leases: Vec<Lease>,
+        elapsed: Duration,
+    ) -> Self {
         // Per-key order: the first delivery of record n of a key comes after the first delivery
         // of record n-1 (redeliveries after a lease move are duplicates, not reorderings).
         let mut first_seen: BTreeMap<(usize, usize), usize> = BTreeMap::new();
@@ -262,9 +319,12 @@ impl Report {
             .count();
         Self {
             distinct: first_seen.len(),
+            deliveries: log.len(),
             order_violations,
             child_before_parent,
             per_worker,
+            leases,
+            elapsed,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod dynamo_servers;
+pub mod failures;
 pub mod kinesis_server;
 pub mod scenarios;
 

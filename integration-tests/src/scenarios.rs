@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use async_trait::async_trait;
-use kcl::lease::LeaseStore;
-use kcl::retrieval::KinesisApi;
+use kcl::lease::{LeaseCounter, LeaseKey, LeaseStore};
+use kcl::retrieval::{
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+    SubscriptionStream,
+};
 use kcl::shard::{HashKeyRange, Shard};
 use kcl::testkit::MemKinesis;
 use kcl::{
-    Checkpointer, ExtendedSequenceNumber, ProcessorError, RecordBatch, RecordProcessor,
+    Checkpointer, ExtendedSequenceNumber, Lease, ProcessorError, RecordBatch, RecordProcessor,
     SequenceNumber, ShardId, Worker, WorkerBuilder,
 };
 use tokio::time::Instant;
@@ -30,6 +33,16 @@ pub trait StreamFixture: Send + Sync {
     async fn split(&self, stream: &str, shard: &ShardId, at: u128) -> anyhow::Result<()>;
     /// Merges two adjacent shards and waits until the stream is usable.
     async fn merge(&self, stream: &str, a: &ShardId, b: &ShardId) -> anyhow::Result<()>;
+    /// Scales to `target` open shards (`UpdateShardCount`, uniform scaling) and waits until the
+    /// stream is usable.
+    async fn update_shard_count(&self, stream: &str, target: u32) -> anyhow::Result<()>;
+    /// Puts KPL aggregates, in order: each inner list of user records (partition key, payload)
+    /// becomes one Kinesis record, put under the partition key of its first user record.
+    async fn put_aggregates(
+        &self,
+        stream: &str,
+        aggregates: Vec<Vec<(String, Vec<u8>)>>,
+    ) -> anyhow::Result<()>;
     /// The stream's wall clock (arrival timestamps are on it).
     fn now(&self) -> std::time::SystemTime {
         std::time::SystemTime::now()
@@ -61,6 +74,20 @@ impl StreamFixture for MemStream {
     }
     async fn merge(&self, stream: &str, a: &ShardId, b: &ShardId) -> anyhow::Result<()> {
         self.0.merge(stream, a, b);
+        Ok(())
+    }
+    async fn update_shard_count(&self, stream: &str, target: u32) -> anyhow::Result<()> {
+        self.0.update_shard_count(stream, target as usize);
+        Ok(())
+    }
+    async fn put_aggregates(
+        &self,
+        stream: &str,
+        aggregates: Vec<Vec<(String, Vec<u8>)>>,
+    ) -> anyhow::Result<()> {
+        for (key, data) in aggregated(aggregates)? {
+            self.0.put(stream, &key, data);
+        }
         Ok(())
     }
     fn now(&self) -> std::time::SystemTime {
@@ -117,6 +144,141 @@ impl StreamFixture for LocalKinesis {
     async fn merge(&self, stream: &str, a: &ShardId, b: &ShardId) -> anyhow::Result<()> {
         crate::kinesis_server::merge_shards(&self.client, stream, a.as_str(), b.as_str()).await
     }
+    async fn update_shard_count(&self, stream: &str, target: u32) -> anyhow::Result<()> {
+        crate::kinesis_server::update_shard_count(&self.client, stream, target).await
+    }
+    async fn put_aggregates(
+        &self,
+        stream: &str,
+        aggregates: Vec<Vec<(String, Vec<u8>)>>,
+    ) -> anyhow::Result<()> {
+        let records = aggregated(aggregates)?
+            .into_iter()
+            .map(|(k, v)| (k, v.to_vec()))
+            .collect();
+        // One call at a time: the aggregates reach the stream in order.
+        crate::kinesis_server::put_records_with_parallelism(&self.client, stream, records, 1)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Each list of user records as one KPL aggregate, keyed by its first user record's key.
+fn aggregated(
+    aggregates: Vec<Vec<(String, Vec<u8>)>>,
+) -> anyhow::Result<Vec<(String, bytes::Bytes)>> {
+    aggregates
+        .into_iter()
+        .map(|users| {
+            let key = users
+                .first()
+                .map(|(k, _)| k.clone())
+                .context("an empty aggregate")?;
+            let users: Vec<kcl::producer::UserRecord> = users
+                .into_iter()
+                .map(|(k, v)| kcl::producer::UserRecord::new(k, v))
+                .collect();
+            Ok((key, kcl::producer::aggregate(&users)))
+        })
+        .collect()
+}
+
+/// A `KinesisApi` that notes every shard iterator and fan-out subscription it hands out (the
+/// moment a `LATEST` position is fixed), and otherwise passes every call through.
+#[derive(Debug, Clone)]
+pub struct ObservedKinesis {
+    inner: Arc<dyn KinesisApi>,
+    positions: Arc<Mutex<Vec<(ShardId, IteratorPosition)>>>,
+}
+
+impl ObservedKinesis {
+    /// Observes `inner`.
+    pub fn new(inner: Arc<dyn KinesisApi>) -> Self {
+        Self {
+            inner,
+            positions: Arc::default(),
+        }
+    }
+
+    /// Every (shard, position) an iterator or subscription was obtained for, in order.
+    pub fn positions(&self) -> Vec<(ShardId, IteratorPosition)> {
+        self.positions.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Waits until an iterator or subscription was obtained for each of `shards`.
+    pub async fn wait_for_reads(
+        &self,
+        shards: &[ShardId],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen: BTreeSet<ShardId> = self.positions().into_iter().map(|(s, _)| s).collect();
+            if shards.iter().all(|s| seen.contains(s)) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no read started on some of {shards:?} after {timeout:?} (started: {seen:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn note(&self, shard: &ShardId, position: &IteratorPosition) {
+        if let Ok(mut p) = self.positions.lock() {
+            p.push((shard.clone(), position.clone()));
+        }
+    }
+}
+
+#[async_trait]
+impl KinesisApi for ObservedKinesis {
+    async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
+        self.inner.list_shards(stream).await
+    }
+    async fn get_shard_iterator(
+        &self,
+        stream: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<ShardIterator, KinesisApiError> {
+        let it = self
+            .inner
+            .get_shard_iterator(stream, shard, position)
+            .await?;
+        self.note(shard, position);
+        Ok(it)
+    }
+    async fn get_records(
+        &self,
+        iterator: &ShardIterator,
+        limit: u32,
+    ) -> Result<GetRecordsOutput, KinesisApiError> {
+        self.inner.get_records(iterator, limit).await
+    }
+    async fn register_stream_consumer(
+        &self,
+        stream: &str,
+        consumer_name: &str,
+    ) -> Result<String, KinesisApiError> {
+        self.inner
+            .register_stream_consumer(stream, consumer_name)
+            .await
+    }
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<SubscriptionStream, KinesisApiError> {
+        let sub = self
+            .inner
+            .subscribe_to_shard(consumer_arn, shard, position)
+            .await?;
+        self.note(shard, position);
+        Ok(sub)
+    }
 }
 
 /// One delivery of one record to a processor.
@@ -142,6 +304,21 @@ impl DeliveryLog {
     /// A copy of the log.
     pub fn snapshot(&self) -> Vec<Delivery> {
         self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Appends deliveries (from a processor).
+    ///
+    /// # Errors
+    /// A fatal processor error if the log's lock was poisoned.
+    pub fn extend(
+        &self,
+        deliveries: impl IntoIterator<Item = Delivery>,
+    ) -> Result<(), ProcessorError> {
+        self.0
+            .lock()
+            .map_err(|_| ProcessorError::fatal("log poisoned"))?
+            .extend(deliveries);
+        Ok(())
     }
 
     /// Distinct (key, n) records delivered.
@@ -340,8 +517,11 @@ pub async fn drain_and_resume(
     let run = tokio::spawn(w.run());
     log.wait_for(HALF as usize, Duration::from_secs(120))
         .await?;
+    let before = owned_by(&*leases, "w1").await?;
+    ensure!(before.len() == 4, "w1 holds {} of 4 leases", before.len());
     stop.shutdown();
     run.await??;
+    check_released(&*leases, "w1", &before, None).await?;
     let table = leases.list().await?;
     ensure!(
         table.leases.len() == 4,
@@ -420,20 +600,37 @@ pub async fn split_and_merge(
     check_all_delivered(&log, 3 * WAVE, KEYS)?;
     check_per_key_order(&log)?;
     check_no_duplicates_or_overlap(&log)?;
-    let table = leases.list().await?;
-    for child in all.iter().filter(|s| s.parent.is_some()) {
-        let first_child = log.iter().position(|d| d.shard == child.id);
+    check_parents_first(&log, &all)?;
+    check_parent_leases_finished(&leases.list().await?.leases, &all)?;
+    Ok(())
+}
+
+/// Children after parents: no child shard's record was delivered before the last delivery of
+/// each of its parents (`shards` as listed after the reshards, with their lineage).
+pub fn check_parents_first(log: &[Delivery], shards: &[Shard]) -> anyhow::Result<()> {
+    for child in shards.iter().filter(|s| s.parent.is_some()) {
+        let Some(c) = log.iter().position(|d| d.shard == child.id) else {
+            continue;
+        };
         for parent in child.parents() {
-            let last_parent = log.iter().rposition(|d| &d.shard == parent);
-            if let (Some(c), Some(p)) = (first_child, last_parent) {
+            if let Some(p) = log.iter().rposition(|d| &d.shard == parent) {
                 ensure!(
                     p < c,
-                    "{} delivered a record before its parent {parent} ended",
+                    "{} delivered a record (delivery #{c}) before its parent {parent} ended \
+                     (its last delivery is #{p})",
                     child.id
                 );
             }
-            let lease = table
-                .leases
+        }
+    }
+    Ok(())
+}
+
+/// Every parent shard's lease is finished (`SHARD_END`) and names its children.
+pub fn check_parent_leases_finished(leases: &[Lease], shards: &[Shard]) -> anyhow::Result<()> {
+    for child in shards.iter().filter(|s| s.parent.is_some()) {
+        for parent in child.parents() {
+            let lease = leases
                 .iter()
                 .find(|l| &l.shard_id() == parent)
                 .with_context(|| format!("no lease for parent {parent}"))?;
@@ -483,7 +680,6 @@ pub async fn two_workers_graceful_handoff(
         &log,
     )
     .build()?;
-    let lease_duration = a.config().lease_duration;
     let (stop_a, stop_b) = (a.shutdown_handle(), b.shutdown_handle());
     let run_a = tokio::spawn(a.run());
     log.wait_for(1, Duration::from_secs(60)).await?;
@@ -506,18 +702,22 @@ pub async fn two_workers_graceful_handoff(
     log.wait_for(2 * WAVE as usize, Duration::from_secs(120))
         .await?;
 
-    // A stops gracefully: B holds all four well before A's leases could have expired.
-    let stopped = Instant::now();
+    // A stops gracefully: right after its run() returns, the table shows its leases released
+    // (or already taken by B), then B holds all four.
+    let before = owned_by(&*leases, "worker-a").await?;
+    ensure!(!before.is_empty(), "A holds no lease before it stops");
     stop_a.shutdown();
     run_a.await??;
+    check_released(&*leases, "worker-a", &before, Some("worker-b")).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let owners = owners(&*leases).await?;
         if owners.get("worker-b") == Some(&4) {
             break;
         }
         ensure!(
-            stopped.elapsed() < lease_duration,
-            "B did not take A's released leases within the lease duration: {owners:?}"
+            Instant::now() < deadline,
+            "B did not take A's released leases: {owners:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -537,6 +737,59 @@ pub async fn two_workers_graceful_handoff(
         workers.len() == 2,
         "both workers processed records: {workers:?}"
     );
+    Ok(())
+}
+
+/// The leases `worker` owns now, with their counters.
+pub async fn owned_by(
+    leases: &dyn LeaseStore,
+    worker: &str,
+) -> anyhow::Result<BTreeMap<LeaseKey, LeaseCounter>> {
+    Ok(leases
+        .list()
+        .await?
+        .leases
+        .into_iter()
+        .filter(|l| l.owner.as_ref().is_some_and(|o| o.as_str() == worker))
+        .map(|l| (l.key, l.counter))
+        .collect())
+}
+
+/// Called right after `worker`'s `run()` returned from a graceful shutdown: each lease it
+/// owned before (`before`, from [`owned_by`]) was released in the table: its owner is cleared
+/// (or, if `taken_by` is given, is that worker, which took it after the release) and its
+/// counter moved past its value in `before`. A lease abandoned instead would still name
+/// `worker` as its owner: nobody may take it before it expires, `lease_duration` after its
+/// last renewal, and the worker renews its leases until it releases them.
+pub async fn check_released(
+    leases: &dyn LeaseStore,
+    worker: &str,
+    before: &BTreeMap<LeaseKey, LeaseCounter>,
+    taken_by: Option<&str>,
+) -> anyhow::Result<()> {
+    let table = leases.list().await?;
+    for (key, counter) in before {
+        let lease = table
+            .leases
+            .iter()
+            .find(|l| &l.key == key)
+            .with_context(|| format!("lease {key:?} vanished from the table"))?;
+        let owner = lease.owner.as_ref().map(|o| o.as_str());
+        ensure!(
+            owner.is_none() || (owner.is_some() && owner == taken_by),
+            "{worker} stopped gracefully but lease {} is owned by {owner:?} (expected released{})",
+            key.as_str(),
+            taken_by
+                .map(|t| format!(" or taken by {t}"))
+                .unwrap_or_default()
+        );
+        ensure!(
+            lease.counter > *counter,
+            "lease {}: counter {} after {worker}'s graceful stop, {counter} before: not released",
+            key.as_str(),
+            lease.counter
+        );
+    }
     Ok(())
 }
 
@@ -594,6 +847,393 @@ pub async fn at_timestamp(
     ensure!(
         log.iter().all(|d| d.key + d.n * KEYS >= 400),
         "a record from before the timestamp was delivered"
+    );
+    Ok(())
+}
+
+/// Waits until `check` returns `Some`, polling every 50 ms for up to `timeout`; `what` names
+/// the condition in the error.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "{what}: not after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the lease of every shard that received a delivery in `log` is checkpointed at
+/// that shard's last delivered record; returns the table then.
+async fn wait_checkpointed_at_last_delivery(
+    leases: &dyn LeaseStore,
+    log: &[Delivery],
+    timeout: Duration,
+) -> anyhow::Result<Vec<Lease>> {
+    let mut last: BTreeMap<ShardId, SequenceNumber> = BTreeMap::new();
+    for d in log {
+        let e = last.entry(d.shard.clone()).or_insert_with(|| d.seq.clone());
+        if *e < d.seq {
+            *e = d.seq.clone();
+        }
+    }
+    poll(
+        "every lease checkpointed at its shard's last delivered record",
+        timeout,
+        || async {
+            let table = leases.list().await?.leases;
+            let done = last.iter().all(|(shard, seq)| {
+                table.iter().any(|l| {
+                    &l.shard_id() == shard && l.checkpoint.sequence().is_some_and(|s| s == seq)
+                })
+            });
+            Ok(done.then_some(table))
+        },
+    )
+    .await
+    .with_context(|| format!("last deliveries per shard: {last:?}"))
+}
+
+/// Scenario: `LATEST` through the worker. Records put before the worker's first read of each
+/// shard are never delivered; every record put after is, once.
+pub async fn latest_skips_earlier_records(
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+) -> anyhow::Result<()> {
+    const KEYS: u32 = 16;
+    const WAVE: u32 = 200;
+    let stream = crate::unique_name("latest");
+    fixture.create_stream(&stream, 2).await?;
+    fixture.put(&stream, records(0, WAVE, KEYS)).await?;
+    let log = DeliveryLog::default();
+    let observed = ObservedKinesis::new(fixture.kinesis());
+    let w = worker("latest-app", &stream, "w1", fixture, leases.clone(), &log)
+        .kinesis(Arc::new(observed.clone()))
+        .initial_position(kcl::InitialPosition::Latest)
+        .build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    let shards: Vec<ShardId> = sorted_shards(fixture, &stream)
+        .await?
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    observed
+        .wait_for_reads(&shards, Duration::from_secs(60))
+        .await?;
+    ensure!(
+        observed
+            .positions()
+            .iter()
+            .all(|(_, p)| *p == IteratorPosition::Latest),
+        "a shard was read from elsewhere than LATEST: {:?}",
+        observed.positions()
+    );
+    fixture.put(&stream, records(WAVE, 2 * WAVE, KEYS)).await?;
+    log.wait_for(WAVE as usize, Duration::from_secs(60)).await?;
+    // Per shard, records are delivered in order: an earlier record would have come first.
+    let table =
+        wait_checkpointed_at_last_delivery(&*leases, &log.snapshot(), Duration::from_secs(30))
+            .await?;
+    stop.shutdown();
+    run.await??;
+    let log = log.snapshot();
+    let early: Vec<(u32, u32)> = log
+        .iter()
+        .filter(|d| d.key + d.n * KEYS < WAVE)
+        .map(|d| (d.key, d.n))
+        .take(5)
+        .collect();
+    ensure!(
+        early.is_empty(),
+        "records put before the first read were delivered, e.g. (key, n) {early:?}"
+    );
+    let got: BTreeSet<(u32, u32)> = log.iter().map(|d| (d.key, d.n)).collect();
+    let missing: Vec<u32> = (WAVE..2 * WAVE)
+        .filter(|i| !got.contains(&(i % KEYS, i / KEYS)))
+        .take(5)
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "records put after the first read never delivered, e.g. {missing:?}"
+    );
+    check_no_duplicates_or_overlap(&log)?;
+    ensure!(
+        log.len() == WAVE as usize,
+        "{} deliveries for {WAVE} records",
+        log.len()
+    );
+    ensure!(
+        table.iter().all(|l| l.checkpoint.sequence().is_some()),
+        "a lease is not checkpointed at a record: {table:?}"
+    );
+    Ok(())
+}
+
+/// Scenario: enhanced fan-out through the worker (`.fan_out(name)`): records put before and
+/// while it runs all arrive, each lease is checkpointed at its shard's last record, and a
+/// restarted worker delivers only what came after.
+pub async fn fan_out_checkpoints(
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+) -> anyhow::Result<()> {
+    const KEYS: u32 = 16;
+    const WAVE: u32 = 150;
+    let stream = crate::unique_name("efo");
+    fixture.create_stream(&stream, 2).await?;
+    fixture.put(&stream, records(0, WAVE, KEYS)).await?;
+    let log = DeliveryLog::default();
+    let observed = ObservedKinesis::new(fixture.kinesis());
+    let w = worker("efo-app", &stream, "w1", fixture, leases.clone(), &log)
+        .kinesis(Arc::new(observed.clone()))
+        .fan_out("efo-app-consumer")
+        .build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    fixture.put(&stream, records(WAVE, 2 * WAVE, KEYS)).await?;
+    log.wait_for(2 * WAVE as usize, Duration::from_secs(90))
+        .await?;
+    let table =
+        wait_checkpointed_at_last_delivery(&*leases, &log.snapshot(), Duration::from_secs(30))
+            .await?;
+    ensure!(table.len() == 2, "{} leases for 2 shards", table.len());
+    stop.shutdown();
+    run.await??;
+    ensure!(
+        !observed.positions().is_empty(),
+        "the worker never subscribed"
+    );
+
+    // A restart resumes after the checkpoints, through a new subscription.
+    fixture
+        .put(&stream, records(2 * WAVE, 3 * WAVE, KEYS))
+        .await?;
+    let w = worker("efo-app", &stream, "w2", fixture, leases.clone(), &log)
+        .fan_out("efo-app-consumer")
+        .build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    log.wait_for(3 * WAVE as usize, Duration::from_secs(90))
+        .await?;
+    wait_checkpointed_at_last_delivery(&*leases, &log.snapshot(), Duration::from_secs(30)).await?;
+    stop.shutdown();
+    run.await??;
+    let log = log.snapshot();
+    check_all_delivered(&log, 3 * WAVE, KEYS)?;
+    check_per_key_order(&log)?;
+    check_no_duplicates_or_overlap(&log)?;
+    ensure!(
+        log.len() == 3 * WAVE as usize,
+        "{} deliveries for {} records",
+        log.len(),
+        3 * WAVE
+    );
+    Ok(())
+}
+
+/// Scenario: KPL aggregates through the worker. 10 aggregates of 10 user records on one shard
+/// are delivered as 100 user records (sub-sequence numbers 0..9 under each aggregate's sequence
+/// number); a processor checkpoints the 35th (inside the 4th aggregate, sub-record 4) and
+/// ignores the rest; a restarted worker then delivers exactly records 35..99, once each.
+pub async fn kpl_resume_inside_an_aggregate(
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+) -> anyhow::Result<()> {
+    const KEYS: u32 = 7;
+    const PER_AGGREGATE: u32 = 10;
+    const AGGREGATES: u32 = 10;
+    const CHECKPOINT_AT: usize = 35;
+    let total = PER_AGGREGATE * AGGREGATES;
+    let stream = crate::unique_name("kpl");
+    fixture.create_stream(&stream, 1).await?;
+    let all = records(0, total, KEYS);
+    fixture
+        .put_aggregates(
+            &stream,
+            all.chunks(PER_AGGREGATE as usize)
+                .map(<[_]>::to_vec)
+                .collect(),
+        )
+        .await?;
+
+    let seen: Arc<Mutex<Vec<(ExtendedSequenceNumber, String)>>> = Arc::default();
+    let log = DeliveryLog::default();
+    let first = {
+        let seen = seen.clone();
+        worker("kpl-app", &stream, "w1", fixture, leases.clone(), &log)
+            .processor(move || CheckpointNth {
+                n: CHECKPOINT_AT,
+                seen: seen.clone(),
+            })
+            .build()?
+    };
+    let stop = first.shutdown_handle();
+    let run = tokio::spawn(first.run());
+    let seen = poll(
+        "the first worker saw 35 user records",
+        Duration::from_secs(60),
+        || async {
+            let s = seen
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .clone();
+            Ok((s.len() >= CHECKPOINT_AT).then_some(s))
+        },
+    )
+    .await?;
+    let want = seen[CHECKPOINT_AT - 1].0.clone();
+    poll(
+        "the checkpoint inside the 4th aggregate is stored",
+        Duration::from_secs(30),
+        || async {
+            let table = leases.list().await?.leases;
+            Ok((table.len() == 1 && table[0].checkpoint == want).then_some(()))
+        },
+    )
+    .await?;
+    stop.shutdown();
+    run.await??;
+
+    // Deaggregated: user records with their own payloads, sub-sequence numbers 0..9 under one
+    // sequence number per aggregate.
+    for (i, (pos, payload)) in seen.iter().enumerate() {
+        let i = i as u32;
+        ensure!(
+            *payload == format!("{}/{}", i % KEYS, i / KEYS),
+            "user record {i} has payload {payload:?}"
+        );
+        ensure!(
+            pos.sub_sequence() == u64::from(i % PER_AGGREGATE),
+            "user record {i} at {pos}: expected sub-sequence {}",
+            i % PER_AGGREGATE
+        );
+        let first_of_aggregate = &seen[(i - i % PER_AGGREGATE) as usize].0;
+        ensure!(
+            pos.sequence() == first_of_aggregate.sequence(),
+            "user record {i} at {pos} is not under its aggregate's sequence number {first_of_aggregate}"
+        );
+    }
+    let table = leases.list().await?.leases;
+    ensure!(
+        table[0].checkpoint.sub_sequence() == 4 && table[0].owner.is_none(),
+        "checkpointed at sub-record 4 and released: {:?}",
+        table[0]
+    );
+
+    let second = worker("kpl-app", &stream, "w2", fixture, leases.clone(), &log).build()?;
+    let stop = second.shutdown_handle();
+    let run = tokio::spawn(second.run());
+    log.wait_for(total as usize - CHECKPOINT_AT, Duration::from_secs(60))
+        .await?;
+    wait_checkpointed_at_last_delivery(&*leases, &log.snapshot(), Duration::from_secs(30)).await?;
+    stop.shutdown();
+    run.await??;
+    let log = log.snapshot();
+    let delivered: Vec<u32> = log.iter().map(|d| d.key + KEYS * d.n).collect();
+    ensure!(
+        delivered == (CHECKPOINT_AT as u32..total).collect::<Vec<_>>(),
+        "the restart delivered {delivered:?}, expected exactly records {CHECKPOINT_AT}..{total} in order"
+    );
+    Ok(())
+}
+
+/// Sees user records until it has `n`, checkpoints the n-th, and ignores everything after.
+struct CheckpointNth {
+    n: usize,
+    seen: Arc<Mutex<Vec<(ExtendedSequenceNumber, String)>>>,
+}
+
+#[async_trait]
+impl RecordProcessor for CheckpointNth {
+    async fn process_records(
+        &mut self,
+        batch: &RecordBatch,
+        cp: &mut Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        let mut to_checkpoint = None;
+        {
+            let mut seen = self
+                .seen
+                .lock()
+                .map_err(|_| ProcessorError::fatal("poisoned"))?;
+            for r in batch {
+                if seen.len() == self.n {
+                    break;
+                }
+                let payload = String::from_utf8_lossy(&r.data).into_owned();
+                seen.push((r.position(), payload));
+                if seen.len() == self.n {
+                    to_checkpoint = Some(r.clone());
+                }
+            }
+        }
+        if let Some(r) = to_checkpoint {
+            cp.checkpoint_record(&r)
+                .await
+                .map_err(ProcessorError::retryable)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scenario: `UpdateShardCount` 2 → 4 while a worker consumes. Every record delivered once,
+/// per-key order held, no child record before its parents ended, every parent's lease at
+/// `SHARD_END` naming its children.
+pub async fn update_shard_count_while_consuming(
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+) -> anyhow::Result<()> {
+    const KEYS: u32 = 32;
+    const WAVE: u32 = 400;
+    let stream = crate::unique_name("scale");
+    fixture.create_stream(&stream, 2).await?;
+    let log = DeliveryLog::default();
+    let w = worker("scale-app", &stream, "w1", fixture, leases.clone(), &log).build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    fixture.put(&stream, records(0, WAVE, KEYS)).await?;
+    log.wait_for(WAVE as usize / 4, Duration::from_secs(60))
+        .await?;
+    fixture.update_shard_count(&stream, 4).await?;
+    fixture.put(&stream, records(WAVE, 2 * WAVE, KEYS)).await?;
+    log.wait_for(2 * WAVE as usize, Duration::from_secs(120))
+        .await?;
+    let all = sorted_shards(fixture, &stream).await?;
+    let open = all.iter().filter(|s| !s.is_closed()).count();
+    ensure!(open == 4, "{open} open shards after scaling to 4: {all:?}");
+    // The parents' leases reach SHARD_END when their consumers see the shards' ends.
+    poll(
+        "every parent lease at SHARD_END with its children",
+        Duration::from_secs(30),
+        || async {
+            let table = leases.list().await?.leases;
+            Ok(check_parent_leases_finished(&table, &all).ok())
+        },
+    )
+    .await?;
+    stop.shutdown();
+    run.await??;
+    let log = log.snapshot();
+    check_all_delivered(&log, 2 * WAVE, KEYS)?;
+    check_per_key_order(&log)?;
+    check_no_duplicates_or_overlap(&log)?;
+    check_parents_first(&log, &all)?;
+    check_parent_leases_finished(&leases.list().await?.leases, &all)?;
+    ensure!(
+        log.iter()
+            .any(|d| all.iter().any(|s| s.id == d.shard && s.parent.is_some())),
+        "no record was delivered from a child shard"
+    );
+    ensure!(
+        log.len() == 2 * WAVE as usize,
+        "{} deliveries for {} records",
+        log.len(),
+        2 * WAVE
     );
     Ok(())
 }

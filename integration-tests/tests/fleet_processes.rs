@@ -24,6 +24,7 @@ use kcl_integration_tests::dynamo_servers::start_dynalite;
 use kcl_integration_tests::kinesis_server::{
     create_stream, kinesis_client, put_records_with_parallelism, start_kinesis_local,
 };
+use kcl_integration_tests::scenarios::{check_released, owned_by};
 use kcl_integration_tests::{sdk_config, unique_name};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -301,6 +302,7 @@ async fn three_processes_balance_fail_over_and_deliver_everything() -> anyhow::R
     let status = fleet.get_mut("p1").kill().await?;
     eprintln!("[{:>5.1?}] p1 killed ({status})", t0.elapsed());
     allow.send_replace(WAVES);
+    let p2_before = owned_by(&leases, "p2").await?;
     let (status, took) = fleet.get_mut("p2").terminate(EXIT_TIMEOUT).await?;
     eprintln!(
         "[{:>5.1?}] p2: SIGTERM → {status} in {took:.1?}",
@@ -311,6 +313,11 @@ async fn three_processes_balance_fail_over_and_deliver_everything() -> anyhow::R
         "p2 exited with {status} after SIGTERM; stderr:\n{}",
         fleet.get("p2").stderr_tail(30)
     );
+    // p2's leases were released (read from the table as soon as it exited: an abandoned lease
+    // would still name p2 until it expired, 10 s later); p3 may have taken some already.
+    check_released(&leases, "p2", &p2_before, Some("p3"))
+        .await
+        .context("p2's leases after SIGTERM")?;
 
     // 3. p3 takes everything: p2's released leases at once, p1's after they expired.
     let deadline = killed + TAKEOVER_TIMEOUT;

@@ -40,3 +40,23 @@ async fn at_timestamp() -> anyhow::Result<()> {
     )
     .await
 }
+
+macro_rules! memory_scenarios {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> anyhow::Result<()> {
+            scenarios::$name(
+                &MemStream(MemKinesis::new()),
+                Arc::new(MemLeaseStore::new()),
+            )
+            .await
+        }
+    )*};
+}
+
+memory_scenarios! {
+    latest_skips_earlier_records,
+    fan_out_checkpoints,
+    kpl_resume_inside_an_aggregate,
+    update_shard_count_while_consuming,
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 use backon::Retryable;
 
 use crate::lease::coordinator::HeldLease;
+use crate::lease::write::LeaseWrite;
 use crate::lease::{LeaseStore, LeaseStoreError};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, InvalidSequenceNumber, Record};
@@ -35,13 +36,15 @@ pub enum CheckpointError {
         /// The stored checkpoint.
         current: ExtendedSequenceNumber,
     },
-    /// The position is beyond the last record delivered to this processor.
-    #[error("checkpoint {requested} is beyond the last delivered record ({delivered:?})")]
-    NotDelivered {
+    /// The position is beyond what may be checkpointed now: inside `process_records`, the
+    /// current batch's last record; in any other callback, the last record processed
+    /// successfully (a batch whose processing failed is never covered).
+    #[error("checkpoint {requested} is beyond the last processed record ({limit:?})")]
+    NotProcessed {
         /// What was asked for.
         requested: ExtendedSequenceNumber,
-        /// The last delivered position, if any.
-        delivered: Option<ExtendedSequenceNumber>,
+        /// The furthest position that may be checkpointed now, if any.
+        limit: Option<ExtendedSequenceNumber>,
     },
     /// A sequence number that does not parse.
     #[error(transparent)]
@@ -51,15 +54,40 @@ pub enum CheckpointError {
     Store(#[source] LeaseStoreError),
 }
 
+/// Which processor callback is running: it decides how far a checkpoint may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// `process_records` of a batch: the batch may be checkpointed, up to its last record.
+    Batch,
+    /// `shard_ended`: `SHARD_END` may be requested.
+    ShardEnd,
+    /// Any other callback: only what was processed.
+    Other,
+}
+
 /// Stores checkpoints for one shard lease. Handed to each processor callback.
+///
+/// A checkpoint never covers a record whose processing failed. Inside
+/// [`RecordProcessor::process_records`](crate::RecordProcessor::process_records) it may reach
+/// the last record of the batch being processed; in every other callback
+/// (`shutdown_requested` at a graceful stop or handoff, `shard_ended`, …) only the **processed
+/// watermark**: the last record of the last batch whose `process_records` returned `Ok` (or
+/// that the [`ErrorPolicy`](crate::ErrorPolicy) handed to its dead-letter handler). So a
+/// batch that failed, then met a shutdown, a handoff or a stop, is read again by the next owner.
 #[derive(Debug)]
 pub struct Checkpointer {
     shard: ShardId,
     held: Arc<HeldLease>,
     store: Arc<dyn LeaseStore>,
+    scope: Scope,
+    /// The last record handed to the processor (processed or not).
     delivered: Option<ExtendedSequenceNumber>,
-    /// Set once the shard's end was delivered: `SHARD_END` is then accepted.
+    /// The last record of the last batch processed successfully.
+    processed: Option<ExtendedSequenceNumber>,
+    /// Set once the shard's end was reached: the children recorded with `SHARD_END`.
     children: Option<Vec<ChildShard>>,
+    /// `SHARD_END` was asked for inside `shard_ended`; written once it returns `Ok`.
+    shard_end_requested: bool,
 }
 
 impl Checkpointer {
@@ -68,17 +96,40 @@ impl Checkpointer {
             shard,
             held,
             store,
+            scope: Scope::Other,
             delivered: None,
+            processed: None,
             children: None,
+            shard_end_requested: false,
         }
     }
 
-    pub(crate) fn set_delivered(&mut self, pos: ExtendedSequenceNumber) {
-        self.delivered = Some(pos);
+    /// `process_records` is about to run on a batch ending at `last`.
+    pub(crate) fn begin_batch(&mut self, last: ExtendedSequenceNumber) {
+        self.delivered = Some(last);
+        self.scope = Scope::Batch;
     }
 
-    pub(crate) fn set_shard_ended(&mut self, children: Vec<ChildShard>) {
+    /// `process_records` returned: `processed` if it returned `Ok` (or the dead-letter handler
+    /// took the batch). Only then does the processed watermark move.
+    pub(crate) fn end_batch(&mut self, processed: bool) {
+        if processed && self.scope == Scope::Batch {
+            self.processed = self.delivered.clone();
+        }
+        self.scope = Scope::Other;
+    }
+
+    /// The shard was read to its end; `shard_ended` is about to run.
+    pub(crate) fn begin_shard_end(&mut self, children: Vec<ChildShard>) {
         self.children = Some(children);
+        self.shard_end_requested = false;
+        self.scope = Scope::ShardEnd;
+    }
+
+    /// `shard_ended` returned; true if it asked for `SHARD_END`.
+    pub(crate) fn end_shard_end(&mut self) -> bool {
+        self.scope = Scope::Other;
+        std::mem::take(&mut self.shard_end_requested)
     }
 
     /// The shard this checkpointer writes for.
@@ -86,9 +137,16 @@ impl Checkpointer {
         &self.shard
     }
 
-    /// The last position delivered to the processor, if any.
+    /// The last record handed to the processor, whether or not its batch was processed.
     pub fn last_delivered(&self) -> Option<&ExtendedSequenceNumber> {
         self.delivered.as_ref()
+    }
+
+    /// The processed watermark: the last record of the last batch whose `process_records`
+    /// returned `Ok` (or that the error policy's dead-letter handler took). Outside
+    /// `process_records`, checkpoints reach no further.
+    pub fn last_processed(&self) -> Option<&ExtendedSequenceNumber> {
+        self.processed.as_ref()
     }
 
     /// The stored checkpoint.
@@ -96,24 +154,35 @@ impl Checkpointer {
         self.held.snapshot().await.checkpoint
     }
 
-    /// Checkpoints the last delivered record (or `SHARD_END` inside `shard_ended`).
+    /// The furthest position a checkpoint may cover now (`SHARD_END` aside).
+    fn ceiling(&self) -> Option<&ExtendedSequenceNumber> {
+        match self.scope {
+            Scope::Batch => self.delivered.as_ref(),
+            Scope::ShardEnd | Scope::Other => self.processed.as_ref(),
+        }
+    }
+
+    /// Checkpoints everything processed so far: inside `process_records`, up to the last
+    /// record of the current batch; inside `shard_ended`, `SHARD_END`; in any other callback,
+    /// the processed watermark ([`Checkpointer::last_processed`]). Does nothing if nothing
+    /// was processed yet.
+    ///
+    /// Inside `shard_ended`, `SHARD_END` is stored once `shard_ended` returns `Ok`, so a
+    /// failed shard end never lets the child shards start.
     ///
     /// # Errors
     /// [`CheckpointError::LeaseLost`] once the lease is lost; [`CheckpointError::Store`] if the
-    /// table keeps failing; [`CheckpointError::NotDelivered`] if nothing was delivered yet.
+    /// table keeps failing.
     ///
     /// # Cancel safety
     /// Not cancel safe: a dropped call may or may not have stored the checkpoint.
     pub async fn checkpoint(&mut self) -> Result<(), CheckpointError> {
-        if self.children.is_some() {
+        if self.scope == Scope::ShardEnd {
             return self.checkpoint_at(ExtendedSequenceNumber::ShardEnd).await;
         }
-        match self.delivered.clone() {
+        match self.ceiling().cloned() {
             Some(pos) => self.checkpoint_at(pos).await,
-            None => Err(CheckpointError::NotDelivered {
-                requested: ExtendedSequenceNumber::ShardEnd,
-                delivered: None,
-            }),
+            None => Ok(()),
         }
     }
 
@@ -140,10 +209,11 @@ impl Checkpointer {
             .await
     }
 
-    /// Checkpoints `pos`: a delivered record position, or `SHARD_END` once the shard ended.
+    /// Checkpoints `pos`: a record of the current batch inside `process_records`, a processed
+    /// record anywhere else, or `SHARD_END` inside `shard_ended` (stored once it returns `Ok`).
     ///
     /// # Errors
-    /// [`CheckpointError::Behind`] / [`CheckpointError::NotDelivered`] for positions out of
+    /// [`CheckpointError::Behind`] / [`CheckpointError::NotProcessed`] for positions out of
     /// range, [`CheckpointError::LeaseLost`] once the lease is lost, [`CheckpointError::Store`]
     /// if the table keeps failing for as long as the lease is valid.
     ///
@@ -153,17 +223,36 @@ impl Checkpointer {
         &mut self,
         pos: ExtendedSequenceNumber,
     ) -> Result<(), CheckpointError> {
-        let limit_ok = match (&pos, &self.delivered) {
-            (ExtendedSequenceNumber::ShardEnd, _) => self.children.is_some(),
-            (p, Some(d)) => !p.is_initial() && p <= d,
+        let limit_ok = match (&pos, self.ceiling()) {
+            (ExtendedSequenceNumber::ShardEnd, _) => self.scope == Scope::ShardEnd,
+            (p, Some(limit)) => !p.is_initial() && p <= limit,
             _ => false,
         };
         if !limit_ok {
-            return Err(CheckpointError::NotDelivered {
+            return Err(CheckpointError::NotProcessed {
                 requested: pos,
-                delivered: self.delivered.clone(),
+                limit: self.ceiling().cloned(),
             });
         }
+        if pos == ExtendedSequenceNumber::ShardEnd {
+            // Stored by the consumer once `shard_ended` returns `Ok`.
+            if !self.held.is_valid() {
+                return Err(CheckpointError::LeaseLost {
+                    shard: self.shard.clone(),
+                });
+            }
+            self.shard_end_requested = true;
+            return Ok(());
+        }
+        self.write(pos).await
+    }
+
+    /// Stores `SHARD_END` with the child shard ids (the consumer, after `shard_ended`).
+    pub(crate) async fn write_shard_end(&mut self) -> Result<(), CheckpointError> {
+        self.write(ExtendedSequenceNumber::ShardEnd).await
+    }
+
+    async fn write(&mut self, pos: ExtendedSequenceNumber) -> Result<(), CheckpointError> {
         let current = self.held.snapshot().await.checkpoint;
         if pos < current {
             return Err(CheckpointError::Behind {
@@ -178,21 +267,16 @@ impl Checkpointer {
             (ExtendedSequenceNumber::ShardEnd, Some(c)) => c.iter().map(|c| c.id.clone()).collect(),
             _ => Vec::new(),
         };
-        let store = &self.store;
+        let store = self.store.as_ref();
         let held = &self.held;
-        let write = || async {
-            held.write(|lease| {
-                let pos = &pos;
-                let children = &children;
-                async move {
-                    // Re-check under the lock: the stored checkpoint may have moved.
-                    if *pos < lease.checkpoint {
-                        return Ok(lease);
-                    }
-                    store.checkpoint(&lease, pos, children).await
-                }
-            })
-            .await
+        let write = || {
+            held.write(
+                store,
+                LeaseWrite::Checkpoint {
+                    position: pos.clone(),
+                    children: children.clone(),
+                },
+            )
         };
         let result = write
             .retry(crate::backoff::exponential(
@@ -247,26 +331,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn accepts_delivered_positions_only_moving_forward() {
+    async fn accepts_processed_positions_only_moving_forward() {
         let (store, mut cp) = setup().await;
-        // Nothing delivered yet.
-        assert!(matches!(
-            cp.checkpoint().await,
-            Err(CheckpointError::NotDelivered { .. })
-        ));
-        cp.set_delivered(pos(20));
+        // Nothing processed yet: nothing to do.
+        cp.checkpoint().await.unwrap();
+        assert_eq!(
+            store.leases()[0].checkpoint,
+            ExtendedSequenceNumber::TrimHorizon
+        );
+        cp.begin_batch(pos(20));
         cp.checkpoint_at(pos(10)).await.unwrap();
         assert_eq!(store.leases()[0].checkpoint, pos(10));
-        // Beyond what was delivered.
+        // Beyond the batch.
         match cp.checkpoint_at(pos(21)).await {
-            Err(CheckpointError::NotDelivered {
-                requested,
-                delivered,
-            }) => {
+            Err(CheckpointError::NotProcessed { requested, limit }) => {
                 assert_eq!(requested, pos(21));
-                assert_eq!(delivered, Some(pos(20)));
+                assert_eq!(limit, Some(pos(20)));
             }
-            other => panic!("expected NotDelivered, got {other:?}"),
+            other => panic!("expected NotProcessed, got {other:?}"),
         }
         // Behind the stored checkpoint.
         match cp.checkpoint_at(pos(9)).await {
@@ -275,7 +357,7 @@ mod tests {
             }
             other => panic!("expected Behind, got {other:?}"),
         }
-        // SHARD_END only once the shard ended.
+        // SHARD_END only inside shard_ended.
         assert!(cp
             .checkpoint_at(ExtendedSequenceNumber::ShardEnd)
             .await
@@ -285,10 +367,62 @@ mod tests {
         assert_eq!(store.leases()[0].owner_switches_since_checkpoint, 0);
     }
 
+    /// DESIGN §2.7: a batch whose processing failed is never covered from another callback
+    /// (e.g. `shutdown_requested` after a failed batch met a graceful shutdown).
+    #[tokio::test(start_paused = true)]
+    async fn outside_process_records_only_the_processed_watermark_is_covered() {
+        let (store, mut cp) = setup().await;
+        cp.begin_batch(pos(10));
+        cp.end_batch(true);
+        cp.begin_batch(pos(20));
+        cp.end_batch(false); // process_records failed
+        assert_eq!(cp.last_processed(), Some(&pos(10)));
+        assert_eq!(cp.last_delivered(), Some(&pos(20)));
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(10));
+        match cp.checkpoint_at(pos(20)).await {
+            Err(CheckpointError::NotProcessed { limit, .. }) => assert_eq!(limit, Some(pos(10))),
+            other => panic!("expected NotProcessed, got {other:?}"),
+        }
+        assert_eq!(store.leases()[0].checkpoint, pos(10));
+        // The retry succeeds: now it is covered.
+        cp.begin_batch(pos(20));
+        cp.end_batch(true);
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shard_end_is_stored_only_after_shard_ended_returns() {
+        let (store, mut cp) = setup().await;
+        cp.begin_batch(pos(5));
+        cp.end_batch(true);
+        cp.begin_shard_end(Vec::new());
+        cp.checkpoint().await.unwrap();
+        // Asked for, not yet stored: shard_ended may still fail.
+        assert_eq!(
+            store.leases()[0].checkpoint,
+            ExtendedSequenceNumber::TrimHorizon
+        );
+        assert!(cp.end_shard_end());
+        // Another callback cannot ask for it.
+        assert!(matches!(
+            cp.checkpoint_at(ExtendedSequenceNumber::ShardEnd).await,
+            Err(CheckpointError::NotProcessed { .. })
+        ));
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(5));
+        cp.write_shard_end().await.unwrap();
+        assert_eq!(
+            store.leases()[0].checkpoint,
+            ExtendedSequenceNumber::ShardEnd
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_non_numeric_sequence_is_a_typed_error_and_changes_nothing() {
         let (store, mut cp) = setup().await;
-        cp.set_delivered(pos(20));
+        cp.begin_batch(pos(20));
         match cp.checkpoint_sequence("12abc", 0).await {
             Err(CheckpointError::InvalidSequence(e)) => assert_eq!(e.input(), "12abc"),
             other => panic!("expected InvalidSequence, got {other:?}"),
@@ -304,7 +438,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refused_once_the_lease_is_lost() {
         let (store, mut cp) = setup().await;
-        cp.set_delivered(pos(5));
+        cp.begin_batch(pos(5));
         // Another worker takes the lease.
         let current = store.leases()[0].clone();
         store.take(&current, &WorkerId::new("w2")).await.unwrap();
@@ -318,7 +452,7 @@ mod tests {
         );
         // And after local expiry, without touching the store.
         let (_store, mut cp) = setup().await;
-        cp.set_delivered(pos(5));
+        cp.begin_batch(pos(5));
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(matches!(
             cp.checkpoint().await,
@@ -330,7 +464,7 @@ mod tests {
     async fn transient_store_errors_are_retried() {
         use crate::testkit::{Fault, FaultKind};
         let (store, mut cp) = setup().await;
-        cp.set_delivered(pos(7));
+        cp.begin_batch(pos(7));
         store
             .faults()
             .inject(Fault::new(FaultKind::Throttle).on("checkpoint").times(3));

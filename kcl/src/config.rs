@@ -112,6 +112,10 @@ pub struct WorkerConfig {
     pub polling: PollingConfig,
     /// How long a graceful shutdown waits for processors before abandoning them.
     pub shutdown_timeout: Duration,
+    /// How long a shard that could not be read (access denied, a disabled KMS key, …) is set
+    /// aside after its lease was released, before this worker tries it again; doubled after
+    /// each further failure, up to 32 times as long. Other workers may try it meanwhile.
+    pub quarantine: Duration,
 }
 
 /// A configuration value that is out of range; names the field.
@@ -162,6 +166,7 @@ impl WorkerConfig {
             retrieval: Retrieval::default(),
             polling: PollingConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
+            quarantine: Duration::from_secs(10),
         }
     }
 
@@ -196,6 +201,7 @@ impl WorkerConfig {
             ("shard_sync_interval", self.shard_sync_interval),
             ("parent_poll_interval", self.parent_poll_interval),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("quarantine", self.quarantine),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(field, "must be positive"));

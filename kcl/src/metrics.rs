@@ -14,6 +14,14 @@ pub const MILLIS_BEHIND_LATEST: &str = "kcl_millis_behind_latest";
 pub const PROCESSOR_LATENCY: &str = "kcl_processor_seconds";
 /// Counter: `process_records` errors (label `shard`).
 pub const PROCESSOR_ERRORS: &str = "kcl_processor_errors_total";
+/// Counter: processor callbacks (or failed-batch handlers) that panicked; each is handled
+/// as a fatal error.
+pub const PROCESSOR_PANICS: &str = "kcl_processor_panics_total";
+/// Counter: shards released and set aside for a while because they could not be read.
+pub const SHARDS_QUARANTINED: &str = "kcl_shards_quarantined_total";
+/// Counter: lease-table writes recognised as applied after their answer was lost (a 5xx or
+/// timeout on the way back, then a retry whose condition failed); label `op`.
+pub const LOST_ANSWERS: &str = "kcl_lease_lost_answers_total";
 /// Gauge: leases held by this worker.
 pub const LEASES_HELD: &str = "kcl_leases_held";
 /// Counter: leases taken (any reason).

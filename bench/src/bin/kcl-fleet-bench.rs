@@ -138,10 +138,8 @@ impl RecordProcessor for Probe {
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
-        if cp.last_delivered().is_some() {
-            cp.checkpoint().await.map_err(ProcessorError::retryable)?;
-        }
-        Ok(())
+        // Covers what was processed (nothing when nothing was).
+        cp.checkpoint().await.map_err(ProcessorError::retryable)
     }
 }
 

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::expiry::ExpiryTracker;
 use super::taker::{plan_takes, Limits, Snapshot, TakeReason};
+use super::write::{self, LeaseWrite};
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
 use crate::metrics as m;
 
@@ -24,7 +27,7 @@ use crate::metrics as m;
 pub(crate) struct HeldLease {
     key: LeaseKey,
     /// The lease as last written by us. Held across the store call of every write.
-    state: Mutex<Lease>,
+    state: Mutex<HeldState>,
     /// Until when this worker may act on the lease: the start of the last successful write
     /// plus `lease_duration`. Nobody else can see the lease expire before then.
     valid_until: StdMutex<Instant>,
@@ -37,11 +40,23 @@ pub(crate) struct HeldLease {
     lease_duration: Duration,
 }
 
+#[derive(Debug)]
+struct HeldState {
+    lease: Lease,
+    /// A write whose outcome is unknown (its answer never came, or the call was dropped),
+    /// with the lease it was conditional on: resolved by reading the lease back before the
+    /// next write, which would otherwise fail its condition and look like a lost lease.
+    unconfirmed: Option<(LeaseWrite, Lease)>,
+}
+
 impl HeldLease {
     pub(crate) fn new(lease: Lease, written_at: Instant, lease_duration: Duration) -> Self {
         Self {
             key: lease.key.clone(),
-            state: Mutex::new(lease),
+            state: Mutex::new(HeldState {
+                lease,
+                unconfirmed: None,
+            }),
             valid_until: StdMutex::new(written_at + lease_duration),
             lost: CancellationToken::new(),
             handoff: CancellationToken::new(),
@@ -57,7 +72,7 @@ impl HeldLease {
 
     /// The lease as last written.
     pub(crate) async fn snapshot(&self) -> Lease {
-        self.state.lock().await.clone()
+        self.state.lock().await.lease.clone()
     }
 
     /// True while this worker may still deliver records and checkpoint.
@@ -97,18 +112,13 @@ impl HeldLease {
 
     /// Runs the last write of this holder (release, completed handoff): the lease is marked
     /// lost under the same lock, so no renewal can follow it.
-    pub(crate) async fn write_final<F, Fut>(&self, op: F) -> Result<Lease, LeaseStoreError>
-    where
-        F: FnOnce(Lease) -> Fut,
-        Fut: std::future::Future<Output = Result<Lease, LeaseStoreError>>,
-    {
-        let state = self.state.lock().await;
-        if !self.is_valid() {
-            return Err(LeaseStoreError::ConditionFailed {
-                key: self.key.clone(),
-            });
-        }
-        let result = op(state.clone()).await;
+    pub(crate) async fn write_final(
+        &self,
+        store: &dyn LeaseStore,
+        write: LeaseWrite,
+    ) -> Result<Lease, LeaseStoreError> {
+        let mut state = self.state.lock().await;
+        let result = self.write_locked(&mut state, store, write).await;
         if result.is_ok() {
             self.mark_lost();
         }
@@ -123,36 +133,79 @@ impl HeldLease {
     /// Runs one conditional write on the lease, serialised with every other write, and keeps
     /// the result. A successful write extends the lease's validity, except during a handoff
     /// (the new owner may take the lease `lease_duration` after it last saw the counter move).
-    pub(crate) async fn write<F, Fut>(&self, op: F) -> Result<Lease, LeaseStoreError>
-    where
-        F: FnOnce(Lease) -> Fut,
-        Fut: std::future::Future<Output = Result<Lease, LeaseStoreError>>,
-    {
+    /// A write applied whose answer was lost counts as successful ([`write::apply`]).
+    pub(crate) async fn write(
+        &self,
+        store: &dyn LeaseStore,
+        write: LeaseWrite,
+    ) -> Result<Lease, LeaseStoreError> {
         let mut state = self.state.lock().await;
+        self.write_locked(&mut state, store, write).await
+    }
+
+    async fn write_locked(
+        &self,
+        state: &mut HeldState,
+        store: &dyn LeaseStore,
+        write: LeaseWrite,
+    ) -> Result<Lease, LeaseStoreError> {
         if !self.is_valid() {
             return Err(LeaseStoreError::ConditionFailed {
                 key: self.key.clone(),
             });
         }
-        let started = Instant::now();
-        match op(state.clone()).await {
-            Ok(updated) => {
-                // Keep our own view of the owner: during a handoff the stored owner is the
-                // new one, but our conditions are written as the old owner.
-                let mut kept = updated.clone();
-                kept.owner = state.owner.clone();
-                *state = kept;
-                if !self.handoff.is_cancelled() {
-                    let mut until = self
-                        .valid_until
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    *until = (*until).max(started + self.lease_duration);
+        // Reads under the lock are tried once, never retried with sleeps: the renewer waits
+        // on this lock, and its heartbeat must not stall behind a slow table.
+        let read_once = Instant::now();
+        if let Some((earlier, seen)) = state.unconfirmed.take() {
+            match write::read_back(store, &self.key, read_once).await {
+                Ok(Some(observed)) if earlier.was_applied(&seen, &observed) => {
+                    debug!(lease = %self.key, write = earlier.name(), "an earlier write whose answer was lost was applied");
+                    metrics::counter!(m::LOST_ANSWERS, "op" => earlier.name()).increment(1);
+                    state.lease = kept(&state.lease, observed);
                 }
-                Ok(updated)
+                // Not applied; or the lease moved, which the write below finds out.
+                Ok(_) => {}
+                Err(e) => {
+                    state.unconfirmed = Some((earlier, seen));
+                    return Err(e);
+                }
             }
-            Err(e) => Err(e),
         }
+        if let LeaseWrite::Checkpoint { position, .. } = &write {
+            // The stored checkpoint may have moved since the caller looked (or an earlier
+            // write whose answer was lost stored this one).
+            if *position <= state.lease.checkpoint {
+                return Ok(state.lease.clone());
+            }
+        }
+        let started = Instant::now();
+        // Set before sending: if this call is dropped or its answer lost, the next write
+        // resolves it first.
+        state.unconfirmed = Some((write.clone(), state.lease.clone()));
+        let result = write::apply(store, &state.lease, &write, read_once).await;
+        if !matches!(&result, Err(LeaseStoreError::Transient(_))) {
+            state.unconfirmed = None;
+        }
+        let updated = result?;
+        state.lease = kept(&state.lease, updated.clone());
+        if !self.handoff.is_cancelled() {
+            let mut until = self
+                .valid_until
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *until = (*until).max(started + self.lease_duration);
+        }
+        Ok(updated)
+    }
+}
+
+/// The lease after one of our writes, with our own view of the owner: during a handoff the
+/// stored owner is the new one, but our conditions are written as the old owner.
+fn kept(ours: &Lease, updated: Lease) -> Lease {
+    Lease {
+        owner: ours.owner.clone(),
+        ..updated
     }
 }
 
@@ -167,8 +220,25 @@ pub(crate) struct LeaseCoordinator {
     limits: Limits,
     /// Leases held or winding down, until their consumer exits.
     held: StdMutex<BTreeMap<LeaseKey, Arc<HeldLease>>>,
-    /// Leases this worker will not take again (stopped by the error policy).
+    /// Leases this worker will not take again (its processor failed for good).
     refused: StdMutex<BTreeSet<LeaseKey>>,
+    /// Leases whose shard could not be read, set aside for a while.
+    quarantined: StdMutex<BTreeMap<LeaseKey, Quarantine>>,
+    /// The first quarantine of a shard; doubled per consecutive failure.
+    quarantine: Duration,
+}
+
+/// A shard set aside after a read failure.
+#[derive(Debug, Clone, Copy)]
+struct Quarantine {
+    until: Instant,
+    failures: u32,
+}
+
+/// How long a shard is set aside after its `failures`-th consecutive read failure: `base`,
+/// doubled per further failure, at most 32 × `base`.
+pub(crate) fn quarantine_for(base: Duration, failures: u32) -> Duration {
+    base.saturating_mul(1 << failures.saturating_sub(1).min(5))
 }
 
 impl LeaseCoordinator {
@@ -189,6 +259,8 @@ impl LeaseCoordinator {
             },
             held: StdMutex::new(BTreeMap::new()),
             refused: StdMutex::new(BTreeSet::new()),
+            quarantined: StdMutex::new(BTreeMap::new()),
+            quarantine: cfg.quarantine,
         }
     }
 
@@ -210,6 +282,47 @@ impl LeaseCoordinator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone());
+    }
+
+    /// Sets a shard that could not be read aside for a while (longer after each consecutive
+    /// failure); its lease was released, so other workers may try it meanwhile.
+    pub(crate) fn quarantine(&self, key: &LeaseKey, error: &str) {
+        let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        let failures = q.get(key).map_or(0, |e| e.failures) + 1;
+        let pause = quarantine_for(self.quarantine, failures);
+        q.insert(
+            key.clone(),
+            Quarantine {
+                until: Instant::now() + pause,
+                failures,
+            },
+        );
+        warn!(lease = %key, %error, failures, retry_in = ?pause, "shard quarantined after a read failure");
+        metrics::counter!(m::SHARDS_QUARANTINED).increment(1);
+    }
+
+    /// The shard was read again (or left for another reason): its failures are forgotten.
+    pub(crate) fn clear_quarantine(&self, key: &LeaseKey) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Leases not to take now: refused for good, or still in quarantine.
+    fn excluded(&self, now: Instant) -> BTreeSet<LeaseKey> {
+        let mut out = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            q.iter()
+                .filter(|(_, e)| e.until > now)
+                .map(|(k, _)| k.clone()),
+        );
+        out
     }
 
     /// Snapshot of the held leases.
@@ -241,7 +354,7 @@ impl LeaseCoordinator {
         let store = &self.store;
         // A renewal that hangs (a partition) must not hold up the next ones: give up after one
         // interval and count it as a failed renewal.
-        let write = held.write(|lease| async move { store.renew(&lease).await });
+        let write = held.write(store.as_ref(), LeaseWrite::Renew);
         let result = tokio::time::timeout(self.renew_interval, write)
             .await
             .unwrap_or_else(|_| Err(LeaseStoreError::Transient("renewal timed out".into())));
@@ -289,13 +402,21 @@ impl LeaseCoordinator {
         stop: CancellationToken,
     ) {
         let mut tracker = ExpiryTracker::default();
-        let mut tick = tokio::time::interval(self.taker_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut jitter = StdRng::seed_from_u64(crate::backoff::seed(&[self.me.as_str(), "taker"]));
+        let mut first = true;
         loop {
+            // The first round at once (a starting worker announces itself), then every
+            // `taker_interval` ± 25 %: peers started together drift apart instead of planning
+            // on the same snapshot round after round.
+            let pause = if std::mem::take(&mut first) {
+                Duration::ZERO
+            } else {
+                self.taker_interval.mul_f64(jitter.random_range(0.75..1.25))
+            };
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             match self.take_round(&mut tracker, &stop).await {
                 Ok(taken) => {
@@ -351,7 +472,8 @@ impl LeaseCoordinator {
                 && l.checkpoint_owner.is_none()
                 && !held.contains(&l.key)
         }) {
-            match self.store.release(lease).await {
+            let read_until = Instant::now() + self.lease_duration;
+            match write::apply(self.store.as_ref(), lease, &LeaseWrite::Release, read_until).await {
                 Ok(_) => {
                     info!(lease = %lease.key, "released a lease handed over but not yet taken")
                 }
@@ -382,18 +504,15 @@ impl LeaseCoordinator {
             .collect();
         self.notice_handoffs(&table.leases).await;
         let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        let refused = self
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let excluded = self.excluded(now);
         let plan = plan_takes(
             &Snapshot {
                 leases: &table.leases,
                 me: &self.me,
                 held: &held,
                 expired: &expired,
-                refused: &refused,
+                excluded: &excluded,
+                order_seed: crate::backoff::seed(&[self.me.as_str()]),
             },
             self.limits,
         );
@@ -410,7 +529,11 @@ impl LeaseCoordinator {
             if take.reason == TakeReason::Steal {
                 // Planned move: ask the owner to hand the lease over after its final
                 // checkpoint; we take it once it has (or by force once it expires).
-                match self.store.request_handoff(lease, &self.me).await {
+                let write = LeaseWrite::RequestHandoff {
+                    to: self.me.clone(),
+                };
+                let read_until = Instant::now() + self.lease_duration;
+                match write::apply(self.store.as_ref(), lease, &write, read_until).await {
                     Ok(_) => {
                         info!(lease = %take.key, from = ?lease.owner, "requested graceful handoff");
                         metrics::counter!(m::LEASES_STOLEN).increment(1);
@@ -420,7 +543,17 @@ impl LeaseCoordinator {
                 continue;
             }
             let started = Instant::now();
-            match self.store.take(lease, &self.me).await {
+            let write = LeaseWrite::Take {
+                owner: self.me.clone(),
+            };
+            match write::apply(
+                self.store.as_ref(),
+                lease,
+                &write,
+                started + self.lease_duration,
+            )
+            .await
+            {
                 Ok(new) => {
                     info!(lease = %new.key, reason = ?take.reason, counter = %new.counter, "took lease");
                     metrics::counter!(m::LEASES_TAKEN).increment(1);
@@ -457,6 +590,152 @@ mod tests {
 
     fn find(store: &MemLeaseStore, key: &LeaseKey) -> Lease {
         store.leases().into_iter().find(|l| &l.key == key).unwrap()
+    }
+
+    async fn held(store: &MemLeaseStore, shard: &str) -> Arc<HeldLease> {
+        let l = lease(store, shard).await;
+        let l = store.take(&l, &WorkerId::new("me")).await.unwrap();
+        Arc::new(HeldLease::new(l, Instant::now(), Duration::from_secs(10)))
+    }
+
+    /// DESIGN §2.6: a write applied whose answer was lost — to a 5xx whose SDK retry then
+    /// fails its condition, or to a timeout (the caller retries) — is not a lost lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_whose_answer_was_lost_is_not_a_lost_lease() {
+        use crate::record::SequenceNumber;
+        use crate::testkit::{Fault, FaultKind};
+        for retried in [true, false] {
+            let store = MemLeaseStore::new();
+            let h = held(&store, "shardId-1").await;
+            // Loses the answer of the next `op`; the caller retries a transient error as
+            // the renewer and the checkpointer do.
+            let write = |op: &'static str, w: LeaseWrite| {
+                let (store, h) = (store.clone(), h.clone());
+                async move {
+                    store.faults().inject(
+                        Fault::new(FaultKind::AnswerLost { retried })
+                            .on(op)
+                            .times(1),
+                    );
+                    match h.write(&store, w.clone()).await {
+                        Err(e) if !retried && e.is_retryable() => h.write(&store, w).await,
+                        other => other,
+                    }
+                }
+            };
+            write("renew", LeaseWrite::Renew).await.unwrap();
+            let position = ExtendedSequenceNumber::at(SequenceNumber::from_u128(5), 0);
+            let checkpoint = LeaseWrite::Checkpoint {
+                position: position.clone(),
+                children: Vec::new(),
+            };
+            write("checkpoint", checkpoint).await.unwrap();
+            assert!(h.is_valid(), "retried: {retried}");
+            let stored = find(&store, &h.key);
+            assert_eq!(stored.checkpoint, position);
+            assert_eq!(h.snapshot().await, stored, "our view follows the table");
+            // And the next write finds the counter it expects.
+            write("renew", LeaseWrite::Renew).await.unwrap();
+            assert!(h.is_valid(), "retried: {retried}");
+            if retried {
+                store.faults().inject(
+                    Fault::new(FaultKind::AnswerLost { retried })
+                        .on("release")
+                        .times(1),
+                );
+                h.write_final(&store, LeaseWrite::Release).await.unwrap();
+                assert_eq!(find(&store, &h.key).owner, None);
+            }
+        }
+    }
+
+    /// An answer lost for good (the read back failed too) is resolved before the next write,
+    /// whatever that write is.
+    #[tokio::test(start_paused = true)]
+    async fn an_unconfirmed_write_is_resolved_before_the_next_one() {
+        use crate::record::SequenceNumber;
+        use crate::testkit::{Fault, FaultKind};
+        let store = MemLeaseStore::new();
+        let h = held(&store, "shardId-1").await;
+        store.faults().inject(
+            Fault::new(FaultKind::AnswerLost { retried: false })
+                .on("renew")
+                .times(1),
+        );
+        store
+            .faults()
+            .inject(Fault::new(FaultKind::Transient).on("get").times(1000));
+        assert!(h.write(&store, LeaseWrite::Renew).await.is_err());
+        store.faults().clear();
+        // The renewal was applied: a checkpoint conditional on the old counter would fail.
+        let position = ExtendedSequenceNumber::at(SequenceNumber::from_u128(9), 0);
+        let write = LeaseWrite::Checkpoint {
+            position: position.clone(),
+            children: Vec::new(),
+        };
+        h.write(&store, write).await.unwrap();
+        assert!(h.is_valid());
+        assert_eq!(find(&store, &h.key).checkpoint, position);
+    }
+
+    /// A lease really taken by a peer is still lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_taken_by_a_peer_is_lost() {
+        let store = MemLeaseStore::new();
+        let h = held(&store, "shardId-1").await;
+        let now = find(&store, &h.key);
+        store.take(&now, &WorkerId::new("peer")).await.unwrap();
+        let e = h.write(&store, LeaseWrite::Renew).await.unwrap_err();
+        assert!(e.is_condition_failed(), "{e}");
+    }
+
+    #[test]
+    fn quarantine_doubles_per_failure_up_to_32_times_the_base() {
+        let base = Duration::from_secs(10);
+        let table = [
+            (1, 10),
+            (2, 20),
+            (3, 40),
+            (5, 160),
+            (6, 320),
+            (7, 320),
+            (100, 320),
+        ];
+        for (failures, secs) in table {
+            assert_eq!(
+                quarantine_for(base, failures),
+                Duration::from_secs(secs),
+                "{failures}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quarantined_lease_is_excluded_until_its_time_is_up() {
+        let store = MemLeaseStore::new();
+        let mut cfg = WorkerConfig::new("app", "stream");
+        cfg.quarantine = Duration::from_secs(10);
+        let c = LeaseCoordinator::new(Arc::new(store), WorkerId::new("me"), &cfg);
+        let key = LeaseKey::new("shardId-1");
+        c.quarantine(&key, "AccessDenied");
+        assert!(c.excluded(Instant::now()).contains(&key));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!c.excluded(Instant::now()).contains(&key));
+        // A second failure in a row: twice as long.
+        c.quarantine(&key, "AccessDenied");
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(c.excluded(Instant::now()).contains(&key));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!c.excluded(Instant::now()).contains(&key));
+        // Read again: forgotten.
+        c.clear_quarantine(&key);
+        c.quarantine(&key, "AccessDenied");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!c.excluded(Instant::now()).contains(&key));
+        // A processor failure is refused for good.
+        c.refuse(&key);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(c.excluded(Instant::now()).contains(&key));
     }
 
     #[tokio::test]

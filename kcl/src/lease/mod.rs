@@ -23,6 +23,7 @@ pub(crate) mod expiry;
 pub mod item;
 pub mod store;
 pub(crate) mod taker;
+pub(crate) mod write;
 
 #[cfg(feature = "aws")]
 pub mod dynamo;

@@ -6,6 +6,14 @@
 //! expired leases; then, if still below target, it steals from the most loaded live worker, at
 //! most `max_leases_to_steal` per round and never so many that the victim drops below target
 //! (which would make the fleet oscillate).
+//!
+//! Two rules keep a fleet that starts (or restarts) together from racing:
+//! - Candidates are visited in an order of the worker's own (seeded from its id), so peers
+//!   planning at the same moment go for different leases instead of all for the first one.
+//! - A worker holding no lease takes at most one in a round (reclaims aside): it announces
+//!   itself first. Workers started together then see each other at their next round, and
+//!   divide the rest by the right target instead of the first one taking everything and
+//!   handing it over lease by lease.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,8 +50,16 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) held: &'a BTreeSet<LeaseKey>,
     /// Leases the expiry tracker considers expired (owned ones only matter).
     pub(crate) expired: &'a BTreeSet<LeaseKey>,
-    /// Leases this worker refuses to take (e.g. stopped by the error policy).
-    pub(crate) refused: &'a BTreeSet<LeaseKey>,
+    /// Leases this worker does not take now (its processor failed on them, or their shard
+    /// could not be read and is in quarantine).
+    pub(crate) excluded: &'a BTreeSet<LeaseKey>,
+    /// This worker's order of candidates (a seed from its id).
+    pub(crate) order_seed: u64,
+}
+
+/// Where `key` comes in the candidate order of the worker whose seed is `seed`.
+fn rank(seed: u64, key: &LeaseKey) -> u64 {
+    crate::backoff::seed(&[&seed.to_string(), key.as_str()])
 }
 
 /// Limits of one round.
@@ -80,7 +96,7 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         .count();
     let mut wanted = target.saturating_sub(mine);
 
-    let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.refused.contains(&l.key);
+    let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.excluded.contains(&l.key);
     let mut candidates: Vec<Take> = active
         .iter()
         .filter(takeable)
@@ -101,7 +117,8 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
             })
         })
         .collect();
-    candidates.sort_by(|a, b| a.reason.cmp(&b.reason).then_with(|| a.key.cmp(&b.key)));
+    candidates.sort_by_cached_key(|t| (t.reason, rank(s.order_seed, &t.key), t.key.clone()));
+
     // Leases that name this worker are always taken back, whatever the target: nobody else
     // will take them before they expire. (Handoffs to us are already counted in `mine`.)
     let reclaims = candidates
@@ -118,7 +135,9 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         .filter(|t| !pending(&t.key))
         .count();
     wanted = wanted.saturating_sub(new_reclaims);
-    let others = (candidates.len() - reclaims).min(wanted);
+    // Announce first (see the module docs): one lease now, the rest by the next round.
+    let cap = if mine == 0 { 1 } else { usize::MAX };
+    let others = (candidates.len() - reclaims).min(wanted).min(cap);
     candidates.truncate(reclaims + others);
     wanted -= others;
 
@@ -136,21 +155,21 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
                 s => s,
             };
             let n = wanted.min(surplus).min(limits.max_leases_to_steal);
-            candidates.extend(
-                active
-                    .iter()
-                    .filter(takeable)
-                    .filter(|l| {
-                        l.owner.as_ref() == Some(*victim)
-                            && l.checkpoint_owner.is_none()
-                            && !s.expired.contains(&l.key)
-                    })
-                    .take(n)
-                    .map(|l| Take {
-                        key: l.key.clone(),
-                        reason: TakeReason::Steal,
-                    }),
-            );
+            let mut steals: Vec<&Lease> = active
+                .iter()
+                .filter(takeable)
+                .filter(|l| {
+                    l.owner.as_ref() == Some(*victim)
+                        && l.checkpoint_owner.is_none()
+                        && !s.expired.contains(&l.key)
+                })
+                .copied()
+                .collect();
+            steals.sort_by_cached_key(|l| (rank(s.order_seed, &l.key), l.key.clone()));
+            candidates.extend(steals.into_iter().take(n).map(|l| Take {
+                key: l.key.clone(),
+                reason: TakeReason::Steal,
+            }));
         }
     }
     candidates
@@ -182,14 +201,15 @@ mod tests {
         let me = WorkerId::new(me);
         let held: BTreeSet<_> = held.iter().map(key).collect();
         let expired: BTreeSet<_> = expired.iter().map(key).collect();
-        let refused = BTreeSet::new();
+        let excluded = BTreeSet::new();
         plan_takes(
             &Snapshot {
                 leases,
                 me: &me,
                 held: &held,
                 expired: &expired,
-                refused: &refused,
+                excluded: &excluded,
+                order_seed: crate::backoff::seed(&[me.as_str()]),
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
@@ -199,9 +219,36 @@ mod tests {
     }
 
     #[test]
-    fn first_worker_takes_everything_unowned() {
-        let leases: Vec<_> = (0..4).map(|i| lease(i, None)).collect();
-        assert_eq!(plan(&leases, "a", &[], &[], 1).len(), 4);
+    fn a_worker_holding_nothing_announces_itself_with_one_lease_then_takes_its_share() {
+        let mut leases: Vec<_> = (0..4).map(|i| lease(i, None)).collect();
+        let first = plan(&leases, "a", &[], &[], 1);
+        assert_eq!(first.len(), 1);
+        let i = leases.iter().position(|l| l.key == first[0].key).unwrap();
+        leases[i].owner = Some(WorkerId::new("a"));
+        // Alone: the rest at the next round.
+        assert_eq!(plan(&leases, "a", &[i], &[], 1).len(), 3);
+        // Reclaims are not held back.
+        let own: Vec<_> = (0..4).map(|i| lease(i, Some("a"))).collect();
+        assert_eq!(plan(&own, "a", &[], &[], 1).len(), 4);
+    }
+
+    #[test]
+    fn workers_order_candidates_differently() {
+        let leases: Vec<_> = (0..64).map(|i| lease(i, None)).collect();
+        let firsts: BTreeSet<LeaseKey> = (0..8)
+            .map(|w| {
+                plan(&leases, &format!("worker-{w}"), &[], &[], 1)[0]
+                    .key
+                    .clone()
+            })
+            .collect();
+        // Eight workers planning at once go for (nearly) eight different leases.
+        assert!(firsts.len() >= 6, "{firsts:?}");
+        // And a worker's own order is stable.
+        assert_eq!(
+            plan(&leases, "worker-0", &[], &[], 1),
+            plan(&leases, "worker-0", &[], &[], 1)
+        );
     }
 
     #[test]

@@ -4,19 +4,22 @@
 //! The user's `process_records` future is never a `select!` branch (dropping it mid-batch would
 //! leave its side effects half done): cancellation is checked between batches.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use futures::FutureExt as _;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};
-use crate::checkpoint::Checkpointer;
+use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::config::WorkerConfig;
 use crate::lease::coordinator::HeldLease;
+use crate::lease::write::LeaseWrite;
 use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
@@ -28,7 +31,7 @@ use crate::shard::lineage::{can_start, ParentState};
 use crate::shard::{ChildShard, ShardId};
 
 /// How a consumer ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ConsumerExit {
     /// The shard was read to its end and checkpointed at `SHARD_END`.
     Finished,
@@ -38,8 +41,12 @@ pub(crate) enum ConsumerExit {
     Released,
     /// Another worker asked for the lease: handed over after the final checkpoint.
     HandedOff,
-    /// The error policy stopped the shard; the lease was released.
-    Stopped,
+    /// The processor failed for good (a fatal error, a panic, or the `StopShard` policy): the
+    /// lease was released; this worker does not take the shard again until restarted.
+    ProcessorFailed,
+    /// The shard could not be read (access denied, KMS, the shard or the fan-out consumer is
+    /// gone, …): the lease was released; this worker retries the shard after a quarantine.
+    ReadFailed(String),
 }
 
 /// What every consumer of a worker shares.
@@ -72,13 +79,46 @@ enum Stop {
     LeaseLost,
     Shutdown,
     Handoff,
-    Stopped,
+    /// A fatal processor error, a panic, or the `StopShard` policy.
+    ProcessorFailed,
+    /// The shard could not be read.
+    ReadFailed(String),
 }
 
 /// What to do after a processor error.
 enum Next {
     Retry,
+    /// The dead-letter handler took the batch: go on with the next one.
     Skip,
+}
+
+/// A processor callback that panicked, as the error the error policy sees.
+#[derive(Debug, thiserror::Error)]
+#[error("the record processor panicked in {callback}: {message}")]
+struct Panicked {
+    callback: &'static str,
+    message: String,
+}
+
+/// Runs one processor callback, turning a panic into a fatal error (counted): a panicking
+/// processor must neither take the worker down nor leave its lease to expire.
+async fn guarded<T>(
+    callback: &'static str,
+    fut: impl std::future::Future<Output = Result<T, ProcessorError>>,
+) -> Result<T, ProcessorError> {
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "<non-string panic payload>".to_owned());
+            error!(callback, %message, "record processor panicked");
+            metrics::counter!(m::PROCESSOR_PANICS).increment(1);
+            Err(ProcessorError::fatal(Panicked { callback, message }))
+        }
+    }
 }
 
 /// Runs one shard lease until the shard ends, the lease is lost, or the worker shuts down.
@@ -117,43 +157,59 @@ impl Consumer {
             }
             Err(Stop::LeaseLost) => {
                 info!("lease lost; stopping");
-                if let Some(p) = self.processor.as_mut() {
-                    p.lease_lost().await;
-                }
+                self.lease_lost().await;
                 ConsumerExit::LeaseLost
             }
             Err(Stop::Handoff) => {
                 info!(to = ?self.held.handoff_to(), "handing the lease over");
-                if let Some(p) = self.processor.as_mut() {
-                    if let Err(e) = p.shutdown_requested(&mut self.cp).await {
-                        warn!(error = %e, "shutdown_requested failed; handing over anyway");
-                    }
-                }
+                self.final_checkpoint("handing over anyway").await;
                 self.release().await;
                 ConsumerExit::HandedOff
             }
             Err(Stop::Shutdown) => {
-                if let Some(p) = self.processor.as_mut() {
-                    if self.held.is_valid() {
-                        if let Err(e) = p.shutdown_requested(&mut self.cp).await {
-                            warn!(error = %e, "shutdown_requested failed; releasing the lease anyway");
-                        }
-                    } else {
-                        p.lease_lost().await;
-                    }
+                if self.held.is_valid() {
+                    self.final_checkpoint("releasing the lease anyway").await;
+                } else {
+                    self.lease_lost().await;
                 }
                 self.release().await;
                 ConsumerExit::Released
             }
-            Err(Stop::Stopped) => {
-                if let Some(p) = self.processor.as_mut() {
-                    if let Err(e) = p.shutdown_requested(&mut self.cp).await {
-                        warn!(error = %e, "shutdown_requested failed");
-                    }
-                }
+            Err(Stop::ProcessorFailed) => {
+                self.final_checkpoint("releasing the lease anyway").await;
                 self.release().await;
-                ConsumerExit::Stopped
+                ConsumerExit::ProcessorFailed
             }
+            Err(Stop::ReadFailed(error)) => {
+                self.final_checkpoint("releasing the lease anyway").await;
+                self.release().await;
+                ConsumerExit::ReadFailed(error)
+            }
+        }
+    }
+
+    /// `shutdown_requested`: the processor's last chance to checkpoint what it processed
+    /// (its checkpointer reaches no further than the processed watermark).
+    async fn final_checkpoint(&mut self, otherwise: &str) {
+        let Some(p) = self.processor.as_mut() else {
+            return;
+        };
+        if !self.held.is_valid() {
+            return;
+        }
+        let result = guarded("shutdown_requested", p.shutdown_requested(&mut self.cp)).await;
+        if let Err(e) = result {
+            warn!(error = %e, source = ?std::error::Error::source(&e), "shutdown_requested failed; {otherwise}");
+        }
+    }
+
+    async fn lease_lost(&mut self) {
+        if let Some(p) = self.processor.as_mut() {
+            let _ = guarded("lease_lost", async {
+                p.lease_lost().await;
+                Ok(())
+            })
+            .await;
         }
     }
 
@@ -173,7 +229,7 @@ impl Consumer {
             let p = self
                 .processor
                 .get_or_insert_with(|| self.env.factory.create(&self.shard));
-            match p.initialize(&ctx).await {
+            match guarded("initialize", p.initialize(&ctx)).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.on_error("initialize", e, None, &mut delays).await?;
@@ -234,9 +290,6 @@ impl Consumer {
                         records,
                         millis_behind_latest,
                     };
-                    if let Some(last) = batch.records.last() {
-                        self.cp.set_delivered(last.position());
-                    }
                     if let Some(ms) = millis_behind_latest {
                         metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => label.clone())
                             .set(ms as f64);
@@ -251,26 +304,34 @@ impl Consumer {
                     // to read. The shard syncer deletes the lease of a shard that is gone.
                     warn!(%what, "the shard no longer exists; releasing its lease");
                     self.env.sync_now.notify_one();
-                    return Err(Stop::Stopped);
+                    return Err(Stop::ReadFailed(format!("not found: {what}")));
                 }
                 Some(Fetched::Failed(e)) => {
-                    error!(error = %e, "cannot read the shard; stopping it and releasing its lease");
-                    return Err(Stop::Stopped);
+                    let error = error_chain(&e);
+                    error!(%error, "cannot read the shard; releasing its lease (retried after a quarantine)");
+                    return Err(Stop::ReadFailed(error));
                 }
                 None => {
                     error!("record fetcher stopped unexpectedly");
-                    return Err(Stop::Stopped);
+                    return Err(Stop::ReadFailed("record fetcher stopped".into()));
                 }
             }
         }
     }
 
     async fn deliver(&mut self, batch: &RecordBatch, label: &str) -> Result<(), Stop> {
+        let Some(last) = batch.records.last().map(|r| r.position()) else {
+            return Ok(());
+        };
         let mut delays = self.delays();
         loop {
             let started = Instant::now();
-            let p = self.processor.as_mut().ok_or(Stop::Stopped)?;
-            let result = p.process_records(batch, &mut self.cp).await;
+            let p = self.processor.as_mut().ok_or(Stop::ProcessorFailed)?;
+            // Inside `process_records` the batch may be checkpointed; the processed watermark
+            // moves past it only if it returns `Ok`.
+            self.cp.begin_batch(last.clone());
+            let result = guarded("process_records", p.process_records(batch, &mut self.cp)).await;
+            self.cp.end_batch(result.is_ok());
             metrics::histogram!(m::PROCESSOR_LATENCY, "shard" => label.to_owned())
                 .record(started.elapsed().as_secs_f64());
             match result {
@@ -293,7 +354,12 @@ impl Consumer {
                                 return Err(Stop::LeaseLost);
                             }
                         }
-                        Next::Skip => return Ok(()),
+                        Next::Skip => {
+                            // The dead-letter handler has the batch: it counts as processed.
+                            self.cp.begin_batch(last);
+                            self.cp.end_batch(true);
+                            return Ok(());
+                        }
                     }
                 }
             }
@@ -302,19 +368,27 @@ impl Consumer {
 
     async fn end_shard(&mut self, children: Vec<ChildShard>) -> Result<(), Stop> {
         info!(children = ?children.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), "reached shard end");
-        self.cp.set_shard_ended(children.clone());
         let mut delays = self.delays();
         loop {
             if !self.held.is_valid() {
                 return Err(Stop::LeaseLost);
             }
-            let p = self.processor.as_mut().ok_or(Stop::Stopped)?;
-            let result: Result<(), ProcessorError> = match p.shard_ended(&mut self.cp).await {
+            let p = self.processor.as_mut().ok_or(Stop::ProcessorFailed)?;
+            self.cp.begin_shard_end(children.clone());
+            let result = guarded("shard_ended", p.shard_ended(&mut self.cp)).await;
+            let requested = self.cp.end_shard_end();
+            let result: Result<(), ProcessorError> = match result {
+                // SHARD_END is stored only now that `shard_ended` succeeded.
+                Ok(()) if requested => match self.cp.write_shard_end().await {
+                    Ok(()) => break,
+                    Err(CheckpointError::LeaseLost { .. }) => return Err(Stop::LeaseLost),
+                    Err(e) => Err(ProcessorError::retryable(e)),
+                },
                 Ok(())
                     if self.held.snapshot().await.checkpoint
                         == ExtendedSequenceNumber::ShardEnd =>
                 {
-                    break;
+                    break
                 }
                 Ok(()) => Err(ProcessorError::retryable(
                     "shard_ended returned without checkpointing SHARD_END",
@@ -407,16 +481,23 @@ impl Consumer {
         match (&self.env.error_policy, batch) {
             (ErrorPolicy::Handoff(handler), Some(batch)) => {
                 warn!(error = %e, records = batch.len(), "{what} failed; handing the batch to the error handler");
-                handler(batch, &e);
-                Ok(Next::Skip)
+                match std::panic::catch_unwind(AssertUnwindSafe(|| handler(batch, &e))) {
+                    Ok(()) => Ok(Next::Skip),
+                    Err(_) => {
+                        // The batch was not taken: it must not count as processed.
+                        error!("the failed-batch handler panicked; stopping the shard");
+                        metrics::counter!(m::PROCESSOR_PANICS).increment(1);
+                        Err(Stop::ProcessorFailed)
+                    }
+                }
             }
             (ErrorPolicy::StopShard, _) => {
                 error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed; stopping the shard (error policy)");
-                Err(Stop::Stopped)
+                Err(Stop::ProcessorFailed)
             }
             (ErrorPolicy::Retry { .. }, _) if !e.is_retryable() => {
                 error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed fatally; stopping the shard");
-                Err(Stop::Stopped)
+                Err(Stop::ProcessorFailed)
             }
             _ => {
                 self.retry_delay(what, &e, delays).await?;
@@ -432,22 +513,11 @@ impl Consumer {
             if !self.held.is_valid() {
                 break;
             }
-            let result = match self.held.handoff_to() {
-                Some(to) => {
-                    let to = &to;
-                    let store = &store;
-                    self.held
-                        .write_final(|l| async move { store.complete_handoff(&l, to).await })
-                        .await
-                }
-                None => {
-                    let store = &store;
-                    self.held
-                        .write_final(|l| async move { store.release(&l).await })
-                        .await
-                }
+            let write = match self.held.handoff_to() {
+                Some(to) => LeaseWrite::CompleteHandoff { to },
+                None => LeaseWrite::Release,
             };
-            match result {
+            match self.held.write_final(store.as_ref(), write).await {
                 Ok(_) => {
                     debug!("lease released");
                     break;
@@ -462,15 +532,8 @@ impl Consumer {
                                     == Some(&self.env.config.worker_id) =>
                         {
                             let to = now.owner.clone().unwrap_or_else(|| WorkerId::new(""));
-                            let store = &store;
-                            let to = &to;
-                            if let Err(e) = self
-                                .held
-                                .write_final(
-                                    |l| async move { store.complete_handoff(&l, to).await },
-                                )
-                                .await
-                            {
+                            let write = LeaseWrite::CompleteHandoff { to };
+                            if let Err(e) = self.held.write_final(store.as_ref(), write).await {
                                 warn!(error = %e, "completing the handoff failed; the lease will expire instead");
                             }
                         }
@@ -490,4 +553,16 @@ impl Consumer {
         }
         self.held.mark_lost();
     }
+}
+
+/// An error and its sources, for logs and quarantine reports.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

@@ -100,8 +100,9 @@ pub trait RecordProcessor: Send + 'static {
         Ok(())
     }
 
-    /// Processes one batch. Checkpoint through `cp` when the records are durable downstream.
-    /// The batch is passed by reference so that the error policy can retry it as it was.
+    /// Processes one batch. Checkpoint through `cp` when the records are durable downstream:
+    /// here it may cover the whole batch. The batch is passed by reference so that the error
+    /// policy can retry it as it was. A panic is caught and handled as a fatal error.
     ///
     /// # Errors
     /// A failure is handled by the worker's [`ErrorPolicy`]; records are never skipped
@@ -113,10 +114,12 @@ pub trait RecordProcessor: Send + 'static {
     ) -> Result<(), ProcessorError>;
 
     /// The shard was read to its end. The default checkpoints `SHARD_END`, which lets the
-    /// child shards start; an override must do so too.
+    /// child shards start; an override must do so too (`cp.checkpoint()`), once everything it
+    /// buffered is durable. `SHARD_END` is stored when this returns `Ok`, never before.
     ///
     /// # Errors
-    /// A failure is retried; children wait until `SHARD_END` is checkpointed.
+    /// A failure (or a return without checkpointing) is retried; children wait until
+    /// `SHARD_END` is stored.
     async fn shard_ended(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
         cp.checkpoint().await.map_err(ProcessorError::retryable)
     }
@@ -124,8 +127,13 @@ pub trait RecordProcessor: Send + 'static {
     /// Another worker has the shard now. Do not checkpoint (it would be refused).
     async fn lease_lost(&mut self) {}
 
-    /// The worker is shutting down gracefully (or handing the shard over): checkpoint what
-    /// was processed. The lease is released afterwards.
+    /// The worker is shutting down gracefully, handing the shard over, or stopping it after a
+    /// failure: checkpoint what was processed. `cp.checkpoint()` here covers the batches whose
+    /// `process_records` returned `Ok`, never one that failed, so the next owner starts at the
+    /// first record not processed. The lease is released afterwards.
+    ///
+    /// With the manual checkpoints of this trait, a planned move causes no duplicates only if
+    /// this checkpoints: the default does nothing.
     ///
     /// # Errors
     /// Logged; the lease is released anyway.

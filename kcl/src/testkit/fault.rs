@@ -23,6 +23,14 @@ pub enum FaultKind {
     /// Delay the operation, then fail it as transient (a partition: the call hangs until the
     /// client's timeout).
     Hang(Duration),
+    /// Lease store writes only: apply the write, then lose its answer — to a timeout
+    /// (`retried: false`: the caller gets a transient error), or to a 5xx that the SDK retries,
+    /// whose condition then fails (`retried: true`: the caller gets a failed condition). Other
+    /// operations fail as transient without running.
+    AnswerLost {
+        /// Whether the SDK's retry is modelled (a failed condition) rather than a timeout.
+        retried: bool,
+    },
 }
 
 /// One rule: a fault for one operation (or all), a number of times (or always).

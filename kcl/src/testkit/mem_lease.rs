@@ -55,11 +55,42 @@ impl MemLeaseStore {
     async fn faults_for(&self, op: &str) -> Result<(), LeaseStoreError> {
         match self.faults.check(op).await {
             Ok(()) => Ok(()),
-            Err(Injected::Fail(kind)) => Err(match kind {
-                FaultKind::Throttle => LeaseStoreError::Throttled("injected throttle".into()),
-                FaultKind::Fatal => LeaseStoreError::Other("injected fatal error".into()),
-                _ => LeaseStoreError::Transient("injected transient error".into()),
+            Err(Injected::Fail(kind)) => Err(Self::injected(kind)),
+        }
+    }
+
+    /// A conditional write after its faults: `update`, unless a fault fails it first, or
+    /// loses its answer after it was applied.
+    async fn write(
+        &self,
+        op: &str,
+        lease: &Lease,
+        cond: impl FnOnce(&Lease) -> bool,
+        f: impl FnOnce(&Lease) -> Lease,
+    ) -> Result<Lease, LeaseStoreError> {
+        let lose_answer = match self.faults.check(op).await {
+            Ok(()) => None,
+            Err(Injected::Fail(FaultKind::AnswerLost { retried })) => Some(retried),
+            Err(Injected::Fail(kind)) => return Err(Self::injected(kind)),
+        };
+        let result = self.update(lease, cond, f);
+        match (lose_answer, result) {
+            // The SDK's retry of an applied write: its condition fails on the moved counter.
+            (Some(true), Ok(_)) => Err(LeaseStoreError::ConditionFailed {
+                key: lease.key.clone(),
             }),
+            (Some(false), Ok(_)) => Err(LeaseStoreError::Transient(
+                "injected: the write was applied but its answer was lost".into(),
+            )),
+            (_, result) => result,
+        }
+    }
+
+    fn injected(kind: FaultKind) -> LeaseStoreError {
+        match kind {
+            FaultKind::Throttle => LeaseStoreError::Throttled("injected throttle".into()),
+            FaultKind::Fatal => LeaseStoreError::Other("injected fatal error".into()),
+            _ => LeaseStoreError::Transient("injected transient error".into()),
         }
     }
 
@@ -126,17 +157,18 @@ impl LeaseStore for MemLeaseStore {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-        self.faults_for("renew").await?;
-        self.update(
+        self.write(
+            "renew",
             lease,
             |s| s.owner.is_some() && s.owner == lease.owner,
             effect::renewed,
         )
+        .await
     }
 
     async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
-        self.faults_for("take").await?;
-        self.update(lease, |_| true, |l| effect::taken(l, owner))
+        self.write("take", lease, |_| true, |l| effect::taken(l, owner))
+            .await
     }
 
     async fn checkpoint(
@@ -145,22 +177,24 @@ impl LeaseStore for MemLeaseStore {
         checkpoint: &ExtendedSequenceNumber,
         child_shard_ids: &[ShardId],
     ) -> Result<Lease, LeaseStoreError> {
-        self.faults_for("checkpoint").await?;
         let me = lease.owner.clone();
-        self.update(
+        self.write(
+            "checkpoint",
             lease,
             |s| me.is_some() && (s.owner == me || s.checkpoint_owner == me),
             |l| effect::checkpointed(l, checkpoint, child_shard_ids),
         )
+        .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-        self.faults_for("release").await?;
-        self.update(
+        self.write(
+            "release",
             lease,
             |s| s.owner.is_some() && s.owner == lease.owner,
             effect::released,
         )
+        .await
     }
 
     async fn request_handoff(
@@ -168,12 +202,13 @@ impl LeaseStore for MemLeaseStore {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError> {
-        self.faults_for("request_handoff").await?;
-        self.update(
+        self.write(
+            "request_handoff",
             lease,
             |s| s.owner.is_some() && s.owner == lease.owner && s.checkpoint_owner.is_none(),
             |l| effect::handoff_requested(l, new_owner),
         )
+        .await
     }
 
     async fn complete_handoff(
@@ -181,8 +216,8 @@ impl LeaseStore for MemLeaseStore {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError> {
-        self.faults_for("complete_handoff").await?;
-        self.update(
+        self.write(
+            "complete_handoff",
             lease,
             |s| {
                 lease.owner.is_some()
@@ -191,6 +226,7 @@ impl LeaseStore for MemLeaseStore {
             },
             |l| effect::handoff_completed(l, new_owner),
         )
+        .await
     }
 
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {

@@ -257,10 +257,15 @@ fn on_consumer_exit(
     exit: Result<ConsumerExit, tokio::task::JoinError>,
 ) {
     match exit {
-        Ok(ConsumerExit::Stopped) => coordinator.refuse(key),
-        Ok(_) => {}
+        // The processor cannot go on with this shard: another worker may (its lease was
+        // released), this one only after a restart.
+        Ok(ConsumerExit::ProcessorFailed) => coordinator.refuse(key),
+        // Infrastructure (IAM, KMS, a vanished consumer): retried here after a quarantine.
+        Ok(ConsumerExit::ReadFailed(error)) => coordinator.quarantine(key, &error),
+        Ok(_) => coordinator.clear_quarantine(key),
         Err(e) if e.is_panic() => {
-            error!(lease = %key, "record processor panicked; this worker will not take the shard again");
+            // Processor panics are caught inside the consumer; this is the library's own.
+            error!(lease = %key, "shard consumer panicked; this worker will not take the shard again");
             coordinator.refuse(key);
         }
         Err(_) => {}
@@ -288,6 +293,7 @@ pub struct WorkerBuilder {
     polling: Option<PollingConfig>,
     retrieval: Option<Retrieval>,
     shutdown_timeout: Option<Duration>,
+    quarantine: Option<Duration>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
     kinesis: Option<Arc<dyn KinesisApi>>,
@@ -340,6 +346,9 @@ impl WorkerBuilder {
         polling: PollingConfig,
         /// How long a graceful shutdown waits for processors (default 30 s).
         shutdown_timeout: Duration,
+        /// How long a shard that could not be read is set aside before this worker tries it
+        /// again (default 10 s, doubled per further failure up to 32 ×).
+        quarantine: Duration,
     }
 
     /// Required. The application name; also the default lease-table name.
@@ -450,7 +459,8 @@ impl WorkerBuilder {
             max_leases_to_steal,
             polling,
             retrieval,
-            shutdown_timeout
+            shutdown_timeout,
+            quarantine
         );
         cfg.validate()?;
         let factory = self
