@@ -407,8 +407,8 @@ fn a_dead_lettered_batch_may_be_checkpointed() {
     assert!(report.is_ok(), "{report}");
 }
 
-/// A processor that panics: the worker survives (the consumer task dies, the lease expires),
-/// and the shard is processed from its checkpoint by whoever takes it next.
+/// A processor that panics: the worker handles it as a fatal error (the shard stops, its lease
+/// is released), and the shard is processed from its checkpoint by whoever takes it next.
 #[test]
 fn a_panicking_processor_loses_no_record() {
     let report = failing_then(FailKind::Panic, OnFailure::Retry, Verb::Stop(0), 2);

@@ -4,10 +4,12 @@
 //! ends with the next applied `take` of that lease by anyone (a *forced* end: the lease expired
 //! or was reclaimed), or with the holder's own applied `release` / `complete_handoff` (a
 //! *planned* end). A release is no planned end when the holder's processing had already ended
-//! without a final checkpoint — its `lease_lost` was called (it saw the lease expire by its own
-//! clock), or its processor panicked — or when it is a restarted incarnation of the same worker
-//! id releasing what its dead predecessor held (`release_unheld` at shutdown): those are forced
-//! ends that happened to be cleaned up. (A holder is also told its lease is lost when a
+//! without a final checkpoint — it was told its lease was lost (`lease_lost`, or a checkpoint
+//! refused with `CheckpointError::LeaseLost`: it saw the lease expire by its own clock) — or
+//! when it is a restarted incarnation of the same worker id releasing what its dead
+//! predecessor held (`release_unheld` at shutdown): those are forced ends that happened to be
+//! cleaned up. (A processor panic is no excuse: the worker handles it as a fatal error, and
+//! the release that follows is planned.) (A holder is also told its lease is lost when a
 //! checkpoint returns `CheckpointError::LeaseLost`.) Since every write is fenced by the lease
 //! counter,
 //! tenures of one lease are totally ordered, and:
@@ -182,8 +184,8 @@ struct Tenure {
     acquired: usize,
     /// Index of the holder's release / completed handoff, if it ended so.
     planned_end: Option<usize>,
-    /// Processing ended without a final checkpoint (`lease_lost`, a panic, the holder died):
-    /// a release after that is no planned move.
+    /// Processing ended without a final checkpoint (the holder was told the lease is lost, or
+    /// died): a release after that is no planned move.
     lost: bool,
     /// Until when the holder's own clock says the lease is valid: `lease_duration` after it
     /// sent its last write whose answer it got.
@@ -549,8 +551,6 @@ pub(crate) fn check(
                     if let Some(prev) = t.previous.as_mut().filter(|p| p.0 == b.records) {
                         prev.1 = Some(*outcome);
                     }
-                    // The consumer task died with its processor.
-                    t.lost |= *outcome == BatchOutcome::Panicked;
                     if outcome.is_ok() {
                         t.processed.extend(b.records.iter().copied());
                     }

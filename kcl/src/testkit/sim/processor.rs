@@ -116,11 +116,10 @@ impl SimProcessor {
 
     /// Fails batch `id` as `kind` says (logged first: a panic logs nothing after).
     fn fail(&mut self, id: u64, kind: FailKind) -> Result<(), ProcessorError> {
-        // The worker refuses the shard after a panic, a fatal error (unless dead-lettered) or
+        // The worker refuses the shard after a fatal error or a panic (unless dead-lettered), or
         // any error under `StopShard`, until it restarts.
         let refused = match kind {
-            FailKind::Panic => true,
-            FailKind::Fatal => self.work.on_failure != OnFailure::DeadLetter,
+            FailKind::Panic | FailKind::Fatal => self.work.on_failure != OnFailure::DeadLetter,
             FailKind::Retryable => self.work.on_failure == OnFailure::StopShard,
         };
         if refused {
