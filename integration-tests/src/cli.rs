@@ -9,8 +9,11 @@
 //! another package's tests. Set `KCL_BIN` to use a prebuilt binary instead.
 
 use std::ffi::OsStr;
+use std::io::Read as _;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,7 +21,8 @@ use anyhow::{bail, ensure, Context};
 use base64::Engine as _;
 use kcl::SequenceNumber;
 use tokio::io::AsyncReadExt;
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -200,6 +204,17 @@ struct Captured {
     read_error: Option<String>,
 }
 
+/// Appends a chunk of stdout: complete lines to `lines`, the rest to `partial`.
+fn feed(c: &mut Captured, mut chunk: &[u8]) {
+    while let Some(i) = chunk.iter().position(|&b| b == b'\n') {
+        let mut line = std::mem::take(&mut c.partial);
+        line.extend_from_slice(&chunk[..i]);
+        push_line(c, &line);
+        chunk = &chunk[i + 1..];
+    }
+    c.partial.extend_from_slice(chunk);
+}
+
 fn push_line(c: &mut Captured, bytes: &[u8]) {
     let (text, utf8) = match std::str::from_utf8(bytes) {
         Ok(s) => (s.to_owned(), true),
@@ -220,7 +235,12 @@ pub struct KclProcess {
     child: Child,
     pid: u32,
     out: Arc<Mutex<Captured>>,
-    reader: Option<JoinHandle<()>>,
+    /// Reads stdout into `out`; hands the pipe back when `close` fires (`None` at EOF).
+    reader: Option<JoinHandle<Option<ChildStdout>>>,
+    /// Asks `reader` to stop and hand the pipe back ([`KclProcess::close_stdout`]).
+    close: Option<oneshot::Sender<()>>,
+    /// `reader` stops reading (and hands the pipe back) once it has this many lines.
+    read_limit: Arc<AtomicUsize>,
     stderr_log: PathBuf,
     exit: Option<ExitStatus>,
 }
@@ -236,6 +256,39 @@ impl KclProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::spawn_with_stdout(bin, label, env, args, None)
+    }
+
+    /// As [`KclProcess::spawn`], but with stdout going to `stdout` (e.g. `/dev/full`, where
+    /// every write fails with ENOSPC) instead of a pipe the test reads: no lines are collected.
+    ///
+    /// # Errors
+    /// The process could not be started.
+    pub fn spawn_writing_to<I, S>(
+        bin: &Path,
+        label: &str,
+        env: &CliEnv,
+        args: I,
+        stdout: std::fs::File,
+    ) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Self::spawn_with_stdout(bin, label, env, args, Some(stdout))
+    }
+
+    fn spawn_with_stdout<I, S>(
+        bin: &Path,
+        label: &str,
+        env: &CliEnv,
+        args: I,
+        stdout: Option<std::fs::File>,
+    ) -> anyhow::Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         std::fs::create_dir_all(log_dir()).ok();
         let stderr_log = log_dir().join(format!(
             "{}.log",
@@ -243,10 +296,11 @@ impl KclProcess {
         ));
         let log = std::fs::File::create(&stderr_log)
             .with_context(|| format!("creating {}", stderr_log.display()))?;
+        let piped = stdout.is_none();
         let mut cmd = Command::new(bin);
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout.map_or_else(Stdio::piped, Stdio::from))
             .stderr(log)
             .kill_on_drop(true);
         env.apply(&mut cmd);
@@ -254,41 +308,94 @@ impl KclProcess {
             .spawn()
             .with_context(|| format!("starting {} ({label})", bin.display()))?;
         let pid = child.id().context("the new process has no pid")?;
-        let mut stdout = child.stdout.take().context("stdout not piped")?;
         let out = Arc::new(Mutex::new(Captured::default()));
-        let sink = out.clone();
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match stdout.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => {
-                        lock(&sink).read_error = Some(e.to_string());
-                        break;
-                    }
-                };
-                let mut c = lock(&sink);
-                let mut chunk = &buf[..n];
-                while let Some(i) = chunk.iter().position(|&b| b == b'\n') {
-                    let mut line = std::mem::take(&mut c.partial);
-                    line.extend_from_slice(&chunk[..i]);
-                    push_line(&mut c, &line);
-                    chunk = &chunk[i + 1..];
-                }
-                c.partial.extend_from_slice(chunk);
-            }
-            lock(&sink).eof = true;
-        });
+        let read_limit = Arc::new(AtomicUsize::new(usize::MAX));
+        let (reader, close) = if piped {
+            let stdout = child.stdout.take().context("stdout not piped")?;
+            let (close_tx, close_rx) = oneshot::channel();
+            let reader = tokio::spawn(read_stdout(
+                stdout,
+                out.clone(),
+                close_rx,
+                read_limit.clone(),
+            ));
+            (Some(reader), Some(close_tx))
+        } else {
+            (None, None)
+        };
         Ok(Self {
             label: label.to_owned(),
             child,
             pid,
             out,
-            reader: Some(reader),
+            reader,
+            close,
+            read_limit,
             stderr_log,
             exit: None,
         })
+    }
+
+    /// Stops reading stdout once `n` lines were read (as a slow reader would): the process
+    /// then blocks writing once the pipe is full. [`KclProcess::close_stdout`] reads the rest.
+    pub fn stop_reading_after(&self, n: usize) {
+        self.read_limit.store(n, Ordering::Relaxed);
+    }
+
+    /// Closes the test's end of the stdout pipe, as a reader that stops reading does (`head
+    /// -n`), after reading exactly what the process wrote so far: stops the process (SIGSTOP),
+    /// reads what is left in the pipe, closes the pipe and lets the process go on (SIGCONT).
+    /// Its next write to stdout fails with EPIPE. Afterwards [`KclProcess::lines`] and
+    /// [`KclProcess::partial_line`] hold every byte the process wrote before the close.
+    /// Returns the number of complete lines.
+    ///
+    /// # Errors
+    /// Stdout is not a pipe, was closed already or reached its end, or the process could not
+    /// be stopped or continued.
+    pub async fn close_stdout(&mut self) -> anyhow::Result<usize> {
+        let close = self
+            .close
+            .take()
+            .context("stdout is not a pipe the test reads, or was closed already")?;
+        self.signal("STOP")?;
+        let drained = self.drain_and_close(close).await;
+        let resumed = self.signal("CONT");
+        let lines = drained?;
+        resumed?;
+        Ok(lines)
+    }
+
+    async fn drain_and_close(&mut self, close: oneshot::Sender<()>) -> anyhow::Result<usize> {
+        wait_stopped(self.pid, Duration::from_secs(10)).await?;
+        // The reader hands the pipe back between two reads (or has, at its read limit):
+        // nothing read is lost.
+        let _ = close.send(());
+        let reader = self.reader.take().context("no stdout reader")?;
+        let stdout = reader
+            .await
+            .context("the stdout reader panicked")?
+            .with_context(|| format!("kcl {} closed stdout before the test did", self.label))?;
+        // The process is stopped: what the pipe holds now is all it wrote. Read it without
+        // blocking (std sets O_NONBLOCK with ioctl(FIONBIO), which works on any descriptor).
+        let fd = stdout.into_owned_fd().context("taking the stdout pipe")?;
+        let fd = std::os::unix::net::UnixStream::from(fd);
+        fd.set_nonblocking(true)
+            .context("making the stdout pipe non-blocking")?;
+        let mut pipe = std::fs::File::from(OwnedFd::from(fd));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => feed(&mut lock(&self.out), &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("draining the stdout pipe"),
+            }
+        }
+        drop(pipe);
+        let mut c = lock(&self.out);
+        c.eof = true;
+        Ok(c.lines.len())
     }
 
     /// The label given at spawn.
@@ -376,6 +483,42 @@ impl KclProcess {
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until `pred(stderr so far)` holds; fails after `timeout`, or once the process
+    /// exited without it holding. `what` describes the wait in errors.
+    ///
+    /// # Errors
+    /// Timeout or exit, with the stderr tail.
+    pub async fn wait_for_stderr(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.stderr()) {
+                return Ok(());
+            }
+            if let Some(status) = self.try_exit()? {
+                // It may have written the awaited text just before exiting.
+                ensure!(
+                    pred(&self.stderr()),
+                    "kcl {} exited ({status}) before {what}; stderr:\n{}",
+                    self.label,
+                    self.stderr_tail(30)
+                );
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "kcl {}: no {what} after {timeout:?}; stderr:\n{}",
+                self.label,
+                self.stderr_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -483,6 +626,71 @@ impl Drop for KclProcess {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads `stdout` into `sink` until EOF (then returns `None`), or until `close` fires or
+/// `limit` lines were read (then returns the pipe, unread bytes still in it).
+async fn read_stdout(
+    mut stdout: ChildStdout,
+    sink: Arc<Mutex<Captured>>,
+    mut close: oneshot::Receiver<()>,
+    limit: Arc<AtomicUsize>,
+) -> Option<ChildStdout> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if lock(&sink).lines.len() >= limit.load(Ordering::Relaxed) {
+            return Some(stdout);
+        }
+        let read = tokio::select! {
+            biased;
+            Ok(()) = &mut close => return Some(stdout),
+            read = stdout.read(&mut buf) => read,
+        };
+        match read {
+            Ok(0) => break,
+            Ok(n) => feed(&mut lock(&sink), &buf[..n]),
+            Err(e) => {
+                lock(&sink).read_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    lock(&sink).eof = true;
+    None
+}
+
+/// Waits until every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/*/stat`).
+async fn wait_stopped(pid: u32, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    loop {
+        let mut all_stopped = true;
+        let entries =
+            std::fs::read_dir(&tasks).with_context(|| format!("reading {}", tasks.display()))?;
+        for entry in entries.flatten() {
+            // A thread that ended meanwhile has no stat any more: it is not running either.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) S …`: the state follows the last `)` (comm may hold one).
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            if !matches!(state, Some('T' | 't' | 'Z' | 'X')) {
+                all_stopped = false;
+                break;
+            }
+        }
+        if all_stopped {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "process {pid} not stopped {timeout:?} after SIGSTOP"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A finished short-lived `kcl` run (`kcl leases`, invalid input).

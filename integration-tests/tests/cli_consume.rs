@@ -8,7 +8,11 @@
 //! - a second run on the same application prints only what was not checkpointed;
 //! - `kcl leases` prints the lease table as a readable table and, with `--json`, as a JSON
 //!   array with the table's own attribute names;
-//! - invalid input fails fast, naming the field.
+//! - invalid input fails fast, naming the field;
+//! - a record whose line could not be written is never checkpointed: a closed stdout (EPIPE)
+//!   stops `kcl consume` with a non-zero exit and its leases released, and a stdout that
+//!   fails every write (ENOSPC) keeps every checkpoint where it was through a SIGTERM; a
+//!   second run then prints every record the first did not write.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -617,5 +621,247 @@ async fn invalid_input_fails_fast_naming_the_field() -> anyhow::Result<()> {
         out.stderr
     );
     ensure!(out.stdout.is_empty(), "stdout not empty: {:?}", out.stdout);
+    Ok(())
+}
+
+/// How long `kcl consume` may take to notice a closed stdout and exit: its next poll of the
+/// stream (~1 s), the write, the graceful stop.
+const BROKEN_PIPE_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `kcl consume` arguments for `app` on `stream` as worker `id`.
+fn consume_args<'a>(stream: &'a str, app: &'a str, id: &'a str) -> [&'a str; 7] {
+    [
+        "consume",
+        "--stream",
+        stream,
+        "--app",
+        app,
+        "--worker-id",
+        id,
+    ]
+}
+
+/// (e) The reader of `kcl consume`'s stdout goes away after some lines (`| head -n`): the
+/// next write fails with EPIPE, and the consumer stops at once, without retrying, with a
+/// non-zero exit and a message; its leases are released and checkpointed at most at the last
+/// line it wrote (never past it). A second run prints every record the first did not write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_stops_the_consumer_and_loses_no_record() -> anyhow::Result<()> {
+    let test_start = Instant::now();
+    let (bin, kinesis, dynamo) =
+        tokio::try_join!(kcl_binary(), start_kinesis_local(), start_dynalite())?;
+    let env = CliEnv::new(kinesis.endpoint(), dynamo.endpoint());
+    let client = kinesis_client(&kinesis).await;
+    let stream = unique_name("cli-epipe");
+    let app = unique_name("cli-epipe-app");
+    let leases = DynamoLeaseStore::from_conf(&sdk_config(&dynamo.endpoint()).await, app.clone());
+    create_stream(&client, &stream, 2).await?;
+    let mut shards = AwsKinesis::new(client.clone()).list_shards(&stream).await?;
+    shards.sort_by(|a, b| a.id.cmp(&b.id));
+    // ~2.7 KB lines: a shard's batch (~800 KB) is many times the pipe's 64 KB, so the close
+    // comes in the middle of a batch, most likely in the middle of a line.
+    let wave1: Vec<(String, Vec<u8>)> = first_wave(&shards)
+        .into_iter()
+        .map(|(key, mut data)| {
+            data.resize(data.len() + 2000, b'.');
+            (key, data)
+        })
+        .collect();
+    let want1 = expected(&wave1, &put_records(&client, &stream, wave1.clone()).await?);
+
+    let mut w1 = KclProcess::spawn(&bin, "epipe-w1", &env, consume_args(&stream, &app, "w1"))?;
+    // A reader that stops reading after a while, then goes away: kcl is blocked writing into
+    // a full pipe when it does.
+    w1.stop_reading_after(want1.len() / 4);
+    w1.wait_for_lines(want1.len() / 4, DRAIN_TIMEOUT).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read = w1.close_stdout().await?;
+    eprintln!(
+        "w1: closed its stdout after {read} complete lines ({} bytes of a partial one)",
+        w1.partial_line().len()
+    );
+    // Records the first run has not seen yet: its next write after them fails.
+    let wave2: Vec<(String, Vec<u8>)> = (0..SECOND_WAVE)
+        .map(|i| {
+            (
+                format!("after-close-{i}"),
+                format!("wave 2 record {i}").into_bytes(),
+            )
+        })
+        .collect();
+    let want2 = expected(&wave2, &put_records(&client, &stream, wave2.clone()).await?);
+
+    let started = Instant::now();
+    let status = w1.wait_exit(BROKEN_PIPE_EXIT_TIMEOUT).await?;
+    eprintln!(
+        "w1: exited with {status} {:.1?} after the close",
+        started.elapsed()
+    );
+    ensure!(
+        !status.success(),
+        "kcl consume exited with {status} after its stdout was closed; stderr:\n{}",
+        w1.stderr_tail(30)
+    );
+    let stderr = w1.stderr();
+    ensure!(
+        stderr.contains("stdout") && stderr.to_lowercase().contains("broken pipe"),
+        "the exit message should say stdout was closed (broken pipe); stderr:\n{}",
+        w1.stderr_tail(30)
+    );
+    // Every complete line is a record, in order; a line cut short by the close is not one.
+    let written = parse_lines(w1.texts().iter().map(String::as_str))?;
+    let last_written = last_per_shard(&written);
+
+    // Released, and checkpointed at most at the last line written for each shard.
+    let table = leases.list().await?;
+    ensure!(
+        table.leases.len() == shards.len(),
+        "leases: {:?}",
+        table.leases
+    );
+    let mut checkpoints = BTreeMap::new();
+    for l in &table.leases {
+        ensure!(
+            l.owner.is_none(),
+            "lease {} still owned after the broken pipe: {l:?}",
+            l.key.as_str()
+        );
+        let limit = last_written
+            .get(l.key.as_str())
+            .map(|s| ExtendedSequenceNumber::at(s.clone(), 0))
+            .unwrap_or(ExtendedSequenceNumber::TrimHorizon);
+        ensure!(
+            l.checkpoint <= limit,
+            "lease {} checkpointed at {} but the last line written for it was {limit}",
+            l.key.as_str(),
+            l.checkpoint
+        );
+        eprintln!(
+            "lease {}: checkpoint {} (last line written: {limit})",
+            l.key.as_str(),
+            l.checkpoint
+        );
+        checkpoints.insert(l.key.as_str().to_owned(), l.checkpoint.clone());
+    }
+
+    // The second run prints exactly the records after each checkpoint: with the first run's
+    // lines, every record (no gap).
+    let all: BTreeSet<OutputRecord> = want1.union(&want2).cloned().collect();
+    let after_checkpoint: BTreeSet<OutputRecord> = all
+        .iter()
+        .filter(|r| ExtendedSequenceNumber::at(r.seq.clone(), 0) > checkpoints[&r.shard])
+        .cloned()
+        .collect();
+    let written_set: BTreeSet<OutputRecord> = written.iter().cloned().collect();
+    let mut w2 = KclProcess::spawn(&bin, "epipe-w2", &env, consume_args(&stream, &app, "w2"))?;
+    w2.wait_for_lines(after_checkpoint.len(), DRAIN_TIMEOUT)
+        .await?;
+    tokio::time::sleep(QUIET_PERIOD).await;
+    let (status, _) = w2.terminate(EXIT_TIMEOUT).await?;
+    ensure!(status.code() == Some(0), "second run exited with {status}");
+    let got2 = check_output(&w2)?;
+    check_exactly(&got2, &after_checkpoint, "second run after the broken pipe")?;
+    let unseen: Vec<_> = all
+        .iter()
+        .filter(|r| !written_set.contains(*r) && !after_checkpoint.contains(*r))
+        .take(3)
+        .collect();
+    ensure!(
+        unseen.is_empty(),
+        "records neither written by the first run nor printed by the second: {unseen:?}"
+    );
+    eprintln!(
+        "first run wrote {} records, second printed {} ({} again); whole test {:.1?}",
+        written.len(),
+        got2.len(),
+        got2.iter().filter(|r| written_set.contains(*r)).count(),
+        test_start.elapsed()
+    );
+    Ok(())
+}
+
+/// (f) Every write to stdout fails (`/dev/full`: ENOSPC), and the consumer retries; a SIGTERM
+/// then stops it gracefully (leases released, within a few seconds) without checkpointing
+/// anything, with a non-zero exit that says records were not written. A second run prints
+/// every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_stdout_checkpoints_nothing_through_sigterm() -> anyhow::Result<()> {
+    let test_start = Instant::now();
+    let (bin, kinesis, dynamo) =
+        tokio::try_join!(kcl_binary(), start_kinesis_local(), start_dynalite())?;
+    let env = CliEnv::new(kinesis.endpoint(), dynamo.endpoint());
+    let client = kinesis_client(&kinesis).await;
+    let stream = unique_name("cli-enospc");
+    let app = unique_name("cli-enospc-app");
+    let leases = DynamoLeaseStore::from_conf(&sdk_config(&dynamo.endpoint()).await, app.clone());
+    create_stream(&client, &stream, 2).await?;
+    let mut shards = AwsKinesis::new(client.clone()).list_shards(&stream).await?;
+    shards.sort_by(|a, b| a.id.cmp(&b.id));
+    let wave1 = first_wave(&shards);
+    let want = expected(&wave1, &put_records(&client, &stream, wave1.clone()).await?);
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .context("opening /dev/full")?;
+    let mut w1 = KclProcess::spawn_writing_to(
+        &bin,
+        "enospc-w1",
+        &env,
+        consume_args(&stream, &app, "w1"),
+        full,
+    )?;
+    // Both shards' processors have failed to write (and are being retried).
+    w1.wait_for_stderr("failed writes on both shards", DRAIN_TIMEOUT, |e| {
+        shards.iter().all(|s| {
+            e.lines().any(|l| {
+                l.contains(s.id.as_str())
+                    && (l.contains("process_records failed") || l.contains("writing to stdout"))
+            })
+        })
+    })
+    .await?;
+    // A few retries.
+    tokio::time::sleep(QUIET_PERIOD).await;
+    let (status, took) = w1.terminate(EXIT_TIMEOUT).await?;
+    eprintln!("w1: SIGTERM → {status} in {took:.1?}");
+
+    let table = leases.list().await?;
+    ensure!(
+        table.leases.len() == shards.len(),
+        "leases: {:?}",
+        table.leases
+    );
+    for l in &table.leases {
+        ensure!(
+            l.checkpoint == ExtendedSequenceNumber::TrimHorizon,
+            "lease {} checkpointed at {} although no line could be written",
+            l.key.as_str(),
+            l.checkpoint
+        );
+        ensure!(
+            l.owner.is_none(),
+            "lease {} still owned after SIGTERM: {l:?}",
+            l.key.as_str()
+        );
+    }
+    ensure!(
+        !status.success(),
+        "kcl consume exited with {status} although no record could be written; stderr:\n{}",
+        w1.stderr_tail(20)
+    );
+    ensure!(
+        w1.stderr().contains("not written"),
+        "the exit message should say records were not written; stderr:\n{}",
+        w1.stderr_tail(20)
+    );
+
+    let mut w2 = KclProcess::spawn(&bin, "enospc-w2", &env, consume_args(&stream, &app, "w2"))?;
+    w2.wait_for_lines(want.len(), DRAIN_TIMEOUT).await?;
+    tokio::time::sleep(QUIET_PERIOD).await;
+    let (status, _) = w2.terminate(EXIT_TIMEOUT).await?;
+    ensure!(status.code() == Some(0), "second run exited with {status}");
+    check_exactly(&check_output(&w2)?, &want, "second run after ENOSPC")?;
+    eprintln!("whole test: {:.1?}", test_start.elapsed());
     Ok(())
 }

@@ -18,6 +18,8 @@ async fn fan_out_delivers_everything_across_a_split_and_resubscriptions() -> any
     kinesis.create_stream("s", 2);
     let log = DeliveryLog::default();
     let worker = kcl::Worker::builder()
+        // Paused clock: the heartbeat must run on this runtime.
+        .heartbeat(kcl::Heartbeat::Task)
         .application_name("fanout-app")
         .stream("s")
         .worker_id("w1")

@@ -56,6 +56,8 @@ fn worker(
     processor: impl kcl::ProcessorFactory,
 ) -> anyhow::Result<kcl::Worker> {
     Ok(kcl::Worker::builder()
+        // Paused clock: the heartbeat must run on this runtime.
+        .heartbeat(kcl::Heartbeat::Task)
         .application_name("kpl-app")
         .stream("s")
         .worker_id(id)

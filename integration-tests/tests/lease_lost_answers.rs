@@ -184,7 +184,8 @@ async fn lost_update_answers_are_not_lost_leases() -> anyhow::Result<()> {
     let deliveries = tally
         .deliveries
         .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     let twice: Vec<_> = deliveries.iter().filter(|(_, n)| **n > 1).collect();
     ensure!(
         twice.is_empty(),

@@ -21,6 +21,8 @@ async fn run_until_delivered(
 ) -> anyhow::Result<()> {
     let fixture = MemStream(kinesis.clone());
     let builder = kcl::Worker::builder()
+        // Paused clock: the heartbeat must run on this runtime.
+        .heartbeat(kcl::Heartbeat::Task)
         .application_name("retrieval-app")
         .stream("s")
         .worker_id("w1")

@@ -32,6 +32,8 @@ async fn a_parent_trimmed_away_unfinished_does_not_block_its_children() -> anyho
 
     let log = DeliveryLog::default();
     let worker = kcl::Worker::builder()
+        // Paused clock: the heartbeat must run on this runtime.
+        .heartbeat(kcl::Heartbeat::Task)
         .application_name("lineage-app")
         .stream("s")
         .worker_id("w1")

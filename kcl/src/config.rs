@@ -34,6 +34,32 @@ pub enum Retrieval {
     },
 }
 
+/// Where the heartbeat (the renewal of held leases) runs.
+///
+/// A processor that blocks its runtime thread — synchronous CPU work, blocking I/O — must not
+/// cost the worker its leases: on a runtime whose threads are all blocked no task runs, the
+/// lease counters stand still, and peers take the leases. So by default the heartbeat runs on
+/// a thread of its own, with a small single-threaded runtime.
+///
+/// ```
+/// use kcl::config::Heartbeat;
+/// # fn demo(builder: kcl::WorkerBuilder) -> kcl::WorkerBuilder {
+/// // Tests under tokio's paused clock (`start_paused`), where time must be the test's own:
+/// builder.heartbeat(Heartbeat::Task)
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Heartbeat {
+    /// On a dedicated thread (the default): renewals go on whatever the processors do.
+    #[default]
+    Thread,
+    /// As a task on the caller's runtime. Use it under tokio's paused clock (the simulation,
+    /// `#[tokio::test(start_paused = true)]`): another runtime's clock is not paused, so a
+    /// heartbeat thread would see leases expire that the test's clock says are alive.
+    Task,
+}
+
 /// Polling retrieval (`GetRecords`) settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -116,6 +142,8 @@ pub struct WorkerConfig {
     /// aside after its lease was released, before this worker tries it again; doubled after
     /// each further failure, up to 32 times as long. Other workers may try it meanwhile.
     pub quarantine: Duration,
+    /// Where held leases are renewed.
+    pub heartbeat: Heartbeat,
 }
 
 /// A configuration value that is out of range; names the field.
@@ -167,6 +195,7 @@ impl WorkerConfig {
             polling: PollingConfig::default(),
             shutdown_timeout: Duration::from_secs(30),
             quarantine: Duration::from_secs(10),
+            heartbeat: Heartbeat::default(),
         }
     }
 

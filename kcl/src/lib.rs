@@ -78,7 +78,7 @@ pub use async_trait::async_trait;
 #[cfg(feature = "aws")]
 pub use aws::Aws;
 pub use checkpoint::{CheckpointError, Checkpointer};
-pub use config::{ConfigError, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
+pub use config::{ConfigError, Heartbeat, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
 pub use error::{Error, Result};
 pub use lease::{Lease, LeaseStore, LeaseStoreError, WorkerId};
 pub use processor::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};

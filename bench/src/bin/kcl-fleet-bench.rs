@@ -167,6 +167,8 @@ impl Fleet {
     fn start(&mut self, id: &str) -> anyhow::Result<()> {
         let (worker_name, log) = (id.to_owned(), self.log.clone());
         let w = kcl::Worker::builder()
+            // Paused clock: the heartbeat must run on this runtime.
+            .heartbeat(kcl::Heartbeat::Task)
             .application_name("fleet-bench")
             .stream("s")
             .worker_id(id)

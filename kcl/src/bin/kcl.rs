@@ -3,20 +3,24 @@
 //! Endpoints, region and credentials come from the standard AWS configuration
 //! (`AWS_ENDPOINT_URL_KINESIS`, `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, profiles, …).
 
+use std::collections::VecDeque;
+use std::fmt;
 use std::io::Write as _;
+use std::os::fd::AsFd as _;
+use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::{
-    async_trait, Checkpointer, InitialPosition, ProcessorError, RecordBatch, RecordProcessor,
-    Worker,
+    async_trait, Checkpointer, ExtendedSequenceNumber, InitialPosition, ProcessorError, Record,
+    RecordBatch, RecordProcessor, Worker,
 };
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "kcl", version, about = "Kinesis consumer and lease-table tool")]
@@ -75,14 +79,312 @@ fn parse_position(s: &str) -> Result<InitialPosition, String> {
     }
 }
 
-/// Writes records as JSON lines; one lock per batch keeps lines whole.
+/// How many bytes of lines are collected before they are written out (and at the end of every
+/// batch).
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// `kcl consume`'s stdout, shared by the processors of every shard.
+///
+/// Lines are appended to one buffer and written to a duplicate of file descriptor 1 with plain
+/// `write(2)` calls (no other buffering between them and the file), so the number of bytes that
+/// reached stdout is known exactly, and with it the last record of each shard whose line was
+/// written whole. Only those records are ever checkpointed: a line cut short by a failed write
+/// is not written, and it is completed before anything else is written (a retry never writes
+/// a line twice or splices two lines).
+struct Output {
+    state: tokio::sync::Mutex<OutputState>,
+    /// Cancelled once stdout is closed (EPIPE): the consumer stops.
+    closed: CancellationToken,
+}
+
+/// The last record of one processor whose line was written whole.
+type Watermark = std::sync::Mutex<Option<ExtendedSequenceNumber>>;
+
+/// One line in [`OutputState::buf`], not written whole yet.
+struct Pending {
+    /// Where the line ends, counted in bytes since the start of the output.
+    end: u64,
+    /// The watermark of the processor that queued it.
+    mark: Arc<Watermark>,
+    /// Its record.
+    position: ExtendedSequenceNumber,
+}
+
+struct OutputState {
+    /// File descriptor 1, duplicated.
+    file: Arc<std::fs::File>,
+    /// Bytes not written yet: the rest of the line a failed write cut short, then whole lines.
+    buf: Vec<u8>,
+    /// The lines in `buf`, oldest first.
+    pending: VecDeque<Pending>,
+    /// Bytes written so far.
+    written_bytes: u64,
+    /// Lines written whole so far.
+    written_lines: u64,
+    /// A write is in flight, or one was abandoned half-way (its future dropped): `buf` is then
+    /// gone with it, and nothing can be written any more.
+    busy: bool,
+    /// Stdout was closed (EPIPE): nothing can be written any more.
+    broken: bool,
+    /// The last write's error, until a write succeeds again.
+    failing: Option<String>,
+}
+
+/// Why a line could not be written.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    /// Stdout was closed: the reader went away (`| head`). Retrying cannot help.
+    #[error("stdout was closed (broken pipe)")]
+    Closed,
+    /// A write failed (e.g. a full disk); the worker's error policy retries it.
+    #[error("writing to stdout failed: {0}")]
+    Failed(#[source] std::io::Error),
+    /// An earlier write was abandoned (shutdown timeout) and took the unwritten bytes with it.
+    #[error("an earlier write to stdout was abandoned")]
+    Abandoned,
+    /// A line could not be encoded.
+    #[error("encoding a record as a JSON line failed: {0}")]
+    Encode(String),
+}
+
+impl WriteError {
+    fn into_processor_error(self) -> ProcessorError {
+        match self {
+            Self::Failed(_) => ProcessorError::retryable(self),
+            Self::Closed | Self::Abandoned | Self::Encode(_) => ProcessorError::fatal(self),
+        }
+    }
+}
+
+impl Output {
+    /// Stdout, duplicated: written unbuffered from blocking threads.
+    fn stdout() -> anyhow::Result<Arc<Self>> {
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("stdout is not open")?;
+        Ok(Arc::new(Self {
+            state: tokio::sync::Mutex::new(OutputState {
+                file: Arc::new(std::fs::File::from(fd)),
+                buf: Vec::with_capacity(WRITE_CHUNK),
+                pending: VecDeque::new(),
+                written_bytes: 0,
+                written_lines: 0,
+                busy: false,
+                broken: false,
+                failing: None,
+            }),
+            closed: CancellationToken::new(),
+        }))
+    }
+
+    /// After the worker stopped: writes what is left in the buffer if it can (a line cut short
+    /// by a failed write is completed rather than left half-written; the lines of records
+    /// that were not checkpointed come again in the next run). An error if stdout was closed
+    /// or the last write failed: the records not written were not checkpointed.
+    async fn finish(&self) -> anyhow::Result<()> {
+        let mut st = self.state.lock().await;
+        if !st.buf.is_empty() {
+            // Bounded: nobody may be reading any more.
+            let _ = tokio::time::timeout(Duration::from_secs(2), st.write_out()).await;
+        }
+        let lines = st.written_lines;
+        if st.busy {
+            bail!(
+                "a write to stdout did not finish, after {lines} records; the records not \
+                 written were not checkpointed (the next run starts with them)"
+            );
+        }
+        if st.broken {
+            bail!(
+                "stdout was closed (broken pipe) after {lines} records; stopped, and the \
+                 records not written were not checkpointed (the next run starts with them)"
+            );
+        }
+        if let Some(e) = &st.failing {
+            bail!(
+                "writing to stdout failed ({e}) after {lines} records; the records not written \
+                 were not checkpointed (the next run starts with them)"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl OutputState {
+    /// Whether anything can be written.
+    fn check(&self) -> Result<(), WriteError> {
+        if self.broken {
+            Err(WriteError::Closed)
+        } else if self.busy {
+            Err(WriteError::Abandoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Appends `r`'s line. On an error nothing of it stays in the buffer.
+    fn push_line(
+        &mut self,
+        shard: &str,
+        r: &Record,
+        mark: &Arc<Watermark>,
+    ) -> Result<(), WriteError> {
+        let start = self.buf.len();
+        let result = encode_line(&mut self.buf, shard, r);
+        if let Err(e) = result {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        self.pending.push_back(Pending {
+            end: self.written_bytes + self.buf.len() as u64,
+            mark: mark.clone(),
+            position: r.position(),
+        });
+        Ok(())
+    }
+
+    /// Writes the whole buffer, from a blocking thread. Moves the watermarks of the lines
+    /// written whole, also when the write fails half-way.
+    async fn write_out(&mut self) -> Result<(), WriteError> {
+        self.check()?;
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let file = self.file.clone();
+        self.busy = true;
+        let (mut buf, n, result) = tokio::task::spawn_blocking(move || {
+            let mut n = 0;
+            let result = loop {
+                if n == buf.len() {
+                    break Ok(());
+                }
+                match (&*file).write(&buf[n..]) {
+                    Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // A non-blocking stdout (set so by whoever shares it) that is full.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            (buf, n, result)
+        })
+        .await
+        .map_err(|_| WriteError::Abandoned)?;
+        self.busy = false;
+        buf.drain(..n);
+        self.buf = buf;
+        self.written_bytes += n as u64;
+        while let Some(p) = self.pending.front() {
+            if p.end > self.written_bytes {
+                break;
+            }
+            if let Some(p) = self.pending.pop_front() {
+                *lock(&p.mark) = Some(p.position);
+                self.written_lines += 1;
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.failing = None;
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.broken = true;
+                Err(WriteError::Closed)
+            }
+            Err(e) => {
+                self.failing = Some(e.to_string());
+                Err(WriteError::Failed(e))
+            }
+        }
+    }
+}
+
+/// `{"shard":…,"seq":"…","subseq":…,"key":…,"data":"<base64>"}` and a newline.
+fn encode_line(buf: &mut Vec<u8>, shard: &str, r: &Record) -> Result<(), WriteError> {
+    // Writes into a Vec cannot fail.
+    let _ = write!(
+        buf,
+        "{{\"shard\":{shard},\"seq\":\"{}\",\"subseq\":{},\"key\":",
+        r.sequence_number, r.sub_sequence_number
+    );
+    serde_json::to_writer(&mut *buf, &r.partition_key)
+        .map_err(|e| WriteError::Encode(e.to_string()))?;
+    buf.extend_from_slice(b",\"data\":\"");
+    let at = buf.len();
+    let len = base64::encoded_len(r.data.len(), true)
+        .ok_or_else(|| WriteError::Encode("the record is too large".into()))?;
+    buf.resize(at + len, 0);
+    let n = base64::engine::general_purpose::STANDARD
+        .encode_slice(&r.data, &mut buf[at..])
+        .map_err(|e| WriteError::Encode(e.to_string()))?;
+    buf.truncate(at + n);
+    buf.extend_from_slice(b"\"}\n");
+    Ok(())
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes one shard's records as JSON lines to the shared [`Output`], and checkpoints exactly
+/// the last record whose line was written whole: never a record delivered but not written.
 struct JsonLines {
-    out: Arc<Mutex<BufWriter<tokio::io::Stdout>>>,
-    /// One line at a time is encoded here (a batch is never encoded whole: 16 shards' worth of
-    /// encoded batches waiting for the lock would double the memory the prefetch budget bounds).
-    line: Vec<u8>,
-    /// The base64 of one record's data.
-    data: String,
+    out: Arc<Output>,
+    /// The last of this processor's records whose line was written whole (moved by whoever
+    /// writes the buffer out).
+    written: Arc<Watermark>,
+    /// The last record whose line was queued (written or in the buffer): a retried batch skips
+    /// the lines already queued.
+    queued: Option<ExtendedSequenceNumber>,
+}
+
+impl JsonLines {
+    fn new(out: Arc<Output>) -> Self {
+        Self {
+            out,
+            written: Arc::new(std::sync::Mutex::new(None)),
+            queued: None,
+        }
+    }
+
+    /// Queues the batch's lines not queued yet and writes the buffer out.
+    async fn write(&mut self, batch: &RecordBatch) -> Result<(), WriteError> {
+        let shard = serde_json::to_string(batch.shard_id.as_str())
+            .map_err(|e| WriteError::Encode(e.to_string()))?;
+        let mut st = self.out.state.lock().await;
+        // First what a failed write left (the rest of a line may have been written already).
+        st.write_out().await?;
+        for r in batch {
+            let position = r.position();
+            if self.queued.as_ref().is_some_and(|q| position <= *q) {
+                continue;
+            }
+            st.push_line(&shard, r, &self.written)?;
+            self.queued = Some(position);
+            if st.buf.len() >= WRITE_CHUNK {
+                st.write_out().await?;
+            }
+        }
+        st.write_out().await
+    }
+
+    /// Checkpoints the last record written whole, if any.
+    async fn checkpoint_written(&self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        let written = lock(&self.written).clone();
+        match written {
+            Some(pos) => cp
+                .checkpoint_at(pos)
+                .await
+                .map_err(ProcessorError::retryable),
+            None => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
@@ -92,43 +394,47 @@ impl RecordProcessor for JsonLines {
         batch: &RecordBatch,
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
-        let shard =
-            serde_json::to_string(batch.shard_id.as_str()).map_err(ProcessorError::fatal)?;
-        {
-            let mut out = self.out.lock().await;
-            for r in batch {
-                self.line.clear();
-                self.data.clear();
-                let key = serde_json::to_string(&r.partition_key).map_err(ProcessorError::fatal)?;
-                let _ = write!(
-                    self.line,
-                    "{{\"shard\":{shard},\"seq\":\"{}\",\"subseq\":{},\"key\":{key},\"data\":\"",
-                    r.sequence_number, r.sub_sequence_number
-                );
-                base64::engine::general_purpose::STANDARD.encode_string(&r.data, &mut self.data);
-                self.line.extend_from_slice(self.data.as_bytes());
-                self.line.extend_from_slice(b"\"}\n");
-                out.write_all(&self.line)
-                    .await
-                    .map_err(ProcessorError::retryable)?;
+        if let Err(e) = self.write(batch).await {
+            // Inside `process_records` the batch may be checkpointed up to its last line
+            // written whole; after it returns an error, no callback may (the worker's
+            // processed watermark stops before a failed batch).
+            if let Err(cp_error) = self.checkpoint_written(cp).await {
+                tracing::debug!(error = %cp_error, "checkpointing the lines written failed");
             }
-            // Written out before the checkpoint says the batch is done.
-            out.flush().await.map_err(ProcessorError::retryable)?;
+            if matches!(e, WriteError::Closed) {
+                // The consumer stops; the leases are released, checkpointed at what was written.
+                self.out.closed.cancel();
+            }
+            return Err(e.into_processor_error());
+        }
+        self.checkpoint_written(cp).await
+    }
+
+    async fn shard_ended(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        // Every batch returned Ok, so every line was written; SHARD_END says so.
+        if *lock(&self.written) != self.queued {
+            return Err(ProcessorError::retryable(
+                "the shard's last lines are not written yet",
+            ));
         }
         cp.checkpoint().await.map_err(ProcessorError::retryable)
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
-        // Everything delivered was written before its batch returned: checkpoint it.
-        if cp.last_delivered().is_some() {
-            cp.checkpoint().await.map_err(ProcessorError::retryable)?;
+        // Only what was written, and (outside `process_records`) no further than the batches
+        // processed whole: a failed batch's lines written were checkpointed when it failed.
+        let written = lock(&self.written).clone();
+        match (written, cp.last_processed().cloned()) {
+            (Some(w), Some(p)) => cp
+                .checkpoint_at(w.min(p))
+                .await
+                .map_err(ProcessorError::retryable),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -136,7 +442,30 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "Error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // A write stuck on a stdout nobody reads must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Not eprintln!: a closed stderr must not turn the error into a panic.
+            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Consume {
             stream,
@@ -145,19 +474,18 @@ async fn main() -> anyhow::Result<()> {
             worker_id,
             position,
         } => {
-            let out = Arc::new(Mutex::new(BufWriter::with_capacity(
-                64 * 1024,
-                tokio::io::stdout(),
-            )));
+            // Caught from now on: a signal during start-up is a graceful stop too.
+            let mut signals = StopSignals::install().context("installing signal handlers")?;
+            let out = Output::stdout()?;
+            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let mut builder = Worker::builder()
                 .application_name(app)
                 .stream(stream)
                 .backends(kcl::Aws::from_conf(&sdk))
                 .initial_position(position)
-                .processor(move || JsonLines {
-                    out: out.clone(),
-                    line: Vec::new(),
-                    data: String::new(),
+                .processor({
+                    let out = out.clone();
+                    move || JsonLines::new(out.clone())
                 });
             if let Some(t) = table {
                 builder = builder.table_name(t);
@@ -166,9 +494,37 @@ async fn main() -> anyhow::Result<()> {
                 builder = builder.worker_id(id);
             }
             let worker = builder.build()?;
-            worker.run_until(shutdown_signal()).await?;
+            let stop = worker.shutdown_handle();
+            let run = worker.run();
+            tokio::pin!(run);
+            let stopped = tokio::select! {
+                r = &mut run => {
+                    r?;
+                    true
+                }
+                signal = signals.recv() => {
+                    tracing::info!(%signal, "signal received; shutting down gracefully");
+                    false
+                }
+                _ = out.closed.cancelled() => {
+                    tracing::warn!("stdout was closed (broken pipe); shutting down gracefully");
+                    false
+                }
+            };
+            if !stopped {
+                stop.shutdown();
+                tokio::select! {
+                    r = &mut run => r?,
+                    signal = signals.recv() => bail!(
+                        "{signal} received again: stopped without waiting for the graceful \
+                         shutdown (the leases still held expire after the lease duration)"
+                    ),
+                }
+            }
+            out.finish().await?;
         }
         Command::Leases { app, table, json } => {
+            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let store = DynamoLeaseStore::from_conf(&sdk, table.unwrap_or(app));
             let table = store.list().await.context("reading the lease table")?;
             for bad in &table.malformed {
@@ -185,21 +541,57 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// A signal that asks for a graceful stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopSignal {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+impl fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Interrupt => "SIGINT",
+            Self::Terminate => "SIGTERM",
+        })
     }
-    tracing::info!("signal received; shutting down gracefully");
+}
+
+/// SIGINT and SIGTERM, caught from [`StopSignals::install`] on (they no longer end the
+/// process): [`StopSignals::recv`] returns each one as it arrives, also those that arrived
+/// before it was called. Needs a tokio runtime with the signal driver.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers.
+    ///
+    /// # Errors
+    /// A handler could not be installed (no tokio runtime, or the OS refused).
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a signal is never lost by dropping the future.
+    async fn recv(&mut self) -> StopSignal {
+        tokio::select! {
+            Some(()) = self.interrupt.recv() => StopSignal::Interrupt,
+            Some(()) = self.terminate.recv() => StopSignal::Terminate,
+            // Both streams ended (the runtime is shutting down): no more signals.
+            else => std::future::pending().await,
+        }
+    }
 }
 
 fn lease_json(l: &kcl::Lease) -> serde_json::Value {

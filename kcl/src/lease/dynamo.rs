@@ -105,6 +105,10 @@ pub struct DynamoLeaseStore {
 impl DynamoLeaseStore {
     /// A store for the lease table `table`, using `client`.
     ///
+    /// Every call has a timeout: those `client`'s configuration leaves unset (the SDK's
+    /// operation and operation-attempt timeouts) default to 5 s per attempt and 15 s per call
+    /// (see [`crate::Aws`]); a call that times out fails with [`LeaseStoreError::Transient`].
+    ///
     /// ```no_run
     /// # async fn demo() {
     /// use kcl::lease::dynamo::DynamoLeaseStore;
@@ -115,6 +119,20 @@ impl DynamoLeaseStore {
     /// # }
     /// ```
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        let client = match crate::aws::with_default_timeouts(
+            client.config().timeout_config(),
+            crate::aws::DYNAMODB_TIMEOUTS,
+        ) {
+            // The same configuration (connection pool, credentials cache…) with the timeouts.
+            Some(timeouts) => aws_sdk_dynamodb::Client::from_conf(
+                client
+                    .config()
+                    .to_builder()
+                    .timeout_config(timeouts)
+                    .build(),
+            ),
+            None => client,
+        };
         Self {
             client,
             table: table.into(),
@@ -124,7 +142,8 @@ impl DynamoLeaseStore {
     }
 
     /// A store for the lease table `table`, with a client built from `conf` (region,
-    /// credentials, endpoint, retry and timeout settings).
+    /// credentials, endpoint, retry and timeout settings; timeouts `conf` leaves unset get
+    /// defaults, as in [`DynamoLeaseStore::new`]).
     ///
     /// ```no_run
     /// # async fn demo() {
@@ -969,6 +988,7 @@ impl crate::testkit::conformance::RawItems for DynamoLeaseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
     use aws_sdk_dynamodb::error::{ConnectorError, ErrorMetadata};
     use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
     use aws_sdk_dynamodb::types::error::{
@@ -1189,5 +1209,36 @@ mod tests {
             "#leaseCounter = :v0"
         );
         assert_eq!(u.names.len(), 1);
+    }
+
+    #[test]
+    fn every_call_has_a_timeout_unless_the_configuration_sets_its_own() {
+        let config = |timeouts: Option<TimeoutConfig>| {
+            let mut b = aws_sdk_dynamodb::Config::builder()
+                .region(aws_sdk_dynamodb::config::Region::new("us-east-1"));
+            b.set_timeout_config(timeouts);
+            aws_sdk_dynamodb::Client::from_conf(b.build())
+        };
+        let store = DynamoLeaseStore::new(config(None), "t");
+        let t = store
+            .client
+            .config()
+            .timeout_config()
+            .expect("timeouts set");
+        assert_eq!(t.operation_attempt_timeout(), Some(Duration::from_secs(5)));
+        assert_eq!(t.operation_timeout(), Some(Duration::from_secs(15)));
+
+        let own = TimeoutConfig::builder()
+            .operation_timeout(Duration::from_secs(42))
+            .disable_operation_attempt_timeout()
+            .build();
+        let store = DynamoLeaseStore::new(config(Some(own)), "t");
+        let t = store
+            .client
+            .config()
+            .timeout_config()
+            .expect("timeouts set");
+        assert_eq!(t.operation_timeout(), Some(Duration::from_secs(42)));
+        assert_eq!(t.operation_attempt_timeout(), None);
     }
 }

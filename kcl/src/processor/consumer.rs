@@ -297,6 +297,11 @@ impl Consumer {
                     self.deliver(&batch, &label).await?;
                 }
                 Some(Fetched::ShardEnd { children }) => {
+                    let children = if children.is_empty() {
+                        self.confirm_shard_end().await?
+                    } else {
+                        children
+                    };
                     return self.end_shard(children).await;
                 }
                 Some(Fetched::Failed(KinesisApiError::NotFound(what))) => {
@@ -362,6 +367,53 @@ impl Consumer {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A shard end that came without child shards (a server that omits them, or one that
+    /// ends an iterator early) is believed only once the shard is listed closed, with an
+    /// ending sequence number: `SHARD_END` on a shard still open would skip its records and
+    /// start its children too early. Returns the children from the listing.
+    async fn confirm_shard_end(&mut self) -> Result<Vec<ChildShard>, Stop> {
+        let mut delays = self.delays();
+        let shards = loop {
+            match self.env.kinesis.list_shards(&self.env.config.stream).await {
+                Ok(shards) => break shards,
+                Err(e) if e.is_retryable() => {
+                    let d = delays.next().unwrap_or(Duration::from_secs(30));
+                    debug!(error = %e, delay = ?d, "listing shards to confirm a shard end failed; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = self.held.lost_token().cancelled() => return Err(Stop::LeaseLost),
+                        _ = self.env.shutdown.cancelled() => return Err(Stop::Shutdown),
+                        _ = self.held.handoff_token().cancelled() => return Err(Stop::Handoff),
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+                Err(e) => return Err(Stop::ReadFailed(error_chain(&e))),
+            }
+        };
+        match shards.iter().find(|s| s.id == self.shard) {
+            Some(shard) if shard.is_closed() => Ok(shards
+                .iter()
+                .filter(|c| c.parents().any(|p| *p == self.shard))
+                .map(|c| {
+                    ChildShard::new(c.id.clone(), c.parents().cloned().collect(), c.hash_range)
+                })
+                .collect()),
+            Some(_) => {
+                warn!("the shard end was reported for a shard listed open; reading it again later");
+                Err(Stop::ReadFailed(
+                    "shard end reported for an open shard".into(),
+                ))
+            }
+            None => {
+                warn!("the shard end was reported for a shard no longer listed");
+                self.env.sync_now.notify_one();
+                Err(Stop::ReadFailed(
+                    "shard end of a shard no longer listed".into(),
+                ))
             }
         }
     }

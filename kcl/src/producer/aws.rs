@@ -9,6 +9,12 @@
 //! [`KinesisApiError::Other`], which ends a flush. The SDK client's own retry policy applies
 //! underneath.
 //!
+//! Every `PutRecords` call has a timeout, so that `flush` and `close` cannot hang on a
+//! half-open connection: where the client's configuration leaves the SDK's operation or
+//! operation-attempt timeout unset, the call sets it (10 s per attempt, 25 s per call, see
+//! [`crate::Aws`]). A call that times out is [`KinesisApiError::Transient`]: the producer
+//! sends it again, up to [`max_attempts`](super::ProducerBuilder::max_attempts).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use kcl::producer::aws::AwsPutRecords;
@@ -30,8 +36,12 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 
+use aws_sdk_kinesis::config::timeout::TimeoutConfig;
+
 use super::{PutRecords, PutRecordsEntry, PutRecordsResult};
+use crate::aws::{with_default_timeouts, PUT_RECORDS_TIMEOUTS};
 use crate::record::SequenceNumber;
+use crate::retrieval::aws::timeout_override;
 use crate::retrieval::KinesisApiError;
 use crate::shard::ShardId;
 
@@ -41,13 +51,18 @@ use crate::shard::ShardId;
 #[derive(Clone, Debug)]
 pub struct AwsPutRecords {
     client: aws_sdk_kinesis::Client,
+    /// The timeouts each call sets over the client's (`None`: it sets them all already).
+    timeouts: Option<TimeoutConfig>,
 }
 
 impl AwsPutRecords {
     /// Wraps an SDK client (its endpoint, region, credentials, retry and timeout settings are
-    /// used as they are).
+    /// used as they are; the operation and operation-attempt timeouts it leaves unset get
+    /// kcl's defaults, see [`crate::Aws`]).
     pub fn new(client: aws_sdk_kinesis::Client) -> Self {
-        Self { client }
+        let timeouts =
+            with_default_timeouts(client.config().timeout_config(), PUT_RECORDS_TIMEOUTS);
+        Self { client, timeouts }
     }
 
     /// Builds the SDK client from a shared SDK config.
@@ -79,6 +94,8 @@ impl PutRecords for AwsPutRecords {
             .put_records()
             .stream_name(stream)
             .set_records(Some(request))
+            .customize()
+            .config_override(timeout_override(&self.timeouts))
             .send()
             .await
             .map_err(|e| classify(e, stream))?;

@@ -33,6 +33,13 @@
 //! up to 3 attempts with jittered backoff for throttling and transient errors); the retrieval
 //! layer retries on top of that what is still retryable.
 //!
+//! Every call has a timeout (see [`crate::Aws`] for the values): where the client's
+//! configuration leaves the SDK's operation or operation-attempt timeout unset, each call sets
+//! it (`GetRecords` gets longer ones than the control-plane calls); a call that times out is
+//! [`Transient`](KinesisApiError::Transient). `SubscribeToShard` is bounded until its initial
+//! response (the SDK's operation timeout does not cover the wait for the event stream's first
+//! message, so a tokio timeout of the same length does); the event stream itself is not.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use kcl::retrieval::aws::AwsKinesis;
@@ -51,6 +58,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_kinesis::config::http::HttpResponse;
+use aws_sdk_kinesis::config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::config::StalledStreamProtectionConfig;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::DateTime;
@@ -62,6 +70,9 @@ use aws_smithy_types::event_stream::RawMessage;
 use bytes::Bytes;
 use tracing::debug;
 
+use crate::aws::{
+    with_default_timeouts, CallTimeouts, GET_RECORDS_TIMEOUTS, KINESIS_TIMEOUTS, SUBSCRIBE_TIMEOUTS,
+};
 use crate::record::{Record, SequenceNumber};
 use crate::retrieval::kinesis::{SubscriptionEvent, SubscriptionStream};
 use crate::retrieval::{
@@ -106,11 +117,52 @@ const CONSUMER_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct AwsKinesis {
     client: aws_sdk_kinesis::Client,
     list_shards_page_size: u32,
+    timeouts: Timeouts,
+}
+
+/// The timeouts each kind of call sets over the client's configuration (`None`: the
+/// configuration sets them all already).
+#[derive(Clone, Debug)]
+struct Timeouts {
+    control: Option<TimeoutConfig>,
+    get_records: Option<TimeoutConfig>,
+    subscribe: Option<TimeoutConfig>,
+    /// How long `SubscribeToShard` may take until its initial response (`None`: the
+    /// configuration disabled the operation timeout).
+    subscribe_bound: Option<Duration>,
+}
+
+impl Timeouts {
+    fn of(client: &aws_sdk_kinesis::Client) -> Self {
+        let configured = client.config().timeout_config();
+        let fill = |defaults: CallTimeouts| with_default_timeouts(configured, defaults);
+        let subscribe = fill(SUBSCRIBE_TIMEOUTS);
+        let subscribe_bound = subscribe
+            .as_ref()
+            .or(configured)
+            .and_then(TimeoutConfig::operation_timeout);
+        Self {
+            control: fill(KINESIS_TIMEOUTS),
+            get_records: fill(GET_RECORDS_TIMEOUTS),
+            subscribe,
+            subscribe_bound,
+        }
+    }
+}
+
+/// A per-call configuration override with `timeouts` (empty for `None`).
+pub(crate) fn timeout_override(
+    timeouts: &Option<TimeoutConfig>,
+) -> aws_sdk_kinesis::config::Builder {
+    let mut b = aws_sdk_kinesis::config::Builder::default();
+    b.set_timeout_config(timeouts.clone());
+    b
 }
 
 impl AwsKinesis {
     /// Wraps an SDK client (its endpoint, region, credentials, retry and timeout settings are
-    /// used as they are).
+    /// used as they are; the operation and operation-attempt timeouts it leaves unset get
+    /// kcl's defaults, see [`crate::Aws`]).
     ///
     /// ```no_run
     /// # async fn demo() {
@@ -124,6 +176,7 @@ impl AwsKinesis {
     /// ```
     pub fn new(client: aws_sdk_kinesis::Client) -> Self {
         Self {
+            timeouts: Timeouts::of(&client),
             client,
             list_shards_page_size: DEFAULT_LIST_SHARDS_PAGE_SIZE,
         }
@@ -182,6 +235,8 @@ impl KinesisApi for AwsKinesis {
                     .max_results(to_i32(self.list_shards_page_size)),
             };
             let page = request
+                .customize()
+                .config_override(timeout_override(&self.timeouts.control))
                 .send()
                 .await
                 .map_err(|e| classify(e, &format!("stream {stream}")))?;
@@ -232,6 +287,8 @@ impl KinesisApi for AwsKinesis {
                 .starting_sequence_number(s.as_str()),
         };
         let out = request
+            .customize()
+            .config_override(timeout_override(&self.timeouts.control))
             .send()
             .await
             .map_err(|e| classify(e, &format!("stream {stream} shard {shard}")))?;
@@ -252,6 +309,8 @@ impl KinesisApi for AwsKinesis {
             .get_records()
             .shard_iterator(iterator.as_str())
             .limit(to_i32(limit.clamp(1, MAX_GET_RECORDS_LIMIT)))
+            .customize()
+            .config_override(timeout_override(&self.timeouts.get_records))
             .send()
             .await
             .map_err(|e| classify(e, "shard iterator"))?;
@@ -287,6 +346,8 @@ impl KinesisApi for AwsKinesis {
             .client
             .describe_stream_summary()
             .stream_name(stream)
+            .customize()
+            .config_override(timeout_override(&self.timeouts.control))
             .send()
             .await
             .map_err(|e| classify(e, &what))?;
@@ -342,9 +403,12 @@ impl KinesisApi for AwsKinesis {
         // A subscription may be quiet for seconds, and the reader may stop reading (its
         // back-pressure): neither is a stalled download. The retrieval layer times out between
         // events itself.
-        let no_stall_protection = aws_sdk_kinesis::config::Builder::default()
+        // The operation timeouts bound the call until the response's headers; the initial
+        // response (the event stream's first message) comes after them, so the whole `send`
+        // gets a timeout of the same length too. The event stream itself has none.
+        let no_stall_protection = timeout_override(&self.timeouts.subscribe)
             .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
-        let out = self
+        let call = self
             .client
             .subscribe_to_shard()
             .consumer_arn(consumer_arn)
@@ -352,9 +416,17 @@ impl KinesisApi for AwsKinesis {
             .starting_position(starting_position(position)?)
             .customize()
             .config_override(no_stall_protection)
-            .send()
-            .await
-            .map_err(|e| classify(e, &what))?;
+            .send();
+        let result = match self.timeouts.subscribe_bound {
+            Some(bound) => tokio::time::timeout(bound, call).await.map_err(|_| {
+                KinesisApiError::Transient(
+                    format!("SubscribeToShard for {what} timed out: no initial response within {bound:?}")
+                        .into(),
+                )
+            })?,
+            None => call.await,
+        };
+        let out = result.map_err(|e| classify(e, &what))?;
         let events = futures::stream::unfold(Some((out.event_stream, what)), |state| async move {
             let (mut receiver, what) = state?;
             loop {
@@ -390,6 +462,8 @@ impl AwsKinesis {
             .describe_stream_consumer()
             .stream_arn(stream_arn)
             .consumer_name(name)
+            .customize()
+            .config_override(timeout_override(&self.timeouts.control))
             .send()
             .await;
         match result {
@@ -426,6 +500,8 @@ impl AwsKinesis {
             .register_stream_consumer()
             .stream_arn(stream_arn)
             .consumer_name(name)
+            .customize()
+            .config_override(timeout_override(&self.timeouts.control))
             .send()
             .await;
         match result {

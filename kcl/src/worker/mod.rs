@@ -15,7 +15,9 @@ use tracing::{error, info, Instrument};
 
 pub use shutdown::ShutdownHandle;
 
-use crate::config::{ConfigError, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
+use crate::config::{
+    ConfigError, Heartbeat, InitialPosition, PollingConfig, Retrieval, WorkerConfig,
+};
 use crate::error::Result;
 use crate::lease::coordinator::LeaseCoordinator;
 use crate::lease::{LeaseKey, LeaseStore, WorkerId};
@@ -160,13 +162,9 @@ impl Worker {
         let background = CancellationToken::new();
         let renewer_stop = CancellationToken::new();
         let (acquired_tx, mut acquired_rx) = mpsc::channel(64);
-        // Aborted if `run()` is dropped: a cancelled worker must stop renewing its leases.
-        let renewer = AbortOnDropHandle::new(tokio::spawn(
-            coordinator
-                .clone()
-                .run_renewer(renewer_stop.clone())
-                .in_current_span(),
-        ));
+        // Stopped if `run()` is dropped: a cancelled worker must stop renewing its leases.
+        let _stop_renewer = renewer_stop.clone().drop_guard();
+        let renewer = spawn_renewer(cfg.heartbeat, coordinator.clone(), renewer_stop.clone());
         let taker = AbortOnDropHandle::new(tokio::spawn(
             coordinator
                 .clone()
@@ -251,6 +249,42 @@ impl Worker {
     }
 }
 
+/// Starts the renewer where `heartbeat` says; the future completes when it has stopped.
+fn spawn_renewer(
+    heartbeat: Heartbeat,
+    coordinator: Arc<LeaseCoordinator>,
+    stop: CancellationToken,
+) -> futures::future::BoxFuture<'static, ()> {
+    use futures::FutureExt as _;
+    let span = tracing::Span::current();
+    if heartbeat == Heartbeat::Thread {
+        let (done, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (c, s, sp) = (coordinator.clone(), stop.clone(), span.clone());
+        let spawned = std::thread::Builder::new()
+            .name("kcl-heartbeat".into())
+            .spawn(move || {
+                let _done = done; // `stopped` completes when this thread ends
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(c.run_renewer(s).instrument(sp)),
+                    Err(e) => error!(error = %e, "cannot start the heartbeat runtime"),
+                }
+            });
+        match spawned {
+            Ok(_) => return stopped.map(|_| ()).boxed(),
+            // Not fatal: renew from the caller's runtime instead.
+            Err(e) => {
+                error!(error = %e, "cannot start the heartbeat thread; renewing on the runtime")
+            }
+        }
+    }
+    AbortOnDropHandle::new(tokio::spawn(coordinator.run_renewer(stop).instrument(span)))
+        .map(|_| ())
+        .boxed()
+}
+
 fn on_consumer_exit(
     coordinator: &LeaseCoordinator,
     key: &LeaseKey,
@@ -294,6 +328,7 @@ pub struct WorkerBuilder {
     retrieval: Option<Retrieval>,
     shutdown_timeout: Option<Duration>,
     quarantine: Option<Duration>,
+    heartbeat: Option<Heartbeat>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
     kinesis: Option<Arc<dyn KinesisApi>>,
@@ -349,6 +384,9 @@ impl WorkerBuilder {
         /// How long a shard that could not be read is set aside before this worker tries it
         /// again (default 10 s, doubled per further failure up to 32 ×).
         quarantine: Duration,
+        /// Where held leases are renewed (default: a thread of their own; use
+        /// [`Heartbeat::Task`] under tokio's paused clock).
+        heartbeat: Heartbeat,
     }
 
     /// Required. The application name; also the default lease-table name.
@@ -460,7 +498,8 @@ impl WorkerBuilder {
             polling,
             retrieval,
             shutdown_timeout,
-            quarantine
+            quarantine,
+            heartbeat
         );
         cfg.validate()?;
         let factory = self

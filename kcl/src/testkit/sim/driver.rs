@@ -307,6 +307,8 @@ impl Driver {
         };
         let factory_net = net.clone();
         let mut builder = Worker::builder()
+            // Paused clock: the heartbeat must run on this runtime.
+            .heartbeat(crate::config::Heartbeat::Task)
             .application_name(APP)
             .stream(STREAM)
             .worker_id(slot.id.as_str())
