@@ -6,6 +6,7 @@
 //! ([`super::check`]) read the log after the run; its FNV-1a hash tells two runs of one seed
 //! apart (`KCL_SIM_CHECK`).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,6 +76,42 @@ impl From<&Lease> for LeaseView {
     }
 }
 
+/// How one `process_records` call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// It returned `Ok`.
+    Ok,
+    /// It returned an error (`fatal`: not retryable).
+    Failed {
+        /// True for a fatal (not retryable) error.
+        fatal: bool,
+    },
+    /// It panicked.
+    Panicked,
+    /// It never returned: its worker crashed, or the run ended.
+    Aborted,
+}
+
+impl BatchOutcome {
+    /// True if the batch counts as processed: `process_records` returned `Ok`.
+    pub fn is_ok(self) -> bool {
+        matches!(self, Self::Ok)
+    }
+}
+
+/// How an incarnation's `run()` ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It returned `Ok`.
+    Ok,
+    /// It returned an error.
+    Error(String),
+    /// It panicked.
+    Panic,
+    /// It was cancelled (aborted).
+    Cancelled,
+}
+
 /// What a processor callback reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Callback {
@@ -86,6 +123,9 @@ pub enum Callback {
     ShutdownRequested,
     /// `lease_lost`.
     LeaseLost,
+    /// A checkpoint returned `CheckpointError::LeaseLost`: the processor was told the lease
+    /// is lost (in any callback).
+    CheckpointLeaseLost,
 }
 
 /// One record of a delivered batch.
@@ -126,8 +166,8 @@ pub enum Event {
     Exited {
         /// The incarnation.
         inc: Inc,
-        /// `ok`, the error, or `panic`.
-        outcome: String,
+        /// How.
+        outcome: Exit,
     },
     /// A fault on a slot's network changed.
     Fault {
@@ -160,12 +200,18 @@ pub enum Event {
         /// The records.
         records: Vec<Delivered>,
     },
-    /// `process_records` returned.
+    /// `process_records` returned (or panicked, or was dropped).
     BatchDone {
         /// Batch id.
         id: u64,
-        /// False if it returned an error.
-        ok: bool,
+        /// How it ended.
+        outcome: BatchOutcome,
+    },
+    /// The error policy handed a failed batch to the dead-letter handler (the worker moves
+    /// on: the batch counts as processed).
+    DeadLetter {
+        /// Batch id (the last batch delivered to that processor).
+        id: u64,
     },
     /// A processor callback other than `process_records`.
     Callback {
@@ -188,6 +234,23 @@ pub enum Event {
         outcome: Outcome,
         /// True if the write was applied but the caller was told it failed.
         response_lost: bool,
+        /// For a checkpoint: the batch whose `process_records` was running on that
+        /// incarnation's processor of that shard when it was written (`None`: written from
+        /// another callback, e.g. `shutdown_requested`).
+        batch: Option<u64>,
+        /// When the caller made the call (a holder's lease is valid for `lease_duration` from
+        /// the start of its last write it knows was applied).
+        sent: Duration,
+    },
+    /// The answer of an applied lease write reached its caller, which then counts the lease
+    /// valid for `lease_duration` from when it sent the write.
+    Acked {
+        /// The incarnation.
+        inc: Inc,
+        /// The lease.
+        key: LeaseKey,
+        /// When the write was sent.
+        sent: Duration,
     },
     /// A dead incarnation's task tried to reach a backend (it is held forever).
     Zombie {
@@ -251,12 +314,16 @@ struct State {
     hash: Fnv,
     incs: Vec<IncInfo>,
     next_batch: u64,
-    /// Batches not yet done: id → incarnation.
-    open: std::collections::BTreeMap<u64, Inc>,
+    /// Batches not yet done: id → (incarnation, shard).
+    open: BTreeMap<u64, (Inc, ShardId)>,
+    /// The last batch delivered to each processor (incarnation, shard).
+    last: BTreeMap<(Inc, ShardId), u64>,
     /// Records delivered at least once.
-    delivered: std::collections::BTreeSet<u64>,
+    delivered: BTreeSet<u64>,
     /// Backend calls per operation (not part of the log: they only measure the load).
-    calls: std::collections::BTreeMap<&'static str, usize>,
+    calls: BTreeMap<&'static str, usize>,
+    /// Faults that hit a call, by kind (not part of the log: evidence that chaos happened).
+    injected: BTreeMap<&'static str, usize>,
 }
 
 /// The shared, append-only log of a run. Cheap to clone; never locked across `.await`.
@@ -274,9 +341,11 @@ impl Recorder {
                 hash: Fnv::default(),
                 incs: Vec::new(),
                 next_batch: 0,
-                open: std::collections::BTreeMap::new(),
-                delivered: std::collections::BTreeSet::new(),
-                calls: std::collections::BTreeMap::new(),
+                open: BTreeMap::new(),
+                last: BTreeMap::new(),
+                delivered: BTreeSet::new(),
+                calls: BTreeMap::new(),
+                injected: BTreeMap::new(),
             })),
         }
     }
@@ -322,12 +391,19 @@ impl Recorder {
         let open: Vec<u64> = st
             .open
             .iter()
-            .filter(|(_, i)| **i == inc)
+            .filter(|(_, (i, _))| *i == inc)
             .map(|(id, _)| *id)
             .collect();
         for id in open {
             st.open.remove(&id);
-            push_locked(&mut st, at, Event::BatchDone { id, ok: false });
+            push_locked(
+                &mut st,
+                at,
+                Event::BatchDone {
+                    id,
+                    outcome: BatchOutcome::Aborted,
+                },
+            );
         }
     }
 
@@ -336,7 +412,8 @@ impl Recorder {
         let mut st = self.lock();
         let id = st.next_batch;
         st.next_batch += 1;
-        st.open.insert(id, inc);
+        st.open.insert(id, (inc, shard.clone()));
+        st.last.insert((inc, shard.clone()), id);
         st.delivered.extend(records.iter().map(|r| r.idx));
         let at = st.epoch.elapsed();
         push_locked(
@@ -354,11 +431,28 @@ impl Recorder {
 
     /// Records the end of `process_records` for batch `id` (ignored once the batch was closed
     /// by a crash).
-    pub(crate) fn batch_done(&self, id: u64, ok: bool) {
+    pub(crate) fn batch_done(&self, id: u64, outcome: BatchOutcome) {
         let mut st = self.lock();
         if st.open.remove(&id).is_some() {
             let at = st.epoch.elapsed();
-            push_locked(&mut st, at, Event::BatchDone { id, ok });
+            push_locked(&mut st, at, Event::BatchDone { id, outcome });
+        }
+    }
+
+    /// The batch whose `process_records` is running on `inc`'s processor of `shard`, if any.
+    pub(crate) fn running_batch(&self, inc: Inc, shard: &ShardId) -> Option<u64> {
+        let st = self.lock();
+        let id = *st.last.get(&(inc, shard.clone()))?;
+        st.open.contains_key(&id).then_some(id)
+    }
+
+    /// Records that the error policy handed `inc`'s last batch of `shard` to the dead-letter
+    /// handler.
+    pub(crate) fn dead_letter(&self, inc: Inc, shard: &ShardId) {
+        let mut st = self.lock();
+        if let Some(&id) = st.last.get(&(inc, shard.clone())) {
+            let at = st.epoch.elapsed();
+            push_locked(&mut st, at, Event::DeadLetter { id });
         }
     }
 
@@ -369,7 +463,14 @@ impl Recorder {
         let open: Vec<u64> = st.open.keys().copied().collect();
         st.open.clear();
         for &id in &open {
-            push_locked(&mut st, at, Event::BatchDone { id, ok: false });
+            push_locked(
+                &mut st,
+                at,
+                Event::BatchDone {
+                    id,
+                    outcome: BatchOutcome::Aborted,
+                },
+            );
         }
         open.len()
     }
@@ -380,8 +481,18 @@ impl Recorder {
     }
 
     /// Backend calls per operation so far.
-    pub fn calls(&self) -> std::collections::BTreeMap<&'static str, usize> {
+    pub fn calls(&self) -> BTreeMap<&'static str, usize> {
         self.lock().calls.clone()
+    }
+
+    /// Counts a fault that hit a call (a throttle, a partition, a broken subscription).
+    pub(crate) fn count_injected(&self, kind: &'static str) {
+        *self.lock().injected.entry(kind).or_default() += 1;
+    }
+
+    /// Faults that hit calls so far, by kind.
+    pub fn injected(&self) -> BTreeMap<&'static str, usize> {
+        self.lock().injected.clone()
     }
 
     /// How many distinct records were delivered so far.

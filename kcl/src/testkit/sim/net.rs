@@ -5,7 +5,13 @@
 //! Faults belong to a slot (a machine) and outlive its incarnations: a partition from the lease
 //! table (every call fails at once, or hangs and then fails), throttling, latency, lost
 //! responses (the write is applied, the caller is told it failed — as a DynamoDB timeout can),
-//! and Kinesis read throttling. Every draw comes from the slot's own RNG, a fork of the sim's.
+//! Kinesis throttling (which also breaks fan-out subscriptions), and failing processors (read
+//! by [`super::processor`]). Every draw comes from the slot's own RNG, a fork of the sim's.
+//!
+//! Enhanced fan-out goes through here too: the worker registers its stream consumer and
+//! subscribes to shards of the in-memory Kinesis. The consumer ARN the worker sees is a fixed
+//! alias: the in-memory one embeds the wall-clock registration time, and the subscriber seeds
+//! its retry jitter from the ARN, which would make two runs of one seed differ.
 //!
 //! A crash marks the incarnation dead: from then on every call it makes is logged as a
 //! [`Event::Zombie`] and never returns, so whatever tasks of the aborted worker are still
@@ -16,12 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::log::{Event, Inc, LeaseView, Op, Outcome, Recorder};
 use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
 use crate::record::ExtendedSequenceNumber;
+use crate::retrieval::kinesis::SubscriptionStream;
 use crate::retrieval::{
     GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
 };
@@ -37,7 +45,28 @@ pub enum Partition {
     Hang(Duration),
 }
 
-/// The faults currently applied to one machine's network.
+/// How a failing processor fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailKind {
+    /// `process_records` returns a retryable error.
+    Retryable,
+    /// `process_records` returns a fatal error.
+    Fatal,
+    /// `process_records` panics.
+    Panic,
+}
+
+/// Processors of a machine failing (a downstream outage, a poison record, a bug).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProcessorFault {
+    /// How they fail.
+    pub kind: FailKind,
+    /// Probability that one `process_records` call fails (after taking its time, before
+    /// checkpointing).
+    pub p: f64,
+}
+
+/// The faults currently applied to one machine: its network, and its processors.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LinkFaults {
     /// Cut off from the lease table.
@@ -48,8 +77,11 @@ pub struct LinkFaults {
     pub latency: Duration,
     /// Probability that an applied lease write reports a failure.
     pub response_loss: f64,
-    /// Probability that a Kinesis call is throttled.
+    /// Probability that a Kinesis call is throttled (and that a fan-out subscription breaks
+    /// at an event).
     pub kinesis_throttle: f64,
+    /// Processors failing.
+    pub processor: Option<ProcessorFault>,
 }
 
 impl LinkFaults {
@@ -85,6 +117,9 @@ pub(crate) struct Net {
     pub(crate) run_dropped: Arc<AtomicBool>,
     pub(crate) inc: Inc,
     pub(crate) rec: Recorder,
+    /// Set when a processor of this incarnation failed in a way that makes the worker refuse
+    /// the shard until it restarts (a fatal error, a panic, any error under `StopShard`).
+    pub(crate) tainted: Arc<AtomicBool>,
 }
 
 /// What to do with a lease-table call, drawn before it runs.
@@ -109,9 +144,11 @@ impl Net {
         }
     }
 
-    /// Applies the faults of a lease-table call before it reaches the table.
-    async fn before_lease_call(&self, op: &'static str) -> Result<(), LeaseStoreError> {
+    /// Applies the faults of a lease-table call before it reaches the table. Returns when
+    /// the call was made (its caller's clock starts there).
+    async fn before_lease_call(&self, op: &'static str) -> Result<Duration, LeaseStoreError> {
         self.halt_if_dead(op).await;
+        let sent = self.rec.now();
         self.rec.count_call(op);
         let draw = {
             let mut link = self.link();
@@ -130,8 +167,12 @@ impl Net {
             }
         };
         match draw.partition {
-            Some(Partition::Fail) => return Err(transient("partitioned from the lease table")),
+            Some(Partition::Fail) => {
+                self.rec.count_injected("partitioned lease call");
+                return Err(transient("partitioned from the lease table"));
+            }
             Some(Partition::Hang(d)) => {
+                self.rec.count_injected("partitioned lease call");
                 tokio::time::sleep(d).await;
                 self.halt_if_dead(op).await;
                 return Err(transient("lease table call timed out (partition)"));
@@ -139,6 +180,7 @@ impl Net {
             None => {}
         }
         if draw.throttled {
+            self.rec.count_injected("throttled lease call");
             return Err(LeaseStoreError::Throttled("simulated throttle".into()));
         }
         if !draw.delay.is_zero() {
@@ -146,7 +188,7 @@ impl Net {
         }
         // A crash during the delay: the request never leaves the dead machine.
         self.halt_if_dead(op).await;
-        Ok(())
+        Ok(sent)
     }
 
     /// The response travels back: a random part of the link's latency (so a write is applied
@@ -184,6 +226,7 @@ impl Net {
             p > 0.0 && link.rng.random_bool(p.min(1.0))
         };
         if throttled {
+            self.rec.count_injected("throttled kinesis call");
             return Err(if op == "get_records" {
                 KinesisApiError::Throttled("simulated throttle".into())
             } else {
@@ -191,6 +234,18 @@ impl Net {
             });
         }
         Ok(())
+    }
+
+    /// True if a fan-out subscription breaks at this event (drawn like a Kinesis throttle).
+    fn break_subscription(&self) -> bool {
+        let mut link = self.link();
+        let p = link.faults.kinesis_throttle;
+        p > 0.0 && link.rng.random_bool(p.min(1.0))
+    }
+
+    /// The processor fault in force, if any.
+    pub(crate) fn processor_fault(&self) -> Option<ProcessorFault> {
+        self.link().faults.processor
     }
 }
 
@@ -209,6 +264,7 @@ impl SimLeaseStore {
     /// Logs a write that reached the table, then maybe loses its response.
     fn after_write<T>(
         &self,
+        sent: Duration,
         op: Op,
         key: &LeaseKey,
         result: Result<T, LeaseStoreError>,
@@ -226,12 +282,19 @@ impl SimLeaseStore {
             Err(_) => return result,
         };
         let response_lost = applied && self.net.lose_response();
+        // Which `process_records` call (if any) a checkpoint was written from.
+        let batch = match op {
+            Op::Checkpoint => self.net.rec.running_batch(self.net.inc, &key.shard_id()),
+            _ => None,
+        };
         self.net.rec.push(Event::Write {
             inc: self.net.inc,
             op,
             key: key.clone(),
             outcome,
             response_lost,
+            batch,
+            sent,
         });
         if response_lost {
             return Err(transient("simulated lost response (the write was applied)"));
@@ -241,13 +304,23 @@ impl SimLeaseStore {
 
     async fn lease_write(
         &self,
+        sent: Duration,
         op: Op,
         key: &LeaseKey,
         result: impl std::future::Future<Output = Result<Lease, LeaseStoreError>>,
     ) -> Result<Lease, LeaseStoreError> {
         let result = result.await;
-        let r = self.after_write(op, key, result, |l| Outcome::Applied(LeaseView::from(l)));
+        let r = self.after_write(sent, op, key, result, |l| {
+            Outcome::Applied(LeaseView::from(l))
+        });
         self.net.after_lease_call("write").await;
+        if r.is_ok() {
+            self.net.rec.push(Event::Acked {
+                inc: self.net.inc,
+                key: key.clone(),
+                sent,
+            });
+        }
         r
     }
 }
@@ -274,9 +347,9 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-        self.net.before_lease_call("create_if_absent").await?;
+        let sent = self.net.before_lease_call("create_if_absent").await?;
         let result = self.inner.create_if_absent(lease).await;
-        let r = self.after_write(Op::Create, &lease.key, result, |created| {
+        let r = self.after_write(sent, Op::Create, &lease.key, result, |created| {
             if *created {
                 Outcome::Applied(LeaseView::from(lease))
             } else {
@@ -288,14 +361,14 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("renew").await?;
-        self.lease_write(Op::Renew, &lease.key, self.inner.renew(lease))
+        let sent = self.net.before_lease_call("renew").await?;
+        self.lease_write(sent, Op::Renew, &lease.key, self.inner.renew(lease))
             .await
     }
 
     async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("take").await?;
-        self.lease_write(Op::Take, &lease.key, self.inner.take(lease, owner))
+        let sent = self.net.before_lease_call("take").await?;
+        self.lease_write(sent, Op::Take, &lease.key, self.inner.take(lease, owner))
             .await
     }
 
@@ -305,8 +378,9 @@ impl LeaseStore for SimLeaseStore {
         checkpoint: &ExtendedSequenceNumber,
         child_shard_ids: &[ShardId],
     ) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("checkpoint").await?;
+        let sent = self.net.before_lease_call("checkpoint").await?;
         self.lease_write(
+            sent,
             Op::Checkpoint,
             &lease.key,
             self.inner.checkpoint(lease, checkpoint, child_shard_ids),
@@ -315,15 +389,15 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("release").await?;
-        self.lease_write(Op::Release, &lease.key, self.inner.release(lease))
+        let sent = self.net.before_lease_call("release").await?;
+        self.lease_write(sent, Op::Release, &lease.key, self.inner.release(lease))
             .await
     }
 
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
-        self.net.before_lease_call("delete").await?;
+        let sent = self.net.before_lease_call("delete").await?;
         let result = self.inner.delete(lease).await;
-        let r = self.after_write(Op::Delete, &lease.key, result, |_| Outcome::Deleted);
+        let r = self.after_write(sent, Op::Delete, &lease.key, result, |_| Outcome::Deleted);
         self.net.after_lease_call("delete").await;
         r
     }
@@ -333,8 +407,9 @@ impl LeaseStore for SimLeaseStore {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("request_handoff").await?;
+        let sent = self.net.before_lease_call("request_handoff").await?;
         self.lease_write(
+            sent,
             Op::RequestHandoff,
             &lease.key,
             self.inner.request_handoff(lease, new_owner),
@@ -347,8 +422,9 @@ impl LeaseStore for SimLeaseStore {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError> {
-        self.net.before_lease_call("complete_handoff").await?;
+        let sent = self.net.before_lease_call("complete_handoff").await?;
         self.lease_write(
+            sent,
             Op::CompleteHandoff,
             &lease.key,
             self.inner.complete_handoff(lease, new_owner),
@@ -389,4 +465,62 @@ impl KinesisApi for SimKinesis {
         self.net.before_kinesis_call("get_records").await?;
         self.inner.get_records(iterator, limit).await
     }
+
+    async fn register_stream_consumer(
+        &self,
+        stream: &str,
+        consumer_name: &str,
+    ) -> Result<String, KinesisApiError> {
+        self.net
+            .before_kinesis_call("register_stream_consumer")
+            .await?;
+        self.inner
+            .register_stream_consumer(stream, consumer_name)
+            .await?;
+        Ok(consumer_alias(stream, consumer_name))
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard: &ShardId,
+        position: &IteratorPosition,
+    ) -> Result<SubscriptionStream, KinesisApiError> {
+        self.net.before_kinesis_call("subscribe_to_shard").await?;
+        let (stream, name) = parse_consumer_alias(consumer_arn)
+            .ok_or_else(|| KinesisApiError::NotFound(format!("consumer {consumer_arn}")))?;
+        // Registering is idempotent: this is the lookup of the real ARN.
+        let arn = self.inner.register_stream_consumer(stream, name).await?;
+        let events = self.inner.subscribe_to_shard(&arn, shard, position).await?;
+        let net = self.net.clone();
+        Ok(Box::pin(futures::stream::unfold(
+            (events, net),
+            |(mut events, net)| async move {
+                let event = events.next().await?;
+                // A dead machine receives nothing more.
+                net.halt_if_dead("subscription_event").await;
+                let event = match event {
+                    Ok(_) if net.break_subscription() => {
+                        net.rec.count_injected("broken subscription");
+                        Err(KinesisApiError::Transient(
+                            "simulated broken subscription".into(),
+                        ))
+                    }
+                    other => other,
+                };
+                Some((event, (events, net)))
+            },
+        )))
+    }
+}
+
+const ALIAS_PREFIX: &str = "arn:sim:kinesis:stream/";
+
+/// The consumer ARN workers see: fixed, unlike the in-memory one (see the module docs).
+fn consumer_alias(stream: &str, name: &str) -> String {
+    format!("{ALIAS_PREFIX}{stream}/consumer/{name}")
+}
+
+fn parse_consumer_alias(arn: &str) -> Option<(&str, &str)> {
+    arn.strip_prefix(ALIAS_PREFIX)?.split_once("/consumer/")
 }

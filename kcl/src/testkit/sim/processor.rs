@@ -1,7 +1,14 @@
 //! The recording processor: logs every batch and callback, takes a random (virtual) time to
 //! process, and checkpoints after every batch or every other batch (sometimes at a record
 //! inside the batch), so that re-delivery after a failover is exercised.
+//!
+//! While its machine has a [`ProcessorFault`](super::ProcessorFault), a batch fails (before
+//! it is checkpointed) with a retryable or fatal error, or panics; every outcome is logged, so
+//! the checker can tell which batches a checkpoint may cover (DESIGN §2.7). Like a careless
+//! user, it checkpoints "what was delivered" in `shutdown_requested` whatever happened before:
+//! the library must not let that cover a failed batch.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,8 +16,8 @@ use async_trait::async_trait;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::log::{Callback, Delivered, Event, Recorder};
-use super::net::Net;
+use super::log::{BatchOutcome, Callback, Delivered, Event, Recorder};
+use super::net::{FailKind, Net};
 use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::processor::{ProcessorError, RecordProcessor, ShardContext};
 use crate::record::RecordBatch;
@@ -25,6 +32,38 @@ pub struct Work {
     pub slow_batch: f64,
     /// How long a slow batch takes (longer than a lease, to show renewals go on).
     pub slow_time: Duration,
+    /// The workers' error policy.
+    pub on_failure: OnFailure,
+}
+
+/// The error policy of a run's workers ([`crate::processor::ErrorPolicy`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Retry the batch with backoff; a fatal error stops the shard (the default policy).
+    #[default]
+    Retry,
+    /// Stop the shard and release its lease at any error.
+    StopShard,
+    /// Hand the failed batch to a dead-letter handler and go on.
+    DeadLetter,
+}
+
+/// The payload of a simulated processor panic (the sim's panic hook keeps it quiet).
+#[derive(Debug)]
+pub(crate) struct SimPanic;
+
+/// Installs, once, a panic hook that silences simulated processor panics and passes every
+/// other panic to the hook in place before.
+pub(crate) fn quiet_simulated_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<SimPanic>().is_none() {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// One processor (one shard lease of one incarnation).
@@ -66,6 +105,42 @@ impl SimProcessor {
             shard: self.shard.clone(),
             what,
         });
+    }
+
+    /// Logs that a checkpoint told the processor its lease is lost.
+    fn note_lease_lost(&self, r: &Result<(), CheckpointError>) {
+        if matches!(r, Err(CheckpointError::LeaseLost { .. })) {
+            self.callback(Callback::CheckpointLeaseLost);
+        }
+    }
+
+    /// Fails batch `id` as `kind` says (logged first: a panic logs nothing after).
+    fn fail(&mut self, id: u64, kind: FailKind) -> Result<(), ProcessorError> {
+        // The worker refuses the shard after a fatal error or a panic (unless dead-lettered), or
+        // any error under `StopShard`, until it restarts.
+        let refused = match kind {
+            FailKind::Panic | FailKind::Fatal => self.work.on_failure != OnFailure::DeadLetter,
+            FailKind::Retryable => self.work.on_failure == OnFailure::StopShard,
+        };
+        if refused {
+            self.net.tainted.store(true, Ordering::SeqCst);
+        }
+        match kind {
+            FailKind::Retryable => {
+                self.rec()
+                    .batch_done(id, BatchOutcome::Failed { fatal: false });
+                Err(ProcessorError::retryable("simulated downstream outage"))
+            }
+            FailKind::Fatal => {
+                self.rec()
+                    .batch_done(id, BatchOutcome::Failed { fatal: true });
+                Err(ProcessorError::fatal("simulated poison record"))
+            }
+            FailKind::Panic => {
+                self.rec().batch_done(id, BatchOutcome::Panicked);
+                std::panic::panic_any(SimPanic)
+            }
+        }
     }
 
     fn batch_time(&mut self) -> Duration {
@@ -124,6 +199,12 @@ impl RecordProcessor for SimProcessor {
             tokio::time::sleep(t).await;
         }
         self.net.halt_if_dead("process_records").await;
+        if let Some(f) = self.net.processor_fault() {
+            // Drawn only while a fault is in force: runs without one draw as before.
+            if f.p > 0.0 && self.rng.random_bool(f.p.min(1.0)) {
+                return self.fail(id, f.kind);
+            }
+        }
         self.batches += 1;
         let result = if self.batches % self.every == 0 {
             let r = if batch.len() > 1 && self.rng.random_bool(0.1) {
@@ -138,7 +219,15 @@ impl RecordProcessor for SimProcessor {
             Ok(())
         };
         self.net.halt_if_dead("process_records").await;
-        self.net.rec.batch_done(id, result.is_ok());
+        self.note_lease_lost(&result);
+        let outcome = match result {
+            Ok(()) => BatchOutcome::Ok,
+            Err(_) => BatchOutcome::Failed { fatal: false },
+        };
+        if result.is_err() && self.work.on_failure == OnFailure::StopShard {
+            self.net.tainted.store(true, Ordering::SeqCst);
+        }
+        self.net.rec.batch_done(id, outcome);
         result.map_err(ProcessorError::retryable)
     }
 
@@ -146,6 +235,7 @@ impl RecordProcessor for SimProcessor {
         self.net.halt_if_dead("shard_ended").await;
         let r = cp.checkpoint().await;
         self.net.halt_if_dead("shard_ended").await;
+        self.note_lease_lost(&r);
         self.callback(Callback::ShardEnded(r.is_ok()));
         r.map_err(ProcessorError::retryable)
     }
@@ -162,6 +252,8 @@ impl RecordProcessor for SimProcessor {
             return Ok(());
         }
         let r = tolerate_behind(cp.checkpoint().await);
+        self.net.halt_if_dead("shutdown_requested").await;
+        self.note_lease_lost(&r);
         r.map_err(ProcessorError::retryable)
     }
 }
