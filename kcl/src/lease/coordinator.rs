@@ -360,22 +360,28 @@ impl LeaseCoordinator {
                 metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
             }
             Err(e) if e.is_condition_failed() => {
-                // Either a peer asked for a graceful handoff (owner changed, we are the
-                // checkpoint owner, counter unchanged) or the lease was taken.
-                let ours = held.snapshot().await;
-                match self.store.get(&held.key).await {
+                // Either a peer asked for a graceful handoff (another owner, with us as the
+                // checkpoint owner: we still hold it until we hand it over, and may have
+                // checkpointed since) or the lease was taken. A read that fails is no answer:
+                // the renewal is retried, and only our own clock ends the lease.
+                let until = Instant::now() + self.renew_interval;
+                match write::read_back(self.store.as_ref(), &held.key, until).await {
                     Ok(Some(now))
-                        if now.counter == ours.counter
-                            && now.checkpoint_owner.as_ref() == Some(&self.me) =>
+                        if now.checkpoint_owner.as_ref() == Some(&self.me)
+                            && now.owner.as_ref() != Some(&self.me) =>
                     {
                         let to = now.owner.clone().unwrap_or_else(|| WorkerId::new(""));
                         info!(lease = %held.key, to = %to, "graceful handoff requested");
                         held.begin_handoff(to);
                     }
-                    _ => {
+                    Ok(_) => {
                         info!(lease = %held.key, "lease lost: taken by another worker");
                         metrics::counter!(m::LEASES_LOST).increment(1);
                         held.mark_lost();
+                    }
+                    Err(read) => {
+                        metrics::counter!(m::RENEWAL_FAILURES).increment(1);
+                        debug!(lease = %held.key, error = %read, "renewal refused and the lease could not be read; will retry");
                     }
                 }
             }
