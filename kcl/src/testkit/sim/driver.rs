@@ -150,7 +150,8 @@ impl Driver {
         self.kinesis.create_stream(STREAM, self.sim.shards);
         self.rec.push(Event::Phase("chaos"));
         for i in 0..self.slots.len() {
-            let d = self.millis(0, 3000);
+            let within = u64::try_from(self.sim.start_within.as_millis()).unwrap_or(u64::MAX);
+            let d = self.millis(0, within);
             self.schedule(d, Action::Start(i));
         }
         if self.sim.records > 0 {

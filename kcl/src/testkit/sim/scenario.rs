@@ -169,6 +169,8 @@ pub struct Sim {
     pub(crate) work: Work,
     pub(crate) fan_out: bool,
     pub(crate) script: Vec<(Duration, Verb)>,
+    /// Workers start at times drawn in `0..=start_within`.
+    pub(crate) start_within: Duration,
 }
 
 /// A scripted event, for [`Sim::at`]. Worker numbers are slots `0..workers`.
@@ -224,6 +226,7 @@ impl Sim {
             },
             fan_out: false,
             script: Vec::new(),
+            start_within: Duration::from_secs(3),
         }
     }
 
@@ -350,6 +353,12 @@ impl Sim {
     /// Distinct partition keys.
     pub fn keys(mut self, n: u32) -> Self {
         self.keys = n.max(1);
+        self
+    }
+
+    /// Workers start at times drawn between 0 and `d` (default 3 s).
+    pub fn start_within(mut self, d: Duration) -> Self {
+        self.start_within = d;
         self
     }
 
