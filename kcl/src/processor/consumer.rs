@@ -273,7 +273,7 @@ impl Consumer {
                 Some(Fetched::Records {
                     records,
                     millis_behind_latest,
-                    _permit,
+                    mut room,
                 }) => {
                     if !self.held.is_valid() {
                         return Err(Stop::LeaseLost);
@@ -282,6 +282,10 @@ impl Consumer {
                     // range); what the checkpoint covers is dropped (a resume starts *at* the
                     // checkpointed record, possibly inside an aggregate).
                     let mut records = deaggregate_batch(records, &self.shard, lease.hash_range);
+                    // Sub-records each have their own key, sequence number and overhead: the
+                    // batch's room in the prefetch budget (held until it is processed) grows to
+                    // what it holds now, from free room only (never waiting while holding).
+                    room.deaggregated(&records);
                     records.retain(|r| r.position() > delivered_upto);
                     let Some(last) = records.last() else { continue };
                     delivered_upto = last.position();

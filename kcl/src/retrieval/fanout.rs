@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::kinesis::SubscriptionEvent;
-use super::polling::{Fetched, PrefetchBudget};
+use super::polling::{Fetched, PrefetchBudget, Reader};
 use super::{IteratorPosition, KinesisApi, KinesisApiError};
 use crate::config::PollingConfig;
 use crate::metrics as m;
@@ -76,7 +76,7 @@ pub(crate) fn spawn_subscriber(
         kinesis,
         consumer_arn,
         shard,
-        budget,
+        reader: budget.reader(),
         position,
         last_read: None,
     };
@@ -94,7 +94,8 @@ struct Subscriber {
     kinesis: Arc<dyn KinesisApi>,
     consumer_arn: String,
     shard: ShardId,
-    budget: Arc<PrefetchBudget>,
+    /// This subscriber's place in the worker's prefetch budget.
+    reader: Reader,
     /// Where the next subscription starts: the initial position, then after the last
     /// continuation sequence number received.
     position: IteratorPosition,
@@ -166,6 +167,10 @@ impl Subscriber {
         };
         let mut had_events = false;
         loop {
+            // The next event is taken only when this subscriber may hold more (its share of
+            // the budget is not full and the budget is not over): meanwhile unread events
+            // wait in the connection's flow-control window.
+            self.reader.turn().await;
             let event = match tokio::time::timeout(EVENT_TIMEOUT, events.next()).await {
                 Ok(Some(Ok(event))) => event,
                 Ok(Some(Err(e))) => return (self.failed(e, tx).await, had_events),
@@ -210,14 +215,12 @@ impl Subscriber {
             .collect();
         if let Some(last) = records.last() {
             self.last_read = Some(last.sequence_number.clone());
-            let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-            let Some(permit) = self.budget.acquire(bytes).await else {
-                return false;
-            };
+            // Counted as it is: the event is in memory already (taken when there was room).
+            let room = self.reader.hold(&records);
             let batch = Fetched::Records {
                 records,
                 millis_behind_latest: event.millis_behind_latest,
-                _permit: permit,
+                room,
             };
             if tx.send(batch).await.is_err() {
                 return false;

@@ -1,10 +1,11 @@
 //! Reading records from a shard.
 //!
-//! **Polling** ([`polling`]) calls `GetRecords` in a task per shard that reads ahead of the
-//! processor into a bounded queue (a number of batches *and* a byte budget, so a slow processor
-//! never makes the worker buffer without bound). It keeps within Kinesis' 5 reads/s per shard
-//! (`PollingConfig::min_interval`), backs off with jitter when throttled, and gets a fresh
-//! iterator after the last record it read when one expires.
+//! **Polling** (`polling`) calls `GetRecords` in a task per shard that reads ahead of the
+//! processor into a bounded queue (a number of batches *and* a byte budget shared by the
+//! worker's shards, so neither a slow processor nor large records make the worker buffer
+//! without bound: [`prefetch_usage`] reports what is held). It keeps within Kinesis' 5 reads/s
+//! per shard (`PollingConfig::min_interval`), backs off with jitter when throttled, and gets a
+//! fresh iterator after the last record it read when one expires.
 //!
 //! The [`KinesisApi`] seam is all it needs from Kinesis.
 
@@ -20,6 +21,7 @@ pub use kinesis::{
     GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
     SubscriptionEvent, SubscriptionStream,
 };
+pub use polling::{prefetch_usage, reset_prefetch_peak, PrefetchUsage};
 
 use crate::config::InitialPosition;
 use crate::record::ExtendedSequenceNumber;
