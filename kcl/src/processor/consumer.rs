@@ -239,7 +239,9 @@ impl Consumer {
 
         let fetch_stop = CancellationToken::new();
         let _stop_fetcher = fetch_stop.clone().drop_guard();
-        let mut rx = match &self.env.consumer_arn {
+        // `latest_at`: for a start at `LATEST`, the stream's time it stands for (see
+        // `polling::Reading`).
+        let reading = match &self.env.consumer_arn {
             Some(arn) => spawn_subscriber(
                 self.env.kinesis.clone(),
                 arn.clone(),
@@ -259,6 +261,10 @@ impl Consumer {
                 fetch_stop,
             ),
         };
+        if let Some(t0) = reading.latest_at {
+            debug!(at = ?t0, "reading from LATEST as of this time (the stream's clock)");
+        }
+        let mut rx = reading.records;
         let label = self.shard.to_string();
         let mut delivered_upto = lease.checkpoint.clone();
         loop {

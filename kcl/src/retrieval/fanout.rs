@@ -31,7 +31,7 @@
 //! lists the child shards: the task sends [`Fetched::ShardEnd`] with them and stops.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
 use futures::StreamExt;
@@ -40,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::kinesis::SubscriptionEvent;
-use super::polling::{Fetched, PrefetchBudget, Reader};
-use super::{IteratorPosition, KinesisApi, KinesisApiError};
+use super::polling::{latest_at, Fetched, PrefetchBudget, Reader, Reading};
+use super::{restart_position, IteratorPosition, KinesisApi, KinesisApiError};
 use crate::config::PollingConfig;
 use crate::metrics as m;
 use crate::record::{Record, SequenceNumber};
@@ -70,14 +70,16 @@ pub(crate) fn spawn_subscriber(
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
-) -> mpsc::Receiver<Fetched> {
+) -> Reading {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
+    let latest_at = latest_at(kinesis.as_ref(), &position);
     let subscriber = Subscriber {
         kinesis,
         consumer_arn,
         shard,
         reader: budget.reader(),
         position,
+        latest_at,
         last_read: None,
     };
     tokio::spawn(async move {
@@ -87,7 +89,10 @@ pub(crate) fn spawn_subscriber(
             _ = subscriber.run(tx) => {}
         }
     });
-    rx
+    Reading {
+        records: rx,
+        latest_at,
+    }
 }
 
 struct Subscriber {
@@ -97,8 +102,12 @@ struct Subscriber {
     /// This subscriber's place in the worker's prefetch budget.
     reader: Reader,
     /// Where the next subscription starts: the initial position, then after the last
-    /// continuation sequence number received.
+    /// continuation sequence number received. A `LATEST` is asked for once: the subscriptions
+    /// made again before an event came start `AT_TIMESTAMP` the moment it was first asked for
+    /// (less a margin), not at a later `LATEST` that would skip what came in between.
     position: IteratorPosition,
+    /// Started at `LATEST`: the stream's time right before the first subscription.
+    latest_at: Option<SystemTime>,
     /// The last (outer) record delivered: records at or before it are dropped (a resubscription
     /// that repeats them).
     last_read: Option<SequenceNumber>,
@@ -151,9 +160,13 @@ impl Subscriber {
     /// Makes one subscription and delivers its events until it ends. Also says whether it
     /// delivered any event.
     async fn subscription(&mut self, tx: &mpsc::Sender<Fetched>) -> (Ended, bool) {
+        let position = self.position.clone();
         let call = self
             .kinesis
-            .subscribe_to_shard(&self.consumer_arn, &self.shard, &self.position);
+            .subscribe_to_shard(&self.consumer_arn, &self.shard, &position);
+        // Until an event moves it to a continuation, any later subscription restarts where
+        // this one starts, `LATEST` as of the first time it was asked for.
+        self.position = restart_position(&self.position, self.latest_at);
         let result = tokio::time::timeout(SUBSCRIBE_TIMEOUT, call)
             .await
             .unwrap_or_else(|_| {
@@ -300,6 +313,10 @@ mod tests {
                 .await
         }
 
+        fn now(&self) -> std::time::SystemTime {
+            self.inner.now()
+        }
+
         async fn subscribe_to_shard(
             &self,
             consumer_arn: &str,
@@ -369,6 +386,7 @@ mod tests {
             PrefetchBudget::new(budget_bytes),
             CancellationToken::new(),
         )
+        .records
     }
 
     /// Receives batches until `n` records arrived; panics on anything else.
@@ -448,7 +466,8 @@ mod tests {
             cfg(3),
             PrefetchBudget::new(1 << 20),
             CancellationToken::new(),
-        );
+        )
+        .records;
         assert_eq!(data(&take(&mut rx, 1).await), ["r-2"]);
     }
 
@@ -556,6 +575,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_subscription_broken_before_its_first_event_restarts_where_latest_was() {
+        let s = setup().await;
+        let k = &s.kinesis.inner;
+        k.put("s", "key", "old");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The first event breaks the subscription: it is made again (after Kinesis' 5 s
+        // guard) before any event arrived.
+        k.faults().inject(
+            Fault::new(FaultKind::Transient)
+                .on("subscription_event")
+                .times(1),
+        );
+        let t0 = k.now();
+        let Reading {
+            records: mut rx,
+            latest_at,
+        } = spawn_subscriber(
+            Arc::new(s.kinesis.clone()),
+            s.arn.clone(),
+            s.shard.clone(),
+            IteratorPosition::Latest,
+            cfg(3),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        );
+        assert_eq!(
+            latest_at,
+            Some(t0),
+            "LATEST is the stream's time at the start"
+        );
+        // Written after the first subscription, carried by the event that broke it: a
+        // resubscription at a fresh LATEST skipped it.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        k.put("s", "key", "new");
+        let got = tokio::time::timeout(Duration::from_secs(60), take(&mut rx, 1)).await;
+        // Back a second before t0 (clock skew), not to "old" (10 s before).
+        assert_eq!(
+            data(&got.expect("the record put after LATEST arrives")),
+            ["new"]
+        );
+        assert!(s.kinesis.made.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_deregistered_consumer_fails_the_shard() {
         let s = setup().await;
         let mut rx = start(&s, IteratorPosition::Latest, 3, 1 << 20);
@@ -582,7 +645,8 @@ mod tests {
             cfg(3),
             PrefetchBudget::new(1 << 20),
             stop.clone(),
-        );
+        )
+        .records;
         tokio::time::sleep(Duration::from_secs(1)).await;
         stop.cancel();
         assert!(rx.recv().await.is_none());

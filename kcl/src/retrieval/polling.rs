@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
+use super::{restart_position, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
 use crate::config::PollingConfig;
 use crate::metrics as m;
 use crate::record::{Record, SequenceNumber};
@@ -504,10 +504,32 @@ impl Drop for Room {
     }
 }
 
+/// A reader task just started: its prefetch queue, and where `LATEST` was for it.
+#[derive(Debug)]
+pub(crate) struct Reading {
+    /// The receiving end of the prefetch queue.
+    pub(crate) records: mpsc::Receiver<Fetched>,
+    /// For a reader started at `LATEST`: the stream's time ([`KinesisApi::now`]) taken right
+    /// before its first `LATEST` position was asked for, so never after it. `LATEST` means "after
+    /// what arrived before this moment": the position can be stored as `AT_TIMESTAMP` it, and
+    /// the reader itself restarts there (less [`super::LATEST_RESTART_MARGIN`]) if its iterator
+    /// or subscription must be made again before it read a record. `None` for other positions.
+    pub(crate) latest_at: Option<SystemTime>,
+}
+
+/// The stream's time for a reader starting at `position`, if it is `LATEST`: taken now, before
+/// the reader's task makes its first call.
+pub(crate) fn latest_at(
+    kinesis: &dyn KinesisApi,
+    position: &IteratorPosition,
+) -> Option<SystemTime> {
+    (*position == IteratorPosition::Latest).then(|| kinesis.now())
+}
+
 /// Starts the fetcher task for `shard`, from `position`. Returns the receiving end of the
-/// prefetch queue. The task stops when `stop` is cancelled or the receiver is dropped. Records
-/// come as read (KPL aggregates included): the consumer deaggregates them and drops what the
-/// checkpoint already covers.
+/// prefetch queue (and, at `LATEST`, the moment it stands for). The task stops when `stop` is
+/// cancelled or the receiver is dropped. Records come as read (KPL aggregates included): the
+/// consumer deaggregates them and drops what the checkpoint already covers.
 pub(crate) fn spawn_fetcher(
     kinesis: Arc<dyn KinesisApi>,
     stream: String,
@@ -516,8 +538,9 @@ pub(crate) fn spawn_fetcher(
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
-) -> mpsc::Receiver<Fetched> {
+) -> Reading {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
+    let latest_at = latest_at(kinesis.as_ref(), &position);
     let fetcher = Fetcher {
         reader: budget.reader(),
         record_bytes: None,
@@ -526,6 +549,7 @@ pub(crate) fn spawn_fetcher(
         shard,
         cfg,
         last_read: None,
+        latest_at,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -534,7 +558,10 @@ pub(crate) fn spawn_fetcher(
             _ = fetcher.run(position, tx) => {}
         }
     });
-    rx
+    Reading {
+        records: rx,
+        latest_at,
+    }
 }
 
 struct Fetcher {
@@ -548,6 +575,8 @@ struct Fetcher {
     record_bytes: Option<usize>,
     /// The last (outer) record read: an expired iterator is renewed after it.
     last_read: Option<SequenceNumber>,
+    /// Started at `LATEST`: the stream's time right before the first iterator was asked for.
+    latest_at: Option<SystemTime>,
 }
 
 impl Fetcher {
@@ -557,18 +586,23 @@ impl Fetcher {
             .build()
     }
 
+    /// An iterator at `position`, retried while the failures are retryable. A retry is made
+    /// at the restart position: once a `LATEST` was asked for, "the tip" means the moment it
+    /// was first asked, not a later one.
     async fn iterator(
         &self,
         position: &IteratorPosition,
     ) -> Result<ShardIterator, KinesisApiError> {
         let mut delays = self.backoff();
+        let mut position = position.clone();
         loop {
             match self
                 .kinesis
-                .get_shard_iterator(&self.stream, &self.shard, position)
+                .get_shard_iterator(&self.stream, &self.shard, &position)
                 .await
             {
                 Err(e) if e.is_retryable() => {
+                    position = restart_position(&position, self.latest_at);
                     let d = delays.next().unwrap_or(Duration::from_secs(10));
                     debug!(shard = %self.shard, error = %e, "GetShardIterator failed; retrying");
                     tokio::time::sleep(d).await;
@@ -578,11 +612,12 @@ impl Fetcher {
         }
     }
 
-    /// Position to renew an expired iterator from.
+    /// Position to renew an expired iterator from: after the last record read; before the
+    /// first one, where the reader started (`LATEST` as of when it was first asked for).
     fn renew_position(&self, initial: &IteratorPosition) -> IteratorPosition {
         match &self.last_read {
             Some(seq) => IteratorPosition::AfterSequence(seq.clone()),
-            None => initial.clone(),
+            None => restart_position(initial, self.latest_at),
         }
     }
 
@@ -1042,7 +1077,8 @@ mod fetcher_tests {
             PollingConfig::default(),
             budget.clone(),
             CancellationToken::new(),
-        );
+        )
+        .records;
         let mut got = 0;
         while got < 50 {
             match rx.recv().await {
@@ -1056,5 +1092,80 @@ mod fetcher_tests {
         assert_eq!(limits[0], 4, "{limits:?}");
         // Then at the size seen (500 KiB, 2 MiB in flight): up to 10 records in a 20 MiB share.
         assert!(limits[1] > 4 && limits[1] <= 10, "{limits:?}");
+    }
+
+    /// Receives batches until `n` records arrived (a minute of tokio time at most).
+    async fn take(rx: &mut mpsc::Receiver<Fetched>, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let read = async {
+            while out.len() < n {
+                match rx.recv().await {
+                    Some(Fetched::Records { records, .. }) => out.extend(
+                        records
+                            .iter()
+                            .map(|r| String::from_utf8_lossy(&r.data).into_owned()),
+                    ),
+                    other => panic!("after {out:?}: unexpected {other:?}"),
+                }
+            }
+        };
+        let timed_out = tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .is_err();
+        assert!(!timed_out, "only {out:?} of {n} records arrived");
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_iterator_expiring_before_the_first_record_restarts_where_latest_was() {
+        use crate::testkit::{Fault, FaultKind};
+        let k = MemKinesis::new();
+        k.create_stream("s", 1);
+        let shard = k.open_shard_ids("s")[0].clone();
+        k.put("s", "key", "old");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The first 5 reads find their iterator expired (one every 200 ms): each time a new
+        // one is taken before any record was read.
+        k.faults().inject(
+            Fault::new(FaultKind::ExpiredIterator)
+                .on("get_records")
+                .times(5),
+        );
+        let t0 = k.now();
+        let Reading {
+            records: mut rx,
+            latest_at,
+        } = spawn_fetcher(
+            Arc::new(k.clone()),
+            "s".into(),
+            shard.clone(),
+            IteratorPosition::Latest,
+            PollingConfig::default(),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        );
+        assert_eq!(
+            latest_at,
+            Some(t0),
+            "LATEST is the stream's time at the start"
+        );
+        // Written after LATEST was taken, before the iterator is renewed: a renewal at a fresh
+        // LATEST skipped it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        k.put("s", "key", "new");
+        // The renewal goes back a second before t0 (clock skew), not to "old" (10 s before).
+        assert_eq!(take(&mut rx, 1).await, ["new"]);
+
+        // Positions other than LATEST have no LATEST time.
+        let other = spawn_fetcher(
+            Arc::new(k.clone()),
+            "s".into(),
+            shard,
+            IteratorPosition::TrimHorizon,
+            PollingConfig::default(),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        );
+        assert_eq!(other.latest_at, None);
     }
 }
