@@ -24,7 +24,7 @@ use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::deagg::deaggregate_batch;
-use crate::retrieval::fanout::spawn_subscriber;
+use crate::retrieval::fanout::{spawn_subscriber, StreamConsumer};
 use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
@@ -244,7 +244,7 @@ impl Consumer {
         let reading = match &self.env.consumer_arn {
             Some(arn) => spawn_subscriber(
                 self.env.kinesis.clone(),
-                arn.clone(),
+                StreamConsumer::of(&self.env.config, arn),
                 self.shard.clone(),
                 position,
                 self.env.config.polling.clone(),
