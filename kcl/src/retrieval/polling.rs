@@ -310,12 +310,17 @@ impl Reader {
         self.0.expansion.load(Ordering::Relaxed).max(PER_MILLE)
     }
 
-    /// What one record read with `record_bytes` average footprint needs while a call is in
-    /// flight: [`IN_FLIGHT_FACTOR`] times its bytes, or what it holds once deaggregated if
+    /// What one record of `record_bytes` average footprint needs while a call is in flight:
+    /// [`IN_FLIGHT_FACTOR`] times what travels in the answer (its data, key and sequence
+    /// number), plus [`RECORD_OVERHEAD`] once decoded; or what it holds once deaggregated, if
     /// that is more.
     pub(crate) fn per_record(&self, record_bytes: usize) -> usize {
-        let factor = (IN_FLIGHT_FACTOR * PER_MILLE).max(self.expansion());
-        record_bytes.saturating_mul(factor) / PER_MILLE
+        let wire = record_bytes.saturating_sub(RECORD_OVERHEAD);
+        let in_flight = wire
+            .saturating_mul(IN_FLIGHT_FACTOR)
+            .saturating_add(RECORD_OVERHEAD);
+        let held = record_bytes.saturating_mul(self.expansion()) / PER_MILLE;
+        in_flight.max(held)
     }
 
     fn try_plan(&self, per_record: usize, max_records: u32, undersized: bool) -> Option<Plan> {
@@ -864,6 +869,30 @@ mod tests {
                 "total {total}, readers {readers}, held {held}, mine {mine}, per record {per}"
             );
         }
+    }
+
+    #[test]
+    fn a_record_in_flight_needs_four_times_what_travels_plus_its_overhead() {
+        let budget = PrefetchBudget::new(24 * MIB);
+        let reader = budget.reader();
+        // 1 KiB of data, a 5-byte key, a 56-digit sequence number.
+        let one_kib = 1024 + 5 + 56 + RECORD_OVERHEAD;
+        assert_eq!(
+            reader.per_record(one_kib),
+            4 * (1024 + 5 + 56) + RECORD_OVERHEAD
+        );
+        // 16 shards of such records share the default 24 MiB: ~320 records per call, ~1.6 MiB
+        // per second per shard at 5 calls/s.
+        let _others: Vec<_> = (0..15).map(|_| budget.reader()).collect();
+        match plan(24 * MIB, 16, 0, 0, reader.per_record(one_kib), 10_000) {
+            Plan::Call { records, .. } => assert_eq!(records, 322),
+            other => panic!("{other:?}"),
+        }
+        // Unknown sizes: the largest record, 4 MiB in flight.
+        assert!(reader.per_record(LARGEST_RECORD) > 4 * MIB);
+        // Batches that grow tenfold when deaggregated need that much.
+        reader.0.expansion.store(10 * PER_MILLE, Ordering::Relaxed);
+        assert_eq!(reader.per_record(one_kib), 10 * one_kib);
     }
 
     #[tokio::test]
