@@ -30,11 +30,15 @@
 //! after [`MAX_REREGISTRATIONS`] registrations in a row is reported as not found.
 //!
 //! **Back-pressure.** The task takes the next event from the subscription only once the
-//! previous event's records are in the queue: a byte-budget permit acquired from the worker's
-//! [`PrefetchBudget`] and a free slot in the bounded channel. Meanwhile unread events wait in
-//! the connection's HTTP/2 flow-control window, which stops Kinesis from pushing more. A slow
-//! processor therefore holds at most `prefetch_batches` batches, the byte budget and one event
-//! in memory, as with polling.
+//! previous event's records are in the queue (a free slot in the bounded channel), and only
+//! while this subscriber holds less than its fair share of the worker's [`PrefetchBudget`] and
+//! the budget is not over its total. Events are pushed, of sizes not known in advance, so room
+//! cannot be reserved before one is taken: its records are counted once it is here (over the
+//! total if there is no room, which then holds every other reader back until enough is
+//! released). Meanwhile unread events wait in the connection's HTTP/2 flow-control window,
+//! which stops Kinesis from pushing more. A subscriber therefore holds at most its share of the
+//! budget plus one event, and at most `prefetch_batches` batches, as a polling fetcher holds at
+//! most its share plus one call.
 //!
 //! **Shard end.** The last event of a closed shard has no continuation sequence number and
 //! lists the child shards: the task sends [`Fetched::ShardEnd`] with them and stops.
