@@ -24,7 +24,7 @@ use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::deagg::deaggregate_batch;
-use crate::retrieval::fanout::spawn_subscriber;
+use crate::retrieval::fanout::{spawn_subscriber, StreamConsumer};
 use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
@@ -239,10 +239,12 @@ impl Consumer {
 
         let fetch_stop = CancellationToken::new();
         let _stop_fetcher = fetch_stop.clone().drop_guard();
-        let mut rx = match &self.env.consumer_arn {
+        // `latest_at`: for a start at `LATEST`, the stream's time it stands for (see
+        // `polling::Reading`).
+        let reading = match &self.env.consumer_arn {
             Some(arn) => spawn_subscriber(
                 self.env.kinesis.clone(),
-                arn.clone(),
+                StreamConsumer::of(&self.env.config, arn),
                 self.shard.clone(),
                 position,
                 self.env.config.polling.clone(),
@@ -259,6 +261,10 @@ impl Consumer {
                 fetch_stop,
             ),
         };
+        if let Some(t0) = reading.latest_at {
+            debug!(at = ?t0, "reading from LATEST as of this time (the stream's clock)");
+        }
+        let mut rx = reading.records;
         let label = self.shard.to_string();
         let mut delivered_upto = lease.checkpoint.clone();
         loop {
@@ -273,7 +279,7 @@ impl Consumer {
                 Some(Fetched::Records {
                     records,
                     millis_behind_latest,
-                    _permit,
+                    mut room,
                 }) => {
                     if !self.held.is_valid() {
                         return Err(Stop::LeaseLost);
@@ -282,6 +288,10 @@ impl Consumer {
                     // range); what the checkpoint covers is dropped (a resume starts *at* the
                     // checkpointed record, possibly inside an aggregate).
                     let mut records = deaggregate_batch(records, &self.shard, lease.hash_range);
+                    // Sub-records each have their own key, sequence number and overhead: the
+                    // batch's room in the prefetch budget (held until it is processed) grows to
+                    // what it holds now, from free room only (never waiting while holding).
+                    room.deaggregated(&records);
                     records.retain(|r| r.position() > delivered_upto);
                     let Some(last) = records.last() else { continue };
                     delivered_upto = last.position();

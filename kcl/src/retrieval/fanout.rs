@@ -17,32 +17,45 @@
 //! which Kinesis returns to a `SubscribeToShard` made within 5 s of the previous successful one
 //! for the same consumer and shard (so a subscription that broke at once is retried until those
 //! 5 s have passed), and `LimitExceededException` (one call per second per consumer and shard).
-//! Errors that are not retryable (the consumer or shard does not exist, access denied) end the
-//! task with [`Fetched::Failed`].
+//! Errors that are not retryable (the shard does not exist, access denied) end the task with
+//! [`Fetched::Failed`].
+//!
+//! **A deregistered stream consumer is registered again.** `ResourceNotFoundException` names
+//! either the stream consumer or the shard. The subscriber asks for an iterator of the shard (a
+//! call limited per shard, unlike `ListShards`, whose 100 calls/s per stream every subscriber
+//! of a large stream would share at once): if the shard exists, the consumer was deregistered
+//! (by an operator or a script), and it registers it again ([`StreamConsumer::reregister`],
+//! once for all the subscribers sharing the handle) and subscribes with the new ARN. If the
+//! shard is gone, the shard is reported gone, as before. A consumer that is still not found
+//! after [`MAX_REREGISTRATIONS`] registrations in a row is reported as not found.
 //!
 //! **Back-pressure.** The task takes the next event from the subscription only once the
-//! previous event's records are in the queue: a byte-budget permit acquired from the worker's
-//! [`PrefetchBudget`] and a free slot in the bounded channel. Meanwhile unread events wait in
-//! the connection's HTTP/2 flow-control window, which stops Kinesis from pushing more. A slow
-//! processor therefore holds at most `prefetch_batches` batches, the byte budget and one event
-//! in memory, as with polling.
+//! previous event's records are in the queue (a free slot in the bounded channel), and only
+//! while this subscriber holds less than its fair share of the worker's [`PrefetchBudget`] and
+//! the budget is not over its total. Events are pushed, of sizes not known in advance, so room
+//! cannot be reserved before one is taken: its records are counted once it is here (over the
+//! total if there is no room, which then holds every other reader back until enough is
+//! released). Meanwhile unread events wait in the connection's HTTP/2 flow-control window,
+//! which stops Kinesis from pushing more. A subscriber therefore holds at most its share of the
+//! budget plus one event, and at most `prefetch_batches` batches, as a polling fetcher holds at
+//! most its share plus one call.
 //!
 //! **Shard end.** The last event of a closed shard has no continuation sequence number and
 //! lists the child shards: the task sends [`Fetched::ShardEnd`] with them and stops.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::kinesis::SubscriptionEvent;
-use super::polling::{Fetched, PrefetchBudget};
-use super::{IteratorPosition, KinesisApi, KinesisApiError};
-use crate::config::PollingConfig;
+use super::polling::{latest_at, Fetched, PrefetchBudget, Reader, Reading};
+use super::{restart_position, IteratorPosition, KinesisApi, KinesisApiError};
+use crate::config::{PollingConfig, Retrieval, WorkerConfig};
 use crate::metrics as m;
 use crate::record::{Record, SequenceNumber};
 use crate::shard::ShardId;
@@ -56,28 +69,120 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(35);
 /// The longest pause between two subscription attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Starts the subscriber task for `shard` with the registered stream consumer `consumer_arn`,
-/// from `position`. Returns the receiving end of the prefetch queue (`cfg.prefetch_batches`
+/// Registrations of the stream consumer in a row (without an event between them) after which
+/// a subscriber gives up and reports the consumer as not found.
+const MAX_REREGISTRATIONS: u32 = 3;
+
+/// The enhanced fan-out stream consumer subscribers read through: its current ARN, and what it
+/// takes to register it again if it is deregistered. One handle can be shared by every
+/// subscriber of a worker: the first that finds the consumer gone registers it again, the
+/// others then use the new ARN without registering.
+#[derive(Debug)]
+pub(crate) struct StreamConsumer {
+    stream: String,
+    name: String,
+    arn: std::sync::Mutex<String>,
+    /// Held while registering, so that subscribers finding the consumer gone at the same time
+    /// register it once.
+    registering: tokio::sync::Mutex<()>,
+}
+
+impl StreamConsumer {
+    /// The consumer `name` of `stream`, registered as `arn`.
+    pub(crate) fn new(stream: String, name: String, arn: String) -> Arc<Self> {
+        Arc::new(Self {
+            stream,
+            name,
+            arn: std::sync::Mutex::new(arn),
+            registering: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The worker's stream consumer (`config.retrieval` names it), registered as `arn`.
+    pub(crate) fn of(config: &WorkerConfig, arn: &str) -> Arc<Self> {
+        let name = match &config.retrieval {
+            Retrieval::FanOut { consumer_name } => consumer_name.clone(),
+            // Not a fan-out worker: nothing to register again (a registration would fail).
+            _ => String::new(),
+        };
+        Self::new(config.stream.clone(), name, arn.to_owned())
+    }
+
+    /// The current ARN.
+    pub(crate) fn arn(&self) -> String {
+        self.arn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Registers the consumer again (`RegisterStreamConsumer` is idempotent: it finds the
+    /// consumer or registers it, and waits until it is `ACTIVE`), unless another subscriber
+    /// already did since `stale` was read; returns the ARN to subscribe with.
+    pub(crate) async fn reregister(
+        &self,
+        kinesis: &dyn KinesisApi,
+        stale: &str,
+    ) -> Result<String, KinesisApiError> {
+        let _one = self.registering.lock().await;
+        let current = self.arn();
+        if current != stale {
+            return Ok(current);
+        }
+        let arn = kinesis
+            .register_stream_consumer(&self.stream, &self.name)
+            .await?;
+        *self.arn.lock().unwrap_or_else(|p| p.into_inner()) = arn.clone();
+        Ok(arn)
+    }
+}
+
+/// What a subscriber does after Kinesis said its stream consumer or its shard does not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterNotFound {
+    /// The shard exists: the consumer was deregistered. Register it again and resubscribe.
+    Reregister,
+    /// The shard could not be looked up (throttled, unavailable): try again after a pause.
+    Retry,
+    /// Report the error as it is: the shard is gone, or the consumer cannot be kept registered.
+    Report,
+}
+
+/// The decision after a `ResourceNotFoundException`: `shard` is the outcome of looking the
+/// shard up; `reregistered` counts the registrations in a row without an event since.
+fn after_not_found(shard: Result<(), &KinesisApiError>, reregistered: u32) -> AfterNotFound {
+    match shard {
+        Ok(()) if reregistered >= MAX_REREGISTRATIONS => AfterNotFound::Report,
+        Ok(()) => AfterNotFound::Reregister,
+        Err(e) if e.is_retryable() => AfterNotFound::Retry,
+        // Gone (not found), or the lookup itself is refused: reported as before.
+        Err(_) => AfterNotFound::Report,
+    }
+}
+
+/// Starts the subscriber task for `shard` with the registered stream `consumer` (registered
+/// again if it is deregistered meanwhile), from `position`. Returns the receiving end of the prefetch queue (`cfg.prefetch_batches`
 /// batches, bytes from `budget`), with the contract of `polling::spawn_fetcher`: records come
 /// as read (KPL aggregates included; the consumer deaggregates them and drops what the
 /// checkpoint covers). The task stops when `stop` is cancelled, the receiver is dropped, the
 /// shard ends or an error is not retryable.
 pub(crate) fn spawn_subscriber(
     kinesis: Arc<dyn KinesisApi>,
-    consumer_arn: String,
+    consumer: Arc<StreamConsumer>,
     shard: ShardId,
     position: IteratorPosition,
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
-) -> mpsc::Receiver<Fetched> {
+) -> Reading {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
+    let latest_at = latest_at(kinesis.as_ref(), &position);
     let subscriber = Subscriber {
         kinesis,
-        consumer_arn,
+        consumer_arn: consumer.arn(),
+        consumer,
+        reregistered: 0,
         shard,
-        budget,
+        reader: budget.reader(),
         position,
+        latest_at,
         last_read: None,
     };
     tokio::spawn(async move {
@@ -87,17 +192,29 @@ pub(crate) fn spawn_subscriber(
             _ = subscriber.run(tx) => {}
         }
     });
-    rx
+    Reading {
+        records: rx,
+        latest_at,
+    }
 }
 
 struct Subscriber {
     kinesis: Arc<dyn KinesisApi>,
+    consumer: Arc<StreamConsumer>,
+    /// The ARN this subscriber subscribes with.
     consumer_arn: String,
+    /// Registrations of the consumer in a row, without an event since.
+    reregistered: u32,
     shard: ShardId,
-    budget: Arc<PrefetchBudget>,
+    /// This subscriber's place in the worker's prefetch budget.
+    reader: Reader,
     /// Where the next subscription starts: the initial position, then after the last
-    /// continuation sequence number received.
+    /// continuation sequence number received. A `LATEST` is asked for once: the subscriptions
+    /// made again before an event came start `AT_TIMESTAMP` the moment it was first asked for
+    /// (less a margin), not at a later `LATEST` that would skip what came in between.
     position: IteratorPosition,
+    /// Started at `LATEST`: the stream's time right before the first subscription.
+    latest_at: Option<SystemTime>,
     /// The last (outer) record delivered: records at or before it are dropped (a resubscription
     /// that repeats them).
     last_read: Option<SequenceNumber>,
@@ -126,6 +243,7 @@ impl Subscriber {
             let (ended, had_events) = self.subscription(&tx).await;
             if had_events {
                 delays = self.backoff();
+                self.reregistered = 0;
             }
             match ended {
                 Ended::Stop => return,
@@ -150,9 +268,13 @@ impl Subscriber {
     /// Makes one subscription and delivers its events until it ends. Also says whether it
     /// delivered any event.
     async fn subscription(&mut self, tx: &mpsc::Sender<Fetched>) -> (Ended, bool) {
+        let position = self.position.clone();
         let call = self
             .kinesis
-            .subscribe_to_shard(&self.consumer_arn, &self.shard, &self.position);
+            .subscribe_to_shard(&self.consumer_arn, &self.shard, &position);
+        // Until an event moves it to a continuation, any later subscription restarts where
+        // this one starts, `LATEST` as of the first time it was asked for.
+        self.position = restart_position(&self.position, self.latest_at);
         let result = tokio::time::timeout(SUBSCRIBE_TIMEOUT, call)
             .await
             .unwrap_or_else(|_| {
@@ -166,6 +288,10 @@ impl Subscriber {
         };
         let mut had_events = false;
         loop {
+            // The next event is taken only when this subscriber may hold more (its share of
+            // the budget is not full and the budget is not over): meanwhile unread events
+            // wait in the connection's flow-control window.
+            self.reader.turn().await;
             let event = match tokio::time::timeout(EVENT_TIMEOUT, events.next()).await {
                 Ok(Some(Ok(event))) => event,
                 Ok(Some(Err(e))) => return (self.failed(e, tx).await, had_events),
@@ -189,14 +315,71 @@ impl Subscriber {
         }
     }
 
-    /// A retryable error is retried; any other is reported to the consumer and stops the task.
-    async fn failed(&self, e: KinesisApiError, tx: &mpsc::Sender<Fetched>) -> Ended {
+    /// A retryable error is retried; a deregistered consumer is registered again; any other
+    /// error is reported to the consumer and stops the task.
+    async fn failed(&mut self, e: KinesisApiError, tx: &mpsc::Sender<Fetched>) -> Ended {
         if e.is_retryable() {
             return Ended::Retry(e);
         }
+        let e = match e {
+            KinesisApiError::NotFound(_) => match self.not_found(e).await {
+                Ok(ended) => return ended,
+                Err(e) => e,
+            },
+            e => e,
+        };
         warn!(shard = %self.shard, error = %e, "SubscribeToShard failed");
         let _ = tx.send(Fetched::Failed(e)).await;
         Ended::Stop
+    }
+
+    /// After `ResourceNotFoundException`: if the shard exists, the stream consumer was
+    /// deregistered: registers it again (or takes the ARN another subscriber registered) and
+    /// subscribes again after the usual pause. Gives the error back when it is to be reported.
+    async fn not_found(&mut self, e: KinesisApiError) -> Result<Ended, KinesisApiError> {
+        // An iterator is asked for only to learn whether the shard exists (see the module's
+        // documentation); it is not used.
+        let shard = self
+            .kinesis
+            .get_shard_iterator(
+                &self.consumer.stream,
+                &self.shard,
+                &IteratorPosition::TrimHorizon,
+            )
+            .await
+            .map(|_| ());
+        match after_not_found(shard.as_ref().map(|_| ()), self.reregistered) {
+            AfterNotFound::Report => Err(e),
+            AfterNotFound::Retry => Ok(Ended::Retry(match shard {
+                Err(lookup) => lookup,
+                Ok(()) => e,
+            })),
+            AfterNotFound::Reregister => {
+                let stale = std::mem::take(&mut self.consumer_arn);
+                match self
+                    .consumer
+                    .reregister(self.kinesis.as_ref(), &stale)
+                    .await
+                {
+                    Ok(arn) => {
+                        info!(shard = %self.shard, old = %stale, new = %arn, error = %e,
+                            "the stream consumer was not found but the shard exists: it was deregistered; registered it again");
+                        self.consumer_arn = arn;
+                        self.reregistered += 1;
+                        Ok(Ended::Retry(e))
+                    }
+                    Err(r) if r.is_retryable() => {
+                        self.consumer_arn = stale;
+                        Ok(Ended::Retry(r))
+                    }
+                    Err(r) => {
+                        self.consumer_arn = stale;
+                        warn!(shard = %self.shard, error = %r, "registering the stream consumer again failed");
+                        Err(r)
+                    }
+                }
+            }
+        }
     }
 
     /// Queues the event's new records (waiting for budget and a free slot: the back-pressure),
@@ -210,14 +393,12 @@ impl Subscriber {
             .collect();
         if let Some(last) = records.last() {
             self.last_read = Some(last.sequence_number.clone());
-            let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-            let Some(permit) = self.budget.acquire(bytes).await else {
-                return false;
-            };
+            // Counted as it is: the event is in memory already (taken when there was room).
+            let room = self.reader.hold(&records);
             let batch = Fetched::Records {
                 records,
                 millis_behind_latest: event.millis_behind_latest,
-                _permit: permit,
+                room,
             };
             if tx.send(batch).await.is_err() {
                 return false;
@@ -261,6 +442,7 @@ mod tests {
         inner: MemKinesis,
         made: Arc<AtomicUsize>,
         refused: Arc<AtomicUsize>,
+        registered: Arc<AtomicUsize>,
         events: Arc<AtomicUsize>,
     }
 
@@ -292,9 +474,14 @@ mod tests {
             stream: &str,
             consumer_name: &str,
         ) -> Result<String, KinesisApiError> {
+            self.registered.fetch_add(1, Ordering::SeqCst);
             self.inner
                 .register_stream_consumer(stream, consumer_name)
                 .await
+        }
+
+        fn now(&self) -> std::time::SystemTime {
+            self.inner.now()
         }
 
         async fn subscribe_to_shard(
@@ -329,6 +516,13 @@ mod tests {
         arn: String,
     }
 
+    impl Setup {
+        /// A handle on the consumer `app` of stream `s`.
+        fn consumer(&self) -> Arc<StreamConsumer> {
+            StreamConsumer::new("s".into(), "app".into(), self.arn.clone())
+        }
+    }
+
     async fn setup() -> Setup {
         let kinesis = Counting::default();
         kinesis.inner.create_stream("s", 1);
@@ -359,13 +553,14 @@ mod tests {
     ) -> mpsc::Receiver<Fetched> {
         spawn_subscriber(
             Arc::new(s.kinesis.clone()),
-            s.arn.clone(),
+            s.consumer(),
             s.shard.clone(),
             position,
             cfg(prefetch_batches),
             PrefetchBudget::new(budget_bytes),
             CancellationToken::new(),
         )
+        .records
     }
 
     /// Receives batches until `n` records arrived; panics on anything else.
@@ -439,13 +634,14 @@ mod tests {
             .expect("registered");
         let mut rx = spawn_subscriber(
             Arc::new(s.kinesis.clone()),
-            other,
+            StreamConsumer::new("s".into(), "other".into(), other),
             s.shard.clone(),
             IteratorPosition::AfterSequence(second),
             cfg(3),
             PrefetchBudget::new(1 << 20),
             CancellationToken::new(),
-        );
+        )
+        .records;
         assert_eq!(data(&take(&mut rx, 1).await), ["r-2"]);
     }
 
@@ -553,18 +749,144 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_deregistered_consumer_fails_the_shard() {
+    async fn a_subscription_broken_before_its_first_event_restarts_where_latest_was() {
         let s = setup().await;
-        let mut rx = start(&s, IteratorPosition::Latest, 3, 1 << 20);
+        let k = &s.kinesis.inner;
+        k.put("s", "key", "old");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The first event breaks the subscription: it is made again (after Kinesis' 5 s
+        // guard) before any event arrived.
+        k.faults().inject(
+            Fault::new(FaultKind::Transient)
+                .on("subscription_event")
+                .times(1),
+        );
+        let t0 = k.now();
+        let Reading {
+            records: mut rx,
+            latest_at,
+        } = spawn_subscriber(
+            Arc::new(s.kinesis.clone()),
+            s.consumer(),
+            s.shard.clone(),
+            IteratorPosition::Latest,
+            cfg(3),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        );
+        assert_eq!(
+            latest_at,
+            Some(t0),
+            "LATEST is the stream's time at the start"
+        );
+        // Written after the first subscription, carried by the event that broke it: a
+        // resubscription at a fresh LATEST skipped it.
         tokio::time::sleep(Duration::from_secs(1)).await;
+        k.put("s", "key", "new");
+        let got = tokio::time::timeout(Duration::from_secs(60), take(&mut rx, 1)).await;
+        // Back a second before t0 (clock skew), not to "old" (10 s before).
+        assert_eq!(
+            data(&got.expect("the record put after LATEST arrives")),
+            ["new"]
+        );
+        assert!(s.kinesis.made.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deregistered_consumer_is_registered_again_and_nothing_is_lost() {
+        let s = setup().await;
+        let k = &s.kinesis.inner;
+        for i in 0..5 {
+            k.put("s", "key", format!("r-{i}"));
+        }
+        let consumer = s.consumer();
+        let mut rx = spawn_subscriber(
+            Arc::new(s.kinesis.clone()),
+            consumer.clone(),
+            s.shard.clone(),
+            IteratorPosition::TrimHorizon,
+            cfg(3),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        )
+        .records;
+        let mut got = take(&mut rx, 5).await;
+        // An operator deregisters the consumer (its ARN carries its creation second: the new
+        // one differs); records keep coming.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(k.deregister_stream_consumer(&s.arn));
+        for i in 5..10 {
+            k.put("s", "key", format!("r-{i}"));
+        }
+        let rest = tokio::time::timeout(Duration::from_secs(60), take(&mut rx, 5)).await;
+        got.extend(rest.expect("the records after the deregistration arrive"));
+        assert_eq!(data(&got), names("r", 10));
+        // Registered once more (setup registered it first), under a new ARN.
+        assert_eq!(s.kinesis.registered.load(Ordering::SeqCst), 2);
+        assert_ne!(consumer.arn(), s.arn);
+        // Nothing more arrives (no duplicates).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subscribers_sharing_a_consumer_register_it_once() {
+        let s = setup().await;
+        let consumer = s.consumer();
+        let kinesis: Arc<dyn KinesisApi> = Arc::new(s.kinesis.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(s.kinesis.inner.deregister_stream_consumer(&s.arn));
+        let (a, b) = tokio::join!(
+            consumer.reregister(kinesis.as_ref(), &s.arn),
+            consumer.reregister(kinesis.as_ref(), &s.arn),
+        );
+        let (a, b) = (a.expect("registered"), b.expect("registered"));
+        assert_eq!(a, b);
+        assert_ne!(a, s.arn);
+        assert_eq!(s.kinesis.registered.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_that_is_gone_fails_without_registering_the_consumer() {
+        let s = setup().await;
+        let k = &s.kinesis.inner;
+        k.put("s", "key", "r-0");
+        let mut rx = start(&s, IteratorPosition::TrimHorizon, 3, 1 << 20);
+        assert_eq!(data(&take(&mut rx, 1).await), ["r-0"]);
+        // Closed and trimmed away at once (before its last event): the shard no longer exists.
+        k.split("s", &s.shard, 1 << 127);
+        k.trim_before("s", k.now() + Duration::from_millis(1));
         match rx.recv().await {
             Some(Fetched::Failed(KinesisApiError::NotFound(what))) => {
-                assert!(what.contains("consumer"), "{what}")
+                assert!(what.contains("shard"), "{what}")
             }
             other => panic!("unexpected {other:?}"),
         }
         assert!(rx.recv().await.is_none());
+        assert_eq!(s.kinesis.registered.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn not_found_is_a_deregistered_consumer_only_while_the_shard_exists() {
+        let gone = KinesisApiError::NotFound("shard shardId-000000000000".into());
+        let throttled = KinesisApiError::Throttled("slow down".into());
+        let denied = KinesisApiError::Other("access denied".into());
+        let cases = [
+            (Ok(()), 0, AfterNotFound::Reregister),
+            (Ok(()), MAX_REREGISTRATIONS - 1, AfterNotFound::Reregister),
+            // Registered again and again without an event: reported.
+            (Ok(()), MAX_REREGISTRATIONS, AfterNotFound::Report),
+            (Err(&gone), 0, AfterNotFound::Report),
+            (Err(&throttled), 0, AfterNotFound::Retry),
+            (Err(&denied), 0, AfterNotFound::Report),
+        ];
+        for (shard, reregistered, want) in cases {
+            assert_eq!(
+                after_not_found(shard, reregistered),
+                want,
+                "{shard:?} after {reregistered}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -573,13 +895,14 @@ mod tests {
         let stop = CancellationToken::new();
         let mut rx = spawn_subscriber(
             Arc::new(s.kinesis.clone()),
-            s.arn.clone(),
+            s.consumer(),
             s.shard.clone(),
             IteratorPosition::Latest,
             cfg(3),
             PrefetchBudget::new(1 << 20),
             stop.clone(),
-        );
+        )
+        .records;
         tokio::time::sleep(Duration::from_secs(1)).await;
         stop.cancel();
         assert!(rx.recv().await.is_none());

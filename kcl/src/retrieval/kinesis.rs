@@ -172,8 +172,23 @@ pub trait KinesisApi: Send + Sync + fmt::Debug + 'static {
         limit: u32,
     ) -> Result<GetRecordsOutput, KinesisApiError>;
 
+    /// The stream's wall clock: the clock Kinesis stamps records' arrival times with, which
+    /// `AT_TIMESTAMP` positions are compared against. By default this machine's clock (AWS's
+    /// clock differs from it by the clock skew, which callers allow for); the in-memory Kinesis
+    /// overrides it with its own clock, which follows tokio's (virtual, under simulation).
+    ///
+    /// A reader that starts at `LATEST` notes this time right before its first position is
+    /// taken, so that a restart before its first record (an iterator that expired, a
+    /// subscription that broke) resumes `AT_TIMESTAMP` that moment instead of a later `LATEST`,
+    /// which would skip what was written in between. Wrappers of another `KinesisApi` should
+    /// forward it.
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
     /// Enhanced fan-out: finds the stream consumer `consumer_name` or registers it, waits
-    /// until it is `ACTIVE`, and returns its ARN.
+    /// until it is `ACTIVE`, and returns its ARN. Idempotent: an existing `ACTIVE` consumer of
+    /// that name is returned as it is (it is how a deregistered consumer is registered again).
     async fn register_stream_consumer(
         &self,
         stream: &str,

@@ -1,10 +1,11 @@
 //! Reading records from a shard.
 //!
-//! **Polling** ([`polling`]) calls `GetRecords` in a task per shard that reads ahead of the
-//! processor into a bounded queue (a number of batches *and* a byte budget, so a slow processor
-//! never makes the worker buffer without bound). It keeps within Kinesis' 5 reads/s per shard
-//! (`PollingConfig::min_interval`), backs off with jitter when throttled, and gets a fresh
-//! iterator after the last record it read when one expires.
+//! **Polling** (`polling`) calls `GetRecords` in a task per shard that reads ahead of the
+//! processor into a bounded queue (a number of batches *and* a byte budget shared by the
+//! worker's shards, so neither a slow processor nor large records make the worker buffer
+//! without bound: [`prefetch_usage`] reports what is held). It keeps within Kinesis' 5 reads/s
+//! per shard (`PollingConfig::min_interval`), backs off with jitter when throttled, and gets a
+//! fresh iterator after the last record it read when one expires.
 //!
 //! The [`KinesisApi`] seam is all it needs from Kinesis.
 
@@ -20,9 +21,37 @@ pub use kinesis::{
     GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
     SubscriptionEvent, SubscriptionStream,
 };
+pub use polling::{prefetch_usage, reset_prefetch_peak, PrefetchUsage};
+
+use std::time::{Duration, SystemTime};
 
 use crate::config::InitialPosition;
 use crate::record::ExtendedSequenceNumber;
+
+/// How far before the moment a reader took its first `LATEST` position it restarts, when its
+/// iterator or subscription must be made again before it read a record. `LATEST` is resolved
+/// by Kinesis on its clock, while that moment is read from [`KinesisApi::now`], this machine's
+/// clock for AWS: the margin covers the skew between the two. Re-delivering a second's worth of
+/// older records is harmless for at-least-once processing; skipping records is not.
+pub(crate) const LATEST_RESTART_MARGIN: Duration = Duration::from_secs(1);
+
+/// Where a reader that started at `initial` makes its iterator or subscription again when it
+/// has not read a record yet. `latest_at` is the stream's time ([`KinesisApi::now`]) taken
+/// right before its first `LATEST` position: a fresh `LATEST` would skip what was written
+/// since, so it restarts `AT_TIMESTAMP` that moment less [`LATEST_RESTART_MARGIN`]. Any other
+/// position is taken again as it is.
+pub(crate) fn restart_position(
+    initial: &IteratorPosition,
+    latest_at: Option<SystemTime>,
+) -> IteratorPosition {
+    match (initial, latest_at) {
+        (IteratorPosition::Latest, Some(t0)) => IteratorPosition::AtTimestamp(
+            t0.checked_sub(LATEST_RESTART_MARGIN)
+                .map_or(SystemTime::UNIX_EPOCH, |t| t.max(SystemTime::UNIX_EPOCH)),
+        ),
+        _ => initial.clone(),
+    }
+}
 
 /// The iterator position that resumes after `checkpoint`. Record checkpoints resume *at* the
 /// checkpointed record and filter what was already processed, so a restart inside a KPL
@@ -46,4 +75,57 @@ pub(crate) fn resume_position(
         }
         ExtendedSequenceNumber::ShardEnd => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::SequenceNumber;
+
+    #[test]
+    fn a_restart_before_the_first_record_never_skips() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let seq = SequenceNumber::from_u128(42);
+        let at = |t: SystemTime| IteratorPosition::AtTimestamp(t);
+        let cases = [
+            // LATEST, once taken at t0: at t0 less the margin.
+            (
+                IteratorPosition::Latest,
+                Some(t0),
+                at(t0 - LATEST_RESTART_MARGIN),
+            ),
+            // Too close to the epoch for the margin: from the epoch.
+            (
+                IteratorPosition::Latest,
+                Some(SystemTime::UNIX_EPOCH),
+                at(SystemTime::UNIX_EPOCH),
+            ),
+            // LATEST not taken yet: LATEST.
+            (IteratorPosition::Latest, None, IteratorPosition::Latest),
+            // Other positions are fixed already: taken again as they are.
+            (
+                IteratorPosition::TrimHorizon,
+                Some(t0),
+                IteratorPosition::TrimHorizon,
+            ),
+            (at(t0), Some(t0), at(t0)),
+            (
+                IteratorPosition::AtSequence(seq.clone()),
+                None,
+                IteratorPosition::AtSequence(seq.clone()),
+            ),
+            (
+                IteratorPosition::AfterSequence(seq.clone()),
+                Some(t0),
+                IteratorPosition::AfterSequence(seq),
+            ),
+        ];
+        for (initial, latest_at, want) in cases {
+            assert_eq!(
+                restart_position(&initial, latest_at),
+                want,
+                "{initial:?} at {latest_at:?}"
+            );
+        }
+    }
 }

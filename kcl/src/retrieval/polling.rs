@@ -1,16 +1,16 @@
 //! Polling retrieval: a task per shard calls `GetRecords` and fills a bounded prefetch queue.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use backon::BackoffBuilder;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
+use super::{restart_position, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator};
 use crate::config::PollingConfig;
 use crate::metrics as m;
 use crate::record::{Record, SequenceNumber};
@@ -19,11 +19,12 @@ use crate::shard::{ChildShard, ShardId};
 /// One unit read ahead of the processor.
 #[derive(Debug)]
 pub(crate) enum Fetched {
-    /// Records (never empty), with the byte-budget permit that travels with them.
+    /// Records (never empty), with the room they hold in the prefetch budget, which travels
+    /// with them until the batch is dropped.
     Records {
         records: Vec<Record>,
         millis_behind_latest: Option<u64>,
-        _permit: OwnedSemaphorePermit,
+        room: Room,
     },
     /// The shard was read to its end.
     ShardEnd { children: Vec<ChildShard> },
@@ -35,134 +36,505 @@ pub(crate) enum Fetched {
 /// sets no operation timeout by default; a hung connection must not stall a shard).
 const GET_RECORDS_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The read-ahead budget shared by every fetcher of one worker: a byte semaphore whose permits
-/// travel with the batches, and the number of fetchers sharing it (for their fair shares).
+// ------------------------------------------------------------------------------------------
+// What a record costs.
+// ------------------------------------------------------------------------------------------
+
+/// The memory one record takes beyond its data, partition key and sequence number: the
+/// `Record` itself (its slot in the batch's `Vec`, with the explicit hash key, a `u128`, inline:
+/// `size_of::<Record>()` is 128 bytes on 64-bit targets), the allocator's headers of its two
+/// heap strings (partition key, sequence number: 16 bytes each with glibc), and its share of
+/// the header of the buffer its data lives in (32 bytes for `Bytes`' shared buffers). Rounded up
+/// to leave room for allocator size classes; a test checks it against `size_of::<Record>()`.
+pub(crate) const RECORD_OVERHEAD: usize = 256;
+
+/// The largest record Kinesis stores: 1 MiB of data, a partition key of 256 bytes and a
+/// sequence number of at most 128 digits.
+pub(crate) const LARGEST_RECORD: usize = (1 << 20) + 256 + 128 + RECORD_OVERHEAD;
+
+/// The memory a record holds while it waits for (or is with) its processor: what the prefetch
+/// budget counts for it. Its data, partition key and sequence number (KPL sub-records each have
+/// their own key and sequence number string, and slices of their aggregate's data), plus
+/// [`RECORD_OVERHEAD`].
+pub(crate) fn record_footprint(r: &Record) -> usize {
+    r.data.len() + r.partition_key.len() + r.sequence_number.as_str().len() + RECORD_OVERHEAD
+}
+
+/// The memory a batch of records holds ([`record_footprint`] summed).
+pub(crate) fn footprint(records: &[Record]) -> usize {
+    records.iter().map(record_footprint).sum()
+}
+
+/// The memory a `GetRecords` answer takes while it is received, per byte of records: the body
+/// (base64 in JSON, about 1.4 × the data) arrives in the HTTP client's buffers, the SDK copies
+/// it into one contiguous buffer, then decodes the records beside it. A heap profile of `kcl
+/// consume` (heaptrack) showed about 3.8 × the data at the peak of a call.
+const IN_FLIGHT_FACTOR: usize = 4;
+
+/// Expansion ratios are kept in thousandths.
+const PER_MILLE: usize = 1000;
+
+// ------------------------------------------------------------------------------------------
+// The budget.
+// ------------------------------------------------------------------------------------------
+
+/// The read-ahead budget shared by every reader (polling fetcher or fan-out subscriber) of one
+/// worker: the bytes their records hold — in flight, queued and with the processors — counted
+/// against a total.
+///
+/// **Bounds.** A call reserves room for its answer before it is made, so what is in flight is
+/// counted as well as what waits. Room is handed out only while the bytes held are below the
+/// total; an answer larger than its reservation (records larger than expected) is kept (it is
+/// in memory already) and counted over the total, which then blocks every new reservation until
+/// enough is released. Each reader holds at most its fair share of the budget — `total /
+/// (readers + 1)`, recomputed as readers come and go; the `+ 1` keeps room for a reader that
+/// arrives after others filled their shares — plus one call, so a reader whose processor is
+/// stuck cannot take the budget from the others.
+///
+/// **Record sizes.** A reader that has not yet seen its shard's records sizes its calls for the
+/// largest ones (1 MiB), then by the average it sees. A reader whose share (or the free room)
+/// is smaller than one record's worth still makes calls of one record with what room there is
+/// — otherwise it could wait forever beside readers of smaller records — but only one such call
+/// is made at a time in the whole worker: the total is therefore exceeded by at most one record
+/// (1 MiB) plus answers whose records were more than [`IN_FLIGHT_FACTOR`] times larger than the
+/// average their call was sized by.
+///
+/// **Waiting.** Readers wait for room on a notification, not in a queue: a reader waiting for a
+/// large reservation never holds up one that needs less (a FIFO semaphore would), and nobody
+/// waits while holding room.
 #[derive(Debug)]
 pub(crate) struct PrefetchBudget {
-    bytes: Arc<Semaphore>,
     total: usize,
-    fetchers: AtomicUsize,
+    held: Mutex<Held>,
+    /// Signalled whenever room is released or a reader comes or goes.
+    changed: Notify,
+    readers: AtomicUsize,
+    /// The one call at a time made with less room than one record may need.
+    undersized: Arc<Semaphore>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    bytes: usize,
+    peak: usize,
+}
+
+/// What every reader of this process holds in its budget (see [`prefetch_usage`]).
+static PROCESS_HELD: AtomicUsize = AtomicUsize::new(0);
+static PROCESS_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// The read-ahead memory of every worker of this process, as their prefetch budgets count it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrefetchUsage {
+    /// Bytes held now: records read ahead (until their batch is processed) and room reserved
+    /// for `GetRecords` answers in flight.
+    pub held: usize,
+    /// The most held at once since the process started (or [`reset_prefetch_peak`]).
+    pub peak: usize,
+}
+
+/// The read-ahead memory every worker of this process holds now, and its peak: the sum of the
+/// workers' prefetch budgets' accounting (`PollingConfig::prefetch_bytes` bounds each).
+pub fn prefetch_usage() -> PrefetchUsage {
+    PrefetchUsage {
+        held: PROCESS_HELD.load(Ordering::Relaxed),
+        peak: PROCESS_PEAK.load(Ordering::Relaxed),
+    }
+}
+
+/// Restarts [`PrefetchUsage::peak`] from what is held now (for measurements).
+pub fn reset_prefetch_peak() {
+    PROCESS_PEAK.store(PROCESS_HELD.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// What a reader may do now (see [`plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Its share is full: wait until its processor releases some.
+    OwnShareFull,
+    /// The budget has no room: wait until someone releases some.
+    NoRoom,
+    /// Call with `room` bytes reserved, for up to `records` records.
+    Call { room: usize, records: u32 },
+    /// Free room, but less than one record may need: a call of one record with `room`
+    /// reserved, only by the holder of the worker's single undersized-call slot.
+    Undersized { room: usize },
+}
+
+/// The decision behind every reservation: a reader holding `mine` bytes, among `readers`
+/// readers of a `total` budget of which `held` is held, whose records need `per_record` bytes
+/// each while a call is in flight, wants to ask for up to `max_records`.
+///
+/// The call gets room up to the reader's share, or one record's worth if its share is smaller
+/// (the "plus one call"), within the free room.
+fn plan(
+    total: usize,
+    readers: usize,
+    held: usize,
+    mine: usize,
+    per_record: usize,
+    max_records: u32,
+) -> Plan {
+    let share = total / (readers + 1);
+    if mine >= share.max(1) {
+        return Plan::OwnShareFull;
+    }
+    let free = total.saturating_sub(held);
+    let per_record = per_record.max(1);
+    // A record needing more than the whole budget is given all of it.
+    if free >= per_record.min(total) {
+        let want = (share - mine).max(per_record);
+        let room = want.min(free);
+        let records = u32::try_from(room / per_record)
+            .unwrap_or(u32::MAX)
+            .clamp(1, max_records.max(1));
+        let room = room.min((records as usize).saturating_mul(per_record));
+        Plan::Call { room, records }
+    } else if free > 0 {
+        Plan::Undersized { room: free }
+    } else {
+        Plan::NoRoom
+    }
 }
 
 impl PrefetchBudget {
     pub(crate) fn new(total: usize) -> Arc<Self> {
         Arc::new(Self {
-            bytes: Arc::new(Semaphore::new(total)),
-            total,
-            fetchers: AtomicUsize::new(0),
+            total: total.max(1),
+            held: Mutex::new(Held::default()),
+            changed: Notify::new(),
+            readers: AtomicUsize::new(0),
+            undersized: Arc::new(Semaphore::new(1)),
         })
     }
 
-    /// Records to ask for: at most `max_records`, and no more than this fetcher's share of the
-    /// budget holds while in flight, at the average record size seen.
-    fn limit(&self, max_records: u32, avg_record_bytes: usize) -> u32 {
-        let share = self.total / self.fetchers.load(Ordering::Relaxed).max(1);
-        let fit = share / in_flight_bytes(1, avg_record_bytes).max(1);
-        u32::try_from(fit).unwrap_or(u32::MAX).clamp(1, max_records)
+    /// Bytes held now (over the total while an answer larger than its room is held).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.lock().bytes
     }
 
-    /// Room for a call of up to `fair` records: the fair share's worth if it is free, else
-    /// whatever is free now, else (nothing free) waits for room for one record. Sizing calls
-    /// to the free room instead of waiting for a full share keeps a shard at the tip from
-    /// waiting on other shards' calls in flight: when every fetcher reserves its share, the
-    /// last one would otherwise wait for someone's answer before it could even ask.
-    async fn reserve(
-        self: &Arc<Self>,
-        fair: u32,
-        avg_record_bytes: usize,
-    ) -> Option<OwnedSemaphorePermit> {
-        let want = self.clamp(in_flight_bytes(fair, avg_record_bytes));
-        let least = self.clamp(in_flight_bytes(1, avg_record_bytes));
-        let free = self.bytes.available_permits().min(want);
-        if free >= least {
-            let n = u32::try_from(free).unwrap_or(u32::MAX);
-            if let Ok(p) = self.bytes.clone().try_acquire_many_owned(n) {
-                return Some(p);
-            }
+    /// The most bytes held at once.
+    #[cfg(test)]
+    pub(crate) fn peak(&self) -> usize {
+        self.lock().peak
+    }
+
+    /// Registers a reader: it counts in everyone's fair shares until it is dropped.
+    pub(crate) fn reader(self: &Arc<Self>) -> Reader {
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        Reader(Arc::new(ReaderState {
+            budget: self.clone(),
+            held: AtomicUsize::new(0),
+            expansion: AtomicUsize::new(PER_MILLE),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self, bytes: usize) {
+        let mut held = self.lock();
+        held.bytes += bytes;
+        held.peak = held.peak.max(held.bytes);
+        let now = PROCESS_HELD.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        PROCESS_PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
         }
-        self.acquire(least).await
-    }
-
-    /// Records a call may ask for with `reserved` room: at least 1, at most `fair`.
-    fn records_in(
-        &self,
-        reserved: &OwnedSemaphorePermit,
-        fair: u32,
-        avg_record_bytes: usize,
-    ) -> u32 {
-        let per_record = in_flight_bytes(1, avg_record_bytes).max(1);
-        u32::try_from(reserved.num_permits() / per_record)
-            .unwrap_or(u32::MAX)
-            .clamp(1, fair.max(1))
-    }
-
-    /// Waits for `bytes` of room (at least 1, at most the whole budget, so never forever).
-    pub(crate) async fn acquire(self: &Arc<Self>, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let want = u32::try_from(self.clamp(bytes)).unwrap_or(u32::MAX);
-        self.bytes.clone().acquire_many_owned(want).await.ok()
-    }
-
-    fn clamp(&self, bytes: usize) -> usize {
-        bytes.clamp(1, self.total)
-    }
-
-    /// Resizes a reservation to the `bytes` a response actually holds: the excess goes back at
-    /// once; a shortfall (records larger than the average the request was sized by) is taken
-    /// if free, and otherwise carried over budget for this one batch rather than waited for,
-    /// since fetchers that wait for more while holding part of the budget could deadlock.
-    fn fit(&self, mut reserved: OwnedSemaphorePermit, bytes: usize) -> OwnedSemaphorePermit {
-        let want = self.clamp(bytes);
-        let have = reserved.num_permits();
-        if want < have {
-            drop(reserved.split(have - want));
-        } else if want > have {
-            let extra = u32::try_from(want - have).unwrap_or(u32::MAX);
-            match self.bytes.clone().try_acquire_many_owned(extra) {
-                Ok(more) => reserved.merge(more),
-                Err(_) => debug!(
-                    over = want - have,
-                    "response larger than reserved; carried over the prefetch budget"
-                ),
-            }
+        {
+            let mut held = self.lock();
+            held.bytes = held.bytes.saturating_sub(bytes);
         }
-        reserved
+        PROCESS_HELD.fetch_sub(bytes, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `ready` (checked under no lock of ours) returns a value. Wakes on every
+    /// release of room and every change of readers, and checks again.
+    async fn wait_for<T>(&self, mut ready: impl FnMut() -> Option<T>) -> T {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before checking, so a release in between is not missed.
+            changed.as_mut().enable();
+            if let Some(t) = ready() {
+                return t;
+            }
+            changed.await;
+        }
     }
 }
 
-/// The memory a `GetRecords` answer takes while it is received, per byte of record data:
-/// the body (base64 in JSON, about 1.4 × the data) arrives in the HTTP client's buffers, the
-/// SDK copies it into one contiguous buffer, then decodes the records beside it. A heap
-/// profile of `kcl consume` (heaptrack) showed about 3.8 × the data at the peak of a call.
-const IN_FLIGHT_FACTOR: usize = 4;
+/// A reader's registration in its budget: counted in the fair shares while it lives.
+#[derive(Debug)]
+pub(crate) struct Reader(Arc<ReaderState>);
 
-/// The memory a `GetRecords` answer of `records` records takes while it is received.
-/// Reserved before the call, and cut to the records' own bytes once they are decoded.
-fn in_flight_bytes(records: u32, avg_record_bytes: usize) -> usize {
-    (records as usize)
-        .saturating_mul(avg_record_bytes)
-        .saturating_mul(IN_FLIGHT_FACTOR)
+#[derive(Debug)]
+struct ReaderState {
+    budget: Arc<PrefetchBudget>,
+    /// Bytes held by this reader's rooms: in flight, queued and with the processor.
+    held: AtomicUsize,
+    /// How much larger (in thousandths) its batches became when deaggregated (KPL), as last
+    /// measured by the consumer: calls are sized for what their records will hold.
+    expansion: AtomicUsize,
 }
 
-/// Counts a fetcher in its budget's fair shares while it lives.
-struct Registered(Arc<PrefetchBudget>);
-
-impl Registered {
-    fn new(budget: Arc<PrefetchBudget>) -> Self {
-        budget.fetchers.fetch_add(1, Ordering::Relaxed);
-        Self(budget)
-    }
-}
-
-impl Drop for Registered {
+impl Drop for Reader {
     fn drop(&mut self) {
-        self.0.fetchers.fetch_sub(1, Ordering::Relaxed);
+        let budget = &self.0.budget;
+        budget.readers.fetch_sub(1, Ordering::Relaxed);
+        budget.changed.notify_waiters();
     }
+}
+
+/// Room reserved for one call: the room, the records it may ask for, and — for a call with
+/// less room than one record may need — the worker's undersized-call slot, to be given back
+/// once the answer is counted.
+pub(crate) struct Reservation {
+    pub(crate) room: Room,
+    pub(crate) records: u32,
+    _undersized: Option<OwnedSemaphorePermit>,
+}
+
+impl Reader {
+    /// How many times larger than the records as read their batches will be (deaggregated),
+    /// at least 1.
+    fn expansion(&self) -> usize {
+        self.0.expansion.load(Ordering::Relaxed).max(PER_MILLE)
+    }
+
+    /// What one record of `record_bytes` average footprint needs while a call is in flight:
+    /// [`IN_FLIGHT_FACTOR`] times what travels in the answer (its data, key and sequence
+    /// number), plus [`RECORD_OVERHEAD`] once decoded; or what it holds once deaggregated, if
+    /// that is more.
+    pub(crate) fn per_record(&self, record_bytes: usize) -> usize {
+        let wire = record_bytes.saturating_sub(RECORD_OVERHEAD);
+        let in_flight = wire
+            .saturating_mul(IN_FLIGHT_FACTOR)
+            .saturating_add(RECORD_OVERHEAD);
+        let held = record_bytes.saturating_mul(self.expansion()) / PER_MILLE;
+        in_flight.max(held)
+    }
+
+    fn try_plan(&self, per_record: usize, max_records: u32, undersized: bool) -> Option<Plan> {
+        let budget = &self.0.budget;
+        let mut held = budget.lock();
+        let readers = budget.readers.load(Ordering::Relaxed);
+        let mine = self.0.held.load(Ordering::Relaxed);
+        let p = plan(
+            budget.total,
+            readers,
+            held.bytes,
+            mine,
+            per_record,
+            max_records,
+        );
+        let room = match p {
+            Plan::Call { room, .. } => room,
+            Plan::Undersized { room } if undersized => room,
+            Plan::Undersized { .. } => return Some(p),
+            Plan::OwnShareFull | Plan::NoRoom => return None,
+        };
+        // Taken under the same lock the plan was made under: no one else took it meanwhile.
+        held.bytes += room;
+        held.peak = held.peak.max(held.bytes);
+        drop(held);
+        let now = PROCESS_HELD.fetch_add(room, Ordering::Relaxed) + room;
+        PROCESS_PEAK.fetch_max(now, Ordering::Relaxed);
+        self.0.held.fetch_add(room, Ordering::Relaxed);
+        Some(p)
+    }
+
+    /// Waits for room for a call of up to `max_records` records of `per_record` bytes each in
+    /// flight (see [`Reader::per_record`]) and reserves it.
+    pub(crate) async fn reserve(&self, per_record: usize, max_records: u32) -> Reservation {
+        let budget = self.0.budget.clone();
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        loop {
+            let changed = budget.changed.notified();
+            tokio::pin!(changed);
+            // Registered before checking, so a release in between is not missed.
+            changed.as_mut().enable();
+            match self.try_plan(per_record, max_records, slot.is_some()) {
+                Some(Plan::Call { room, records }) => {
+                    return Reservation {
+                        room: self.room(room),
+                        records,
+                        _undersized: None,
+                    };
+                }
+                Some(Plan::Undersized { room }) if slot.is_some() => {
+                    return Reservation {
+                        room: self.room(room),
+                        records: 1,
+                        _undersized: slot,
+                    };
+                }
+                Some(Plan::Undersized { .. }) => {
+                    // Less free room than one record may need: wait for the worker's
+                    // undersized-call slot, or for room to come free meanwhile.
+                    tokio::select! {
+                        permit = budget.undersized.clone().acquire_owned() => slot = permit.ok(),
+                        _ = changed => {}
+                    }
+                }
+                _ => changed.await,
+            }
+        }
+    }
+
+    /// Waits until this reader may read more: its share is not full and the budget is not
+    /// over its total. For readers that cannot reserve before reading (fan-out: events are
+    /// pushed, of sizes not known in advance); what they read is then counted with
+    /// [`Reader::hold`].
+    pub(crate) async fn turn(&self) {
+        let budget = self.0.budget.clone();
+        budget
+            .wait_for(|| {
+                let held = budget.lock().bytes;
+                let readers = budget.readers.load(Ordering::Relaxed);
+                let mine = self.0.held.load(Ordering::Relaxed);
+                let share = budget.total / (readers + 1);
+                (mine < share.max(1) && held < budget.total).then_some(())
+            })
+            .await
+    }
+
+    /// Counts `records`, already in memory, as held by this reader (over the total if there is
+    /// no room: they are here anyway), with the expansion their deaggregation is expected to
+    /// add.
+    pub(crate) fn hold(&self, records: &[Record]) -> Room {
+        let mut room = self.room(0);
+        room.read(records);
+        room
+    }
+
+    fn room(&self, bytes: usize) -> Room {
+        Room {
+            bytes,
+            owner: self.0.clone(),
+            read: 0,
+        }
+    }
+}
+
+/// Bytes held in the prefetch budget by one call or batch, given back when dropped.
+pub(crate) struct Room {
+    bytes: usize,
+    owner: Arc<ReaderState>,
+    /// The footprint of the records as read (before deaggregation).
+    read: usize,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").field("bytes", &self.bytes).finish()
+    }
+}
+
+impl Room {
+    /// Bytes held.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Resizes to `bytes` without waiting: the excess goes back at once; a shortfall is taken
+    /// if free, and otherwise carried over the total (the records are in memory already), which
+    /// holds every new reservation back until enough is released. Waiting for more while
+    /// holding room could deadlock readers that each hold part of the budget.
+    pub(crate) fn fit(&mut self, bytes: usize) {
+        let budget = &self.owner.budget;
+        if bytes < self.bytes {
+            let excess = self.bytes - bytes;
+            self.owner.held.fetch_sub(excess, Ordering::Relaxed);
+            self.bytes = bytes;
+            budget.release(excess);
+        } else if bytes > self.bytes {
+            let extra = bytes - self.bytes;
+            let free = budget.total.saturating_sub(budget.lock().bytes);
+            if extra > free {
+                debug!(
+                    over = extra - free,
+                    "records larger than their reservation; carried over the prefetch budget"
+                );
+            }
+            budget.take(extra);
+            self.owner.held.fetch_add(extra, Ordering::Relaxed);
+            self.bytes = bytes;
+        }
+    }
+
+    /// Resizes to what `records`, just read, will hold: their footprint, times the expansion
+    /// deaggregation added to this reader's previous batches (so the consumer's resize after
+    /// deaggregation is small).
+    pub(crate) fn read(&mut self, records: &[Record]) {
+        self.read = footprint(records);
+        let expected = self.read.saturating_mul(self.owner_expansion()) / PER_MILLE;
+        self.fit(expected);
+    }
+
+    fn owner_expansion(&self) -> usize {
+        self.owner.expansion.load(Ordering::Relaxed).max(PER_MILLE)
+    }
+
+    /// Resizes to what the batch holds once deaggregated into `records` (KPL sub-records each
+    /// get their own key, sequence number string and overhead), without waiting (see
+    /// [`Room::fit`]). Never below what was read: sub-records' data are slices that keep their
+    /// aggregate's whole buffer alive. The ratio is remembered for the reader's next calls.
+    pub(crate) fn deaggregated(&mut self, records: &[Record]) {
+        let held = footprint(records).max(self.read);
+        if let Some(ratio) = held.saturating_mul(PER_MILLE).checked_div(self.read) {
+            // A moving average: one odd batch does not resize every later call.
+            let old = self.owner_expansion();
+            self.owner
+                .expansion
+                .store((old * 3 + ratio) / 4, Ordering::Relaxed);
+        }
+        self.fit(held);
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.owner.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.owner.budget.release(self.bytes);
+    }
+}
+
+/// A reader task just started: its prefetch queue, and where `LATEST` was for it.
+#[derive(Debug)]
+pub(crate) struct Reading {
+    /// The receiving end of the prefetch queue.
+    pub(crate) records: mpsc::Receiver<Fetched>,
+    /// For a reader started at `LATEST`: the stream's time ([`KinesisApi::now`]) taken right
+    /// before its first `LATEST` position was asked for, so never after it. `LATEST` means "after
+    /// what arrived before this moment": the position can be stored as `AT_TIMESTAMP` it, and
+    /// the reader itself restarts there (less [`super::LATEST_RESTART_MARGIN`]) if its iterator
+    /// or subscription must be made again before it read a record. `None` for other positions.
+    pub(crate) latest_at: Option<SystemTime>,
+}
+
+/// The stream's time for a reader starting at `position`, if it is `LATEST`: taken now, before
+/// the reader's task makes its first call.
+pub(crate) fn latest_at(
+    kinesis: &dyn KinesisApi,
+    position: &IteratorPosition,
+) -> Option<SystemTime> {
+    (*position == IteratorPosition::Latest).then(|| kinesis.now())
 }
 
 /// Starts the fetcher task for `shard`, from `position`. Returns the receiving end of the
-/// prefetch queue. The task stops when `stop` is cancelled or the receiver is dropped. Records
-/// come as read (KPL aggregates included): the consumer deaggregates them and drops what the
-/// checkpoint already covers.
+/// prefetch queue (and, at `LATEST`, the moment it stands for). The task stops when `stop` is
+/// cancelled or the receiver is dropped. Records come as read (KPL aggregates included): the
+/// consumer deaggregates them and drops what the checkpoint already covers.
 pub(crate) fn spawn_fetcher(
     kinesis: Arc<dyn KinesisApi>,
     stream: String,
@@ -171,16 +543,18 @@ pub(crate) fn spawn_fetcher(
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
     stop: CancellationToken,
-) -> mpsc::Receiver<Fetched> {
+) -> Reading {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
+    let latest_at = latest_at(kinesis.as_ref(), &position);
     let fetcher = Fetcher {
-        budget: Registered::new(budget),
-        avg_record_bytes: 1024,
+        reader: budget.reader(),
+        record_bytes: None,
         kinesis,
         stream,
         shard,
         cfg,
         last_read: None,
+        latest_at,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -189,7 +563,10 @@ pub(crate) fn spawn_fetcher(
             _ = fetcher.run(position, tx) => {}
         }
     });
-    rx
+    Reading {
+        records: rx,
+        latest_at,
+    }
 }
 
 struct Fetcher {
@@ -197,11 +574,14 @@ struct Fetcher {
     stream: String,
     shard: ShardId,
     cfg: PollingConfig,
-    budget: Registered,
-    /// Moving average of record sizes, to size requests to the budget.
-    avg_record_bytes: usize,
+    reader: Reader,
+    /// Moving average of the footprint of this shard's records (as read), to size calls to
+    /// the budget; `None` until records were read: calls are then sized for the largest.
+    record_bytes: Option<usize>,
     /// The last (outer) record read: an expired iterator is renewed after it.
     last_read: Option<SequenceNumber>,
+    /// Started at `LATEST`: the stream's time right before the first iterator was asked for.
+    latest_at: Option<SystemTime>,
 }
 
 impl Fetcher {
@@ -211,18 +591,23 @@ impl Fetcher {
             .build()
     }
 
+    /// An iterator at `position`, retried while the failures are retryable. A retry is made
+    /// at the restart position: once a `LATEST` was asked for, "the tip" means the moment it
+    /// was first asked, not a later one.
     async fn iterator(
         &self,
         position: &IteratorPosition,
     ) -> Result<ShardIterator, KinesisApiError> {
         let mut delays = self.backoff();
+        let mut position = position.clone();
         loop {
             match self
                 .kinesis
-                .get_shard_iterator(&self.stream, &self.shard, position)
+                .get_shard_iterator(&self.stream, &self.shard, &position)
                 .await
             {
                 Err(e) if e.is_retryable() => {
+                    position = restart_position(&position, self.latest_at);
                     let d = delays.next().unwrap_or(Duration::from_secs(10));
                     debug!(shard = %self.shard, error = %e, "GetShardIterator failed; retrying");
                     tokio::time::sleep(d).await;
@@ -232,11 +617,12 @@ impl Fetcher {
         }
     }
 
-    /// Position to renew an expired iterator from.
+    /// Position to renew an expired iterator from: after the last record read; before the
+    /// first one, where the reader started (`LATEST` as of when it was first asked for).
     fn renew_position(&self, initial: &IteratorPosition) -> IteratorPosition {
         match &self.last_read {
             Some(seq) => IteratorPosition::AfterSequence(seq.clone()),
-            None => initial.clone(),
+            None => restart_position(initial, self.latest_at),
         }
     }
 
@@ -252,20 +638,17 @@ impl Fetcher {
         let mut next_call = Instant::now();
         loop {
             tokio::time::sleep_until(next_call).await;
-            let fair = self
-                .budget
-                .0
-                .limit(self.cfg.max_records, self.avg_record_bytes);
             // Room for the answer is reserved before asking, so the budget bounds what is in
             // flight as well as what waits for the processor (a response held while waiting
             // for room would be outside it). The call asks for what the room reserved holds.
-            let Some(reserved) = self.budget.0.reserve(fair, self.avg_record_bytes).await else {
-                return;
-            };
-            let limit = self
-                .budget
-                .0
-                .records_in(&reserved, fair, self.avg_record_bytes);
+            let per_record = self
+                .reader
+                .per_record(self.record_bytes.unwrap_or(LARGEST_RECORD));
+            let Reservation {
+                mut room,
+                records: limit,
+                _undersized,
+            } = self.reader.reserve(per_record, self.cfg.max_records).await;
             let started = Instant::now();
             next_call = started + self.cfg.min_interval;
             let call = self.kinesis.get_records(&iterator, limit);
@@ -278,7 +661,7 @@ impl Fetcher {
                     out
                 }
                 Err(KinesisApiError::ExpiredIterator) => {
-                    drop(reserved);
+                    drop(room);
                     debug!(shard = %self.shard, "shard iterator expired; renewing");
                     match self.iterator(&self.renew_position(&position)).await {
                         Ok(it) => iterator = it,
@@ -290,7 +673,7 @@ impl Fetcher {
                     continue;
                 }
                 Err(e) if e.is_retryable() => {
-                    drop(reserved);
+                    drop(room);
                     let label = self.shard.to_string();
                     if matches!(e, KinesisApiError::Throttled(_)) {
                         metrics::counter!(m::THROTTLES, "shard" => label).increment(1);
@@ -312,20 +695,25 @@ impl Fetcher {
             let records: Vec<Record> = out.records;
             if let Some(last) = records.last() {
                 self.last_read = Some(last.sequence_number.clone());
-                let bytes: usize = records.iter().map(|r| r.data.len()).sum();
-                let avg = bytes / records.len();
-                self.avg_record_bytes = (self.avg_record_bytes * 3 + avg.max(1)) / 4;
-                let permit = self.budget.0.fit(reserved, bytes);
+                let avg = footprint(&records) / records.len();
+                self.record_bytes = Some(match self.record_bytes {
+                    // The first records seen replace the guess of the largest at once.
+                    None => avg,
+                    Some(before) => (before * 3 + avg) / 4,
+                });
+                room.read(&records);
+                // The answer is counted: the next undersized call may start.
+                drop(_undersized);
                 let batch = Fetched::Records {
                     records,
                     millis_behind_latest: out.millis_behind_latest,
-                    _permit: permit,
+                    room,
                 };
                 if tx.send(batch).await.is_err() {
                     return;
                 }
             } else {
-                drop(reserved);
+                drop(room);
                 if at_tip {
                     // Counted from the answer, not the call: a server that answers slowly
                     // (overloaded) is asked less often. Counting from the call's start was
@@ -350,77 +738,463 @@ impl Fetcher {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
+    const MIB: usize = 1 << 20;
+
     #[test]
-    fn requests_are_sized_so_every_fetcher_fits_its_share_in_flight() {
-        let budget = PrefetchBudget::new(10 << 20);
-        let _fetchers: Vec<_> = (0..4).map(|_| Registered::new(budget.clone())).collect();
-        // 2.5 MiB share, 1 KiB records, 4 KiB each in flight: 640 records.
-        assert_eq!(budget.limit(10_000, 1024), 640);
-        assert_eq!(in_flight_bytes(640, 1024), 10 << 20 >> 2);
-        // Never more than asked for, never zero.
-        assert_eq!(budget.limit(100, 1024), 100);
-        assert_eq!(budget.limit(10_000, 64 << 20), 1);
+    fn the_overhead_constant_covers_a_record_and_its_allocations() {
+        // The struct (its slot in a batch's Vec), two heap strings' allocator headers (16 bytes
+        // each with glibc) and the shared buffer header of its data (32).
+        let least = std::mem::size_of::<Record>() + 2 * 16 + 32;
+        assert!(
+            RECORD_OVERHEAD >= least,
+            "{RECORD_OVERHEAD} < {least} (size_of::<Record>() = {})",
+            std::mem::size_of::<Record>()
+        );
+        // …and does not dwarf small records.
+        assert!(RECORD_OVERHEAD <= 2 * least);
+        let r = Record::new(
+            Bytes::from(vec![0u8; 1000]),
+            "pk",
+            SequenceNumber::from_u128(7),
+            None,
+        );
+        let seq = r.sequence_number.as_str().len();
+        assert_eq!(record_footprint(&r), 1000 + 2 + seq + RECORD_OVERHEAD);
+        assert_eq!(
+            footprint(&[r.clone(), r]),
+            2 * (1000 + 2 + seq + RECORD_OVERHEAD)
+        );
+    }
+
+    #[test]
+    fn plans_size_calls_to_the_share_the_free_room_and_one_record() {
+        use Plan::*;
+        // (total, readers, held, mine, per_record, max_records) → plan
+        #[rustfmt::skip]
+        type Case = ((usize, usize, usize, usize, usize, u32), Plan);
+        let cases: &[Case] = &[
+            // Alone: the share is half the budget (room is kept for a newcomer).
+            (
+                (1000, 1, 0, 0, 10, 10_000),
+                Call {
+                    room: 500,
+                    records: 50,
+                },
+            ),
+            // 4 readers: a fifth each; never more records than asked for.
+            (
+                (1000, 4, 0, 0, 10, 10_000),
+                Call {
+                    room: 200,
+                    records: 20,
+                },
+            ),
+            (
+                (1000, 4, 0, 0, 10, 5),
+                Call {
+                    room: 50,
+                    records: 5,
+                },
+            ),
+            // Part of the share is held: the rest of it.
+            (
+                (1000, 4, 0, 150, 10, 10_000),
+                Call {
+                    room: 50,
+                    records: 5,
+                },
+            ),
+            // The share is full: wait for the own processor, whatever is free.
+            ((1000, 4, 0, 200, 10, 10_000), OwnShareFull),
+            ((1000, 4, 0, 250, 10, 10_000), OwnShareFull),
+            // Less free room than the rest of the share: the free room.
+            (
+                (1000, 4, 930, 0, 10, 10_000),
+                Call {
+                    room: 70,
+                    records: 7,
+                },
+            ),
+            // A share smaller than one record: one record's room (the "plus one call").
+            (
+                (1000, 4, 0, 0, 300, 10_000),
+                Call {
+                    room: 300,
+                    records: 1,
+                },
+            ),
+            (
+                (1000, 4, 0, 150, 300, 10_000),
+                Call {
+                    room: 300,
+                    records: 1,
+                },
+            ),
+            // Free room, but less than one record may need: an undersized call.
+            ((1000, 4, 800, 0, 300, 10_000), Undersized { room: 200 }),
+            // No room at all (or over the total: an answer carried over).
+            ((1000, 4, 1000, 0, 10, 10_000), NoRoom),
+            ((1000, 4, 1200, 0, 10, 10_000), NoRoom),
+            // A record needing more than the whole budget gets all of it, when all is free.
+            (
+                (1000, 1, 0, 0, 4000, 10_000),
+                Call {
+                    room: 1000,
+                    records: 1,
+                },
+            ),
+            ((1000, 1, 1, 0, 4000, 10_000), Undersized { room: 999 }),
+            // 100 fresh readers of a 24 MiB budget, sized for 1 MiB records (4 MiB in flight
+            // each): one record's room each while there is room, then undersized calls.
+            (
+                (24 * MIB, 100, 0, 0, 4 * LARGEST_RECORD, 10_000),
+                Call {
+                    room: 4 * LARGEST_RECORD,
+                    records: 1,
+                },
+            ),
+            (
+                (24 * MIB, 100, 22 * MIB, 0, 4 * LARGEST_RECORD, 10_000),
+                Undersized { room: 2 * MIB },
+            ),
+        ];
+        for &((total, readers, held, mine, per, max), want) in cases {
+            assert_eq!(
+                plan(total, readers, held, mine, per, max),
+                want,
+                "total {total}, readers {readers}, held {held}, mine {mine}, per record {per}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_in_flight_needs_four_times_what_travels_plus_its_overhead() {
+        let budget = PrefetchBudget::new(24 * MIB);
+        let reader = budget.reader();
+        // 1 KiB of data, a 5-byte key, a 56-digit sequence number.
+        let one_kib = 1024 + 5 + 56 + RECORD_OVERHEAD;
+        assert_eq!(
+            reader.per_record(one_kib),
+            4 * (1024 + 5 + 56) + RECORD_OVERHEAD
+        );
+        // 16 shards of such records share the default 24 MiB: ~320 records per call, ~1.6 MiB
+        // per second per shard at 5 calls/s.
+        let _others: Vec<_> = (0..15).map(|_| budget.reader()).collect();
+        match plan(24 * MIB, 16, 0, 0, reader.per_record(one_kib), 10_000) {
+            Plan::Call { records, .. } => assert_eq!(records, 322),
+            other => panic!("{other:?}"),
+        }
+        // Unknown sizes: the largest record, 4 MiB in flight.
+        assert!(reader.per_record(LARGEST_RECORD) > 4 * MIB);
+        // Batches that grow tenfold when deaggregated need that much.
+        reader.0.expansion.store(10 * PER_MILLE, Ordering::Relaxed);
+        assert_eq!(reader.per_record(one_kib), 10 * one_kib);
     }
 
     #[tokio::test]
-    async fn a_reservation_is_cut_to_the_answer_and_grown_only_from_free_room() {
+    async fn rooms_are_counted_until_dropped_and_resized_without_waiting() {
         let budget = PrefetchBudget::new(1000);
-        let reserved = budget.acquire(600).await.expect("open");
+        let a = budget.reader();
+        let b = budget.reader();
+        let before = prefetch_usage().held;
+        // 2 readers: shares of 333.
+        let mut r = a.reserve(10, 10_000).await;
+        assert_eq!((r.room.bytes(), r.records), (330, 33));
+        assert_eq!(budget.held(), 330);
+        assert!(prefetch_usage().peak >= before + 330);
         // Smaller answer: the excess goes back at once.
-        let held = budget.fit(reserved, 100);
-        assert_eq!(held.num_permits(), 100);
-        assert_eq!(budget.bytes.available_permits(), 900);
-        // Larger answer with room free: the shortfall is taken.
-        let held = budget.fit(held, 300);
-        assert_eq!(held.num_permits(), 300);
-        assert_eq!(budget.bytes.available_permits(), 700);
-        // Larger answer without room: carried as is, never waited for.
-        let other = budget.acquire(700).await.expect("open");
-        let held = budget.fit(held, 500);
-        assert_eq!(held.num_permits(), 300);
-        drop((held, other));
-        assert_eq!(budget.bytes.available_permits(), 1000);
+        r.room.fit(100);
+        assert_eq!(budget.held(), 100);
+        // Larger, room free: taken.
+        r.room.fit(300);
+        assert_eq!(budget.held(), 300);
+        // Larger than the free room: carried over the total, counted, and every new
+        // reservation waits until enough is released.
+        let other = b.reserve(10, 10_000).await;
+        assert_eq!(other.room.bytes(), 330);
+        r.room.fit(900);
+        assert_eq!(budget.held(), 1230);
+        assert_eq!(budget.peak(), 1230);
+        let blocked = b.reserve(10, 10_000);
+        tokio::pin!(blocked);
+        assert!(futures::poll!(blocked.as_mut()).is_pending());
+        drop(r);
+        assert_eq!(budget.held(), 330);
+        assert!(matches!(
+            futures::poll!(blocked.as_mut()),
+            std::task::Poll::Ready(_)
+        ));
+        drop(other);
+        assert_eq!(budget.held(), 0);
     }
 
     #[tokio::test]
-    async fn calls_are_sized_to_the_free_room_up_to_the_fair_share() {
-        let budget = PrefetchBudget::new(40 << 10);
-        // All free: the fair share's worth (4 records of 1 KiB: 16 KiB in flight).
-        let a = budget.reserve(4, 1024).await.expect("open");
-        assert_eq!(a.num_permits(), 16 << 10);
-        assert_eq!(budget.records_in(&a, 4, 1024), 4);
-        // 24 KiB free: again a full share.
-        let b = budget.reserve(4, 1024).await.expect("open");
-        assert_eq!(budget.records_in(&b, 4, 1024), 4);
-        // 8 KiB free: only 2 records' room, taken at once instead of waiting.
-        let c = budget.reserve(4, 1024).await.expect("open");
-        assert_eq!(c.num_permits(), 8 << 10);
-        assert_eq!(budget.records_in(&c, 4, 1024), 2);
-        // Nothing free: waits for one record's room.
-        let waiting = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.reserve(4, 1024).await.map(|p| p.num_permits()) }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        drop(a);
-        assert_eq!(waiting.await.expect("joined"), Some(4 << 10));
-        drop((b, c));
-    }
-
-    #[tokio::test]
-    async fn a_reservation_larger_than_the_budget_waits_for_all_of_it() {
+    async fn a_reader_holds_at_most_its_share_plus_one_call() {
         let budget = PrefetchBudget::new(1000);
-        let held = budget.acquire(10).await.expect("open");
-        let waiting = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.acquire(5000).await.map(|p| p.num_permits()) }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
+        let stuck = budget.reader();
+        let _other = budget.reader();
+        // Its whole share (333) reserved and kept (its processor does not process).
+        let first = stuck.reserve(1, 10_000).await;
+        let second = stuck.reserve(1, 10_000);
+        tokio::pin!(second);
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        // The others are not held up by it: the rest is theirs.
+        let r = _other.reserve(1, 10_000).await;
+        assert_eq!(r.room.bytes(), 333);
+        // When it processes, it may read again.
+        drop(first);
+        assert!(matches!(
+            futures::poll!(second.as_mut()),
+            std::task::Poll::Ready(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn shares_follow_the_readers() {
+        let budget = PrefetchBudget::new(1200);
+        let a = budget.reader();
+        let held = a.reserve(10, 10_000).await; // 600: half, alone
+        assert_eq!(held.room.bytes(), 600);
+        let more = a.reserve(10, 10_000);
+        tokio::pin!(more);
+        assert!(futures::poll!(more.as_mut()).is_pending());
+        let others: Vec<_> = (0..2).map(|_| budget.reader()).collect();
+        // 3 readers: shares of 300; `a` holds twice its share, and waits.
+        assert!(futures::poll!(more.as_mut()).is_pending());
+        drop(others);
         drop(held);
-        assert_eq!(waiting.await.expect("joined"), Some(1000));
+        // Alone again, nothing held: half the budget.
+        let Reservation { room, .. } = more.await;
+        assert_eq!(room.bytes(), 600);
+    }
+
+    #[tokio::test]
+    async fn a_reader_waiting_for_a_large_room_does_not_hold_up_smaller_ones() {
+        let budget = PrefetchBudget::new(1000);
+        let (big, big2, small, filler) = (
+            budget.reader(),
+            budget.reader(),
+            budget.reader(),
+            budget.reader(),
+        );
+        // Everything held by others: `filler` holds its share, plus an over-budget answer.
+        let mut full = filler.reserve(10, 10_000).await;
+        full.room.fit(1000);
+        // One undersized call in flight (the worker's only slot)…
+        full.room.fit(700);
+        let in_flight = big2.reserve(600, 10_000).await;
+        assert_eq!((in_flight.room.bytes(), in_flight.records), (300, 1));
+        assert!(in_flight._undersized.is_some());
+        // …so `big` (600 per record) waits for the slot.
+        let waiting = big.reserve(600, 10_000);
+        tokio::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // Room comes free: a smaller reader, who came later, gets it at once.
+        full.room.fit(400);
+        let got = small.reserve(100, 10_000).await;
+        assert_eq!((got.room.bytes(), got.records), (200, 2));
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // When the undersized call is counted, `big` gets the slot and the free room.
+        drop(got);
+        drop(in_flight);
+        let Reservation { room, records, .. } = waiting.await;
+        assert_eq!((room.bytes(), records), (600, 1));
+    }
+
+    #[tokio::test]
+    async fn deaggregation_grows_the_room_and_sizes_the_next_calls() {
+        let budget = PrefetchBudget::new(100 * MIB);
+        let reader = budget.reader();
+        let record = |pk: &str, n: usize| {
+            Record::new(
+                Bytes::from(vec![0u8; n]),
+                pk,
+                SequenceNumber::from_u128(1),
+                None,
+            )
+        };
+        let aggregate = [record("agg", 10_000)];
+        let subs: Vec<Record> = (0..100).map(|i| record(&format!("k{i}"), 100)).collect();
+        let mut res = reader.reserve(reader.per_record(LARGEST_RECORD), 10).await;
+        res.room.read(&aggregate);
+        assert_eq!(res.room.bytes(), footprint(&aggregate));
+        res.room.deaggregated(&subs);
+        assert_eq!(res.room.bytes(), footprint(&subs));
+        assert!(footprint(&subs) > 3 * footprint(&aggregate));
+        // Later batches are sized and held for what they will be once deaggregated: 100
+        // sub-records of ~360 bytes per 10 KiB aggregate (a quarter of the ratio is learned per
+        // batch).
+        let ratio = footprint(&subs) * PER_MILLE / footprint(&aggregate);
+        assert_eq!(reader.expansion(), (PER_MILLE * 3 + ratio) / 4);
+        // Never below what was read: sub-records keep their aggregate's buffer alive.
+        let mut res = reader.reserve(reader.per_record(10_000), 10).await;
+        res.room.read(&aggregate);
+        res.room.deaggregated(&subs[..1]);
+        assert_eq!(res.room.bytes(), footprint(&aggregate));
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod fetcher_tests {
+    use std::sync::Mutex as StdMutex;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::retrieval::GetRecordsOutput;
+    use crate::shard::Shard;
+    use crate::testkit::MemKinesis;
+
+    /// [`MemKinesis`], noting the `limit` of every `GetRecords` call.
+    #[derive(Debug, Clone, Default)]
+    struct Limits {
+        inner: MemKinesis,
+        limits: Arc<StdMutex<Vec<u32>>>,
+    }
+
+    #[async_trait]
+    impl KinesisApi for Limits {
+        async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
+            self.inner.list_shards(stream).await
+        }
+
+        async fn get_shard_iterator(
+            &self,
+            stream: &str,
+            shard: &ShardId,
+            position: &IteratorPosition,
+        ) -> Result<ShardIterator, KinesisApiError> {
+            self.inner.get_shard_iterator(stream, shard, position).await
+        }
+
+        async fn get_records(
+            &self,
+            iterator: &ShardIterator,
+            limit: u32,
+        ) -> Result<GetRecordsOutput, KinesisApiError> {
+            if let Ok(mut l) = self.limits.lock() {
+                l.push(limit);
+            }
+            self.inner.get_records(iterator, limit).await
+        }
+
+        fn now(&self) -> std::time::SystemTime {
+            self.inner.now()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_fetcher_sizes_its_calls_for_the_largest_records_until_it_knows() {
+        let k = Limits::default();
+        k.inner.create_stream("s", 1);
+        let shard = k.inner.open_shard_ids("s")[0].clone();
+        for _ in 0..50 {
+            k.inner.put("s", "key", Bytes::from(vec![0u8; 500 << 10]));
+        }
+        // 40 MiB, alone: a 20 MiB share, 4 records of 1 MiB in flight (4 MiB each).
+        let budget = PrefetchBudget::new(40 << 20);
+        let mut rx = spawn_fetcher(
+            Arc::new(k.clone()),
+            "s".into(),
+            shard,
+            IteratorPosition::TrimHorizon,
+            PollingConfig::default(),
+            budget.clone(),
+            CancellationToken::new(),
+        )
+        .records;
+        let mut got = 0;
+        while got < 50 {
+            match rx.recv().await {
+                Some(Fetched::Records { records, .. }) => got += records.len(),
+                other => panic!("unexpected {other:?}"),
+            }
+            // Never more than the budget is held (nothing here is larger than expected).
+            assert!(budget.peak() <= 40 << 20, "{}", budget.peak());
+        }
+        let limits = k.limits.lock().map(|l| l.clone()).unwrap_or_default();
+        assert_eq!(limits[0], 4, "{limits:?}");
+        // Then at the size seen (500 KiB, 2 MiB in flight): up to 10 records in a 20 MiB share.
+        assert!(limits[1] > 4 && limits[1] <= 10, "{limits:?}");
+    }
+
+    /// Receives batches until `n` records arrived (a minute of tokio time at most).
+    async fn take(rx: &mut mpsc::Receiver<Fetched>, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let read = async {
+            while out.len() < n {
+                match rx.recv().await {
+                    Some(Fetched::Records { records, .. }) => out.extend(
+                        records
+                            .iter()
+                            .map(|r| String::from_utf8_lossy(&r.data).into_owned()),
+                    ),
+                    other => panic!("after {out:?}: unexpected {other:?}"),
+                }
+            }
+        };
+        let timed_out = tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .is_err();
+        assert!(!timed_out, "only {out:?} of {n} records arrived");
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_iterator_expiring_before_the_first_record_restarts_where_latest_was() {
+        use crate::testkit::{Fault, FaultKind};
+        let k = MemKinesis::new();
+        k.create_stream("s", 1);
+        let shard = k.open_shard_ids("s")[0].clone();
+        k.put("s", "key", "old");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The first 5 reads find their iterator expired (one every 200 ms): each time a new
+        // one is taken before any record was read.
+        k.faults().inject(
+            Fault::new(FaultKind::ExpiredIterator)
+                .on("get_records")
+                .times(5),
+        );
+        let t0 = k.now();
+        let Reading {
+            records: mut rx,
+            latest_at,
+        } = spawn_fetcher(
+            Arc::new(k.clone()),
+            "s".into(),
+            shard.clone(),
+            IteratorPosition::Latest,
+            PollingConfig::default(),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        );
+        assert_eq!(
+            latest_at,
+            Some(t0),
+            "LATEST is the stream's time at the start"
+        );
+        // Written after LATEST was taken, before the iterator is renewed: a renewal at a fresh
+        // LATEST skipped it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        k.put("s", "key", "new");
+        // The renewal goes back a second before t0 (clock skew), not to "old" (10 s before).
+        assert_eq!(take(&mut rx, 1).await, ["new"]);
+
+        // Positions other than LATEST have no LATEST time.
+        let other = spawn_fetcher(
+            Arc::new(k.clone()),
+            "s".into(),
+            shard,
+            IteratorPosition::TrimHorizon,
+            PollingConfig::default(),
+            PrefetchBudget::new(1 << 20),
+            CancellationToken::new(),
+        );
+        assert_eq!(other.latest_at, None);
     }
 }

@@ -51,6 +51,8 @@ struct State {
     throttled: u64,
     /// Enhanced fan-out: registered consumers and their subscriptions.
     fan_out: FanOutState,
+    /// When set, reads return copies of the records' data (see [`MemKinesis::copy_reads`]).
+    copy_reads: bool,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +113,7 @@ impl MemKinesis {
                 reads: BTreeMap::new(),
                 throttled: 0,
                 fan_out: FanOutState::default(),
+                copy_reads: false,
             })),
             faults: Faults::default(),
         }
@@ -130,6 +133,13 @@ impl MemKinesis {
     /// 2 MiB per second, shared by every reader; excess calls fail as throttled.
     pub fn enforce_read_limits(&self, on: bool) {
         self.lock().read_limits = on;
+    }
+
+    /// When `on`, every read (`GetRecords`, fan-out events) returns freshly allocated copies of
+    /// the records' data, as a network client does, instead of sharing the stored buffers: a
+    /// measurement of the memory a reader holds (a counting allocator) then sees its records.
+    pub fn copy_reads(&self, on: bool) {
+        self.lock().copy_reads = on;
     }
 
     /// How many `GetRecords` calls the read limits refused.
@@ -450,6 +460,11 @@ fn encode_iterator(stream: &str, shard: &ShardId, next: u128, issued_ms: u128) -
 
 #[async_trait]
 impl KinesisApi for MemKinesis {
+    /// This Kinesis' own clock (it stamps arrival times): exact under tokio's paused clock.
+    fn now(&self) -> SystemTime {
+        MemKinesis::now(self)
+    }
+
     async fn register_stream_consumer(
         &self,
         stream: &str,
@@ -581,8 +596,13 @@ impl MemKinesis {
                 break;
             }
             bytes += r.data.len();
+            let data = if st.copy_reads {
+                Bytes::copy_from_slice(&r.data)
+            } else {
+                r.data.clone()
+            };
             records.push(Record::new(
-                r.data.clone(),
+                data,
                 &*r.key,
                 seq_string(r.seq),
                 Some(r.arrival),
