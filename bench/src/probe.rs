@@ -207,6 +207,9 @@ pub struct TimedKinesis {
 
 #[async_trait]
 impl KinesisApi for TimedKinesis {
+    fn now(&self) -> std::time::SystemTime {
+        self.inner.now()
+    }
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
         let t = now();
         let r = self.inner.list_shards(stream).await;

@@ -234,6 +234,9 @@ impl ObservedKinesis {
 
 #[async_trait]
 impl KinesisApi for ObservedKinesis {
+    fn now(&self) -> std::time::SystemTime {
+        self.inner.now()
+    }
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
         self.inner.list_shards(stream).await
     }

@@ -79,13 +79,16 @@ pub struct PollingConfig {
     /// Memory for records read ahead of the processors, shared by every shard of the worker.
     /// Before each `GetRecords` call a fetcher reserves room for the answer while it arrives
     /// (4 × the expected data: the base64 JSON body, the SDK's copy of it and the decoded
-    /// records), then keeps only the records' own bytes until its processor is done with them.
-    /// Each call asks for no more records than the shard's fair share of this budget holds in
-    /// flight (by the average record size seen), so memory stays bounded however many shards a
-    /// worker holds and however slow its processors are. A worker catching up therefore reads
-    /// at most about `5 calls/s × prefetch_bytes / 4` (30 MiB/s with the default 24 MiB: at 16
-    /// shards ~380 records of 1 KiB per call, about the 2 MB/s a shard serves); raise it for
-    /// more shards per worker, lower it to save memory.
+    /// records), then keeps only the records' footprint (data, partition key, sequence number
+    /// and per-record overhead, grown after KPL deaggregation) until its processor is done with
+    /// them. Until a shard's record size is known its calls are sized for 1 MiB records. Each
+    /// shard holds at most its fair share of the budget (`prefetch_bytes / (shards + 1)`) plus
+    /// one call, so one stuck processor cannot stall the others, and memory stays within the
+    /// budget plus about one record however many shards a worker holds and however slow its
+    /// processors are. A worker catching up therefore reads at most about
+    /// `5 calls/s × prefetch_bytes / 4` (30 MiB/s with the default 24 MiB: at 16 shards ~320
+    /// records of 1 KiB per call, about 1.6 MB/s per shard); raise it for more shards per
+    /// worker, lower it to save memory.
     pub prefetch_bytes: usize,
 }
 

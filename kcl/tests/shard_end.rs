@@ -28,6 +28,9 @@ struct Forgetful {
 
 #[async_trait]
 impl KinesisApi for Forgetful {
+    fn now(&self) -> std::time::SystemTime {
+        self.inner.now()
+    }
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
         self.inner.list_shards(stream).await
     }

@@ -66,6 +66,9 @@ struct Counting {
 
 #[async_trait]
 impl KinesisApi for Counting {
+    fn now(&self) -> std::time::SystemTime {
+        self.inner.now()
+    }
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
         self.inner.list_shards(stream).await
     }

@@ -63,8 +63,9 @@ pub(crate) struct ConsumerEnv {
     pub(crate) shutdown: CancellationToken,
     /// The worker's read-ahead budget.
     pub(crate) prefetch: Arc<PrefetchBudget>,
-    /// Enhanced fan-out: the registered stream consumer (polling when `None`).
-    pub(crate) consumer_arn: Option<String>,
+    /// Enhanced fan-out: the registered stream consumer, shared so that it is registered
+    /// again once if it was deregistered (polling when `None`).
+    pub(crate) stream_consumer: Option<Arc<StreamConsumer>>,
 }
 
 impl std::fmt::Debug for ConsumerEnv {
@@ -188,6 +189,21 @@ impl Consumer {
         }
     }
 
+    /// Stores in the lease the stream time `t0` that the `LATEST` this shard is read from
+    /// stands for, so that a crash before the first checkpoint does not make the next owner
+    /// start at a later `LATEST`, skipping what arrived meanwhile. Best effort: a failure is
+    /// logged (the next owner then starts at its own `LATEST`, as other KCLs do).
+    async fn store_latest(&mut self, t0: std::time::SystemTime) {
+        debug!(at = ?t0, "reading from LATEST as of this time (the stream's clock)");
+        let write = LeaseWrite::ResolveLatest { at: t0 };
+        match self.held.write(self.env.store.as_ref(), write).await {
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "could not store the position LATEST stands for in the lease")
+            }
+        }
+    }
+
     /// `shutdown_requested`: the processor's last chance to checkpoint what it processed
     /// (its checkpointer reaches no further than the processed watermark).
     async fn final_checkpoint(&mut self, otherwise: &str) {
@@ -215,8 +231,11 @@ impl Consumer {
 
     async fn process(&mut self, lease: Lease) -> Result<(), Stop> {
         self.wait_for_parents(&lease).await?;
-        let Some(position) = resume_position(&lease.checkpoint, self.env.config.initial_position)
-        else {
+        let Some(position) = resume_position(
+            &lease.checkpoint,
+            lease.latest_resolved_at,
+            self.env.config.initial_position,
+        ) else {
             return Ok(()); // already at SHARD_END
         };
         let ctx = ShardContext {
@@ -241,10 +260,10 @@ impl Consumer {
         let _stop_fetcher = fetch_stop.clone().drop_guard();
         // `latest_at`: for a start at `LATEST`, the stream's time it stands for (see
         // `polling::Reading`).
-        let reading = match &self.env.consumer_arn {
-            Some(arn) => spawn_subscriber(
+        let reading = match &self.env.stream_consumer {
+            Some(consumer) => spawn_subscriber(
                 self.env.kinesis.clone(),
-                StreamConsumer::of(&self.env.config, arn),
+                consumer.clone(),
                 self.shard.clone(),
                 position,
                 self.env.config.polling.clone(),
@@ -262,7 +281,7 @@ impl Consumer {
             ),
         };
         if let Some(t0) = reading.latest_at {
-            debug!(at = ?t0, "reading from LATEST as of this time (the stream's clock)");
+            self.store_latest(t0).await;
         }
         let mut rx = reading.records;
         let label = self.shard.to_string();

@@ -55,14 +55,20 @@ pub(crate) fn restart_position(
 
 /// The iterator position that resumes after `checkpoint`. Record checkpoints resume *at* the
 /// checkpointed record and filter what was already processed, so a restart inside a KPL
-/// aggregate re-delivers none of its checkpointed sub-records.
+/// aggregate re-delivers none of its checkpointed sub-records. A `LATEST` checkpoint whose
+/// meaning a previous owner stored (`latest_resolved_at`, the stream's time it stood for)
+/// resumes there, as that owner's own restart would; a fresh `LATEST` would skip what arrived
+/// in between.
 pub(crate) fn resume_position(
     checkpoint: &ExtendedSequenceNumber,
+    latest_resolved_at: Option<SystemTime>,
     initial: InitialPosition,
 ) -> Option<IteratorPosition> {
     Some(match checkpoint {
         ExtendedSequenceNumber::TrimHorizon => IteratorPosition::TrimHorizon,
-        ExtendedSequenceNumber::Latest => IteratorPosition::Latest,
+        ExtendedSequenceNumber::Latest => {
+            restart_position(&IteratorPosition::Latest, latest_resolved_at)
+        }
         ExtendedSequenceNumber::AtTimestamp => match initial {
             InitialPosition::AtTimestamp(t) => IteratorPosition::AtTimestamp(t),
             // A table written with AT_TIMESTAMP read by a worker configured otherwise: the

@@ -186,7 +186,8 @@ impl Worker {
             sync_now,
             shutdown: self.shutdown.clone(),
             prefetch: PrefetchBudget::new(cfg.polling.prefetch_bytes),
-            consumer_arn,
+            stream_consumer: consumer_arn
+                .map(|arn| crate::retrieval::fanout::StreamConsumer::of(&cfg, &arn)),
         };
         let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
         loop {

@@ -442,6 +442,10 @@ pub(crate) struct SimKinesis {
 
 #[async_trait]
 impl KinesisApi for SimKinesis {
+    fn now(&self) -> std::time::SystemTime {
+        self.inner.now()
+    }
+
     async fn list_shards(&self, stream: &str) -> Result<Vec<Shard>, KinesisApiError> {
         self.net.before_kinesis_call("list_shards").await?;
         self.inner.list_shards(stream).await
