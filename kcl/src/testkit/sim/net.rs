@@ -96,6 +96,9 @@ impl LinkFaults {
 pub(crate) struct Link {
     pub(crate) faults: LinkFaults,
     rng: ChaCha8Rng,
+    /// Lost responses so far: every other one is reported as the SDK's retry of the write
+    /// would report it (a failed condition), the others as a timeout (a transient error).
+    lost: u64,
 }
 
 impl Link {
@@ -103,6 +106,7 @@ impl Link {
         Arc::new(Mutex::new(Self {
             faults: LinkFaults::default(),
             rng,
+            lost: 0,
         }))
     }
 }
@@ -210,11 +214,20 @@ impl Net {
         self.halt_if_dead(op).await;
     }
 
-    /// True if the response of an applied write is lost.
-    fn lose_response(&self) -> bool {
+    /// If the response of an applied write is lost: the error its caller gets instead — a
+    /// timeout, or (every other time) the failed condition of the SDK's retry of the write.
+    fn lose_response(&self, key: &LeaseKey) -> Option<LeaseStoreError> {
         let mut link = self.link();
         let p = link.faults.response_loss;
-        p > 0.0 && link.rng.random_bool(p.min(1.0))
+        if !(p > 0.0 && link.rng.random_bool(p.min(1.0))) {
+            return None;
+        }
+        link.lost += 1;
+        Some(if link.lost % 2 == 0 {
+            LeaseStoreError::ConditionFailed { key: key.clone() }
+        } else {
+            transient("simulated lost response (the write was applied)")
+        })
     }
 
     async fn before_kinesis_call(&self, op: &'static str) -> Result<(), KinesisApiError> {
@@ -281,7 +294,12 @@ impl SimLeaseStore {
             // leaves empty.
             Err(_) => return result,
         };
-        let response_lost = applied && self.net.lose_response();
+        let lost = if applied {
+            self.net.lose_response(key)
+        } else {
+            None
+        };
+        let response_lost = lost.is_some();
         // Which `process_records` call (if any) a checkpoint was written from.
         let batch = match op {
             Op::Checkpoint => self.net.rec.running_batch(self.net.inc, &key.shard_id()),
@@ -296,8 +314,8 @@ impl SimLeaseStore {
             batch,
             sent,
         });
-        if response_lost {
-            return Err(transient("simulated lost response (the write was applied)"));
+        if let Some(error) = lost {
+            return Err(error);
         }
         result
     }
