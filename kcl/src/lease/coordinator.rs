@@ -408,13 +408,14 @@ impl LeaseCoordinator {
         let mut jitter = StdRng::seed_from_u64(crate::backoff::seed(&[self.me.as_str(), "taker"]));
         let mut first = true;
         loop {
-            // The first round at once (a starting worker announces itself), then every
-            // `taker_interval` ± 25 %: peers started together drift apart instead of planning
-            // on the same snapshot round after round.
+            // The first round at once (a starting worker announces itself), then between
+            // 75 % and 100 % of `taker_interval`: peers started together drift apart instead
+            // of planning on the same snapshot round after round, and no round comes later
+            // than the interval says (failover waits for a round).
             let pause = if std::mem::take(&mut first) {
                 Duration::ZERO
             } else {
-                self.taker_interval.mul_f64(jitter.random_range(0.75..1.25))
+                self.taker_interval.mul_f64(jitter.random_range(0.75..=1.0))
             };
             tokio::select! {
                 biased;
