@@ -76,3 +76,34 @@ pub async fn start_dynalite() -> anyhow::Result<ServerProcess> {
     ]);
     ServerProcess::spawn("dynalite", cmd, port).await
 }
+
+/// Which DynamoDB stand-in a test's lease table runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// moto.
+    Moto,
+    /// dynalite.
+    Dynalite,
+}
+
+/// Starts the stand-in `kind` and returns it with a lease store on a fresh table in it.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// use kcl_integration_tests::dynamo_servers::{lease_table, Table};
+/// let (_server, store) = lease_table(Table::Dynalite).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn lease_table(
+    kind: Table,
+) -> anyhow::Result<(ServerProcess, std::sync::Arc<dyn kcl::lease::LeaseStore>)> {
+    let server = match kind {
+        Table::Moto => start_moto().await?,
+        Table::Dynalite => start_dynalite().await?,
+    };
+    let conf = crate::sdk_config(&server.endpoint()).await;
+    let store =
+        kcl::lease::dynamo::DynamoLeaseStore::from_conf(&conf, crate::unique_name("leases"));
+    Ok((server, std::sync::Arc::new(store)))
+}

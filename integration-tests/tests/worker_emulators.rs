@@ -1,28 +1,8 @@
 //! The worker scenarios against real local servers through the real AWS SDK clients:
 //! kinesis-local for the stream, and the lease table on moto and on dynalite.
 
-use std::sync::Arc;
-
-use kcl::lease::dynamo::DynamoLeaseStore;
-use kcl::lease::LeaseStore;
-use kcl_integration_tests::dynamo_servers::{start_dynalite, start_moto};
+use kcl_integration_tests::dynamo_servers::{lease_table, Table};
 use kcl_integration_tests::scenarios::{self, LocalKinesis};
-use kcl_integration_tests::{sdk_config, unique_name, ServerProcess};
-
-enum Table {
-    Moto,
-    Dynalite,
-}
-
-async fn lease_table(kind: Table) -> anyhow::Result<(ServerProcess, Arc<dyn LeaseStore>)> {
-    let server = match kind {
-        Table::Moto => start_moto().await?,
-        Table::Dynalite => start_dynalite().await?,
-    };
-    let conf = sdk_config(&server.endpoint()).await;
-    let store = DynamoLeaseStore::from_conf(&conf, unique_name("leases"));
-    Ok((server, Arc::new(store)))
-}
 
 macro_rules! scenario_tests {
     ($($name:ident: $scenario:ident on $table:expr;)*) => {$(

@@ -4,29 +4,9 @@
 //! or the dead-letter (`Handoff`) policy. The next owner must receive every record of the
 //! failed batch (see `kcl_integration_tests::failures`).
 
-use std::sync::Arc;
-
-use kcl::lease::dynamo::DynamoLeaseStore;
-use kcl::lease::LeaseStore;
-use kcl_integration_tests::dynamo_servers::{start_dynalite, start_moto};
+use kcl_integration_tests::dynamo_servers::{lease_table, Table};
 use kcl_integration_tests::failures::{processor_failure_timed, Failure, Then};
 use kcl_integration_tests::scenarios::LocalKinesis;
-use kcl_integration_tests::{sdk_config, unique_name, ServerProcess};
-
-enum Table {
-    Moto,
-    Dynalite,
-}
-
-async fn lease_table(kind: Table) -> anyhow::Result<(ServerProcess, Arc<dyn LeaseStore>)> {
-    let server = match kind {
-        Table::Moto => start_moto().await?,
-        Table::Dynalite => start_dynalite().await?,
-    };
-    let conf = sdk_config(&server.endpoint()).await;
-    let store = DynamoLeaseStore::from_conf(&conf, unique_name("leases"));
-    Ok((server, Arc::new(store)))
-}
 
 macro_rules! failure_tests {
     ($($name:ident: $failure:ident then $then:ident on $table:ident;)*) => {$(
