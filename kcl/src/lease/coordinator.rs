@@ -407,23 +407,30 @@ impl LeaseCoordinator {
         let mut tracker = ExpiryTracker::default();
         let mut jitter = StdRng::seed_from_u64(crate::backoff::seed(&[self.me.as_str(), "taker"]));
         let mut first = true;
+        let mut next_due: Option<Instant> = None;
         loop {
             // The first round at once (a starting worker announces itself), then between
             // 75 % and 100 % of `taker_interval`: peers started together drift apart instead
             // of planning on the same snapshot round after round, and no round comes later
             // than the interval says (failover waits for a round).
-            let pause = if std::mem::take(&mut first) {
+            let mut pause = if std::mem::take(&mut first) {
                 Duration::ZERO
             } else {
                 self.taker_interval.mul_f64(jitter.random_range(0.75..=1.0))
             };
+            // A lease whose counter stands still is taken the moment it expires, not up to an
+            // interval later: failover waits for the lease duration only.
+            if let Some(due) = next_due.take() {
+                pause = pause.min(due.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
             match self.take_round(&mut tracker, &stop).await {
-                Ok(taken) => {
+                Ok((taken, due)) => {
+                    next_due = due;
                     for h in taken {
                         if acquired.send(h).await.is_err() {
                             return;
@@ -492,7 +499,7 @@ impl LeaseCoordinator {
         &self,
         tracker: &mut ExpiryTracker,
         stop: &CancellationToken,
-    ) -> Result<Vec<Arc<HeldLease>>, LeaseStoreError> {
+    ) -> Result<(Vec<Arc<HeldLease>>, Option<Instant>), LeaseStoreError> {
         let table = self.store.list().await?;
         for bad in &table.malformed {
             warn!(error = %bad, "lease table holds a malformed lease item; leaving it untouched");
@@ -574,7 +581,15 @@ impl LeaseCoordinator {
             }
         }
         metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
-        Ok(taken)
+        // The next moment a lease of another worker expires if its counter stays still.
+        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        let due = table
+            .leases
+            .iter()
+            .filter(|l| !l.is_finished() && !held.contains(&l.key) && !expired.contains(&l.key))
+            .filter_map(|l| tracker.due(l, self.lease_duration))
+            .min();
+        Ok((taken, due))
     }
 }
 

@@ -29,6 +29,16 @@ impl ExpiryTracker {
         self.seen = next;
     }
 
+    /// When `lease` expires for this observer if its counter does not move again: `None` for
+    /// an unowned lease (takeable already) or one not observed yet.
+    pub(crate) fn due(&self, lease: &Lease, lease_duration: Duration) -> Option<Instant> {
+        lease.owner.as_ref()?;
+        match self.seen.get(&lease.key) {
+            Some((counter, since)) if *counter == lease.counter => Some(*since + lease_duration),
+            _ => None,
+        }
+    }
+
     /// True if `lease` may be taken: it has no owner, or its counter has not changed for
     /// `lease_duration` since this tracker first saw it.
     pub(crate) fn is_expired(&self, lease: &Lease, now: Instant, lease_duration: Duration) -> bool {
@@ -74,6 +84,13 @@ mod tests {
         assert!(t.is_expired(&lease(2, Some("a")), t0 + Duration::from_secs(15), d));
         // Unowned leases are always takeable.
         assert!(t.is_expired(&lease(2, None), t0, d));
+        // Due lease_duration after the counter was first seen standing still.
+        assert_eq!(
+            t.due(&lease(2, Some("a")), d),
+            Some(t0 + Duration::from_secs(15))
+        );
+        assert_eq!(t.due(&lease(2, None), d), None);
+        assert_eq!(t.due(&lease(3, Some("a")), d), None, "not observed yet");
         // A lease never observed is not expired.
         let fresh = ExpiryTracker::default();
         assert!(!fresh.is_expired(&lease(1, Some("a")), t0 + d * 10, d));
