@@ -31,4 +31,7 @@ pub enum Error {
     /// A record processor failed fatally.
     #[error(transparent)]
     Processor(#[from] ProcessorError),
+    /// The signal handlers could not be installed ([`crate::Worker::run_until_signal`]).
+    #[error("installing the signal handlers failed")]
+    Signal(#[source] std::io::Error),
 }

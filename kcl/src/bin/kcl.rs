@@ -4,7 +4,6 @@
 //! (`AWS_ENDPOINT_URL_KINESIS`, `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, profiles, …).
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::io::Write as _;
 use std::os::fd::AsFd as _;
 use std::process::ExitCode;
@@ -16,6 +15,7 @@ use base64::Engine as _;
 use clap::{Parser, Subcommand};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
+use kcl::worker::signal::StopSignals;
 use kcl::{
     async_trait, Checkpointer, ExtendedSequenceNumber, InitialPosition, ProcessorError, Record,
     RecordBatch, RecordProcessor, Worker,
@@ -539,59 +539,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A signal that asks for a graceful stop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopSignal {
-    /// SIGINT (Ctrl-C).
-    Interrupt,
-    /// SIGTERM.
-    Terminate,
-}
-
-impl fmt::Display for StopSignal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Interrupt => "SIGINT",
-            Self::Terminate => "SIGTERM",
-        })
-    }
-}
-
-/// SIGINT and SIGTERM, caught from [`StopSignals::install`] on (they no longer end the
-/// process): [`StopSignals::recv`] returns each one as it arrives, also those that arrived
-/// before it was called. Needs a tokio runtime with the signal driver.
-struct StopSignals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    /// Installs the handlers.
-    ///
-    /// # Errors
-    /// A handler could not be installed (no tokio runtime, or the OS refused).
-    fn install() -> std::io::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-        })
-    }
-
-    /// The next signal.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: a signal is never lost by dropping the future.
-    async fn recv(&mut self) -> StopSignal {
-        tokio::select! {
-            Some(()) = self.interrupt.recv() => StopSignal::Interrupt,
-            Some(()) = self.terminate.recv() => StopSignal::Terminate,
-            // Both streams ended (the runtime is shutting down): no more signals.
-            else => std::future::pending().await,
-        }
-    }
 }
 
 fn lease_json(l: &kcl::Lease) -> serde_json::Value {

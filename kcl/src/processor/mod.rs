@@ -15,7 +15,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::checkpoint::Checkpointer;
+use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::error::BoxError;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::shard::ShardId;
@@ -65,6 +65,18 @@ impl ProcessorError {
     /// True for [`ProcessorError::retryable`] errors.
     pub fn is_retryable(&self) -> bool {
         self.retryable
+    }
+}
+
+/// `?` on a checkpoint inside a callback: a lost lease or a failing table is retryable (the
+/// worker notices a lost lease and stops the processor), a position out of range is a bug in
+/// the processor and fatal.
+impl From<CheckpointError> for ProcessorError {
+    fn from(e: CheckpointError) -> Self {
+        match e {
+            CheckpointError::LeaseLost { .. } | CheckpointError::Store(_) => Self::retryable(e),
+            _ => Self::fatal(e),
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! syncer and one consumer task per held lease until shut down.
 
 mod shutdown;
+#[cfg(all(feature = "signal", unix))]
+pub mod signal;
 
 use std::fmt;
 use std::future::Future;
