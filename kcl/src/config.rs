@@ -2,6 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::checkpoint::CheckpointPolicy;
 use crate::lease::WorkerId;
 
 /// Where a shard with no checkpoint starts.
@@ -147,6 +148,8 @@ pub struct WorkerConfig {
     pub quarantine: Duration,
     /// Where held leases are renewed.
     pub heartbeat: Heartbeat,
+    /// Who checkpoints, and how often (default: the processor, by itself).
+    pub checkpoint_policy: CheckpointPolicy,
 }
 
 /// A configuration value that is out of range; names the field.
@@ -199,6 +202,7 @@ impl WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             quarantine: Duration::from_secs(10),
             heartbeat: Heartbeat::default(),
+            checkpoint_policy: CheckpointPolicy::default(),
         }
     }
 
@@ -239,6 +243,7 @@ impl WorkerConfig {
                 return Err(ConfigError::new(field, "must be positive"));
             }
         }
+        self.checkpoint_policy.validate()?;
         if self.max_leases_per_worker == 0 {
             return Err(ConfigError::new(
                 "max_leases_per_worker",

@@ -77,7 +77,7 @@ pub mod worker;
 pub use async_trait::async_trait;
 #[cfg(feature = "aws")]
 pub use aws::Aws;
-pub use checkpoint::{CheckpointError, Checkpointer};
+pub use checkpoint::{CheckpointError, CheckpointPolicy, Checkpointer, PendingCheckpoint};
 pub use config::{ConfigError, Heartbeat, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
 pub use error::{Error, Result};
 pub use lease::{Lease, LeaseStore, LeaseStoreError, WorkerId};

@@ -12,6 +12,7 @@
 //! | `renew`            | `leaseOwner = :me`                                             | `SET leaseCounter = :next`                                                   |
 //! | `take`             | —                                                              | `SET leaseOwner, leaseCounter, ownerSwitchesSinceCheckpoint REMOVE checkpointOwner` |
 //! | `checkpoint`       | `(leaseOwner = :me OR checkpointOwner = :me)`                  | `SET checkpoint, checkpointSubSequenceNumber, leaseCounter, ownerSwitchesSinceCheckpoint = 0 [, childShardIds] REMOVE pendingCheckpoint*` |
+//! | `set_pending_checkpoint` | `(leaseOwner = :me OR checkpointOwner = :me)`            | `SET leaseCounter, pendingCheckpoint, pendingCheckpointSubSequenceNumber [, pendingCheckpointState]` or `REMOVE pendingCheckpoint*` |
 //! | `release`          | `leaseOwner = :me`                                             | `SET leaseCounter = :next REMOVE leaseOwner`                                 |
 //! | `request_handoff`  | `leaseOwner = :me AND attribute_not_exists(checkpointOwner)`   | `SET leaseOwner = :new, checkpointOwner = :me` (counter unchanged)           |
 //! | `complete_handoff` | `checkpointOwner = :me AND leaseOwner = :new`                  | `SET leaseCounter = :next REMOVE checkpointOwner`                            |
@@ -68,6 +69,7 @@ use aws_smithy_types::Blob;
 use super::item::{self, attr, AttrValue, Item};
 use super::store::effect;
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
+use crate::checkpoint::PendingCheckpoint;
 use crate::error::BoxError;
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
@@ -584,6 +586,44 @@ impl LeaseStore for DynamoLeaseStore {
         u.set(attr::LATEST_RESOLVED_AT, number(item::epoch_millis(at)));
         self.conditional_update("UpdateItem(resolve_latest)", lease, Fence::OwnerAtLatest, u)
             .await?;
+        Ok(done)
+    }
+
+    async fn set_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&PendingCheckpoint>,
+    ) -> Result<Lease, LeaseStoreError> {
+        let done = effect::pending_set(lease, pending);
+        let mut u = Update::default();
+        u.set(attr::LEASE_COUNTER, number(done.counter.0));
+        match &done.pending_checkpoint {
+            Some(p) => {
+                u.set(
+                    attr::PENDING_CHECKPOINT,
+                    AttributeValue::S(p.checkpoint_str().to_owned()),
+                );
+                u.set(attr::PENDING_CHECKPOINT_SUB, number(p.sub_sequence()));
+            }
+            None => {
+                u.remove(attr::PENDING_CHECKPOINT);
+                u.remove(attr::PENDING_CHECKPOINT_SUB);
+            }
+        }
+        match &done.pending_checkpoint_state {
+            Some(state) => u.set(
+                attr::PENDING_CHECKPOINT_STATE,
+                AttributeValue::B(Blob::new(state.to_vec())),
+            ),
+            None => u.remove(attr::PENDING_CHECKPOINT_STATE),
+        }
+        self.conditional_update(
+            "UpdateItem(set_pending_checkpoint)",
+            lease,
+            Fence::OwnerOrCheckpointOwner,
+            u,
+        )
+        .await?;
         Ok(done)
     }
 

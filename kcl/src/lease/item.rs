@@ -101,6 +101,16 @@ pub fn encode(lease: &Lease) -> Item {
         item.insert(attr::PENDING_CHECKPOINT.into(), s(p.checkpoint_str()));
         item.insert(attr::PENDING_CHECKPOINT_SUB.into(), n(p.sub_sequence()));
     }
+    if let Some(state) = lease
+        .pending_checkpoint_state
+        .as_ref()
+        .filter(|s| !s.is_empty())
+    {
+        item.insert(
+            attr::PENDING_CHECKPOINT_STATE.into(),
+            AttrValue::B(state.to_vec()),
+        );
+    }
     if let Some(o) = &lease.checkpoint_owner {
         item.insert(attr::CHECKPOINT_OWNER.into(), s(o.as_str()));
     }
@@ -186,6 +196,18 @@ pub fn decode(item: &Item) -> Result<Option<Lease>, MalformedLease> {
                 .map_err(|e| bad(attr::PENDING_CHECKPOINT, e.to_string()))?,
         ),
     };
+    // Binary, as the Java KCL writes it on updates. (Its full-item encoder writes a number
+    // there by mistake; such a value carries no state and is ignored.)
+    let pending_checkpoint_state = match item.get(attr::PENDING_CHECKPOINT_STATE) {
+        Some(AttrValue::B(b)) if !b.is_empty() => Some(bytes::Bytes::from(b.clone())),
+        Some(AttrValue::B(_) | AttrValue::N(_)) | None => None,
+        Some(other) => {
+            return Err(bad(
+                attr::PENDING_CHECKPOINT_STATE,
+                format!("expected binary, got {other:?}"),
+            ))
+        }
+    };
     let hash_range = match (
         opt_s(attr::STARTING_HASH_KEY)?,
         opt_s(attr::ENDING_HASH_KEY)?,
@@ -212,6 +234,7 @@ pub fn decode(item: &Item) -> Result<Option<Lease>, MalformedLease> {
         child_shard_ids: opt_ss(attr::CHILDREN)?,
         hash_range,
         pending_checkpoint,
+        pending_checkpoint_state,
         checkpoint_owner: opt_s(attr::CHECKPOINT_OWNER)?.map(WorkerId::new),
         latest_resolved_at: opt_n(attr::LATEST_RESOLVED_AT)?
             .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),

@@ -11,6 +11,7 @@
 //! | take       | counter = seen                     | owner = me, counter + 1, switches + 1    |
 //! | checkpoint | counter = seen, owner = me         | checkpoint, counter + 1, switches = 0    |
 //! | release    | counter = seen, owner = me         | owner removed, counter + 1               |
+//! | prepare    | counter = seen, owner = me         | pending checkpoint (+ state) set or cleared, counter + 1 |
 //! | resolve `LATEST` | counter = seen, owner = me, checkpoint `LATEST` | `latestResolvedAt`, counter + 1 |
 //!
 //! **Expiry is observed, never computed from clocks**: a lease is expired for an observer when
@@ -157,8 +158,12 @@ pub struct Lease {
     pub child_shard_ids: Vec<ShardId>,
     /// `startingHashKey` / `endingHashKey`, when known.
     pub hash_range: Option<HashKeyRange>,
-    /// `pendingCheckpoint` + `pendingCheckpointSubSequenceNumber` (two-phase checkpoints).
+    /// `pendingCheckpoint` + `pendingCheckpointSubSequenceNumber` (two-phase checkpoints:
+    /// prepared, not committed yet).
     pub pending_checkpoint: Option<ExtendedSequenceNumber>,
+    /// `pendingCheckpointState` (Java KCL 2.x/3.x, binary): the application's state stored
+    /// with the prepared checkpoint, e.g. the key of an object being uploaded.
+    pub pending_checkpoint_state: Option<bytes::Bytes>,
     /// `checkpointOwner` (Java KCL 3.x): the previous owner during a graceful handoff.
     pub checkpoint_owner: Option<WorkerId>,
     /// `latestResolvedAt` (this library's): while the checkpoint is still `LATEST`, the
@@ -181,6 +186,7 @@ impl Lease {
             child_shard_ids: Vec::new(),
             hash_range: None,
             pending_checkpoint: None,
+            pending_checkpoint_state: None,
             checkpoint_owner: None,
             latest_resolved_at: None,
         }

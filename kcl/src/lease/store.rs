@@ -9,6 +9,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::{Lease, LeaseKey, WorkerId};
+use crate::checkpoint::PendingCheckpoint;
 use crate::error::BoxError;
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
@@ -168,6 +169,25 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// Two-phase checkpoints: stores `pending` as the prepared checkpoint
+    /// (`pendingCheckpoint`, `pendingCheckpointSubSequenceNumber`, `pendingCheckpointState`),
+    /// or removes it when `None`, without moving the checkpoint: counter + 1, if the counter is
+    /// still that of `lease` and its owner (or, during a handoff, `checkpointOwner`) is
+    /// `lease.owner`. A later [`LeaseStore::checkpoint`] removes it.
+    ///
+    /// The default refuses ([`LeaseStoreError::Other`]): two-phase checkpoints then fail with
+    /// that error, everything else works.
+    async fn set_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&PendingCheckpoint>,
+    ) -> Result<Lease, LeaseStoreError> {
+        let _ = (lease, pending);
+        Err(LeaseStoreError::Other(
+            format!("{self:?} does not store pending checkpoints").into(),
+        ))
+    }
+
     /// Graceful handoff, step 1 (the new owner): `leaseOwner` = `new_owner`,
     /// `checkpointOwner` = the current owner, counter unchanged — if the counter and owner are
     /// still those of `lease` and no handoff is pending. The old owner notices on its next
@@ -233,12 +253,25 @@ pub(crate) mod effect {
         l.checkpoint = checkpoint.clone();
         l.owner_switches_since_checkpoint = 0;
         l.pending_checkpoint = None;
+        l.pending_checkpoint_state = None;
         if !children.is_empty() {
             let mut c = children.to_vec();
             c.sort();
             c.dedup();
             l.child_shard_ids = c;
         }
+        l
+    }
+
+    pub(crate) fn pending_set(lease: &Lease, pending: Option<&PendingCheckpoint>) -> Lease {
+        let mut l = lease.clone();
+        l.counter = l.counter.next();
+        l.pending_checkpoint = pending.map(|p| p.position.clone());
+        // An empty state is stored as none (DynamoDB-compatible servers differ on empty
+        // binary values).
+        l.pending_checkpoint_state = pending
+            .and_then(|p| p.state.clone())
+            .filter(|s| !s.is_empty());
         l
     }
 

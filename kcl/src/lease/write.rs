@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{item, Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
+use crate::checkpoint::PendingCheckpoint;
 use crate::metrics as m;
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
@@ -33,6 +34,8 @@ pub(crate) enum LeaseWrite {
         position: ExtendedSequenceNumber,
         children: Vec<ShardId>,
     },
+    /// Two-phase checkpoints: prepare (or, with `None`, clear) a pending checkpoint.
+    SetPending { pending: Option<PendingCheckpoint> },
     /// Give the lease up.
     Release,
     /// Record the stream time a `LATEST` checkpoint stood for.
@@ -50,6 +53,7 @@ impl LeaseWrite {
             Self::Renew => "renew",
             Self::Take { .. } => "take",
             Self::Checkpoint { .. } => "checkpoint",
+            Self::SetPending { .. } => "set_pending_checkpoint",
             Self::Release => "release",
             Self::ResolveLatest { .. } => "resolve_latest",
             Self::RequestHandoff { .. } => "request_handoff",
@@ -68,6 +72,9 @@ impl LeaseWrite {
             Self::Take { owner } => store.take(seen, owner).await,
             Self::Checkpoint { position, children } => {
                 store.checkpoint(seen, position, children).await
+            }
+            Self::SetPending { pending } => {
+                store.set_pending_checkpoint(seen, pending.as_ref()).await
             }
             Self::Release => store.release(seen).await,
             Self::ResolveLatest { at } => store.resolve_latest(seen, *at).await,
@@ -104,6 +111,15 @@ impl LeaseWrite {
                     && children
                         .iter()
                         .all(|c| observed.child_shard_ids.contains(c))
+            }
+            Self::SetPending { pending } => {
+                let expected = super::store::effect::pending_set(seen, pending.as_ref());
+                let holder = seen.owner.is_some()
+                    && (observed.owner == seen.owner || observed.checkpoint_owner == seen.owner);
+                next && holder
+                    && same_checkpoint
+                    && observed.pending_checkpoint == expected.pending_checkpoint
+                    && observed.pending_checkpoint_state == expected.pending_checkpoint_state
             }
             Self::Release => next && observed.owner.is_none() && same_checkpoint,
             Self::ResolveLatest { at } => {
@@ -238,6 +254,9 @@ mod tests {
             position: ExtendedSequenceNumber::ShardEnd,
             children: vec![ShardId::new("shardId-2"), ShardId::new("shardId-3")],
         };
+        let prepare = LeaseWrite::SetPending {
+            pending: Some(PendingCheckpoint::new(at(50), Some("k".into()))),
+        };
         #[rustfmt::skip]
         let table: Vec<(&str, LeaseWrite, Lease, bool)> = vec![
             ("renew applied", LeaseWrite::Renew, lease(8, Some("me")), true),
@@ -268,6 +287,23 @@ mod tests {
                 }), true),
             ("shard end without the children", shard_end,
                 with(lease(8, Some("me")), |l| l.checkpoint = ExtendedSequenceNumber::ShardEnd), false),
+            ("prepare applied", prepare.clone(),
+                with(lease(8, Some("me")), |l| {
+                    l.pending_checkpoint = Some(at(50));
+                    l.pending_checkpoint_state = Some("k".into());
+                }), true),
+            ("prepare: another state", prepare.clone(),
+                with(lease(8, Some("me")), |l| {
+                    l.pending_checkpoint = Some(at(50));
+                    l.pending_checkpoint_state = Some("other".into());
+                }), false),
+            ("prepare: a renewal, not it", prepare.clone(), lease(8, Some("me")), false),
+            ("prepare: taken and prepared by another", prepare,
+                with(lease(8, Some("peer")), |l| {
+                    l.pending_checkpoint = Some(at(50));
+                    l.pending_checkpoint_state = Some("k".into());
+                }), false),
+            ("pending cleared", LeaseWrite::SetPending { pending: None }, lease(8, Some("me")), true),
             ("take applied", LeaseWrite::Take { owner: me.clone() }, lease(8, Some("me")), true),
             ("take: someone else took it", LeaseWrite::Take { owner: me.clone() },
                 lease(8, Some("peer")), false),

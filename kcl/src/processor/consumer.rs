@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};
+use crate::checkpoint::PendingCheckpoint;
 use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::config::WorkerConfig;
 use crate::lease::coordinator::HeldLease;
@@ -103,7 +104,7 @@ struct Panicked {
 
 /// Runs one processor callback, turning a panic into a fatal error (counted): a panicking
 /// processor must neither take the worker down nor leave its lease to expire.
-async fn guarded<T>(
+pub(crate) async fn guarded<T>(
     callback: &'static str,
     fut: impl std::future::Future<Output = Result<T, ProcessorError>>,
 ) -> Result<T, ProcessorError> {
@@ -134,6 +135,10 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
         shard,
         processor: None,
         cp,
+        unsaved: 0,
+        last_saved: Instant::now(),
+        last_activity: Instant::now(),
+        idle_every: None,
     }
     .run(lease)
     .instrument(span)
@@ -146,6 +151,14 @@ struct Consumer {
     shard: ShardId,
     processor: Option<Box<dyn RecordProcessor>>,
     cp: Checkpointer,
+    /// Records processed since the last automatic checkpoint.
+    unsaved: u64,
+    /// When the last automatic checkpoint was stored (or processing started).
+    last_saved: Instant,
+    /// When the last batch (or idle call) was handed to the processor.
+    last_activity: Instant,
+    /// The processor's [`RecordProcessor::idle_interval`].
+    idle_every: Option<Duration>,
 }
 
 impl Consumer {
@@ -205,7 +218,8 @@ impl Consumer {
     }
 
     /// `shutdown_requested`: the processor's last chance to checkpoint what it processed
-    /// (its checkpointer reaches no further than the processed watermark).
+    /// (its checkpointer reaches no further than the processed watermark); with an automatic
+    /// checkpoint policy, the worker checkpoints that watermark afterwards.
     async fn final_checkpoint(&mut self, otherwise: &str) {
         let Some(p) = self.processor.as_mut() else {
             return;
@@ -216,6 +230,63 @@ impl Consumer {
         let result = guarded("shutdown_requested", p.shutdown_requested(&mut self.cp)).await;
         if let Err(e) = result {
             warn!(error = %e, source = ?std::error::Error::source(&e), "shutdown_requested failed; {otherwise}");
+        }
+        if self.env.config.checkpoint_policy.is_automatic() && self.held.is_valid() {
+            if let Err(e) = self.cp.checkpoint().await {
+                warn!(error = %e, "the final checkpoint failed; {otherwise}");
+            }
+        }
+    }
+
+    /// When the consumer must wake without records: for an automatic checkpoint on a quiet
+    /// shard, or for the processor's idle callback.
+    fn next_timer(&self) -> Option<Instant> {
+        let checkpoint = match self.env.config.checkpoint_policy.interval() {
+            Some(t) if self.unsaved > 0 => Some(self.last_saved + t),
+            _ => None,
+        };
+        let idle = self.idle_every.map(|t| self.last_activity + t);
+        match (checkpoint, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn on_timer(&mut self) -> Result<(), Stop> {
+        let policy = self.env.config.checkpoint_policy;
+        if policy.is_due(self.unsaved, self.last_saved.elapsed()) {
+            self.auto_checkpoint().await?;
+        }
+        let Some(every) = self.idle_every else {
+            return Ok(());
+        };
+        if self.last_activity.elapsed() < every {
+            return Ok(());
+        }
+        self.last_activity = Instant::now();
+        let mut delays = self.delays();
+        let p = self.processor.as_mut().ok_or(Stop::ProcessorFailed)?;
+        if let Err(e) = guarded("idle", p.idle(&mut self.cp)).await {
+            // A retryable error: called again at the next tick.
+            self.on_error("idle", e, None, &mut delays).await?;
+        }
+        Ok(())
+    }
+
+    /// The automatic checkpoint policy's checkpoint of the processed watermark.
+    async fn auto_checkpoint(&mut self) -> Result<(), Stop> {
+        match self.cp.checkpoint().await {
+            Ok(()) => {
+                self.unsaved = 0;
+                self.last_saved = Instant::now();
+                Ok(())
+            }
+            Err(CheckpointError::LeaseLost { .. }) => Err(Stop::LeaseLost),
+            Err(e) => {
+                // Tried again after the next batch or interval.
+                warn!(error = %e, "automatic checkpoint failed");
+                Ok(())
+            }
         }
     }
 
@@ -242,6 +313,7 @@ impl Consumer {
             shard_id: self.shard.clone(),
             checkpoint: lease.checkpoint.clone(),
             parent_shard_ids: lease.parent_shard_ids.clone(),
+            pending_checkpoint: PendingCheckpoint::of(&lease),
         };
         let mut delays = self.delays();
         loop {
@@ -255,6 +327,10 @@ impl Consumer {
                 }
             }
         }
+
+        self.idle_every = self.processor.as_ref().and_then(|p| p.idle_interval());
+        self.last_saved = Instant::now();
+        self.last_activity = Instant::now();
 
         let fetch_stop = CancellationToken::new();
         let _stop_fetcher = fetch_stop.clone().drop_guard();
@@ -287,12 +363,17 @@ impl Consumer {
         let label = self.shard.to_string();
         let mut delivered_upto = lease.checkpoint.clone();
         loop {
+            let timer = self.next_timer();
             let fetched = tokio::select! {
                 biased;
                 _ = self.held.lost_token().cancelled() => return Err(Stop::LeaseLost),
                 _ = self.env.shutdown.cancelled() => return Err(Stop::Shutdown),
                 _ = self.held.handoff_token().cancelled() => return Err(Stop::Handoff),
                 f = rx.recv() => f,
+                _ = sleep_until(timer) => {
+                    self.on_timer().await?;
+                    continue;
+                }
             };
             match fetched {
                 Some(Fetched::Records {
@@ -324,6 +405,12 @@ impl Consumer {
                             .set(ms as f64);
                     }
                     self.deliver(&batch, &label).await?;
+                    self.last_activity = Instant::now();
+                    self.unsaved += batch.len() as u64;
+                    let policy = self.env.config.checkpoint_policy;
+                    if policy.is_due(self.unsaved, self.last_saved.elapsed()) {
+                        self.auto_checkpoint().await?;
+                    }
                 }
                 Some(Fetched::ShardEnd { children }) => {
                     let children = if children.is_empty() {
@@ -633,6 +720,14 @@ impl Consumer {
             }
         }
         self.held.mark_lost();
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -15,7 +15,9 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::checkpoint::{CheckpointError, Checkpointer};
+use std::time::Duration;
+
+use crate::checkpoint::{CheckpointError, Checkpointer, PendingCheckpoint};
 use crate::error::BoxError;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::shard::ShardId;
@@ -32,6 +34,12 @@ pub struct ShardContext {
     pub checkpoint: ExtendedSequenceNumber,
     /// The shard's parents (already finished).
     pub parent_shard_ids: Vec<ShardId>,
+    /// A checkpoint a previous owner prepared but did not commit
+    /// ([`Checkpointer::prepare`]): its side effect (named by the state) may or may not have
+    /// happened. Finish it (and [`Checkpointer::commit`]) or roll it back
+    /// ([`Checkpointer::cancel_prepared`]) before going on; processing resumes at
+    /// [`ShardContext::checkpoint`] either way.
+    pub pending_checkpoint: Option<PendingCheckpoint>,
 }
 
 /// A processor's failure. Build it with [`ProcessorError::retryable`] or
@@ -136,6 +144,59 @@ pub trait RecordProcessor: Send + 'static {
         cp.checkpoint().await.map_err(ProcessorError::retryable)
     }
 
+    /// How long the shard may stay quiet (no records) before [`RecordProcessor::idle`] is
+    /// called, and then how often while it stays quiet. Asked once, after `initialize`.
+    /// `None` (the default) never calls it. Processors that buffer records for a sink use it
+    /// to flush and checkpoint on a quiet stream.
+    fn idle_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The shard was quiet for [`RecordProcessor::idle_interval`]. `cp` covers what was
+    /// processed (as in `shutdown_requested`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
+    ///
+    /// /// Buffers records and writes them out every 1 000 records, or after 5 quiet seconds.
+    /// struct Buffered(Vec<bytes::Bytes>);
+    ///
+    /// impl Buffered {
+    ///     async fn flush(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+    ///         // … write self.0 to the sink …
+    ///         self.0.clear();
+    ///         cp.checkpoint().await?;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// #[async_trait]
+    /// impl RecordProcessor for Buffered {
+    ///     async fn process_records(&mut self, batch: &RecordBatch, cp: &mut Checkpointer)
+    ///         -> Result<(), ProcessorError> {
+    ///         self.0.extend(batch.records.iter().map(|r| r.data.clone()));
+    ///         if self.0.len() >= 1_000 { self.flush(cp).await?; }
+    ///         Ok(())
+    ///     }
+    ///     fn idle_interval(&self) -> Option<Duration> { Some(Duration::from_secs(5)) }
+    ///     async fn idle(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+    ///         self.flush(cp).await
+    ///     }
+    ///     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+    ///         self.flush(cp).await
+    ///     }
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// Handled by the worker's [`ErrorPolicy`] (a retryable error: called again at the next
+    /// tick).
+    async fn idle(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        let _ = cp;
+        Ok(())
+    }
+
     /// Another worker has the shard now. Do not checkpoint (it would be refused).
     async fn lease_lost(&mut self) {}
 
@@ -144,8 +205,9 @@ pub trait RecordProcessor: Send + 'static {
     /// `process_records` returned `Ok`, never one that failed, so the next owner starts at the
     /// first record not processed. The lease is released afterwards.
     ///
-    /// With the manual checkpoints of this trait, a planned move causes no duplicates only if
-    /// this checkpoints: the default does nothing.
+    /// With the manual [`CheckpointPolicy`](crate::CheckpointPolicy) (the default), a planned
+    /// move causes no duplicates only if this checkpoints: the default does nothing. With an
+    /// automatic policy the worker checkpoints the processed watermark after this returns.
     ///
     /// # Errors
     /// Logged; the lease is released anyway.

@@ -139,6 +139,7 @@ async fn run_protocol_cases(store: &dyn LeaseStore, concurrent: bool) {
     checkpoint_with_children(&cx).await;
     release(&cx).await;
     resolve_latest(&cx).await;
+    two_phase_checkpoint(&cx).await;
     delete(&cx).await;
     graceful_handoff(&cx).await;
     handoff_ended_by_a_take(&cx).await;
@@ -1009,6 +1010,117 @@ async fn resolve_latest(cx: &Cx<'_>) {
         &held.key,
         cx.store.resolve_latest(&checkpointed, at).await,
     );
+}
+
+/// Two-phase checkpoints: prepare stores the pending checkpoint and its binary state without
+/// moving the checkpoint; a checkpoint clears both; clearing without a checkpoint works too;
+/// only the owner (or the old owner during a handoff) may prepare.
+async fn two_phase_checkpoint(cx: &Cx<'_>) {
+    use crate::checkpoint::PendingCheckpoint;
+    const CASE: &str = "two_phase_checkpoint";
+    let fresh = cx.lease("two-phase");
+    cx.create(CASE, &fresh).await;
+    let held = must(
+        CASE,
+        "take",
+        cx.store.take(&fresh, &WorkerId::new("w1")).await,
+    );
+    let position = ExtendedSequenceNumber::at(crate::record::SequenceNumber::from_u128(99), 3);
+    // Not UTF-8, with a zero byte: the state is binary.
+    let state = bytes::Bytes::from_static(&[0, 159, 146, 150, b'k']);
+    let pending = PendingCheckpoint::new(position.clone(), Some(state.clone()));
+    let mut other = held.clone();
+    other.owner = Some(WorkerId::new("w2"));
+    condition_failed(
+        CASE,
+        "prepare by a worker that does not own the lease",
+        &held.key,
+        cx.store
+            .set_pending_checkpoint(&other, Some(&pending))
+            .await,
+    );
+    let prepared = must(
+        CASE,
+        "prepare by the owner",
+        cx.store.set_pending_checkpoint(&held, Some(&pending)).await,
+    );
+    let mut expected = held.clone();
+    expected.counter = held.counter.next();
+    expected.pending_checkpoint = Some(position.clone());
+    expected.pending_checkpoint_state = Some(state);
+    check(
+        prepared == expected,
+        CASE,
+        format!("prepare returned {prepared:?}, expected {expected:?}"),
+    );
+    cx.expect_stored(CASE, &held.key, Some(&prepared)).await;
+    condition_failed(
+        CASE,
+        "prepare with a stale counter",
+        &held.key,
+        cx.store.set_pending_checkpoint(&held, Some(&pending)).await,
+    );
+    // A second prepare without state replaces the first, state included.
+    let again = PendingCheckpoint::new(position.clone(), None);
+    let replaced = must(
+        CASE,
+        "prepare again without state",
+        cx.store
+            .set_pending_checkpoint(&prepared, Some(&again))
+            .await,
+    );
+    check(
+        replaced.pending_checkpoint_state.is_none(),
+        CASE,
+        format!("the state was replaced: {replaced:?}"),
+    );
+    cx.expect_stored(CASE, &held.key, Some(&replaced)).await;
+    let prepared = must(
+        CASE,
+        "prepare with state",
+        cx.store
+            .set_pending_checkpoint(&replaced, Some(&pending))
+            .await,
+    );
+    // Commit: the checkpoint moves, the pending fields go.
+    let committed = must(
+        CASE,
+        "commit",
+        cx.store.checkpoint(&prepared, &position, &[]).await,
+    );
+    check(
+        committed.pending_checkpoint.is_none()
+            && committed.pending_checkpoint_state.is_none()
+            && committed.checkpoint == position,
+        CASE,
+        format!("a checkpoint clears the pending checkpoint: {committed:?}"),
+    );
+    cx.expect_stored(CASE, &held.key, Some(&committed)).await;
+    // Prepare, then clear (a rollback): the checkpoint stays.
+    let later = ExtendedSequenceNumber::at(crate::record::SequenceNumber::from_u128(120), 0);
+    let prepared = must(
+        CASE,
+        "prepare after the commit",
+        cx.store
+            .set_pending_checkpoint(
+                &committed,
+                Some(&PendingCheckpoint::new(later, Some("s".into()))),
+            )
+            .await,
+    );
+    let cleared = must(
+        CASE,
+        "clear",
+        cx.store.set_pending_checkpoint(&prepared, None).await,
+    );
+    let mut expected = committed.clone();
+    expected.counter = prepared.counter.next();
+    check(
+        cleared == expected,
+        CASE,
+        format!("clear returned {cleared:?}, expected {expected:?}"),
+    );
+    cx.expect_stored(CASE, &held.key, Some(&cleared)).await;
 }
 
 async fn delete(cx: &Cx<'_>) {

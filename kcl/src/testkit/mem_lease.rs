@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::fault::{FaultKind, Faults, Injected};
+use crate::checkpoint::PendingCheckpoint;
 use crate::lease::item::{self, Item};
 use crate::lease::store::effect;
 use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
@@ -211,6 +212,21 @@ impl LeaseStore for MemLeaseStore {
                     && s.checkpoint == ExtendedSequenceNumber::Latest
             },
             |l| effect::latest_resolved(l, at),
+        )
+        .await
+    }
+
+    async fn set_pending_checkpoint(
+        &self,
+        lease: &Lease,
+        pending: Option<&PendingCheckpoint>,
+    ) -> Result<Lease, LeaseStoreError> {
+        let me = lease.owner.clone();
+        self.write(
+            "set_pending_checkpoint",
+            lease,
+            |s| me.is_some() && (s.owner == me || s.checkpoint_owner == me),
+            |l| effect::pending_set(l, pending),
         )
         .await
     }

@@ -17,6 +17,7 @@ use tracing::{error, info, Instrument};
 
 pub use shutdown::ShutdownHandle;
 
+use crate::checkpoint::CheckpointPolicy;
 use crate::config::{
     ConfigError, Heartbeat, InitialPosition, PollingConfig, Retrieval, WorkerConfig,
 };
@@ -332,6 +333,7 @@ pub struct WorkerBuilder {
     shutdown_timeout: Option<Duration>,
     quarantine: Option<Duration>,
     heartbeat: Option<Heartbeat>,
+    checkpoint_policy: Option<CheckpointPolicy>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
     kinesis: Option<Arc<dyn KinesisApi>>,
@@ -390,6 +392,10 @@ impl WorkerBuilder {
         /// Where held leases are renewed (default: a thread of their own; use
         /// [`Heartbeat::Task`] under tokio's paused clock).
         heartbeat: Heartbeat,
+        /// Who checkpoints, and how often (default [`CheckpointPolicy::Manual`]: the
+        /// processor, by itself). With an automatic policy the worker also checkpoints what
+        /// was processed before a graceful shutdown or handoff releases the lease.
+        checkpoint_policy: CheckpointPolicy,
     }
 
     /// Required. The application name; also the default lease-table name.
@@ -502,7 +508,8 @@ impl WorkerBuilder {
             retrieval,
             shutdown_timeout,
             quarantine,
-            heartbeat
+            heartbeat,
+            checkpoint_policy
         );
         cfg.validate()?;
         let factory = self

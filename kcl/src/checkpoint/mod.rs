@@ -5,10 +5,15 @@
 //! checkpoint, and only while this worker holds the lease: the write is conditional on the
 //! lease counter, so a worker that lost its lease cannot move the checkpoint.
 
+mod policy;
+
+pub use policy::CheckpointPolicy;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
+use bytes::Bytes;
 
 use crate::lease::coordinator::HeldLease;
 use crate::lease::write::LeaseWrite;
@@ -46,12 +51,68 @@ pub enum CheckpointError {
         /// The furthest position that may be checkpointed now, if any.
         limit: Option<ExtendedSequenceNumber>,
     },
+    /// [`Checkpointer::commit`] found no prepared checkpoint in the lease.
+    #[error("shard {shard}: no prepared checkpoint to commit")]
+    NothingPrepared {
+        /// The shard.
+        shard: ShardId,
+    },
     /// A sequence number that does not parse.
     #[error(transparent)]
     InvalidSequence(#[from] InvalidSequenceNumber),
     /// The lease table failed (after retries).
     #[error("checkpoint could not be stored")]
     Store(#[source] LeaseStoreError),
+}
+
+/// A checkpoint prepared but not committed yet (two-phase checkpoints): the position and the
+/// application's state stored with it in the lease (`pendingCheckpoint*`).
+///
+/// Prepare before a side effect that cannot be undone by re-processing alone (an upload under
+/// a chosen key, a transaction with a chosen id), commit once it is done. A new owner that
+/// finds a pending checkpoint in [`ShardContext::pending_checkpoint`](crate::ShardContext)
+/// knows the previous owner may have done the side effect, and what it was.
+///
+/// ```
+/// use kcl::checkpoint::PendingCheckpoint;
+/// use kcl::{ExtendedSequenceNumber, SequenceNumber};
+///
+/// let upto = ExtendedSequenceNumber::at(SequenceNumber::from_u128(42), 0);
+/// let pending = PendingCheckpoint::new(upto, Some("logs/2026/12/01/obj-1.jsonl".into()));
+/// assert_eq!(pending.state().map(|s| &s[..]), Some(&b"logs/2026/12/01/obj-1.jsonl"[..]));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PendingCheckpoint {
+    /// The prepared position.
+    pub position: ExtendedSequenceNumber,
+    /// The application's state (binary; an empty state is stored as none).
+    pub state: Option<Bytes>,
+}
+
+impl PendingCheckpoint {
+    /// A pending checkpoint at `position` with `state`.
+    pub fn new(position: ExtendedSequenceNumber, state: Option<Bytes>) -> Self {
+        Self { position, state }
+    }
+
+    /// The prepared position.
+    pub fn position(&self) -> &ExtendedSequenceNumber {
+        &self.position
+    }
+
+    /// The application's state.
+    pub fn state(&self) -> Option<&Bytes> {
+        self.state.as_ref()
+    }
+
+    /// The pending checkpoint stored in `lease`, if any.
+    pub fn of(lease: &crate::Lease) -> Option<Self> {
+        lease.pending_checkpoint.clone().map(|position| Self {
+            position,
+            state: lease.pending_checkpoint_state.clone(),
+        })
+    }
 }
 
 /// Which processor callback is running: it decides how far a checkpoint may reach.
@@ -88,6 +149,18 @@ pub struct Checkpointer {
     children: Option<Vec<ChildShard>>,
     /// `SHARD_END` was asked for inside `shard_ended`; written once it returns `Ok`.
     shard_end_requested: bool,
+    /// Told of every write stored (the testkit's processor harness records them).
+    observer: Option<Observer>,
+}
+
+/// A callback told of every checkpoint write stored.
+#[derive(Clone)]
+pub(crate) struct Observer(pub(crate) Arc<dyn Fn(&LeaseWrite) + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl Checkpointer {
@@ -101,7 +174,14 @@ impl Checkpointer {
             processed: None,
             children: None,
             shard_end_requested: false,
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every write stored from now on.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
+    pub(crate) fn observe(&mut self, observer: Observer) {
+        self.observer = Some(observer);
     }
 
     /// `process_records` is about to run on a batch ending at `last`.
@@ -247,6 +327,102 @@ impl Checkpointer {
         self.write(pos).await
     }
 
+    /// Two-phase checkpoint, step 1: stores `pos` and `state` in the lease as the *pending*
+    /// checkpoint (`pendingCheckpoint`, `pendingCheckpointState`) without moving the
+    /// checkpoint. Then do the side effect (an upload, a transaction), then
+    /// [`Checkpointer::commit`]. If this worker dies in between, the next owner finds the
+    /// pending checkpoint in [`ShardContext::pending_checkpoint`](crate::ShardContext) and can
+    /// finish the side effect (e.g. upload the same records under the same key again) or roll
+    /// it back, before going on.
+    ///
+    /// `pos` follows the rules of [`Checkpointer::checkpoint_at`] (no `SHARD_END`). A second
+    /// `prepare` replaces the first. Keep the state small: it lives in the lease item (400 KB
+    /// in all for DynamoDB).
+    ///
+    /// ```
+    /// # use kcl::{Checkpointer, ProcessorError, RecordBatch};
+    /// # async fn upload(_key: &str, _batch: &RecordBatch) -> Result<(), std::io::Error> { Ok(()) }
+    /// async fn flush(batch: &RecordBatch, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+    ///     let Some(last) = batch.records.last() else { return Ok(()) };
+    ///     let key = format!("{}/{}", batch.shard_id, last.sequence_number);
+    ///     cp.prepare(last.position(), Some(key.clone().into())).await?;
+    ///     upload(&key, batch).await.map_err(ProcessorError::retryable)?; // an overwriting PUT
+    ///     cp.commit().await?;
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Checkpointer::checkpoint_at`].
+    pub async fn prepare(
+        &mut self,
+        pos: ExtendedSequenceNumber,
+        state: Option<Bytes>,
+    ) -> Result<(), CheckpointError> {
+        let within = match self.ceiling() {
+            Some(limit) => {
+                !pos.is_initial() && pos != ExtendedSequenceNumber::ShardEnd && &pos <= limit
+            }
+            None => false,
+        };
+        if !within {
+            return Err(CheckpointError::NotProcessed {
+                requested: pos,
+                limit: self.ceiling().cloned(),
+            });
+        }
+        let current = self.held.snapshot().await.checkpoint;
+        if pos < current {
+            return Err(CheckpointError::Behind {
+                requested: pos,
+                current,
+            });
+        }
+        self.send(LeaseWrite::SetPending {
+            pending: Some(PendingCheckpoint::new(pos, state)),
+        })
+        .await
+    }
+
+    /// Two-phase checkpoint, step 2: moves the checkpoint to the pending one and clears it
+    /// (one conditional write). Commits the checkpoint this processor prepared, or one a
+    /// previous owner left (see [`ShardContext::pending_checkpoint`](crate::ShardContext)) once
+    /// its side effect is known to be complete.
+    ///
+    /// # Errors
+    /// [`CheckpointError::NothingPrepared`] without a pending checkpoint; otherwise as
+    /// [`Checkpointer::checkpoint_at`].
+    pub async fn commit(&mut self) -> Result<(), CheckpointError> {
+        let lease = self.held.snapshot().await;
+        let Some(pending) = lease.pending_checkpoint else {
+            return Err(CheckpointError::NothingPrepared {
+                shard: self.shard.clone(),
+            });
+        };
+        if pending == lease.checkpoint {
+            // Only the pending fields are left to clear.
+            return self.send(LeaseWrite::SetPending { pending: None }).await;
+        }
+        self.write(pending).await
+    }
+
+    /// Clears the pending checkpoint without moving the checkpoint: the prepared side effect
+    /// was rolled back (or found not to have happened). Any later checkpoint clears it too.
+    ///
+    /// # Errors
+    /// As [`Checkpointer::checkpoint_at`].
+    pub async fn cancel_prepared(&mut self) -> Result<(), CheckpointError> {
+        if self.held.snapshot().await.pending_checkpoint.is_none() {
+            return Ok(());
+        }
+        self.send(LeaseWrite::SetPending { pending: None }).await
+    }
+
+    /// The pending (prepared, not committed) checkpoint stored in the lease, if any.
+    pub async fn pending(&self) -> Option<PendingCheckpoint> {
+        PendingCheckpoint::of(&self.held.snapshot().await)
+    }
+
     /// Stores `SHARD_END` with the child shard ids (the consumer, after `shard_ended`).
     pub(crate) async fn write_shard_end(&mut self) -> Result<(), CheckpointError> {
         self.write(ExtendedSequenceNumber::ShardEnd).await
@@ -267,18 +443,22 @@ impl Checkpointer {
             (ExtendedSequenceNumber::ShardEnd, Some(c)) => c.iter().map(|c| c.id.clone()).collect(),
             _ => Vec::new(),
         };
+        self.send(LeaseWrite::Checkpoint {
+            position: pos,
+            children,
+        })
+        .await?;
+        metrics::counter!(m::CHECKPOINTS).increment(1);
+        Ok(())
+    }
+
+    /// Sends a checkpoint write, retrying transient failures while the lease is valid.
+    async fn send(&mut self, write: LeaseWrite) -> Result<(), CheckpointError> {
         let store = self.store.as_ref();
         let held = &self.held;
-        let write = || {
-            held.write(
-                store,
-                LeaseWrite::Checkpoint {
-                    position: pos.clone(),
-                    children: children.clone(),
-                },
-            )
-        };
-        let result = write
+        let attempt = || held.write(store, write.clone());
+        let observer = self.observer.clone();
+        let result = attempt
             .retry(crate::backoff::exponential(
                 Duration::from_millis(50),
                 Duration::from_secs(2),
@@ -289,7 +469,9 @@ impl Checkpointer {
             .await;
         match result {
             Ok(_) => {
-                metrics::counter!(m::CHECKPOINTS).increment(1);
+                if let Some(Observer(f)) = &observer {
+                    f(&write);
+                }
                 Ok(())
             }
             Err(e) if e.is_condition_failed() || !self.held.is_valid() => {
