@@ -345,6 +345,69 @@ impl<'a> IntoIterator for &'a RecordBatch {
     }
 }
 
+/// A record as one line of JSON, the format of `kcl consume` and the S3 forwarder example
+/// (feature `json`):
+/// `{"shard":"…","seq":"…","subseq":0,"key":"…","data":"<base64>"}` and a newline.
+#[cfg(feature = "json")]
+#[derive(Debug, thiserror::Error)]
+#[error("encoding a record as a JSON line failed: {0}")]
+pub struct JsonLineError(String);
+
+#[cfg(feature = "json")]
+impl Record {
+    /// Appends the record, read from `shard`, as one JSON line to `buf`. On an error nothing
+    /// is appended.
+    ///
+    /// ```
+    /// use kcl::{Record, SequenceNumber, ShardId};
+    ///
+    /// let r = Record::new("hi".into(), "user-1", SequenceNumber::from_u128(42), None);
+    /// let mut line = Vec::new();
+    /// r.write_json_line(&ShardId::new("shardId-000000000000"), &mut line)?;
+    /// assert_eq!(
+    ///     String::from_utf8(line)?,
+    ///     "{\"shard\":\"shardId-000000000000\",\"seq\":\"42\",\"subseq\":0,\"key\":\"user-1\",\"data\":\"aGk=\"}\n"
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// A payload too large to encode (more than `usize::MAX / 4 * 3` bytes).
+    pub fn write_json_line(&self, shard: &ShardId, buf: &mut Vec<u8>) -> Result<(), JsonLineError> {
+        use base64::Engine as _;
+        use std::io::Write as _;
+        let start = buf.len();
+        let result = (|| {
+            buf.extend_from_slice(b"{\"shard\":");
+            serde_json::to_writer(&mut *buf, shard.as_str())
+                .map_err(|e| JsonLineError(e.to_string()))?;
+            write!(
+                buf,
+                ",\"seq\":\"{}\",\"subseq\":{},\"key\":",
+                self.sequence_number, self.sub_sequence_number
+            )
+            .map_err(|e| JsonLineError(e.to_string()))?;
+            serde_json::to_writer(&mut *buf, &self.partition_key)
+                .map_err(|e| JsonLineError(e.to_string()))?;
+            buf.extend_from_slice(b",\"data\":\"");
+            let at = buf.len();
+            let len = base64::encoded_len(self.data.len(), true)
+                .ok_or_else(|| JsonLineError("the record is too large".into()))?;
+            buf.resize(at + len, 0);
+            let n = base64::engine::general_purpose::STANDARD
+                .encode_slice(&self.data, &mut buf[at..])
+                .map_err(|e| JsonLineError(e.to_string()))?;
+            buf.truncate(at + n);
+            buf.extend_from_slice(b"\"}\n");
+            Ok(())
+        })();
+        if result.is_err() {
+            buf.truncate(start);
+        }
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -226,16 +226,12 @@ impl OutputState {
     /// Appends `r`'s line. On an error nothing of it stays in the buffer.
     fn push_line(
         &mut self,
-        shard: &str,
+        shard: &kcl::ShardId,
         r: &Record,
         mark: &Arc<Watermark>,
     ) -> Result<(), WriteError> {
-        let start = self.buf.len();
-        let result = encode_line(&mut self.buf, shard, r);
-        if let Err(e) = result {
-            self.buf.truncate(start);
-            return Err(e);
-        }
+        r.write_json_line(shard, &mut self.buf)
+            .map_err(|e| WriteError::Encode(e.to_string()))?;
         self.pending.push_back(Pending {
             end: self.written_bytes + self.buf.len() as u64,
             mark: mark.clone(),
@@ -305,29 +301,6 @@ impl OutputState {
     }
 }
 
-/// `{"shard":…,"seq":"…","subseq":…,"key":…,"data":"<base64>"}` and a newline.
-fn encode_line(buf: &mut Vec<u8>, shard: &str, r: &Record) -> Result<(), WriteError> {
-    // Writes into a Vec cannot fail.
-    let _ = write!(
-        buf,
-        "{{\"shard\":{shard},\"seq\":\"{}\",\"subseq\":{},\"key\":",
-        r.sequence_number, r.sub_sequence_number
-    );
-    serde_json::to_writer(&mut *buf, &r.partition_key)
-        .map_err(|e| WriteError::Encode(e.to_string()))?;
-    buf.extend_from_slice(b",\"data\":\"");
-    let at = buf.len();
-    let len = base64::encoded_len(r.data.len(), true)
-        .ok_or_else(|| WriteError::Encode("the record is too large".into()))?;
-    buf.resize(at + len, 0);
-    let n = base64::engine::general_purpose::STANDARD
-        .encode_slice(&r.data, &mut buf[at..])
-        .map_err(|e| WriteError::Encode(e.to_string()))?;
-    buf.truncate(at + n);
-    buf.extend_from_slice(b"\"}\n");
-    Ok(())
-}
-
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -355,8 +328,7 @@ impl JsonLines {
 
     /// Queues the batch's lines not queued yet and writes the buffer out.
     async fn write(&mut self, batch: &RecordBatch) -> Result<(), WriteError> {
-        let shard = serde_json::to_string(batch.shard_id.as_str())
-            .map_err(|e| WriteError::Encode(e.to_string()))?;
+        let shard = &batch.shard_id;
         let mut st = self.out.state.lock().await;
         // First what a failed write left (the rest of a line may have been written already).
         st.write_out().await?;
@@ -365,7 +337,7 @@ impl JsonLines {
             if self.queued.as_ref().is_some_and(|q| position <= *q) {
                 continue;
             }
-            st.push_line(&shard, r, &self.written)?;
+            st.push_line(shard, r, &self.written)?;
             self.queued = Some(position);
             if st.buf.len() >= WRITE_CHUNK {
                 st.write_out().await?;
