@@ -245,6 +245,7 @@ impl Forwarder {
             self.sink.gzip,
         );
         cp.prepare(last.clone(), Some(encode_state(&key))).await?;
+        info!(shard = %self.shard, %key, "prepared; uploading");
         self.put(&key, &self.buffer.lines).await?;
         cp.commit().await?;
         info!(shard = %self.shard, %key, bytes = self.buffer.lines.len(), "object written");

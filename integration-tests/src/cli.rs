@@ -61,32 +61,72 @@ pub fn kcl_binary_blocking() -> anyhow::Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
+/// The executable of the example `name` of `kcl-examples` (all features), built once per
+/// test process.
+///
+/// # Errors
+/// The build failed.
+pub async fn example_binary(name: &'static str) -> anyhow::Result<PathBuf> {
+    tokio::task::spawn_blocking(move || example_binary_blocking(name))
+        .await
+        .context("the example build task panicked")?
+}
+
+/// As [`example_binary`], blocking.
+///
+/// # Errors
+/// The build failed.
+pub fn example_binary_blocking(name: &'static str) -> anyhow::Result<PathBuf> {
+    type Built = Mutex<std::collections::HashMap<&'static str, Result<PathBuf, String>>>;
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(name)
+        .or_insert_with(|| {
+            cargo_build(
+                &["--workspace", "--all-features", "--example", name],
+                name,
+                "example",
+            )
+            .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 fn locate_or_build() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("KCL_BIN") {
         let bin = PathBuf::from(bin);
         ensure!(bin.is_file(), "KCL_BIN={} is not a file", bin.display());
         return Ok(bin);
     }
+    cargo_build(
+        &["--workspace", "--all-features", "--bin", "kcl"],
+        "kcl",
+        "bin",
+    )
+}
+
+/// Runs `cargo build ARGS` in the workspace and returns the executable of target `name` of
+/// kind `kind` (`bin`, `example`).
+fn cargo_build(args: &[&str], name: &str, kind: &str) -> anyhow::Result<PathBuf> {
     // Cargo sets CARGO for the test processes it runs; fall back to the one that compiled us.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let started = std::time::Instant::now();
     let out = std::process::Command::new(&cargo)
         .current_dir(workspace_root())
-        .args([
-            "build",
-            "--workspace",
-            "--all-features",
-            "--bin",
-            "kcl",
-            "--message-format=json-render-diagnostics",
-        ])
+        .arg("build")
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", Path::new(&cargo).display()))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.success(),
-        "`cargo build --workspace --all-features --bin kcl` failed ({}):\n{}",
+        "`cargo build {}` failed ({}):\n{}",
+        args.join(" "),
         out.status,
         tail(&stderr, 60)
     );
@@ -95,25 +135,29 @@ fn locate_or_build() -> anyhow::Result<PathBuf> {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        let is_kcl_bin = msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "kcl"
+        let wanted = msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == name
             && msg["target"]["kind"]
                 .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "bin"));
-        if let (true, Some(path)) = (is_kcl_bin, msg["executable"].as_str()) {
+                .is_some_and(|k| k.iter().any(|k| k == kind));
+        if let (true, Some(path)) = (wanted, msg["executable"].as_str()) {
             exe = Some(PathBuf::from(path));
         }
     }
-    let exe = exe.context("cargo built no `kcl` executable (is the `cli` feature gone?)")?;
+    let exe = exe.with_context(|| {
+        format!(
+            "`cargo build {}` built no `{name}` executable",
+            args.join(" ")
+        )
+    })?;
     eprintln!(
-        "kcl binary: {} (cargo build took {:.1?})",
+        "{name} {kind}: {} (cargo build took {:.1?})",
         exe.display(),
         started.elapsed()
     );
     Ok(exe)
 }
 
-/// The last `n` lines of `text`.
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -131,6 +175,8 @@ pub struct CliEnv {
     pub region: String,
     /// `RUST_LOG` (default `info`, or `KCL_CLI_LOG` from the test's environment).
     pub rust_log: String,
+    /// `AWS_ENDPOINT_URL_S3`, if set.
+    pub s3_endpoint: Option<String>,
 }
 
 impl CliEnv {
@@ -141,7 +187,14 @@ impl CliEnv {
             dynamodb_endpoint: dynamodb_endpoint.into(),
             region: "us-east-1".into(),
             rust_log: std::env::var("KCL_CLI_LOG").unwrap_or_else(|_| "info".into()),
+            s3_endpoint: None,
         }
+    }
+
+    /// Also S3 at `endpoint`.
+    pub fn with_s3(mut self, endpoint: impl Into<String>) -> Self {
+        self.s3_endpoint = Some(endpoint.into());
+        self
     }
 
     fn apply(&self, cmd: &mut Command) {
@@ -181,6 +234,10 @@ impl CliEnv {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("RUST_LOG", &self.rust_log)
             .env("NO_COLOR", "1");
+        match &self.s3_endpoint {
+            Some(s3) => cmd.env("AWS_ENDPOINT_URL_S3", s3),
+            None => cmd.env_remove("AWS_ENDPOINT_URL_S3"),
+        };
     }
 }
 

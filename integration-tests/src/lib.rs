@@ -8,6 +8,7 @@ pub mod cli;
 pub mod dynamo_servers;
 pub mod failures;
 pub mod kinesis_server;
+pub mod proxy;
 pub mod scenarios;
 
 use std::net::TcpListener;
@@ -95,6 +96,11 @@ impl ServerProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `http://127.0.0.1:<port>`.
