@@ -35,9 +35,10 @@
 //!   from offset 0. While nothing is at the path (renamed, not yet re-created) the old file is
 //!   read on. Lines written to the old file after the switch are not read.
 //! * **Truncation** (copytruncate: same file, now shorter than what was read, or its first
-//!   bytes changed): reading starts again at offset 0. Lines written between the last read and
-//!   the truncation are in the copy only and are not sent (inherent to copytruncate; prefer
-//!   rename rotation).
+//!   bytes changed — checked after every read, before its lines are sent, so that new content
+//!   read at the old offset is never sent): reading starts again at offset 0. Lines written
+//!   between the last read and the truncation are in the copy only and are not sent (inherent
+//!   to copytruncate; prefer rename rotation).
 //! * **State file** (`--state`): device, inode, offset, and a fingerprint of the file's first
 //!   bytes (up to 1 KiB) that tells a file from a later one with the same inode, and a file from
 //!   its truncated and rewritten self. On start:
@@ -348,13 +349,13 @@ impl Tailer {
         Ok(true)
     }
 
-    /// Writes the state file for the current file: call only once every line before its
-    /// splitter's start is acknowledged.
+    /// Writes the state file for the current file, at the offset past the last line handed
+    /// over: call only once the producer acknowledged every record put.
     fn write_state(&mut self) -> anyhow::Result<()> {
         let Some(cur) = &self.current else {
             return Ok(());
         };
-        let offset = cur.lines.start();
+        let offset = cur.done;
         let saved = Saved {
             name: cur.name.clone(),
             id: cur.id,
@@ -461,10 +462,30 @@ impl Tailer {
         };
         let (name, id) = (cur.name.clone(), cur.id);
         if let Some(tail) = cur.lines.take_unterminated() {
+            if cur.done == tail.offset {
+                cur.done = tail.offset + tail.len;
+            }
             let reason =
                 format!("unterminated last line of a file {why}; only whole lines are sent");
             self.refuse(&name, id, &tail, &reason);
         }
+    }
+
+    /// The current file was truncated: report its unterminated line, read it again from 0.
+    async fn truncated(&mut self) -> anyhow::Result<()> {
+        let Some(cur) = self.current.as_ref() else {
+            return Ok(());
+        };
+        warn!(
+            file = %cur.name.display(), read = cur.lines.read_pos(), len = cur.len()?,
+            "the file was truncated (copytruncate?): reading it again from its start"
+        );
+        self.drop_unterminated("truncated");
+        if let Some(cur) = self.current.as_mut() {
+            cur.restart();
+        }
+        // Acknowledges the lines of the old content, then saves offset 0.
+        self.checkpoint().await
     }
 
     /// Follows the file until a stop signal.
@@ -486,9 +507,20 @@ impl Tailer {
                 .read(self.args.batch_lines, self.args.batch_bytes, &mut lines)
                 .with_context(|| format!("reading {}", cur.name.display()))?;
             let (name, id) = (cur.name.clone(), cur.id);
+            if read > 0 && !cur.rotated && !cur.head_unchanged()? {
+                // Truncated and rewritten before or while reading: what was just read may be
+                // the new content at the old offset. Drop it and start again from 0.
+                lines.clear();
+                self.truncated().await?;
+                continue;
+            }
             if !lines.is_empty() {
                 for line in std::mem::take(&mut lines) {
+                    let end = line.end();
                     self.send(&name, id, line).await?;
+                    if let Some(cur) = self.current.as_mut() {
+                        cur.done = end;
+                    }
                 }
                 self.checkpoint().await?;
             }
@@ -520,13 +552,7 @@ impl Tailer {
                     }
                 }
                 Change::Truncated => {
-                    warn!(
-                        file = %cur.name.display(), read = cur.lines.read_pos(), len = cur.len()?,
-                        "the file was truncated (copytruncate?): reading it again from its start"
-                    );
-                    self.drop_unterminated("truncated");
-                    self.current.as_mut().expect("set above").restart();
-                    self.checkpoint().await?;
+                    self.truncated().await?;
                     continue;
                 }
                 Change::Rotated if !cur.rotated => {
@@ -541,7 +567,8 @@ impl Tailer {
                     self.drop_unterminated("rotated away");
                     self.checkpoint().await?;
                     let cur = self.current.take().expect("set above");
-                    info!(file = %cur.name.display(), id = %cur.id, offset = cur.lines.start(), "finished the rotated file");
+                    debug_assert_eq!(cur.done, cur.lines.start(), "every line read handed over");
+                    info!(file = %cur.name.display(), id = %cur.id, offset = cur.done, "finished the rotated file");
                     continue;
                 }
             }

@@ -97,6 +97,11 @@ impl Line {
     pub fn is_cut(&self) -> bool {
         self.len > self.data.len() as u64
     }
+
+    /// The offset just past its `\n`.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len + 1
+    }
 }
 
 /// Turns the bytes of a file, read in any pieces, into whole lines with their offsets; what
@@ -181,6 +186,10 @@ pub struct Tailed {
     pub name: PathBuf,
     /// Its lines, from where reading started.
     pub lines: LineSplitter,
+    /// The offset just past the last line handed over (put into the producer, or refused):
+    /// what the state file may say once the producer acknowledged everything put. Behind
+    /// `lines.start()` while a batch that was read is being handed over.
+    pub done: u64,
     /// Its first bytes as read (up to [`HEAD_LEN`]): truncation detection and the fingerprint.
     head: Vec<u8>,
     /// Set once the path was seen naming another file: read to the end, then leave it.
@@ -199,6 +208,7 @@ impl Tailed {
             id,
             name: name.to_owned(),
             lines: LineSplitter::new(offset),
+            done: offset,
             head,
             rotated: false,
         })
@@ -258,6 +268,7 @@ impl Tailed {
     /// any, must have been taken first.
     pub fn restart(&mut self) {
         self.lines = LineSplitter::new(0);
+        self.done = 0;
         self.head.clear();
     }
 }
@@ -479,7 +490,7 @@ mod tests {
     }
 
     fn temp_file(name: &str, content: &[u8]) -> (PathBuf, File) {
-        let dir = std::env::temp_dir().join(format!("file-tailer-unit-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("file-tailer-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join(name);
         let mut f = File::create(&path).expect("create");
@@ -489,14 +500,17 @@ mod tests {
 
     #[test]
     fn starts_after_the_last_newline() {
-        let (_, f) = temp_file("last-line", b"one\ntwo\nthr");
+        let (path_a, f) = temp_file("last-line", b"one\ntwo\nthr");
         assert_eq!(start_of_last_line(&f, 11).expect("read"), 8);
         assert_eq!(start_of_last_line(&f, 8).expect("read"), 8);
         assert_eq!(start_of_last_line(&f, 3).expect("read"), 0);
         let mut long = vec![b'y'; 3 * CHUNK];
         long[5] = b'\n';
-        let (_, f) = temp_file("long-last-line", &long);
+        let (path_b, f) = temp_file("long-last-line", &long);
         assert_eq!(start_of_last_line(&f, long.len() as u64).expect("read"), 6);
+        for p in [path_a, path_b] {
+            std::fs::remove_dir_all(p.parent().expect("dir")).ok();
+        }
     }
 
     #[test]
@@ -507,6 +521,7 @@ mod tests {
         let (n, eof) = t.read(100, 1 << 20, &mut out).expect("read");
         assert_eq!((n, eof, out.len()), (27, true, 2));
         assert_eq!(t.lines.start(), 23);
+        assert_eq!((out[0].end(), out[1].end(), t.done), (11, 23, 0));
         assert!(t.head_unchanged().expect("head"));
         let fp = t.fingerprint(t.lines.start());
         assert_eq!(fp, Fingerprint::of(b"first line\nsecond line\n"));
@@ -526,9 +541,10 @@ mod tests {
         assert_eq!(out[0].offset, 0);
         let found =
             find_by_id(path.parent().expect("dir"), t.id, Path::new("/nonexistent")).expect("scan");
-        assert_eq!(found, [path.clone()]);
+        assert_eq!(found, std::slice::from_ref(&path));
         assert!(find_by_id(path.parent().expect("dir"), t.id, &path)
             .expect("scan")
             .is_empty());
+        std::fs::remove_dir_all(path.parent().expect("dir")).ok();
     }
 }
