@@ -1,36 +1,41 @@
 //! The `file_tailer` example (`examples/file_tailer.rs`) as a process against kinesis-local,
-//! through a TCP proxy the test can turn into a black hole (Kinesis unreachable: requests
-//! accepted, never answered). The test writes numbered lines — `<generation> <number>
-//! <payload>`, one generation per file content — and puts the tailer through:
+//! through a TCP proxy that can drop traffic. The test writes numbered lines — `<generation>
+//! <number> <payload>`, one generation per file content — and puts the tailer through:
 //!
 //! 1. generation A, read from the start (`--from-start`);
 //! 2. rename rotation: `app.log` → `app.log.1`, 10 more A lines written to the renamed file
 //!    (the writer still has it open), a new `app.log` with generation B;
 //! 3. copytruncate: `app.log` copied, truncated and at once rewritten with more C lines than it
 //!    had B lines (only the fingerprint of its first bytes tells);
-//! 4. Kinesis unreachable while 40 more C lines are read, then **SIGKILL**; while stopped, a
-//!    second rotation (`app.log` → `app.log.1`) and 10 more C lines into the renamed file, a new
-//!    `app.log` with generation D;
-//! 5. restart: the tailer must find the rotated file by inode, finish it from the saved
+//! 4. Kinesis' answers lost (requests forwarded, records stored, answers dropped) while 40
+//!    more C lines are read, then **SIGKILL** and a restart, which must send them again;
+//! 5. Kinesis unreachable (requests dropped) while 20 more C lines are read, then **SIGKILL**;
+//!    while stopped, a second rotation (`app.log` → `app.log.1`), 10 more C lines into the
+//!    renamed file, a new `app.log` with generation D;
+//! 6. restart: the tailer must find the rotated file by inode, finish it from the saved
 //!    offset, then read `app.log` from 0 — including a line written in two parts (the first
 //!    without its newline) and a 1.1 MiB line Kinesis cannot take (generation X: reported in the
-//!    rejects file with its offset, never sent);
-//! 6. **SIGTERM** right after more D lines (exit 0, what was read flushed and saved), a third
-//!    run that sends the rest, SIGTERM again;
+//!    rejects file and the log with its offset, never sent);
+//! 7. **SIGTERM** right after more D lines (exit 0, what was read flushed and saved), a fourth
+//!    run that sends the rest, SIGTERM again (exit 0, state at the end of the file);
 //!
 //! then reads every shard from TRIM_HORIZON (deaggregating KPL aggregates) and checks that
-//! every line of every generation arrived, in order, within one shard; a repeated run of
-//! lines (a resend) is allowed only in generation C, the one in flight at the SIGKILL.
-//! Run in two modes: plain records with one key per file (`--partition-key file`), and KPL
-//! aggregation with one fixed key (`--aggregate`).
+//! every line of every generation arrived, in order, within one shard; a run of lines sent
+//! again is allowed (and, after step 4, required) only in generation C, once: a duplicate
+//! anywhere else — after a rotation, a truncation or a SIGTERM — fails. Run in two modes:
+//! plain records with one key per file (`--partition-key file`), and KPL aggregation with one
+//! fixed key (`--aggregate`).
 //!
-//! **A state file written before acknowledgement** fails the check "the state file moved
-//! while Kinesis was unreachable" in step 4: the example saved the offset past lines Kinesis
-//! never got. Without that check, the final order check fails ("generation C: line 80 follows
-//! the start: lines 0..80 missing"): after the SIGKILL those lines are never sent again. Both
-//! were seen failing, in both modes, with `write_state` moved before the flush in
-//! `Tailer::checkpoint` (the second before step 4 waited for the stream as well as for the
-//! state file).
+//! **A state file written before acknowledgement** fails the check "the state file moved while
+//! Kinesis' answers were lost" in step 4 (and "… while Kinesis was unreachable" in step 5):
+//! the state passed lines Kinesis had not acknowledged. Without those two checks the lost
+//! lines show anyway: with aggregation the final order check fails ("generation C: line 140
+//! follows 119: lines 120..140 missing": the lines read while Kinesis was unreachable are never
+//! sent); with plain records step 5's wait for the last C line times out (of the 40 lines read
+//! while the answers were lost only the first, alone in its call, was stored). Seen failing so,
+//! in both modes, with `write_state` moved before the flush in `Tailer::checkpoint`. (Steps 4
+//! and 5 wait for the stream, not only the state file, to hold every earlier line: otherwise
+//! such a tailer would still have a flush due that the proxy swallows.)
 //!
 //! The example binary is built with `cargo build --workspace --all-features --example
 //! file_tailer` (the feature set `scripts/test.sh` builds with: only a freshness check after
@@ -149,11 +154,21 @@ fn build_tailer() -> anyhow::Result<PathBuf> {
     Ok(exe)
 }
 
-/// A TCP proxy to kinesis-local that can swallow everything (Kinesis unreachable: connections
-/// accepted, requests read and dropped, nothing answered).
+/// What the proxy does to the traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Nothing: it forwards both ways.
+    None,
+    /// Kinesis unreachable: requests are read and dropped, nothing is answered.
+    BlackHole,
+    /// Requests reach Kinesis (records are stored) but the answers are dropped.
+    LoseAnswers,
+}
+
+/// A TCP proxy to kinesis-local that can drop traffic ([`Fault`]).
 struct Proxy {
     port: u16,
-    black_hole: watch::Sender<bool>,
+    fault: watch::Sender<Fault>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -161,7 +176,7 @@ impl Proxy {
     async fn start(upstream: u16) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let (black_hole, rx) = watch::channel(false);
+        let (fault, rx) = watch::channel(Fault::None);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let rx = rx.clone();
@@ -171,26 +186,24 @@ impl Proxy {
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
+                    let drop_requests = |f: Fault| f == Fault::BlackHole;
+                    let drop_answers = |f: Fault| f != Fault::None;
                     tokio::select! {
-                        () = pipe(cr, sw, rx.clone()) => {}
-                        () = pipe(sr, cw, rx) => {}
+                        () = pipe(cr, sw, rx.clone(), drop_requests) => {}
+                        () = pipe(sr, cw, rx, drop_answers) => {}
                     }
                 });
             }
         });
-        Ok(Self {
-            port,
-            black_hole,
-            task,
-        })
+        Ok(Self { port, fault, task })
     }
 
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn set_black_hole(&self, on: bool) {
-        self.black_hole.send_replace(on);
+    fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
     }
 }
 
@@ -200,11 +213,12 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies `from` to `to`, dropping what is read while the black hole is on.
+/// Copies `from` to `to`, dropping what is read while `dropping(fault)`.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    black_hole: watch::Receiver<bool>,
+    fault: watch::Receiver<Fault>,
+    dropping: impl Fn(Fault) -> bool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -212,7 +226,7 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if *black_hole.borrow() {
+        if dropping(*fault.borrow()) {
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -391,13 +405,32 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
     lines.write(&mut writer, "C", 80)?;
     wait_caught_up(&tailer, &state, &log).await?;
 
-    // 4. Kinesis unreachable while more lines are read; SIGKILL; a rotation while stopped.
-    // (The stream, not only the state file, must hold every line so far: a tailer that saved
-    // its state early would otherwise have the black hole swallow a flush that was due.)
+    // 4. Answers lost: the records are stored but never acknowledged; SIGKILL; the restart
+    // must send them again. (The stream, not only the state file, must hold every line so far:
+    // a tailer that saved its state early would otherwise still have a flush due.)
     wait_in_stream(&client, &stream, &payload("C", lines.written["C"] - 1)).await?;
     let before = read_state(&state);
-    proxy.set_black_hole(true);
+    let first_unacknowledged = lines.written["C"];
+    proxy.set(Fault::LoseAnswers);
     lines.write(&mut writer, "C", 40)?;
+    wait_in_stream(&client, &stream, &payload("C", first_unacknowledged)).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        read_state(&state) == before,
+        "the state file moved while Kinesis' answers were lost (saved before the \
+         acknowledgement): {before:?} → {:?}",
+        read_state(&state)
+    );
+    tailer.kill().await?;
+    proxy.set(Fault::None);
+    let mut tailer = spawn("tailer-2")?;
+    wait_caught_up(&tailer, &state, &log).await?;
+
+    // 5. Kinesis unreachable while more lines are read; SIGKILL; a rotation while stopped.
+    wait_in_stream(&client, &stream, &payload("C", lines.written["C"] - 1)).await?;
+    let before = read_state(&state);
+    proxy.set(Fault::BlackHole);
+    lines.write(&mut writer, "C", 20)?;
     tokio::time::sleep(UNREACHABLE_FOR).await;
     ensure!(
         read_state(&state) == before,
@@ -406,15 +439,15 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
         read_state(&state)
     );
     tailer.kill().await?;
-    proxy.set_black_hole(false);
+    proxy.set(Fault::None);
     std::fs::rename(dir.join("app.log.1"), dir.join("app.log.2"))?;
     std::fs::rename(&log, dir.join("app.log.1"))?;
     lines.write(&mut writer, "C", 10)?;
     writer = append(&log)?;
     lines.write(&mut writer, "D", 40)?;
 
-    // 5. Restart: finish app.log.1, then app.log; a line in two parts, an oversized line.
-    let mut tailer = spawn("tailer-2")?;
+    // Restart: finish app.log.1, then app.log; a line in two parts, an oversized line.
+    let mut tailer = spawn("tailer-3")?;
     let split = lines.next("D", 1);
     writer.write_all(&split.as_bytes()[..10])?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -433,9 +466,9 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
         "SIGTERM: {status}; stderr:\n{}",
         tailer.stderr_tail(30)
     );
-    let stderr2 = tailer.stderr();
-    eprintln!("tailer-2 stopped in {took:.1?} after SIGTERM");
-    let mut tailer = spawn("tailer-3")?;
+    let stderr3 = tailer.stderr();
+    eprintln!("tailer-3 stopped in {took:.1?} after SIGTERM");
+    let mut tailer = spawn("tailer-4")?;
     lines.write(&mut writer, "D", 10)?;
     wait_caught_up(&tailer, &state, &log).await?;
     let (status, _) = tailer.terminate(EXIT_TIMEOUT).await?;
@@ -458,12 +491,12 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
         "rejects file {recorded:?} should name the oversized line once ({needle})"
     );
     ensure!(
-        stderr2.contains("line not sent") && stderr2.contains(&format!("offset={huge_offset}")),
-        "the oversized line is not reported in the log:\n{stderr2}"
+        stderr3.contains("line not sent") && stderr3.contains(&format!("offset={huge_offset}")),
+        "the oversized line is not reported in the log:\n{stderr3}"
     );
     ensure!(
-        stderr2.contains("rotated while stopped"),
-        "the restart did not find the rotated file:\n{stderr2}"
+        stderr3.contains("rotated while stopped"),
+        "the restart did not find the rotated file:\n{stderr3}"
     );
 
     // Everything in the stream, in order per generation.
@@ -507,6 +540,10 @@ async fn scenario(mode: Mode) -> anyhow::Result<()> {
             generation == "C",
         )?;
     }
+    ensure!(
+        resent > 0,
+        "no line was sent again after the SIGKILL that lost Kinesis' answers"
+    );
     eprintln!(
         "{mode:?}: {} records read back, {} lines written, {resent} sent again after the \
          SIGKILL; {:.1?} in all",
