@@ -73,10 +73,13 @@
 //! `fixed` and `file` keys (the producer stores a key's records in the order they were put,
 //! across flushes; one file never changes key). With `line-hash`, lines of one file spread over
 //! shards: order holds between checkpoint batches (a batch is acknowledged before the next is
-//! read) but not within one. Duplicates happen only after a crash (or a `PutRecords` answer
-//! lost in transit): the lines between the last state written and the crash are sent again.
-//! These hold for the file being followed and its rotated predecessor as described above; the
-//! limits are listed below.
+//! read) but not within one. Duplicates happen only after a crash, or a stop whose final
+//! flush failed (the lines between the last state written and the crash are sent again), or a
+//! `PutRecords` answer lost in transit (the producer sends the call again). These hold for the
+//! file being followed and its rotated predecessor as described above; the limits are listed
+//! below. `integration-tests/tests/file_tailer.rs` checks them against kinesis-local, through
+//! rotations, a copytruncate, SIGKILLs with Kinesis unreachable or its answers lost, and
+//! SIGTERMs, with and without aggregation.
 //!
 //! # Refused lines
 //!
@@ -103,6 +106,7 @@ mod follow;
 #[path = "file_tailer/state.rs"]
 mod state;
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -694,6 +698,7 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
