@@ -39,15 +39,13 @@
 //!
 //! The example binary is built with `cargo build --workspace --all-features --example
 //! file_tailer` (the feature set `scripts/test.sh` builds with: only a freshness check after
-//! it), or taken from `FILE_TAILER_BIN`.
+//! it).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
@@ -55,7 +53,7 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
 use kcl::retrieval::deagg::deaggregate;
 use kcl::{Record, SequenceNumber};
-use kcl_integration_tests::cli::{CliEnv, KclProcess};
+use kcl_integration_tests::cli::{example_binary, CliEnv, KclProcess};
 use kcl_integration_tests::kinesis_server::{create_stream, kinesis_client, start_kinesis_local};
 use kcl_integration_tests::unique_name;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,69 +87,6 @@ async fn plain_records_one_key_per_file() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kpl_aggregates_fixed_key() -> anyhow::Result<()> {
     scenario(Mode::AggregatedFixedKey).await
-}
-
-/// The example binary: `FILE_TAILER_BIN`, or built by cargo (once per test process).
-fn tailer_binary() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_tailer().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_tailer() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("FILE_TAILER_BIN") {
-        let bin = PathBuf::from(bin);
-        ensure!(
-            bin.is_file(),
-            "FILE_TAILER_BIN={} is not a file",
-            bin.display()
-        );
-        return Ok(bin);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the workspace root")?
-        .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let started = std::time::Instant::now();
-    let out = std::process::Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--workspace",
-            "--all-features",
-            "--example",
-            "file_tailer",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .context("running cargo build")?;
-    ensure!(
-        out.status.success(),
-        "cargo build --example file_tailer failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut exe = None;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "file_tailer" {
-            if let Some(path) = msg["executable"].as_str() {
-                exe = Some(PathBuf::from(path));
-            }
-        }
-    }
-    let exe = exe.context("cargo built no file_tailer executable")?;
-    eprintln!(
-        "file_tailer: {} (cargo build took {:.1?})",
-        exe.display(),
-        started.elapsed()
-    );
-    Ok(exe)
 }
 
 /// What the proxy does to the traffic.
@@ -344,7 +279,7 @@ async fn wait_in_stream(
 
 async fn scenario(mode: Mode) -> anyhow::Result<()> {
     let started = Instant::now();
-    let bin = tokio::task::spawn_blocking(tailer_binary).await??;
+    let bin = example_binary("file_tailer").await?;
     let server = start_kinesis_local().await?;
     let client = kinesis_client(&server).await;
     let stream = unique_name("file-tailer");
