@@ -328,6 +328,7 @@ fn failing_then(kind: FailKind, on_failure: OnFailure, then: Verb, workers: usiz
             slow_batch: 0.0,
             slow_time: Duration::ZERO,
             on_failure,
+            automatic: None,
         })
         .at(Duration::from_secs(6), Verb::Faults(0, failing.clone()))
         .at(Duration::from_secs(6), Verb::Faults(1, failing))

@@ -329,6 +329,10 @@ impl Driver {
             .max_leases_to_steal(t.max_leases_to_steal)
             .polling(polling)
             .error_policy(policy)
+            .checkpoint_policy(match work.automatic {
+                Some(n) => crate::checkpoint::CheckpointPolicy::every(n, Duration::from_secs(1)),
+                None => crate::checkpoint::CheckpointPolicy::Manual,
+            })
             .processor(ProcessorFactoryFn(move |shard: &ShardId| {
                 SimProcessor::new(factory_net.clone(), shard, &procs, work)
             }));
@@ -632,6 +636,7 @@ impl Driver {
             seed: self.sim.seed,
             scenario: self.sim.describe(),
             fan_out: self.sim.fan_out,
+            automatic: self.sim.work.automatic.is_some(),
             violations,
             counts,
             stats: self.stats,

@@ -34,6 +34,10 @@ pub struct Work {
     pub slow_time: Duration,
     /// The workers' error policy.
     pub on_failure: OnFailure,
+    /// The workers checkpoint for the processor (`CheckpointPolicy::every`, this many
+    /// records or one second): the processor then never checkpoints by itself, and the worker's
+    /// final checkpoint alone must keep planned moves free of duplicates.
+    pub automatic: Option<u64>,
 }
 
 /// The error policy of a run's workers ([`crate::processor::ErrorPolicy`]).
@@ -206,7 +210,9 @@ impl RecordProcessor for SimProcessor {
             }
         }
         self.batches += 1;
-        let result = if self.batches % self.every == 0 {
+        let result = if self.work.automatic.is_some() {
+            Ok(())
+        } else if self.batches % self.every == 0 {
             let r = if batch.len() > 1 && self.rng.random_bool(0.1) {
                 // Checkpoint inside the batch: the rest is delivered again after a move.
                 let i = self.rng.random_range(0..batch.len());
@@ -248,7 +254,7 @@ impl RecordProcessor for SimProcessor {
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
         self.net.halt_if_dead("shutdown_requested").await;
         self.callback(Callback::ShutdownRequested);
-        if cp.last_delivered().is_none() {
+        if cp.last_delivered().is_none() || self.work.automatic.is_some() {
             return Ok(());
         }
         let r = tolerate_behind(cp.checkpoint().await);

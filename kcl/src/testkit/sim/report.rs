@@ -85,6 +85,8 @@ pub const CHAOS_KINDS: &[&str] = &[
     "fan-out crashes",
     "fan-out reshards",
     "broken subscriptions",
+    "automatic-checkpoint runs",
+    "automatic-checkpoint handoffs",
 ];
 
 /// The result of [`Sim::run`](super::Sim::run).
@@ -96,6 +98,8 @@ pub struct SimReport {
     pub scenario: String,
     /// True if the workers read with enhanced fan-out.
     pub fan_out: bool,
+    /// True if the workers checkpointed for the processors (an automatic policy).
+    pub automatic: bool,
     /// Broken invariants.
     pub violations: Vec<Violation>,
     /// Records, deliveries, duplicates, moves, processor outcomes.
@@ -130,6 +134,7 @@ impl SimReport {
         let (s, c) = (&self.stats, &self.counts);
         let injected = |k: &str| s.injected.get(k).copied().unwrap_or(0);
         let fan_out = |n: usize| if self.fan_out { n } else { 0 };
+        let automatic = |n: usize| if self.automatic { n } else { 0 };
         let counts = [
             s.crashes,
             injected("partitioned lease call"),
@@ -151,6 +156,8 @@ impl SimReport {
             fan_out(s.crashes),
             fan_out(s.reshards),
             injected("broken subscription"),
+            automatic(1),
+            automatic(c.handoffs),
         ];
         CHAOS_KINDS.iter().copied().zip(counts).collect()
     }

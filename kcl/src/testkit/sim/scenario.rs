@@ -203,6 +203,8 @@ pub enum Verb {
 
 /// Salt of the draws added in the second version of [`Sim::random`].
 const V2_SALT: u64 = 0x5348_4150_4500_0002;
+/// The stream of the third version's draws (the checkpoint policy).
+const V3_SALT: u64 = 0x5348_4150_4500_0003;
 
 impl Sim {
     /// A run with fixed defaults: 3 workers, 4 shards, 300 records over 16 keys, 60 s of
@@ -223,6 +225,7 @@ impl Sim {
                 slow_batch: 0.01,
                 slow_time: Duration::from_secs(15),
                 on_failure: OnFailure::Retry,
+                automatic: None,
             },
             fan_out: false,
             script: Vec::new(),
@@ -250,6 +253,12 @@ impl Sim {
                 OnFailure::StopShard,
             ],
         );
+        // Drawn from a stream of its own, so that the other draws of every seed stay as they
+        // were (the regression seeds keep their meaning).
+        let mut r3 = ChaCha8Rng::seed_from_u64(seed ^ V3_SALT);
+        if r3.random_bool(0.25) {
+            sim.work.automatic = Some(*pick(&mut r3, &[1, 10, 100]));
+        }
         if sim.faults.events_per_minute > 0.0 {
             sim.faults.processor = r.random_range(0..=3);
             sim.faults.handoff = r.random_range(0..=2);
@@ -286,6 +295,7 @@ impl Sim {
             slow_batch: *pick(&mut r, &[0.0, 0.005, 0.02]),
             slow_time: Duration::from_secs(lease) * r.random_range(1..=2),
             on_failure: OnFailure::Retry,
+            automatic: None,
         };
         sim.faults = if r.random_bool(0.1) {
             FaultRates {
@@ -443,7 +453,7 @@ impl Sim {
         let f = &self.faults;
         let t = &self.timing;
         format!(
-            "{} workers, {} shards (max {}), {} records over {} keys, {}, {}s chaos at {}/min [crash {} stop {} partition {} throttle {} latency {} lost-response {} kinesis {} reshard {} processor {} handoff {}; fresh-id {} follow {}], lease {:?} taker {:?} sync {:?} retention {:?} steal {} max_records {} prefetch {}, batch {:?} slow {}, on failure {:?}",
+            "{} workers, {} shards (max {}), {} records over {} keys, {}, {}s chaos at {}/min [crash {} stop {} partition {} throttle {} latency {} lost-response {} kinesis {} reshard {} processor {} handoff {}; fresh-id {} follow {}], lease {:?} taker {:?} sync {:?} retention {:?} steal {} max_records {} prefetch {}, batch {:?} slow {}, on failure {:?}, automatic checkpoints {:?}",
             self.workers,
             self.shards,
             self.max_open_shards,
@@ -473,7 +483,8 @@ impl Sim {
             t.prefetch_batches,
             self.work.batch_time,
             self.work.slow_batch,
-            self.work.on_failure
+            self.work.on_failure,
+            self.work.automatic
         )
     }
 }
