@@ -1,6 +1,7 @@
 //! A lease table written by the Java KCL: items as the Java KCL 3.x `DynamoDBLeaseSerializer`
-//! writes them (attribute names and DynamoDB types; `throughputKBps` and
-//! `pendingCheckpointState`, which kcl does not use; no `entityType`), planted as raw items in
+//! writes them (attribute names and DynamoDB types; `throughputKBps`, which kcl does not use;
+//! the binary `pendingCheckpointState` of a two-phase checkpoint; no `entityType`), planted as
+//! raw items in
 //! moto, dynalite and the in-memory store. kcl must read every one of them as the Java KCL
 //! means it, take over from the Java workers through the usual conditional writes, and leave
 //! the attributes it does not know in place, so a fleet can move from the Java KCL to kcl (or
@@ -121,6 +122,7 @@ fn expected_leases() -> Vec<Lease> {
     child1.counter = LeaseCounter(1234);
     child1.owner_switches_since_checkpoint = 2;
     child1.pending_checkpoint = Some(ExtendedSequenceNumber::at(seq(PENDING_SEQ), 0));
+    child1.pending_checkpoint_state = Some(bytes::Bytes::from_static(&[1, 2, 3]));
     child1.parent_shard_ids = vec![shard(0)];
     child1.hash_range = range("0", MID_HASH);
 
