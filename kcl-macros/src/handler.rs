@@ -235,8 +235,8 @@ fn classify(ty: &Type) -> syn::Result<(Shape, Type)> {
                     format!(
                         "take the record by value: `{}` (each record is decoded into a new \
                          value), or a batch as `&[{}]`",
-                        elem.to_token_stream(),
-                        elem.to_token_stream()
+                        show(elem),
+                        show(elem)
                     ),
                 )),
             }
@@ -273,6 +273,23 @@ fn is_u8(ty: &Type) -> bool {
     matches!(ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident("u8"))
 }
 
+/// `ty` as written, roughly (`bytes::Bytes`, not `bytes :: Bytes`).
+fn show(ty: &Type) -> String {
+    let mut s = ty.to_token_stream().to_string();
+    for (from, to) in [
+        (" :: ", "::"),
+        (":: ", "::"),
+        ("& ", "&"),
+        (" <", "<"),
+        ("< ", "<"),
+        (" >", ">"),
+        (" ,", ","),
+    ] {
+        s = s.replace(from, to);
+    }
+    s
+}
+
 /// The last path segment's name, if `ty` is a path without generic arguments.
 fn plain_name(ty: &Type) -> Option<String> {
     let Type::Path(p) = ty else { return None };
@@ -304,7 +321,7 @@ fn resolve_codec(
     item: &Type,
     shape: Shape,
 ) -> syn::Result<Codec> {
-    let shown = item.to_token_stream();
+    let shown = show(item);
     let fail = |msg: String| Err(syn::Error::new_spanned(item, msg));
     let batch = matches!(shape, Shape::Batch { .. });
     match (given, kind) {
@@ -385,6 +402,17 @@ impl VisitMut for NameLifetimes {
     }
 }
 
+/// `call`'s output as a `Result<(), BoxError>`; a type error points at the return type.
+fn output(call: &TokenStream, out_span: Span) -> TokenStream {
+    let value = Ident::new("__kcl_output", out_span);
+    quote_spanned! {out_span=>
+        {
+            let #value = #call.await;
+            ::kcl::service::HandlerOutput::into_result(#value)
+        }
+    }
+}
+
 fn generate(
     func: &ItemFn,
     shape: Shape,
@@ -416,9 +444,7 @@ fn generate(
             } else {
                 quote!(#name(#one_item))
             };
-            let output = quote_spanned! {out_span=>
-                ::kcl::service::HandlerOutput::into_result(#call.await)
-            };
+            let output = output(&call, out_span);
             let each = if with_meta {
                 quote! {
                     for (#one_item, #one_record) in ::core::iter::Iterator::zip(
@@ -455,9 +481,7 @@ fn generate(
             } else {
                 quote!(#name(#arg))
             };
-            let output = quote_spanned! {out_span=>
-                ::kcl::service::HandlerOutput::into_result(#call.await)
-            };
+            let output = output(&call, out_span);
             let unused = (!with_meta).then(|| quote!(let _ = #records;));
             (quote!(Batch), quote!(#unused #output))
         }

@@ -18,7 +18,14 @@ const OPTIONS: [(&str, &str); 4] = [
 pub(crate) fn expand(input: TokenStream) -> TokenStream {
     match expand_inner(input) {
         Ok(out) => out,
-        Err(e) => e.to_compile_error(),
+        Err(e) => {
+            // An empty `main` too, so the error is the only one.
+            let mut out = e.to_compile_error();
+            out.extend(quote!(
+                fn main() {}
+            ));
+            out
+        }
     }
 }
 
@@ -82,4 +89,61 @@ fn expand_inner(input: TokenStream) -> syn::Result<TokenStream> {
                 .run()
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expanded(input: TokenStream) -> String {
+        expand(input).to_string()
+    }
+
+    #[test]
+    fn options_become_service_defaults() {
+        let out = expanded(quote!(
+            handlers::orders,
+            app = "orders-app",
+            stream = name(),
+            table = "t",
+            position = kcl::InitialPosition::Latest,
+        ));
+        for needle in [
+            "fn main () -> :: std :: process :: ExitCode",
+            ":: kcl :: service :: Service :: new (handlers :: orders :: factory ())",
+            ". program (program , :: core :: env ! (\"CARGO_PKG_VERSION\"))",
+            ". default_app (\"orders-app\")",
+            ". default_stream (name ())",
+            ". default_table (\"t\")",
+            ". default_position (kcl :: InitialPosition :: Latest)",
+            ". run ()",
+        ] {
+            assert!(out.contains(needle), "{needle:?} not in {out}");
+        }
+    }
+
+    #[test]
+    fn mistakes_are_errors_and_main_still_exists() {
+        for (input, message) in [
+            (
+                quote!(),
+                "kcl::service! takes the name of a #[kcl::handler] function",
+            ),
+            (
+                quote!("handle"),
+                "kcl::service! takes the name of a #[kcl::handler] function",
+            ),
+            (
+                quote!(handle, application = "x"),
+                "unknown option `application`",
+            ),
+            (quote!(handle, app = "x", app = "y"), "`app` is given twice"),
+            (quote!(handle, "x"), "expected `option = value`"),
+        ] {
+            let out = expanded(input);
+            assert!(out.contains("compile_error"), "{out}");
+            assert!(out.contains(message), "{message:?} not in {out}");
+            assert!(out.contains("fn main () { }"), "{out}");
+        }
+    }
 }

@@ -4,8 +4,8 @@
 //! With the `macros` feature, `#[kcl::handler]` turns an `async fn` of a decoded record into
 //! a processor and `kcl::service!` writes `main`; a service takes a dozen lines:
 //!
-#![cfg_attr(feature = "macros", doc = "```no_run")]
-#![cfg_attr(not(feature = "macros"), doc = "```ignore")]
+#![cfg_attr(all(feature = "macros", feature = "aws"), doc = "```no_run")]
+#![cfg_attr(not(all(feature = "macros", feature = "aws")), doc = "```ignore")]
 //! #[derive(serde::Deserialize)]
 //! struct Order { id: u64, item: String }
 //!
@@ -18,7 +18,7 @@
 //! kcl::service!(handle);
 //! ```
 //!
-//! That `main` is [`Service::run`]:
+//! That `main` is `Service::run` (feature `aws` too, a default feature):
 //!
 //! 1. installs a `tracing` subscriber on stderr ([`init_logging`]: `RUST_LOG`, default
 //!    `info`; no colours unless stderr is a terminal);
@@ -36,7 +36,8 @@
 //! Without the macros, any processor works; [`Service::configure`] reaches every
 //! [`WorkerBuilder`] setting:
 //!
-//! ```no_run
+#![cfg_attr(feature = "aws", doc = "```no_run")]
+#![cfg_attr(not(feature = "aws"), doc = "```ignore")]
 //! use std::time::Duration;
 //! use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
 //!
@@ -61,12 +62,10 @@
 pub mod codec;
 pub mod flags;
 pub mod handler;
+#[cfg(feature = "aws")]
+mod run;
 
-use std::io::{IsTerminal as _, Write as _};
-use std::process::ExitCode;
-use std::time::Duration;
-
-use tracing::info;
+use std::io::IsTerminal as _;
 
 pub use flags::{parse_position, FlagError, Flags, InvalidPosition};
 pub use handler::{
@@ -82,9 +81,11 @@ use crate::worker::{Backends, Worker, WorkerBuilder};
 type Step = Box<dyn FnOnce(WorkerBuilder) -> WorkerBuilder + Send>;
 
 /// A consumer service: a processor factory, defaults for its flags, extra worker settings.
-/// [`Service::run`] is a whole `main`.
+/// `Service::run` (feature `aws`) is a whole `main`; [`Service::serve`] runs it on backends
+/// of your choice.
 ///
-/// ```no_run
+#[cfg_attr(feature = "aws", doc = "```no_run")]
+#[cfg_attr(not(feature = "aws"), doc = "```ignore")]
 /// # use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
 /// # struct Count;
 /// # #[async_trait]
@@ -259,71 +260,6 @@ impl Service {
             outcome => Ok(outcome),
         }
     }
-
-    /// The whole service, as `main`: logging, flags, AWS configuration, the worker until
-    /// SIGINT/SIGTERM (see the [module docs](self)). Returns the exit code: 0 after a graceful
-    /// stop (or for `--help`), 2 for a flag error, 1 otherwise; errors are written to stderr.
-    pub fn run(self) -> ExitCode {
-        init_logging();
-        let flags = match Flags::parse_with(
-            std::env::args_os(),
-            |name| std::env::var(name).ok(),
-            self.program,
-            &self.defaults,
-        ) {
-            Ok(flags) => flags,
-            Err(FlagError::Help(text)) => {
-                let _ = write!(std::io::stdout(), "{text}");
-                return ExitCode::SUCCESS;
-            }
-            Err(e) => return report(&ServiceError::Flags(e)),
-        };
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => return report(&ServiceError::Runtime(e)),
-        };
-        let result = runtime.block_on(async move {
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            self.serve(&flags, crate::Aws::from_conf(&sdk)).await
-        });
-        // Tasks stuck in user code must not keep the process alive.
-        runtime.shutdown_timeout(Duration::from_secs(1));
-        match result {
-            Ok(outcome) => {
-                info!(?outcome, "stopped");
-                ExitCode::SUCCESS
-            }
-            Err(e) => report(&e),
-        }
-    }
-}
-
-/// Writes `e` and its sources to stderr; the exit code for it.
-fn report(e: &ServiceError) -> ExitCode {
-    let mut text = match e {
-        // clap's message has its own `error:` prefix, usage and hint.
-        ServiceError::Flags(FlagError::Usage(usage)) => usage.clone(),
-        ServiceError::Flags(f) => format!("error: {f}\n\nFor more information, try '--help'.\n"),
-        other => {
-            let mut s = format!("Error: {other}");
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                s.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            s.push('\n');
-            s
-        }
-    };
-    if !text.ends_with('\n') {
-        text.push('\n');
-    }
-    // Not eprintln!: a closed stderr must not turn the error into a panic.
-    let _ = std::io::stderr().write_all(text.as_bytes());
-    ExitCode::from(e.exit_code())
 }
 
 /// Installs a `tracing` subscriber writing to stderr, filtered by `RUST_LOG` (default
@@ -343,6 +279,8 @@ pub fn init_logging() -> bool {
 
 #[cfg(all(test, feature = "testkit"))]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::testkit::MemBackends;
     use crate::{Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
