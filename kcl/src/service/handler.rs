@@ -471,7 +471,14 @@ impl<H: Handler> RecordProcessor for HandlerProcessor<H> {
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
-        // Every batch processed; usually stored already, unless its checkpoint failed.
-        Ok(cp.checkpoint().await?)
+        // Every batch processed: usually stored already, unless its checkpoint failed. After a
+        // failure the stored checkpoint may be further (the records handled before it).
+        let Some(processed) = cp.last_processed().cloned() else {
+            return Ok(());
+        };
+        if cp.current().await >= processed {
+            return Ok(());
+        }
+        Ok(cp.checkpoint_at(processed).await?)
     }
 }
