@@ -144,6 +144,19 @@ async fn macro_service_handles_orders_stops_at_a_malformed_record_and_exits_on_s
         "{}",
         invalid.stderr
     );
+    let args = ["--stream", "bad stream", "--app", "orders-app"];
+    let invalid = run_kcl(&bin, &env, args, Duration::from_secs(20)).await?;
+    ensure!(
+        invalid.status.code() == Some(2),
+        "invalid --stream: {:?}",
+        invalid.status
+    );
+    // Refused before the AWS configuration is loaded: the message is all there is.
+    ensure!(
+        invalid.stderr.starts_with("error: invalid --stream: "),
+        "{}",
+        invalid.stderr
+    );
 
     // One shard: the orders, the malformed record, one more order.
     let client = kinesis_client(&kinesis).await;

@@ -90,7 +90,10 @@ pub fn handler(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Writes `fn main()` for a consumer service of a `#[kcl::handler]` function.
 ///
-/// ```no_run
+/// (Not compiled here, where kcl lacks its `aws` feature; `examples/macro_service.rs` is
+/// this, compiled and run by the integration tests.)
+///
+/// ```ignore
 /// #[derive(serde::Deserialize)]
 /// struct Order { id: u64 }
 ///

@@ -17,7 +17,8 @@ use std::ffi::OsString;
 
 use clap::{Arg, Command};
 
-use crate::config::{ConfigError, InitialPosition};
+use crate::config::{ConfigError, InitialPosition, WorkerConfig};
+use crate::lease::WorkerId;
 use crate::worker::WorkerBuilder;
 
 /// A `--position` value that does not parse; the message says what is expected.
@@ -120,7 +121,7 @@ impl Origin {
         match self {
             Self::Flag(id) => format!("--{id}"),
             Self::Env(var) => var.to_string(),
-            Self::Default(id) => format!("the default --{id}"),
+            Self::Default(id) => format!("--{id} (the service's default)"),
             Self::Unset => "an unset flag".into(),
         }
     }
@@ -203,7 +204,8 @@ impl Flags {
     ///
     /// # Errors
     /// [`FlagError`]: `--help`/`--version`, a command line that does not parse, a missing
-    /// `--stream`/`--app`, an invalid `--position`.
+    /// `--stream`/`--app`, an invalid `--position`, a name the worker would refuse (e.g. a
+    /// stream name with a space), naming the flag or variable it came from.
     pub fn parse_from<I, T>(
         args: I,
         env: impl Fn(&str) -> Option<String>,
@@ -273,7 +275,7 @@ impl Flags {
                 None => (InitialPosition::TrimHorizon, Origin::Default(POSITION.id)),
             },
         };
-        Ok(Self {
+        let flags = Self {
             stream,
             app,
             table,
@@ -286,7 +288,27 @@ impl Flags {
                 worker_id_from,
                 position_from,
             ],
-        })
+        };
+        flags.validate()?;
+        Ok(flags)
+    }
+
+    /// Checks the names as the worker will (before anything is loaded or connected).
+    fn validate(&self) -> Result<(), FlagError> {
+        let mut cfg = WorkerConfig::new(&self.app, &self.stream);
+        if let Some(t) = &self.table {
+            cfg.table_name.clone_from(t);
+        }
+        if let Some(id) = &self.worker_id {
+            cfg.worker_id = WorkerId::new(id);
+        }
+        match cfg.validate() {
+            Ok(()) => Ok(()),
+            Err(e) => match self.explain(&e) {
+                Some(flag_error) => Err(flag_error),
+                None => Ok(()),
+            },
+        }
     }
 
     /// The stream (`--stream`, `KCL_STREAM`).
@@ -423,7 +445,7 @@ mod tests {
             "s",
             "--app=a",
             "--table",
-            "t",
+            "tbl",
             "--worker-id",
             "w",
             "--position",
@@ -432,7 +454,7 @@ mod tests {
         let f = parse(&args, &env, &defaults).unwrap();
         assert_eq!(
             (f.stream(), f.app(), f.table(), f.worker_id()),
-            ("s", "a", Some("t"), Some("w"))
+            ("s", "a", Some("tbl"), Some("w"))
         );
         assert!(matches!(f.position(), InitialPosition::AtTimestamp(_)));
     }
@@ -509,19 +531,29 @@ mod tests {
     }
 
     #[test]
-    fn config_errors_are_explained_by_origin() {
-        let f = parse(
-            &["--app", "a"],
+    fn names_the_worker_would_refuse_are_errors_naming_their_origin() {
+        let d = Defaults::default();
+        let err = parse(
+            &["--app", "orders-app"],
             &[("KCL_STREAM", "bad stream!")],
-            &Defaults::default(),
-        )
-        .unwrap();
-        let builder = f.apply(crate::Worker::builder());
-        let Err(e) = builder.build() else {
-            panic!("an invalid stream name is refused")
+            &d,
+        );
+        let err = err.unwrap_err().to_string();
+        assert!(err.starts_with("invalid KCL_STREAM: "), "{err}");
+        // The table defaults to the application name: a name too short for a table.
+        let err = parse(&["--stream", "s", "--app", "a"], &[], &d)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid --app: "), "{err}");
+        let defaults = Defaults {
+            table: Some("t".into()),
+            ..Defaults::default()
         };
-        assert_eq!(e.field(), "stream");
-        let explained = f.explain(&e).expect("a flag's field").to_string();
-        assert!(explained.starts_with("invalid KCL_STREAM: "), "{explained}");
+        let err = parse(&["--stream", "s", "--app", "orders-app"], &[], &defaults);
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid --table (the service's default): "),
+            "{err}"
+        );
     }
 }

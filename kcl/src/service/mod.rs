@@ -325,8 +325,10 @@ mod tests {
     fn invalid_names_are_flag_errors_naming_their_origin() {
         let s = service();
         let env = |n: &str| (n == "KCL_APP").then(|| "bad app name!".to_string());
-        let flags = s.parse_flags_from(["svc", "--stream", "s"], env).unwrap();
-        let err = s.build(&flags, MemBackends::new()).unwrap_err();
+        let err = ServiceError::from(
+            s.parse_flags_from(["svc", "--stream", "s"], env)
+                .unwrap_err(),
+        );
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().starts_with("invalid KCL_APP: "), "{err}");
 
