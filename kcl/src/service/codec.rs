@@ -33,17 +33,34 @@ use bytes::Bytes;
 use crate::error::BoxError;
 use crate::record::Record;
 
-/// The JSON codec (serde_json): the payload is one JSON value of the handler's type.
+/// The JSON codec (serde_json): the payload is one JSON value of the handler's type (see the
+/// [module docs](self) for an example).
 #[derive(Clone, Copy, Debug, Default)]
 #[non_exhaustive]
 pub struct Json;
 
 /// The raw codec (`#[kcl::handler(bytes)]`): the payload as it is.
+///
+/// ```
+/// use kcl::service::codec::{Decode, Raw};
+/// let record = kcl::Record::new(vec![0xff, 0].into(), "k", kcl::SequenceNumber::from_u128(1), None);
+/// assert_eq!(<&[u8] as Decode<'_, Raw>>::decode(&record)?, [0xff, 0]);
+/// # Ok::<(), kcl::service::codec::CodecError>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 #[non_exhaustive]
 pub struct Raw;
 
 /// The text codec (`#[kcl::handler(text)]`): the payload as UTF-8 text.
+///
+/// ```
+/// use kcl::service::codec::{Decode, Text};
+/// let record = kcl::Record::new("grüße".into(), "k", kcl::SequenceNumber::from_u128(1), None);
+/// assert_eq!(<&str as Decode<'_, Text>>::decode(&record)?, "grüße");
+/// let bad = kcl::Record::new(vec![0xff].into(), "k", kcl::SequenceNumber::from_u128(2), None);
+/// assert!(<String as Decode<'_, Text>>::decode(&bad).is_err());
+/// # Ok::<(), kcl::service::codec::CodecError>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default)]
 #[non_exhaustive]
 pub struct Text;

@@ -129,6 +129,17 @@ impl Origin {
 
 /// Something wrong with the command line or the `KCL_*` variables. Services exit with code 2
 /// on it (0 for [`FlagError::Help`]).
+///
+/// ```
+/// use kcl::service::{FlagError, Flags};
+///
+/// match Flags::parse_from(["svc", "--app", "orders-app"], |_| None) {
+///     Err(FlagError::Missing { flag, env }) => assert_eq!((flag, env), ("stream", "KCL_STREAM")),
+///     Err(FlagError::Help(text)) => print!("{text}"),
+///     Err(other) => eprintln!("error: {other}"),
+///     Ok(flags) => println!("reading {}", flags.stream()),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FlagError {

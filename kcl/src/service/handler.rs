@@ -39,6 +39,18 @@ use crate::shard::ShardId;
 pub type HandlerFuture<'r> = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'r>>;
 
 /// Whether a [`Handler`] takes one record at a time or whole batches.
+///
+/// ```
+/// use kcl::service::Delivery;
+/// fn unit(d: Delivery) -> &'static str {
+///     match d {
+///         Delivery::Record => "record",
+///         Delivery::Batch => "batch",
+///         _ => "other",
+///     }
+/// }
+/// assert_eq!(unit(Delivery::Batch), "batch");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Delivery {
@@ -210,6 +222,15 @@ impl DecodeError {
 
 /// The handler returned an error (retryable). Its [`source`](std::error::Error::source) is
 /// the handler's error.
+///
+/// ```
+/// # fn demo(e: &kcl::ProcessorError) {
+/// use kcl::service::HandlerError;
+/// if let Some(failed) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<HandlerError>()) {
+///     eprintln!("{} records from {} of {} failed", failed.records(), failed.first(), failed.shard_id());
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("the handler failed on {} of shard {shard_id}", Span(*.records, .first, .last))]
 pub struct HandlerError {
@@ -322,7 +343,22 @@ impl<H: Handler> ProcessorFactory for HandlerFactory<H> {
 }
 
 /// The [`RecordProcessor`] that runs a [`Handler`] on one shard (see the [module
-/// docs](self) for what it checkpoints and how it fails).
+/// docs](self) for what it checkpoints and how it fails). [`HandlerFactory`] creates them;
+/// build one yourself to wrap it in a processor of your own.
+///
+/// ```
+/// # use kcl::service::{Delivery, Handler, HandlerFuture};
+/// # struct Noop;
+/// # impl Handler for Noop {
+/// #     type Item<'r> = &'r [u8];
+/// #     const DELIVERY: Delivery = Delivery::Record;
+/// #     fn decode<'r>(&self, r: &'r kcl::Record) -> Result<&'r [u8], kcl::error::BoxError> { Ok(&r.data) }
+/// #     fn handle<'r>(&'r self, _: Vec<&'r [u8]>, _: &'r [kcl::Record]) -> HandlerFuture<'r> { Box::pin(async { Ok(()) }) }
+/// # }
+/// use kcl::service::HandlerProcessor;
+/// let builder = kcl::Worker::builder().processor(|| HandlerProcessor::new(Noop));
+/// # let _ = builder;
+/// ```
 pub struct HandlerProcessor<H> {
     handler: Arc<H>,
     /// The last record handled (its call returned `Ok`): a retried batch starts after it.

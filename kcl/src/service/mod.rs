@@ -26,7 +26,7 @@
 //!    (or `KCL_STREAM`, `KCL_APP`, …);
 //! 3. loads the standard AWS configuration (`aws_config::load_defaults`: endpoints, region,
 //!    credentials from the environment, profiles, IMDS…) and builds the [`Worker`] on
-//!    [`Aws`](crate::Aws);
+//!    `kcl::Aws`;
 //! 4. runs it on a multi-thread tokio runtime until SIGINT or SIGTERM
 //!    ([`Worker::run_until_signal`]), then stops gracefully: processors checkpoint, leases
 //!    are released;
@@ -119,6 +119,20 @@ impl std::fmt::Debug for Service {
 }
 
 /// Why a service stopped other than gracefully.
+///
+/// ```
+/// use kcl::service::{FlagError, ServiceError};
+///
+/// fn describe(e: &ServiceError) -> String {
+///     match e {
+///         ServiceError::Flags(FlagError::Missing { flag, .. }) => format!("give --{flag}"),
+///         ServiceError::Abandoned(signal) => format!("stopped at once by {signal}"),
+///         other => other.to_string(),
+///     }
+/// }
+/// let e = ServiceError::from(FlagError::Missing { flag: "app", env: "KCL_APP" });
+/// assert_eq!((describe(&e).as_str(), e.exit_code()), ("give --app", 2));
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServiceError {
@@ -224,6 +238,25 @@ impl Service {
 
     /// Builds the worker from `flags` on `backends`.
     ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
+    /// # struct Count;
+    /// # #[async_trait]
+    /// # impl RecordProcessor for Count {
+    /// #     async fn process_records(&mut self, _: &RecordBatch, cp: &mut Checkpointer)
+    /// #         -> Result<(), ProcessorError> { Ok(cp.checkpoint().await?) }
+    /// # }
+    /// use kcl::service::Service;
+    ///
+    /// let service = Service::new(|| Count).default_app("counter");
+    /// let flags = service.parse_flags_from(["counter", "--stream", "orders"], |_| None)?;
+    /// let worker = service.build(&flags, kcl::testkit::MemBackends::new())?;
+    /// assert_eq!(worker.config().table_name, "counter");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// [`ServiceError::Flags`] for an invalid stream, application, table name or worker id
     /// (naming the flag or variable it came from); [`ServiceError::Worker`] for other
@@ -246,6 +279,28 @@ impl Service {
     /// Builds the worker and runs it until SIGINT or SIGTERM, then stops it gracefully. Needs
     /// a tokio runtime with the signal driver.
     ///
+    /// ```no_run
+    /// # use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
+    /// # struct Count;
+    /// # #[async_trait]
+    /// # impl RecordProcessor for Count {
+    /// #     async fn process_records(&mut self, _: &RecordBatch, cp: &mut Checkpointer)
+    /// #         -> Result<(), ProcessorError> { Ok(cp.checkpoint().await?) }
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use kcl::service::{Flags, Service};
+    ///
+    /// let flags = Flags::parse()?;
+    /// let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    /// Service::new(|| Count).serve(&flags, kcl::Aws::from_conf(&sdk)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Dropping the future abandons the leases held (they expire after the lease duration).
+    ///
     /// # Errors
     /// As [`Service::build`]; [`ServiceError::Worker`] if the worker fails;
     /// [`ServiceError::Abandoned`] if a second signal cut the graceful stop short.
@@ -265,6 +320,12 @@ impl Service {
 /// Installs a `tracing` subscriber writing to stderr, filtered by `RUST_LOG` (default
 /// `info`), with colours only when stderr is a terminal and `NO_COLOR` is unset. Returns
 /// false (and changes nothing) if a global subscriber was already set.
+///
+/// ```
+/// kcl::service::init_logging();
+/// tracing::info!("logged on stderr");
+/// assert!(!kcl::service::init_logging(), "installed once");
+/// ```
 pub fn init_logging() -> bool {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
