@@ -232,7 +232,7 @@ impl DecodeError {
 /// # }
 /// ```
 #[derive(Debug, thiserror::Error)]
-#[error("the handler failed on {} of shard {shard_id}", Span(*.records, .first, .last))]
+#[error("the handler failed on {} of shard {shard_id}", Records(*.records, .first, .last))]
 pub struct HandlerError {
     shard_id: ShardId,
     first: ExtendedSequenceNumber,
@@ -242,17 +242,18 @@ pub struct HandlerError {
     source: BoxError,
 }
 
-struct Span<'a>(
+/// "record A" or "n records A..=B".
+struct Records<'a>(
     usize,
     &'a ExtendedSequenceNumber,
     &'a ExtendedSequenceNumber,
 );
 
-impl fmt::Display for Span<'_> {
+impl fmt::Display for Records<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Span(1, first, _) => write!(f, "record {first}"),
-            Span(n, first, last) => write!(f, "{n} records {first}..={last}"),
+            Records(1, first, _) => write!(f, "record {first}"),
+            Records(n, first, last) => write!(f, "{n} records {first}..={last}"),
         }
     }
 }
@@ -390,8 +391,8 @@ impl<H: Handler> HandlerProcessor<H> {
 
     /// One call per record; stops at the first failure.
     async fn per_record(&mut self, shard: &ShardId, todo: &[Record]) -> Result<(), ProcessorError> {
-        for (i, record) in todo.iter().enumerate() {
-            let one = &todo[i..=i];
+        for record in todo {
+            let one = std::slice::from_ref(record);
             let item = self
                 .handler
                 .decode(record)
