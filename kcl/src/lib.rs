@@ -69,6 +69,8 @@ pub mod processor;
 pub mod producer;
 pub mod record;
 pub mod retrieval;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod shard;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -80,6 +82,8 @@ pub use aws::Aws;
 pub use checkpoint::{CheckpointError, CheckpointPolicy, Checkpointer, PendingCheckpoint};
 pub use config::{ConfigError, Heartbeat, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
 pub use error::{Error, Result};
+#[cfg(feature = "macros")]
+pub use kcl_macros::{handler, service};
 pub use lease::{Lease, LeaseStore, LeaseStoreError, WorkerId};
 pub use processor::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};
 pub use record::{ExtendedSequenceNumber, Record, RecordBatch, SequenceNumber};

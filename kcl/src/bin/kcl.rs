@@ -15,6 +15,7 @@ use base64::Engine as _;
 use clap::{Parser, Subcommand};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
+use kcl::service::parse_position;
 use kcl::worker::signal::StopSignals;
 use kcl::{
     async_trait, Checkpointer, ExtendedSequenceNumber, InitialPosition, ProcessorError, Record,
@@ -62,21 +63,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn parse_position(s: &str) -> Result<InitialPosition, String> {
-    match s {
-        "trim-horizon" => Ok(InitialPosition::TrimHorizon),
-        "latest" => Ok(InitialPosition::Latest),
-        other => match other.strip_prefix("at-timestamp=") {
-            Some(t) => humantime::parse_rfc3339_weak(t)
-                .map(InitialPosition::AtTimestamp)
-                .map_err(|e| format!("invalid RFC 3339 timestamp {t:?}: {e}")),
-            None => Err(format!(
-                "expected trim-horizon, latest or at-timestamp=<RFC 3339>, got {other:?}"
-            )),
-        },
-    }
 }
 
 /// How many bytes of lines are collected before they are written out (and at the end of every

@@ -1,0 +1,6 @@
+#[kcl::handler]
+async fn handle<T: serde::de::DeserializeOwned>(order: T) {
+    let _ = order;
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+#[derive(serde::Deserialize)]
+struct Order {}
+
+#[kcl::handler]
+async fn handle(orders: &mut [Order]) {
+    let _ = orders;
+}
+
+fn main() {}

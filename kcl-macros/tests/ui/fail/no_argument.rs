@@ -1,0 +1,4 @@
+#[kcl::handler]
+async fn handle() {}
+
+fn main() {}

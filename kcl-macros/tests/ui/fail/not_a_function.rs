@@ -1,0 +1,4 @@
+#[kcl::handler]
+struct Handle;
+
+fn main() {}

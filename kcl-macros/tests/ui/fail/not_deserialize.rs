@@ -1,0 +1,8 @@
+struct Order {}
+
+#[kcl::handler]
+async fn handle(order: Order) {
+    let _ = order;
+}
+
+fn main() {}

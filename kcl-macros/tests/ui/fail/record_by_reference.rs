@@ -1,0 +1,9 @@
+#[derive(serde::Deserialize)]
+struct Order {}
+
+#[kcl::handler]
+async fn handle(order: &Order) {
+    let _ = order;
+}
+
+fn main() {}

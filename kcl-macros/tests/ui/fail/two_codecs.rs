@@ -1,0 +1,6 @@
+#[kcl::handler(json, text)]
+async fn handle(s: String) {
+    let _ = s;
+}
+
+fn main() {}
