@@ -10,18 +10,15 @@
 //! - `--help` exits 0; a missing or invalid flag exits 2 naming it.
 //!
 //! The binary is built with `cargo build --workspace --all-features --example
-//! macro_service` (what `scripts/test.sh` builds); `KCL_MACRO_SERVICE_BIN` names a prebuilt
-//! one instead.
+//! macro_service` (what `scripts/test.sh` builds).
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::ExtendedSequenceNumber;
-use kcl_integration_tests::cli::{run_kcl, CliEnv, KclProcess};
+use kcl_integration_tests::cli::{example_binary, run_kcl, CliEnv, KclProcess};
 use kcl_integration_tests::dynamo_servers::start_dynalite;
 use kcl_integration_tests::kinesis_server::{
     create_stream, kinesis_client, put_records_with_parallelism, start_kinesis_local,
@@ -44,55 +41,14 @@ fn line(id: u64) -> String {
     format!("order {id}: {} x widget {id}", id % 4 + 1)
 }
 
-/// The example binary: `KCL_MACRO_SERVICE_BIN`, or what cargo builds.
-async fn example_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("KCL_MACRO_SERVICE_BIN") {
-        let bin = PathBuf::from(bin);
-        ensure!(
-            bin.is_file(),
-            "KCL_MACRO_SERVICE_BIN={} is not a file",
-            bin.display()
-        );
-        return Ok(bin);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the workspace root")?
-        .to_path_buf();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let out = tokio::process::Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--workspace",
-            "--all-features",
-            "--example",
-            "macro_service",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("running cargo")?;
-    ensure!(
-        out.status.success(),
-        "building the macro_service example failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "macro_service")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo built no macro_service executable")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn macro_service_handles_orders_stops_at_a_malformed_record_and_exits_on_sigterm(
 ) -> anyhow::Result<()> {
-    let (bin, kinesis, dynamo) =
-        tokio::try_join!(example_binary(), start_kinesis_local(), start_dynalite())?;
+    let (bin, kinesis, dynamo) = tokio::try_join!(
+        example_binary("macro_service"),
+        start_kinesis_local(),
+        start_dynalite()
+    )?;
     let env = CliEnv::new(kinesis.endpoint(), dynamo.endpoint());
 
     // Flag errors first: no server is needed, nothing is read.
