@@ -362,9 +362,17 @@ async fn async_main() -> anyhow::Result<()> {
         ]
     };
     let before = snap(c);
+    let units_before = fleet.leases.capacity().snapshot();
     let window = Duration::from_secs(120);
     tokio::time::sleep(window).await;
     let after = snap(c);
+    let units_after = fleet.leases.capacity().snapshot();
+    let table_items: Vec<usize> = fleet
+        .leases
+        .leases()
+        .iter()
+        .map(|l| kcl::lease::capacity::item_size(&kcl::lease::item::encode(l)))
+        .collect();
     let lease_hours = SHARDS as f64 * window.as_secs_f64() / 3600.0;
     let worker_hours = 4.0 * window.as_secs_f64() / 3600.0;
     let d: Vec<f64> = after
@@ -487,6 +495,44 @@ async fn async_main() -> anyhow::Result<()> {
     println!(
         "| checkpoint writes per lease-hour (processor checkpoints every batch) | {:.0} | | app-dependent |",
         d[3] / lease_hours
+    );
+
+    // DynamoDB capacity units per lease-hour, by operation, over the same window; the Java KCL
+    // 2.x computed from its defaults on the same items (renewal every 10 s / 3, an eventually
+    // consistent scan per worker every 20 s).
+    let per_op: BTreeMap<String, (f64, f64)> = units_after
+        .iter()
+        .map(|(op, a)| {
+            let b = units_before.get(op).copied().unwrap_or_default();
+            let (r, w) = (a.read_units - b.read_units, a.write_units - b.write_units);
+            (op.clone(), (r / lease_hours, w / lease_hours))
+        })
+        .collect();
+    let n = table_items.len().max(1);
+    let mean_item = table_items.iter().sum::<usize>() / n;
+    let java_renew = 3600.0 / (10.0 / 3.0) * kcl::lease::capacity::write_units(mean_item);
+    let java_scan =
+        4.0 * 180.0 * kcl::lease::capacity::read_units(table_items.iter().sum(), false) / n as f64;
+    println!(
+        "\nDynamoDB capacity units per lease-hour, {SHARDS} leases × 4 workers (items ≈ {mean_item} B; reads 4 KB units, strongly consistent; writes 1 KB units)\n"
+    );
+    println!("| operation | read units | write units | Java KCL 2.x (computed) |");
+    println!("|---|---|---|---|");
+    let mut total = 0.0;
+    for (op, (r, w)) in &per_op {
+        let java = match op.as_str() {
+            "renew" => format!("{java_renew:.0}"),
+            "list" => format!("{java_scan:.0}"),
+            _ => String::new(),
+        };
+        println!("| {op} | {r:.1} | {w:.1} | {java} |");
+        if op != "checkpoint" {
+            total += r + w;
+        }
+    }
+    println!(
+        "| **all but checkpoints** | {total:.0} | | {:.0} |",
+        java_renew + java_scan
     );
     Ok(())
 }

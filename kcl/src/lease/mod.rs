@@ -20,6 +20,7 @@
 //! expired (last successful renewal + `lease_duration`), which is before any other worker can
 //! see it expire: that is what bounds the window in which two workers might hold one shard.
 
+pub mod capacity;
 pub(crate) mod coordinator;
 pub(crate) mod expiry;
 pub mod item;

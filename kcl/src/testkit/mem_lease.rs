@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::fault::{FaultKind, Faults, Injected};
 use crate::checkpoint::PendingCheckpoint;
+use crate::lease::capacity::{self, CapacityMeter};
 use crate::lease::item::{self, Item};
 use crate::lease::store::effect;
 use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
@@ -19,12 +20,21 @@ use crate::shard::ShardId;
 pub struct MemLeaseStore {
     items: Arc<Mutex<BTreeMap<String, Item>>>,
     faults: Faults,
+    meter: CapacityMeter,
 }
 
 impl MemLeaseStore {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The capacity units the requests so far would have consumed on DynamoDB, by operation
+    /// (see [`crate::lease::capacity`]): scans and gets strongly consistent, as
+    /// `DynamoLeaseStore` reads; a write charged the larger of the item before and after, a
+    /// refused one the stored item; requests failed by an injected fault charged nothing.
+    pub fn capacity(&self) -> &CapacityMeter {
+        &self.meter
     }
 
     /// The fault rules of this table.
@@ -74,7 +84,7 @@ impl MemLeaseStore {
             Err(Injected::Fail(FaultKind::AnswerLost { retried })) => Some(retried),
             Err(Injected::Fail(kind)) => return Err(Self::injected(kind)),
         };
-        let result = self.update(lease, cond, f);
+        let result = self.update(op, lease, cond, f);
         match (lose_answer, result) {
             // The SDK's retry of an applied write: its condition fails on the moved counter.
             (Some(true), Ok(_)) => Err(LeaseStoreError::ConditionFailed {
@@ -99,6 +109,7 @@ impl MemLeaseStore {
     /// `lease` and `cond` accepts it.
     fn update(
         &self,
+        op: &str,
         lease: &Lease,
         cond: impl FnOnce(&Lease) -> bool,
         f: impl FnOnce(&Lease) -> Lease,
@@ -107,15 +118,23 @@ impl MemLeaseStore {
         let failed = || LeaseStoreError::ConditionFailed {
             key: lease.key.clone(),
         };
-        let current = items.get(lease.key.as_str()).ok_or_else(failed)?;
+        let Some(current) = items.get(lease.key.as_str()) else {
+            self.meter.write(op, 0);
+            return Err(failed());
+        };
+        let before = capacity::item_size(current);
         let stored = item::decode(current)?.ok_or_else(failed)?;
         if stored.counter != lease.counter || !cond(&stored) {
+            self.meter.write(op, before);
             return Err(failed());
         }
         // The write changes only the attributes the operation sets, as UpdateItem does:
         // apply the effect to the stored lease, not to the caller's copy.
         let updated = f(&stored);
-        items.insert(lease.key.as_str().to_owned(), item::encode(&updated));
+        let encoded = item::encode(&updated);
+        self.meter
+            .write(op, before.max(capacity::item_size(&encoded)));
+        items.insert(lease.key.as_str().to_owned(), encoded);
         Ok(updated)
     }
 }
@@ -129,7 +148,10 @@ impl LeaseStore for MemLeaseStore {
     async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
         self.faults_for("list").await?;
         let (mut leases, mut malformed) = (Vec::new(), Vec::new());
-        for i in self.lock().values() {
+        let items = self.lock();
+        self.meter
+            .read("list", items.values().map(capacity::item_size).sum(), true);
+        for i in items.values() {
             match item::decode(i) {
                 Ok(Some(l)) => leases.push(l),
                 Ok(None) => {}
@@ -141,7 +163,11 @@ impl LeaseStore for MemLeaseStore {
 
     async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
         self.faults_for("get").await?;
-        match self.lock().get(key.as_str()) {
+        let items = self.lock();
+        let found = items.get(key.as_str());
+        self.meter
+            .read("get", found.map_or(0, capacity::item_size), true);
+        match found {
             None => Ok(None),
             Some(i) => Ok(item::decode(i)?),
         }
@@ -150,10 +176,15 @@ impl LeaseStore for MemLeaseStore {
     async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
         self.faults_for("create_if_absent").await?;
         let mut items = self.lock();
-        if items.contains_key(lease.key.as_str()) {
+        if let Some(existing) = items.get(lease.key.as_str()) {
+            self.meter
+                .write("create_if_absent", capacity::item_size(existing));
             return Ok(false);
         }
-        items.insert(lease.key.as_str().to_owned(), item::encode(lease));
+        let encoded = item::encode(lease);
+        self.meter
+            .write("create_if_absent", capacity::item_size(&encoded));
+        items.insert(lease.key.as_str().to_owned(), encoded);
         Ok(true)
     }
 
@@ -270,6 +301,7 @@ impl LeaseStore for MemLeaseStore {
             key: lease.key.clone(),
         };
         let current = items.get(lease.key.as_str()).ok_or_else(failed)?;
+        self.meter.write("delete", capacity::item_size(current));
         match item::decode(current) {
             Ok(Some(stored)) if stored.counter == lease.counter => {
                 items.remove(lease.key.as_str());
