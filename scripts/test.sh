@@ -32,8 +32,19 @@ export KCL_EMULATORS_DIR="$EMU"
 echo "== building"
 cargo build --workspace --all-features --all-targets --quiet
 echo "== testing"
-cargo test --workspace --all-features --no-fail-fast 2>&1 | tee target/test-output.log
+# The compile-fail tests (kcl-macros/tests/ui.rs, trybuild) spend ~2.5 minutes compiling a
+# project of their own in target/tests/trybuild, while most other tests wait on the emulators:
+# run them beside the rest. Their output and result are counted with the others'. (trybuild
+# colours its output unless NO_COLOR is set.)
+NO_COLOR=1 cargo test -p kcl-macros --all-features --test ui >target/test-ui.log 2>&1 &
+ui_pid=$!
+cargo test --workspace --all-features --no-fail-fast -- --exact --skip ui 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
+ui_status=0
+wait "$ui_pid" || ui_status=$?
+echo "== compile-fail tests (kcl-macros/tests/ui.rs)"
+cat target/test-ui.log | tee -a target/test-output.log
+if [ "$status" -eq 0 ]; then status=$ui_status; fi
 passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' target/test-output.log | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' target/test-output.log | awk '{s+=$1} END {print s+0}')
 echo "$passed passed, $failed failed"
