@@ -132,6 +132,11 @@ impl Drop for ServerProcess {
 
 /// An SDK config with dummy credentials, pointing every service at `endpoint`.
 pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    sdk_loader(endpoint).load().await
+}
+
+/// The loader behind [`sdk_config`], for tests that add to it (timeouts, an HTTP client).
+pub fn sdk_loader(endpoint: &str) -> aws_config::ConfigLoader {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
@@ -142,8 +147,6 @@ pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
             None,
             "kcl-tests",
         ))
-        .load()
-        .await
 }
 
 /// A name unique within this test run (streams, tables).

@@ -87,16 +87,7 @@ async fn client_trusting(endpoint: &str, ca_pem: &str) -> anyhow::Result<Client>
         ))
         .tls_context(TlsContext::builder().with_trust_store(trust).build()?)
         .build_https();
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "kcl-tests",
-        ))
+    let conf = kcl_integration_tests::sdk_loader(endpoint)
         .http_client(http)
         .load()
         .await;

@@ -75,16 +75,7 @@ impl Drop for SilentServer {
 /// An SDK config pointing every service at `endpoint`, as `aws_config::load_defaults` builds it
 /// (its only timeout is the connect timeout), plus `timeouts` if given.
 async fn config(endpoint: &str, timeouts: Option<TimeoutConfig>) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_credential_types::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "kcl-tests",
-        ));
+    let mut loader = kcl_integration_tests::sdk_loader(endpoint);
     if let Some(t) = timeouts {
         loader = loader.timeout_config(t);
     }
