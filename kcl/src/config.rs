@@ -105,6 +105,27 @@ impl Default for PollingConfig {
     }
 }
 
+/// How peers tell that a worker's leases are alive.
+///
+/// ```
+/// use kcl::config::LeaseLiveness;
+/// assert_eq!(LeaseLiveness::default(), LeaseLiveness::PerWorker);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseLiveness {
+    /// One small heartbeat item per worker in the worker table (`<lease table>-workers`):
+    /// the table's cost grows with the workers, not the shards. Leases of owners without such
+    /// an item (Java KCL workers) are still judged, and ours renewed, per lease, detected
+    /// automatically. Falls back to `PerLease` when the store keeps no worker table.
+    #[default]
+    PerWorker,
+    /// Every lease renewed every `renew_interval`, as the Java KCL 2.x does. Choose it while
+    /// Java KCL workers that hold no lease yet may join (they cannot see worker items, and
+    /// would take leases whose counters stand still).
+    PerLease,
+}
+
 /// All of a worker's settings. Build it through [`crate::Worker::builder`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -148,6 +169,9 @@ pub struct WorkerConfig {
     pub quarantine: Duration,
     /// Where held leases are renewed.
     pub heartbeat: Heartbeat,
+    /// How peers tell that this worker's leases are alive (default: one heartbeat item per
+    /// worker; see [`LeaseLiveness`]).
+    pub lease_liveness: LeaseLiveness,
     /// Who checkpoints, and how often (default: the processor, by itself).
     pub checkpoint_policy: CheckpointPolicy,
 }
@@ -202,6 +226,7 @@ impl WorkerConfig {
             shutdown_timeout: Duration::from_secs(30),
             quarantine: Duration::from_secs(10),
             heartbeat: Heartbeat::default(),
+            lease_liveness: LeaseLiveness::default(),
             checkpoint_policy: CheckpointPolicy::default(),
         }
     }

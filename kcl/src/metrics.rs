@@ -28,6 +28,11 @@ pub const LEASES_HELD: &str = "kcl_leases_held";
 pub const LEASES_TAKEN: &str = "kcl_leases_taken_total";
 /// Counter: leases taken from a live worker to balance the fleet.
 pub const LEASES_STOLEN: &str = "kcl_leases_stolen_total";
+/// Counter: reads of the whole lease table by the taker; label `reason` (`first`,
+/// `table-changed`, `stale`, `safety-net`, `per-lease-owners`).
+pub const LEASE_TABLE_SCANS: &str = "kcl_lease_table_scans_total";
+/// Counter: workers this worker declared dead (fenced) before taking their leases.
+pub const WORKERS_FENCED: &str = "kcl_workers_fenced_total";
 /// Counter: leases lost (taken by another worker, or not renewed in time).
 pub const LEASES_LOST: &str = "kcl_leases_lost_total";
 /// Histogram: seconds per successful renewal.

@@ -290,6 +290,11 @@ fn a_fan_out_fleet_survives_resharding_and_crashes() {
             Verb::Handoff(ShardId::new("shardId-000000000006"), 1),
         )
         .run();
+    if std::env::var_os("KCL_SIM_LOG").is_some() {
+        for e in &report.log {
+            println!("{e}");
+        }
+    }
     print!("{report}");
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.counts.distinct, 240);

@@ -507,6 +507,7 @@ mod tests {
             taken,
             Instant::now(),
             Duration::from_secs(10),
+            None,
         ));
         let cp = Checkpointer::new(shard, held, Arc::new(store.clone()));
         (store, cp)

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use backon::BackoffBuilder as _;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::sync::{mpsc, Mutex};
@@ -17,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::expiry::ExpiryTracker;
-use super::taker::{plan_takes, Limits, Snapshot, TakeReason};
+use super::liveness::{
+    scan_reason, Beat, HandoffNotice, Owner, ScanInputs, ScanReason, WorkerItem, WorkerView,
+};
+use super::taker::{plan_takes, target, Limits, Snapshot, TakeReason};
 use super::write::{self, LeaseWrite};
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
 use crate::metrics as m;
@@ -38,6 +42,91 @@ pub(crate) struct HeldLease {
     /// The worker the lease is being handed to.
     handoff_to: StdMutex<Option<WorkerId>>,
     lease_duration: Duration,
+    /// The worker's liveness, when peers judge this lease by the worker's heartbeat.
+    liveness: Option<Arc<Liveness>>,
+    /// Validity fixed when a handoff began (or a handoff request is being resolved): no
+    /// heartbeat extends it.
+    frozen: StdMutex<Option<Instant>>,
+}
+
+/// This worker's liveness item and what its heartbeat guarantees.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    incarnation: std::sync::atomic::AtomicU64,
+    /// The start of the last successful heartbeat plus `lease_duration`: no peer can judge
+    /// this worker dead before then.
+    valid_until: StdMutex<Instant>,
+    /// Owners without a worker item (Java KCL workers) are in the table: they judge our leases
+    /// by their counters, so every lease is renewed as well.
+    per_lease_too: std::sync::atomic::AtomicBool,
+    /// Leases this worker created or deleted (peers read the table again when it moves).
+    table_changes: std::sync::atomic::AtomicU64,
+    /// True while this worker is the live worker with the lowest id (it runs the periodic
+    /// shard sync).
+    leader: std::sync::atomic::AtomicBool,
+    /// Handoff requests dealt with: removed from the item by the next heartbeat.
+    handled: StdMutex<Vec<HandoffNotice>>,
+    /// Leases a notice named that this worker does not hold (handed over to it): the taker
+    /// reads them at its next round.
+    hints: StdMutex<BTreeSet<LeaseKey>>,
+    /// Peers' incarnations as last read (to address notices to them).
+    peers: StdMutex<BTreeMap<WorkerId, u64>>,
+}
+
+impl Liveness {
+    fn new(incarnation: u64, valid_until: Instant) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        Self {
+            incarnation: AtomicU64::new(incarnation),
+            valid_until: StdMutex::new(valid_until),
+            per_lease_too: AtomicBool::new(false),
+            table_changes: AtomicU64::new(0),
+            leader: AtomicBool::new(false),
+            handled: StdMutex::new(Vec::new()),
+            hints: StdMutex::new(BTreeSet::new()),
+            peers: StdMutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn peer_incarnation(&self, w: &WorkerId) -> Option<u64> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(w)
+            .copied()
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn extend(&self, started: Instant, lease_duration: Duration) {
+        let mut until = self.valid_until.lock().unwrap_or_else(|p| p.into_inner());
+        *until = (*until).max(started + lease_duration);
+    }
+
+    fn per_lease_too(&self) -> bool {
+        self.per_lease_too.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records that this worker created or deleted leases.
+    pub(crate) fn table_changed(&self) {
+        self.table_changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// True while this worker runs the fleet's periodic shard sync.
+    pub(crate) fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn handled(&self) -> std::sync::MutexGuard<'_, Vec<HandoffNotice>> {
+        self.handled.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Debug)]
@@ -50,8 +139,15 @@ struct HeldState {
 }
 
 impl HeldLease {
-    pub(crate) fn new(lease: Lease, written_at: Instant, lease_duration: Duration) -> Self {
+    pub(crate) fn new(
+        lease: Lease,
+        written_at: Instant,
+        lease_duration: Duration,
+        liveness: Option<Arc<Liveness>>,
+    ) -> Self {
         Self {
+            liveness,
+            frozen: StdMutex::new(None),
             key: lease.key.clone(),
             state: Mutex::new(HeldState {
                 lease,
@@ -80,11 +176,36 @@ impl HeldLease {
         !self.lost.is_cancelled() && Instant::now() < self.valid_until()
     }
 
+    /// Until when this worker may act on the lease: by the lease's own writes when peers
+    /// judge it by its counter, by the worker's heartbeat when they judge it by that, by both
+    /// when both kinds of peers are about; fixed once a handoff began.
     fn valid_until(&self) -> Instant {
-        *self
+        if let Some(frozen) = *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) {
+            return frozen;
+        }
+        let own = *self
             .valid_until
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &self.liveness {
+            None => own,
+            Some(l) if l.per_lease_too() => own.min(l.valid_until()),
+            Some(l) => l.valid_until(),
+        }
+    }
+
+    /// Stops heartbeats from extending the lease (a handoff may have been requested).
+    fn freeze(&self) {
+        let until = self.valid_until();
+        let mut frozen = self.frozen.lock().unwrap_or_else(|p| p.into_inner());
+        frozen.get_or_insert(until);
+    }
+
+    /// A suspected handoff request turned out not to stand: heartbeats extend the lease again.
+    fn unfreeze(&self) {
+        if !self.handoff.is_cancelled() {
+            *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// Cancelled once the lease is lost.
@@ -118,14 +239,25 @@ impl HeldLease {
         write: LeaseWrite,
     ) -> Result<Lease, LeaseStoreError> {
         let mut state = self.state.lock().await;
-        let result = self.write_locked(&mut state, store, write).await;
+        let result = self.write_locked(&mut state, store, write.clone()).await;
         if result.is_ok() {
             self.mark_lost();
+            // The new owner learns at its next heartbeat that the lease is now its own (it
+            // reads it then), not only when its taker reads the table again.
+            if let (LeaseWrite::CompleteHandoff { to }, Some(l)) = (&write, &self.liveness) {
+                if let Some(incarnation) = l.peer_incarnation(to) {
+                    let notice = HandoffNotice::new(self.key.clone(), rand::random());
+                    if let Err(e) = store.notify_handoff(to, incarnation, &notice).await {
+                        debug!(lease = %self.key, error = %e, "could not tell the new owner the handoff completed");
+                    }
+                }
+            }
         }
         result
     }
 
     fn begin_handoff(&self, to: WorkerId) {
+        self.freeze();
         *self.handoff_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
         self.handoff.cancel();
     }
@@ -223,6 +355,10 @@ pub(crate) struct LeaseCoordinator {
     quarantined: StdMutex<BTreeMap<LeaseKey, Quarantine>>,
     /// The first quarantine of a shard; doubled per consecutive failure.
     quarantine: Duration,
+    /// Set at start when the store keeps a worker table and per-worker liveness is on.
+    liveness: std::sync::OnceLock<Arc<Liveness>>,
+    /// Per-worker liveness wanted (the configuration); else every lease is renewed.
+    liveness_wanted: bool,
 }
 
 /// A shard set aside after a read failure.
@@ -258,6 +394,67 @@ impl LeaseCoordinator {
             refused: StdMutex::new(BTreeSet::new()),
             quarantined: StdMutex::new(BTreeMap::new()),
             quarantine: cfg.quarantine,
+            liveness: std::sync::OnceLock::new(),
+            liveness_wanted: cfg.lease_liveness == crate::config::LeaseLiveness::PerWorker,
+        }
+    }
+
+    /// The worker's liveness, once registered.
+    pub(crate) fn liveness(&self) -> Option<Arc<Liveness>> {
+        self.liveness.get().cloned()
+    }
+
+    /// Registers this worker's liveness item (before any lease is taken), retrying while the
+    /// table fails transiently: a worker of a fleet that judges liveness per worker must not
+    /// fall back to renewing per lease because of a passing fault. A store without a worker
+    /// table (or one that refuses it for good) leaves the worker renewing every lease; peers
+    /// then judge its leases by their counters, which is always safe.
+    pub(crate) async fn start_liveness(&self, stop: &CancellationToken) {
+        if !self.liveness_wanted {
+            info!("per-worker liveness is off: every lease is renewed");
+            return;
+        }
+        let seed = crate::backoff::seed(&[self.me.as_str(), "register"]);
+        let mut delays =
+            crate::backoff::exponential(Duration::from_millis(100), self.renew_interval, seed)
+                .build();
+        loop {
+            let incarnation: u64 = rand::random::<u32>().into();
+            let started = Instant::now();
+            match self
+                .store
+                .register_worker(&WorkerItem::new(self.me.clone(), incarnation))
+                .await
+            {
+                Ok(()) => {
+                    let l = Arc::new(Liveness::new(incarnation, started + self.lease_duration));
+                    let _ = self.liveness.set(l);
+                    info!(incarnation, "registered this worker's liveness item");
+                    return;
+                }
+                Err(e) if e.is_retryable() => {
+                    debug!(error = %e, "registering the liveness item failed; retrying");
+                    let pause = delays.next().unwrap_or(self.renew_interval);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                Err(e) => {
+                    info!(error = %e, "no per-worker liveness: every lease is renewed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// At shutdown, once every lease was released: removes this worker's liveness item, so
+    /// peers count it gone at once.
+    pub(crate) async fn deregister(&self) {
+        if let Some(l) = self.liveness() {
+            if let Err(e) = self.store.remove_worker(&self.me, l.incarnation()).await {
+                debug!(error = %e, "could not remove this worker's liveness item");
+            }
         }
     }
 
@@ -327,7 +524,9 @@ impl LeaseCoordinator {
         self.held_map().values().cloned().collect()
     }
 
-    /// Renews every held lease once per `renew_interval` until `stop` is cancelled.
+    /// Once per `renew_interval` until `stop` is cancelled: the worker's heartbeat (with
+    /// per-worker liveness), and a renewal of every held lease (without it, or while owners
+    /// without a worker item are in the table).
     pub(crate) async fn run_renewer(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.renew_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -337,16 +536,116 @@ impl LeaseCoordinator {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let held = self.held();
-            let renewals = held
-                .iter()
-                .filter(|h| !h.lost.is_cancelled() && !h.handoff.is_cancelled())
-                .map(|h| self.renew(h));
-            futures::future::join_all(renewals).await;
+            let liveness = self.liveness();
+            if let Some(l) = &liveness {
+                self.beat(l).await;
+            }
+            if liveness.as_ref().is_none_or(|l| l.per_lease_too()) {
+                let held = self.held();
+                let renewals = held
+                    .iter()
+                    .filter(|h| !h.lost.is_cancelled() && !h.handoff.is_cancelled())
+                    .map(|h| self.renew(h));
+                futures::future::join_all(renewals).await;
+            }
         }
     }
 
-    async fn renew(&self, held: &HeldLease) {
+    /// One heartbeat. Handoff requests it returns are resolved first, each by a renewal of
+    /// the lease (which either finds the handoff pending in the table, or makes the request
+    /// fail), so that the heartbeat never extends a lease a peer may take by force.
+    async fn beat(&self, l: &Liveness) {
+        let started = Instant::now();
+        let held = self.held();
+        let active = held
+            .iter()
+            .filter(|h| !h.lost.is_cancelled() && !h.handoff.is_cancelled())
+            .count();
+        let handled = std::mem::take(&mut *l.handled());
+        let beat = Beat::new(self.me.clone(), l.incarnation())
+            .lease_count(active as u64)
+            .table_changes(l.table_changes.load(std::sync::atomic::Ordering::SeqCst))
+            .handled(handled.clone());
+        let result = tokio::time::timeout(self.renew_interval, self.store.heartbeat(&beat))
+            .await
+            .unwrap_or_else(|_| Err(LeaseStoreError::Transient("heartbeat timed out".into())));
+        match result {
+            Ok(item) => {
+                metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
+                let by_key: BTreeMap<&LeaseKey, &Arc<HeldLease>> =
+                    held.iter().map(|h| (h.key(), h)).collect();
+                let mut done = Vec::new();
+                for notice in &item.handoffs {
+                    match by_key.get(&notice.key) {
+                        Some(h) if !h.lost.is_cancelled() && !h.handoff.is_cancelled() => {
+                            h.freeze();
+                            if self.renew(h).await {
+                                // Renewed: the request (conditional on the old counter) fails.
+                                h.unfreeze();
+                                done.push(notice.clone());
+                            } else if h.lost.is_cancelled() || h.handoff.is_cancelled() {
+                                done.push(notice.clone());
+                            }
+                            // Otherwise unresolved: stays frozen, asked again next time.
+                        }
+                        Some(_) => done.push(notice.clone()),
+                        // Handed over to us (or no longer ours): the taker looks at it.
+                        None => {
+                            l.hints
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(notice.key.clone());
+                            done.push(notice.clone());
+                        }
+                    }
+                }
+                l.handled().extend(done);
+                l.extend(started, self.lease_duration);
+            }
+            Err(e) if e.is_condition_failed() => {
+                // A peer fenced this worker (judged it dead), or another process registered
+                // the same worker id: every lease goes, and this worker starts over.
+                warn!("this worker was declared dead by a peer (its heartbeat stood still): dropping every lease");
+                metrics::counter!(m::LEASES_LOST).increment(held.len() as u64);
+                for h in &held {
+                    h.mark_lost();
+                }
+                let incarnation: u64 = rand::random::<u32>().into();
+                let again = Instant::now();
+                match self
+                    .store
+                    .register_worker(&WorkerItem::new(self.me.clone(), incarnation))
+                    .await
+                {
+                    Ok(()) => {
+                        l.incarnation
+                            .store(incarnation, std::sync::atomic::Ordering::SeqCst);
+                        l.extend(again, self.lease_duration);
+                        info!(incarnation, "registered again");
+                    }
+                    Err(e) => warn!(error = %e, "could not register again; will retry"),
+                }
+            }
+            Err(e) => {
+                l.handled().extend(handled);
+                metrics::counter!(m::RENEWAL_FAILURES).increment(1);
+                if Instant::now() >= l.valid_until() {
+                    warn!(error = %e, "leases lost: the heartbeat failed for the lease duration");
+                    for h in held.iter().filter(|h| h.liveness.is_some()) {
+                        if !h.lost.is_cancelled() {
+                            metrics::counter!(m::LEASES_LOST).increment(1);
+                        }
+                        h.mark_lost();
+                    }
+                } else {
+                    debug!(error = %e, "heartbeat failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Renews one lease; true if the renewal succeeded.
+    async fn renew(&self, held: &HeldLease) -> bool {
         let started = Instant::now();
         let store = &self.store;
         // A renewal that hangs (a partition) must not hold up the next ones: give up after one
@@ -358,6 +657,7 @@ impl LeaseCoordinator {
         match result {
             Ok(_) => {
                 metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
+                return true;
             }
             Err(e) if e.is_condition_failed() => {
                 // Either a peer asked for a graceful handoff (another owner, with us as the
@@ -396,6 +696,7 @@ impl LeaseCoordinator {
                 }
             }
         }
+        false
     }
 
     /// Looks for leases to take every `taker_interval`, sending each acquired lease on `acquired`.
@@ -404,7 +705,7 @@ impl LeaseCoordinator {
         acquired: mpsc::Sender<Arc<HeldLease>>,
         stop: CancellationToken,
     ) {
-        let mut tracker = ExpiryTracker::default();
+        let mut state = TakerState::default();
         let mut jitter = StdRng::seed_from_u64(crate::backoff::seed(&[self.me.as_str(), "taker"]));
         let mut first = true;
         let mut next_due: Option<Instant> = None;
@@ -428,7 +729,7 @@ impl LeaseCoordinator {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
-            match self.take_round(&mut tracker, &stop).await {
+            match self.take_round(&mut state, &stop).await {
                 Ok((taken, due)) => {
                     next_due = due;
                     for h in taken {
@@ -495,102 +796,512 @@ impl LeaseCoordinator {
         }
     }
 
+    /// One round: read the worker table (with per-worker liveness), read the lease table if
+    /// something says it is needed ([`scan_reason`]), plan, and take.
     async fn take_round(
         &self,
-        tracker: &mut ExpiryTracker,
+        st: &mut TakerState,
         stop: &CancellationToken,
     ) -> Result<(Vec<Arc<HeldLease>>, Option<Instant>), LeaseStoreError> {
-        let table = self.store.list().await?;
-        for bad in &table.malformed {
-            warn!(error = %bad, "lease table holds a malformed lease item; leaving it untouched");
-            metrics::counter!(m::MALFORMED_LEASES).increment(1);
+        let d = self.lease_duration;
+        let liveness = self.liveness();
+        // Peers' liveness items are read even by a worker that renews per lease itself: it
+        // must judge their leases by their heartbeats, not by counters they do not move.
+        if st.observing {
+            match self.store.list_workers(false).await {
+                Ok(workers) => {
+                    for bad in &workers.malformed {
+                        warn!(error = %bad, "worker table holds a malformed item; leaving it untouched");
+                    }
+                    st.view.observe(&workers.workers, Instant::now());
+                }
+                Err(LeaseStoreError::Other(e)) if liveness.is_none() => {
+                    debug!(error = %e, "no worker table to read: every lease is judged by its counter");
+                    st.observing = false;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        if let Some(l) = &liveness {
+            let leader = st.view.leader(Instant::now(), d).as_ref() == Some(&self.me);
+            l.leader.store(leader, std::sync::atomic::Ordering::SeqCst);
+            *l.peers.lock().unwrap_or_else(|p| p.into_inner()) = st
+                .view
+                .items()
+                .map(|w| (w.worker.clone(), w.incarnation))
+                .collect();
+            let hints = std::mem::take(&mut *l.hints.lock().unwrap_or_else(|p| p.into_inner()));
+            for key in hints {
+                self.refresh(st, &key).await;
+            }
+        }
+        self.refresh_handoffs_to_me(st).await;
         let now = Instant::now();
-        tracker.observe(&table.leases, now);
-        let expired: BTreeSet<LeaseKey> = table
-            .leases
-            .iter()
-            .filter(|l| tracker.is_expired(l, now, self.lease_duration))
-            .map(|l| l.key.clone())
-            .collect();
-        self.notice_handoffs(&table.leases).await;
-        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        let live_now = st.view.live(now, d);
+        let mut marks_now = st.view.table_marks();
+        // Our own changes count at once, not once our heartbeat has published them.
+        if let Some(l) = &liveness {
+            marks_now.insert(
+                self.me.clone(),
+                (
+                    l.incarnation(),
+                    l.table_changes.load(std::sync::atomic::Ordering::SeqCst),
+                ),
+            );
+        }
         let excluded = self.excluded(now);
-        let plan = plan_takes(
-            &Snapshot {
-                leases: &table.leases,
-                me: &self.me,
-                held: &held,
-                expired: &expired,
-                excluded: &excluded,
-                order_seed: crate::backoff::seed(&[self.me.as_str()]),
-            },
-            self.limits,
-        );
-        let by_key: BTreeMap<&LeaseKey, &Lease> =
-            table.leases.iter().map(|l| (&l.key, l)).collect();
+
+        let mut plan = self.plan(st, &live_now, &excluded, now);
+        let reason = match &liveness {
+            // Without liveness every round reads the table, as the lease counters are what
+            // says who is alive.
+            None => Some(ScanReason::First),
+            Some(_) if st.per_lease_owners => Some(ScanReason::PerLeaseOwners),
+            Some(_) => scan_reason(&ScanInputs {
+                snapshot_at: st.snapshot_at,
+                marks_at_snapshot: &st.marks_at_snapshot,
+                marks_now: &marks_now,
+                live_at_snapshot: &st.live_at_snapshot,
+                live_now: &live_now,
+                starved: plan.takes.is_empty() && plan.mine < plan.target,
+                now,
+                safety_interval: self.taker_interval * SAFETY_NET_ROUNDS,
+            }),
+        };
+        if let Some(reason) = reason {
+            let table = if liveness.is_some() {
+                self.store.list_eventually().await?
+            } else {
+                self.store.list().await?
+            };
+            metrics::counter!(m::LEASE_TABLE_SCANS, "reason" => reason.name()).increment(1);
+            for bad in &table.malformed {
+                warn!(error = %bad, "lease table holds a malformed lease item; leaving it untouched");
+                metrics::counter!(m::MALFORMED_LEASES).increment(1);
+            }
+            let now = Instant::now();
+            st.tracker.observe(&table.leases, now);
+            st.cache = table
+                .leases
+                .iter()
+                .map(|l| (l.key.clone(), l.clone()))
+                .collect();
+            st.snapshot_at = Some(now);
+            st.marks_at_snapshot = marks_now;
+            st.live_at_snapshot = live_now.clone();
+            self.notice_handoffs(&table.leases).await;
+            // Owners without a worker item judge (and are judged) per lease: while any is in
+            // the table, read it every round and renew every lease.
+            st.per_lease_owners = liveness.is_some()
+                && table.leases.iter().any(|l| {
+                    !l.is_finished()
+                        && l.owner.as_ref().is_some_and(|o| {
+                            o != &self.me && st.view.judge(o, now, d) == Owner::PerLease
+                        })
+                });
+            if let Some(l) = &liveness {
+                let before = l
+                    .per_lease_too
+                    .swap(st.per_lease_owners, std::sync::atomic::Ordering::SeqCst);
+                if before != st.per_lease_owners {
+                    info!(
+                        per_lease = st.per_lease_owners,
+                        "owners without a worker item (Java KCL workers) {} the table",
+                        if st.per_lease_owners {
+                            "are in"
+                        } else {
+                            "left"
+                        }
+                    );
+                }
+            }
+            if liveness.is_some() {
+                self.remove_dead_items(st, now).await;
+            }
+            plan = self.plan(st, &live_now, &excluded, now);
+        }
+
         let mut taken = Vec::new();
-        for take in plan {
+        let mut round = RoundChecks::default();
+        for take in plan.takes {
             if stop.is_cancelled() {
                 break;
             }
-            let Some(lease) = by_key.get(&take.key) else {
+            let Some(lease) = st.cache.get(&take.key).cloned() else {
                 continue;
             };
             if take.reason == TakeReason::Steal {
-                // Planned move: ask the owner to hand the lease over after its final
-                // checkpoint; we take it once it has (or by force once it expires).
-                let write = LeaseWrite::RequestHandoff {
-                    to: self.me.clone(),
-                };
-                let read_until = Instant::now() + self.lease_duration;
-                match write::apply(self.store.as_ref(), lease, &write, read_until).await {
-                    Ok(_) => {
-                        info!(lease = %take.key, from = ?lease.owner, "requested graceful handoff");
-                        metrics::counter!(m::LEASES_STOLEN).increment(1);
-                    }
-                    Err(e) => debug!(lease = %take.key, error = %e, "handoff request failed"),
-                }
+                self.request_handoff(st, &lease).await;
                 continue;
             }
+            if take.reason == TakeReason::Expired
+                && !self.may_take_expired(st, &mut round, &lease).await
+            {
+                continue;
+            }
+            if let Some(h) = self.take(st, lease, take.reason).await {
+                taken.push(h);
+            }
+        }
+        metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
+        // The next moment a lease of another worker (or a worker) expires if nothing moves.
+        let now = Instant::now();
+        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        let due = st
+            .cache
+            .values()
+            .filter(|l| !l.is_finished() && !held.contains(&l.key))
+            .filter_map(|l| match (&l.owner, &l.checkpoint_owner) {
+                (Some(o), None) if liveness.is_some() => match st.view.judge(o, now, d) {
+                    Owner::Live => st.view.due(o, d),
+                    Owner::Dead(_) => None,
+                    Owner::PerLease => st.tracker.due(l, d),
+                },
+                _ => st.tracker.due(l, d),
+            })
+            .filter(|due| *due > now)
+            .min();
+        Ok((taken, due))
+    }
+
+    /// Plans on the cached snapshot.
+    fn plan(
+        &self,
+        st: &TakerState,
+        live: &BTreeMap<WorkerId, usize>,
+        excluded: &BTreeSet<LeaseKey>,
+        now: Instant,
+    ) -> Plan {
+        let d = self.lease_duration;
+        let leases: Vec<Lease> = st.cache.values().cloned().collect();
+        let expired: BTreeSet<LeaseKey> = leases
+            .iter()
+            .filter(|l| match (&l.owner, &l.checkpoint_owner) {
+                (None, _) => true,
+                // A handoff pending, or an owner without a worker item: by the lease.
+                (Some(_), Some(_)) => st.tracker.is_expired(l, now, d),
+                (Some(o), None) => match st.view.judge(o, now, d) {
+                    Owner::Live => false,
+                    Owner::Dead(_) => true,
+                    Owner::PerLease => st.tracker.is_expired(l, now, d),
+                },
+            })
+            .map(|l| l.key.clone())
+            .collect();
+        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        let mut published = live.clone();
+        published.remove(&self.me);
+        let snapshot = Snapshot {
+            leases: &leases,
+            me: &self.me,
+            held: &held,
+            expired: &expired,
+            excluded,
+            order_seed: crate::backoff::seed(&[self.me.as_str()]),
+            published: &published,
+        };
+        let (target, mine) = target(&snapshot, self.limits);
+        Plan {
+            takes: plan_takes(&snapshot, self.limits),
+            target,
+            mine,
+        }
+    }
+
+    /// Leases being handed over to us: read each round until the old owner completed the
+    /// handoff (our snapshot is not read every round).
+    async fn refresh_handoffs_to_me(&self, st: &mut TakerState) {
+        if self.liveness().is_none() {
+            return;
+        }
+        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
+        let pending: Vec<LeaseKey> = st
+            .cache
+            .values()
+            .filter(|l| {
+                l.owner.as_ref() == Some(&self.me)
+                    && l.checkpoint_owner.is_some()
+                    && !held.contains(&l.key)
+            })
+            .map(|l| l.key.clone())
+            .collect();
+        for key in pending {
+            self.refresh(st, &key).await;
+        }
+    }
+
+    /// Reads one lease again into the cache; returns it.
+    async fn refresh(&self, st: &mut TakerState, key: &LeaseKey) -> Option<Lease> {
+        match self.store.get(key).await {
+            Ok(Some(lease)) => {
+                st.remember(&lease);
+                Some(lease)
+            }
+            Ok(None) => {
+                st.cache.remove(key);
+                st.tracker.forget(key);
+                None
+            }
+            Err(e) => {
+                debug!(lease = %key, error = %e, "could not read the lease again");
+                None
+            }
+        }
+    }
+
+    /// Whether the lease of a dead owner may be taken now: a worker judged dead by its
+    /// heartbeat is fenced first (once per round); an owner without a worker item is checked
+    /// against a consistent read of the worker table (it may have registered since our last
+    /// read).
+    async fn may_take_expired(
+        &self,
+        st: &mut TakerState,
+        round: &mut RoundChecks,
+        lease: &Lease,
+    ) -> bool {
+        let (Some(owner), None) = (&lease.owner, &lease.checkpoint_owner) else {
+            return true;
+        };
+        if !st.observing {
+            return true;
+        }
+        let d = self.lease_duration;
+        match st.view.judge(owner, Instant::now(), d) {
+            Owner::Live => false,
+            Owner::Dead(None) => true,
+            Owner::Dead(Some(_)) if round.fenced.contains(owner) => true,
+            Owner::Dead(Some(seen)) => match self.store.fence_worker(&seen, &self.me).await {
+                Ok(()) => {
+                    info!(worker = %owner, "fenced a worker whose heartbeat stood still");
+                    metrics::counter!(m::WORKERS_FENCED).increment(1);
+                    round.fenced.insert(owner.clone());
+                    true
+                }
+                Err(e) if e.is_condition_failed() => {
+                    // Fenced by a peer, or alive after all: read the table to know which.
+                    if let Ok(t) = self.store.list_workers(true).await {
+                        st.view.observe(&t.workers, Instant::now());
+                    }
+                    let dead = st.view.judge(owner, Instant::now(), d) == Owner::Dead(None);
+                    if dead {
+                        round.fenced.insert(owner.clone());
+                    }
+                    dead
+                }
+                Err(e) => {
+                    debug!(worker = %owner, error = %e, "fencing failed");
+                    false
+                }
+            },
+            Owner::PerLease => {
+                if !round.confirmed {
+                    round.confirmed = true;
+                    match self.store.list_workers(true).await {
+                        Ok(t) => st.view.observe(&t.workers, Instant::now()),
+                        Err(_) => return false,
+                    }
+                }
+                st.view.judge(owner, Instant::now(), d) == Owner::PerLease
+            }
+        }
+    }
+
+    /// Planned move: asks the owner to hand the lease over after its final checkpoint (its
+    /// liveness item is told first, so that it notices at its next heartbeat); we take it
+    /// once it has, or by force `lease_duration` after the request.
+    async fn request_handoff(&self, st: &mut TakerState, lease: &Lease) {
+        let mut lease = lease.clone();
+        if let Some(owner) = lease.owner.clone() {
+            if let Some(incarnation) = st.view.item(&owner).map(|i| i.incarnation) {
+                let notice = HandoffNotice::new(lease.key.clone(), rand::random());
+                if let Err(e) = self
+                    .store
+                    .notify_handoff(&owner, incarnation, &notice)
+                    .await
+                {
+                    debug!(lease = %lease.key, error = %e, "could not notify the owner of a handoff request");
+                    return;
+                }
+                // The request is conditional on the counter: read it fresh (our snapshot may be
+                // old), after the notice, so the owner's answer to the notice is what refuses it.
+                match self.refresh(st, &lease.key).await {
+                    Some(fresh)
+                        if fresh.owner.as_ref() == Some(&owner)
+                            && fresh.checkpoint_owner.is_none() =>
+                    {
+                        lease = fresh
+                    }
+                    _ => return,
+                }
+            }
+        }
+        let lease = &lease;
+        let write = LeaseWrite::RequestHandoff {
+            to: self.me.clone(),
+        };
+        let read_until = Instant::now() + self.lease_duration;
+        match write::apply(self.store.as_ref(), lease, &write, read_until).await {
+            Ok(new) => {
+                info!(lease = %lease.key, from = ?lease.owner, "requested graceful handoff");
+                metrics::counter!(m::LEASES_STOLEN).increment(1);
+                st.remember(&new);
+            }
+            Err(e) => {
+                debug!(lease = %lease.key, error = %e, "handoff request failed");
+                if e.is_condition_failed() {
+                    self.refresh(st, &lease.key).await;
+                }
+            }
+        }
+    }
+
+    /// Takes one lease; a stale view (the lease was released or changed since we read it) is
+    /// read again and, if the lease is still free, taken at once.
+    async fn take(
+        &self,
+        st: &mut TakerState,
+        lease: Lease,
+        reason: TakeReason,
+    ) -> Option<Arc<HeldLease>> {
+        let mut lease = lease;
+        for attempt in 0..2 {
             let started = Instant::now();
             let write = LeaseWrite::Take {
                 owner: self.me.clone(),
             };
             match write::apply(
                 self.store.as_ref(),
-                lease,
+                &lease,
                 &write,
                 started + self.lease_duration,
             )
             .await
             {
                 Ok(new) => {
-                    info!(lease = %new.key, reason = ?take.reason, counter = %new.counter, "took lease");
+                    info!(lease = %new.key, ?reason, counter = %new.counter, "took lease");
                     metrics::counter!(m::LEASES_TAKEN).increment(1);
-                    let held = Arc::new(HeldLease::new(new, started, self.lease_duration));
-                    self.held_map().insert(take.key.clone(), held.clone());
-                    taken.push(held);
+                    st.remember(&new);
+                    let held = Arc::new(HeldLease::new(
+                        new,
+                        started,
+                        self.lease_duration,
+                        self.liveness(),
+                    ));
+                    self.held_map().insert(lease.key.clone(), held.clone());
+                    return Some(held);
                 }
                 Err(e) if e.is_condition_failed() => {
-                    debug!(lease = %take.key, "lease changed before we could take it");
+                    debug!(lease = %lease.key, "lease changed before we could take it");
+                    let fresh = self.refresh(st, &lease.key).await?;
+                    // Released meanwhile (a graceful shutdown): still ours to take.
+                    if attempt > 0 || fresh.owner.is_some() || fresh.is_finished() {
+                        return None;
+                    }
+                    lease = fresh;
                 }
                 Err(e) => {
-                    warn!(lease = %take.key, error = %e, "taking lease failed");
+                    warn!(lease = %lease.key, error = %e, "taking lease failed");
+                    return None;
                 }
             }
         }
-        metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
-        // The next moment a lease of another worker expires if its counter stays still.
-        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        let due = table
-            .leases
-            .iter()
-            .filter(|l| !l.is_finished() && !held.contains(&l.key) && !expired.contains(&l.key))
-            .filter_map(|l| tracker.due(l, self.lease_duration))
-            .min();
-        Ok((taken, due))
+        None
     }
+
+    /// The leader removes the items of workers that are dead (fenced, or silent for
+    /// `lease_duration`) and own no lease in the snapshot just read: restarted workers with
+    /// fresh ids do not pile up in the worker table.
+    async fn remove_dead_items(&self, st: &TakerState, now: Instant) {
+        if !self.liveness().is_some_and(|l| l.is_leader()) {
+            return;
+        }
+        let owners: BTreeSet<&WorkerId> = st
+            .cache
+            .values()
+            .filter_map(|l| l.owner.as_ref())
+            .chain(
+                st.cache
+                    .values()
+                    .filter_map(|l| l.checkpoint_owner.as_ref()),
+            )
+            .collect();
+        let dead: Vec<WorkerItem> = st
+            .view
+            .items()
+            .filter(|w| w.worker != self.me && !owners.contains(&w.worker))
+            .filter(|w| {
+                matches!(
+                    st.view.judge(&w.worker, now, self.lease_duration),
+                    Owner::Dead(_)
+                )
+            })
+            .cloned()
+            .collect();
+        for w in dead {
+            match self.store.remove_worker(&w.worker, w.incarnation).await {
+                Ok(()) => debug!(worker = %w.worker, "removed the liveness item of a dead worker"),
+                Err(e) => {
+                    debug!(worker = %w.worker, error = %e, "could not remove a dead worker's item")
+                }
+            }
+        }
+    }
+}
+
+/// How many taker rounds between reads of the whole lease table when nothing asks for one.
+const SAFETY_NET_ROUNDS: u32 = 150;
+
+/// What the taker keeps between rounds.
+#[derive(Debug)]
+pub(crate) struct TakerState {
+    tracker: ExpiryTracker,
+    view: WorkerView,
+    /// The lease table as last read, with our own writes and reads since.
+    cache: BTreeMap<LeaseKey, Lease>,
+    snapshot_at: Option<Instant>,
+    marks_at_snapshot: BTreeMap<WorkerId, (u64, u64)>,
+    live_at_snapshot: BTreeMap<WorkerId, usize>,
+    /// The last read showed owners without a worker item.
+    per_lease_owners: bool,
+    /// The worker table can be read (false once a store said it keeps none).
+    observing: bool,
+}
+
+impl Default for TakerState {
+    fn default() -> Self {
+        Self {
+            tracker: ExpiryTracker::default(),
+            view: WorkerView::default(),
+            cache: BTreeMap::new(),
+            snapshot_at: None,
+            marks_at_snapshot: BTreeMap::new(),
+            live_at_snapshot: BTreeMap::new(),
+            per_lease_owners: false,
+            observing: true,
+        }
+    }
+}
+
+impl TakerState {
+    fn remember(&mut self, lease: &Lease) {
+        self.tracker.observe_one(lease, Instant::now());
+        self.cache.insert(lease.key.clone(), lease.clone());
+    }
+}
+
+/// Checks made at most once per round.
+#[derive(Debug, Default)]
+struct RoundChecks {
+    fenced: BTreeSet<WorkerId>,
+    confirmed: bool,
+}
+
+/// One round's plan.
+#[derive(Debug)]
+struct Plan {
+    takes: Vec<super::taker::Take>,
+    target: usize,
+    mine: usize,
 }
 
 #[cfg(all(test, feature = "testkit"))]
@@ -614,7 +1325,12 @@ mod tests {
     async fn held(store: &MemLeaseStore, shard: &str) -> Arc<HeldLease> {
         let l = lease(store, shard).await;
         let l = store.take(&l, &WorkerId::new("me")).await.unwrap();
-        Arc::new(HeldLease::new(l, Instant::now(), Duration::from_secs(10)))
+        Arc::new(HeldLease::new(
+            l,
+            Instant::now(),
+            Duration::from_secs(10),
+            None,
+        ))
     }
 
     /// DESIGN §2.6: a write applied whose answer was lost — to a 5xx whose SDK retry then
@@ -785,6 +1501,7 @@ mod tests {
                 c.clone(),
                 Instant::now(),
                 Duration::from_secs(10),
+                None,
             )),
         );
         let d = lease(&store, "shardId-d").await;

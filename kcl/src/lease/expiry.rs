@@ -1,5 +1,7 @@
 //! Observed expiry: a lease is expired for an observer when its counter has not moved for
-//! `lease_duration` by the observer's own monotonic clock. No wall clocks are compared across
+//! `lease_duration` by the observer's own monotonic clock. (A graceful handoff request changes
+//! the owner without the counter: it restarts the clock too, since the old owner stops
+//! `lease_duration` after it at the latest.) No wall clocks are compared across
 //! machines, so clock skew cannot make a live lease look dead.
 
 use std::collections::BTreeMap;
@@ -7,24 +9,48 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Lease, LeaseCounter, LeaseKey};
+use super::{Lease, LeaseCounter, LeaseKey, WorkerId};
+
+/// What makes a lease "changed" for an observer: its counter, owner and handoff state.
+type Version = (LeaseCounter, Option<WorkerId>, Option<WorkerId>);
+
+fn version(l: &Lease) -> Version {
+    (l.counter, l.owner.clone(), l.checkpoint_owner.clone())
+}
 
 /// Remembers when each lease's counter was last seen to change.
 #[derive(Debug, Default)]
 pub(crate) struct ExpiryTracker {
-    seen: BTreeMap<LeaseKey, (LeaseCounter, Instant)>,
+    seen: BTreeMap<LeaseKey, (Version, Instant)>,
 }
 
 impl ExpiryTracker {
+    /// Records one lease as seen at `now` (after our own write, or a read of it).
+    pub(crate) fn observe_one(&mut self, lease: &Lease, now: Instant) {
+        let v = version(lease);
+        match self.seen.get(&lease.key) {
+            Some((seen, _)) if *seen == v => {}
+            _ => {
+                self.seen.insert(lease.key.clone(), (v, now));
+            }
+        }
+    }
+
+    /// Forgets a lease (deleted).
+    pub(crate) fn forget(&mut self, key: &LeaseKey) {
+        self.seen.remove(key);
+    }
+
     /// Records a table snapshot taken at `now`, and forgets leases no longer in it.
     pub(crate) fn observe(&mut self, leases: &[Lease], now: Instant) {
         let mut next = BTreeMap::new();
         for lease in leases {
+            let v = version(lease);
             let since = match self.seen.get(&lease.key) {
-                Some((counter, since)) if *counter == lease.counter => *since,
+                Some((seen, since)) if *seen == v => *since,
                 _ => now,
             };
-            next.insert(lease.key.clone(), (lease.counter, since));
+            next.insert(lease.key.clone(), (v, since));
         }
         self.seen = next;
     }
@@ -34,7 +60,7 @@ impl ExpiryTracker {
     pub(crate) fn due(&self, lease: &Lease, lease_duration: Duration) -> Option<Instant> {
         lease.owner.as_ref()?;
         match self.seen.get(&lease.key) {
-            Some((counter, since)) if *counter == lease.counter => Some(*since + lease_duration),
+            Some((seen, since)) if *seen == version(lease) => Some(*since + lease_duration),
             _ => None,
         }
     }
@@ -46,7 +72,7 @@ impl ExpiryTracker {
             return true;
         }
         match self.seen.get(&lease.key) {
-            Some((counter, since)) if *counter == lease.counter => {
+            Some((seen, since)) if *seen == version(lease) => {
                 now.saturating_duration_since(*since) >= lease_duration
             }
             _ => false,
@@ -91,6 +117,12 @@ mod tests {
         );
         assert_eq!(t.due(&lease(2, None), d), None);
         assert_eq!(t.due(&lease(3, Some("a")), d), None, "not observed yet");
+        // A handoff request (owner changes, counter does not) restarts the clock.
+        let mut asked = lease(2, Some("b"));
+        asked.checkpoint_owner = Some(WorkerId::new("a"));
+        t.observe_one(&asked, t0 + Duration::from_secs(20));
+        assert!(!t.is_expired(&asked, t0 + Duration::from_secs(29), d));
+        assert!(t.is_expired(&asked, t0 + Duration::from_secs(30), d));
         // A lease never observed is not expired.
         let fresh = ExpiryTracker::default();
         assert!(!fresh.is_expired(&lease(1, Some("a")), t0 + d * 10, d));

@@ -24,6 +24,7 @@ pub mod capacity;
 pub(crate) mod coordinator;
 pub(crate) mod expiry;
 pub mod item;
+pub mod liveness;
 pub mod store;
 pub(crate) mod taker;
 pub(crate) mod write;

@@ -8,6 +8,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use super::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
 use super::{Lease, LeaseKey, WorkerId};
 use crate::checkpoint::PendingCheckpoint;
 use crate::error::BoxError;
@@ -188,6 +189,66 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// Reads every lease, eventually consistent (half the read cost). Used where a conditional
+    /// write follows, which fails on a stale view. The default reads strongly consistent.
+    async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
+        self.list().await
+    }
+
+    /// Worker liveness ([`crate::lease::liveness`]): writes `item` as this worker's item,
+    /// replacing any earlier one of the same worker id (a new incarnation).
+    ///
+    /// The default refuses ([`LeaseStoreError::Other`]): workers then renew every lease, as
+    /// the Java KCL 2.x does.
+    async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+        let _ = item;
+        Err(no_worker_table(self))
+    }
+
+    /// Heartbeat: `heartbeat` + 1, `leaseCount` and `tableChanges` set, the `handled` keys
+    /// removed from `handoffs` — if the item's `incarnation` is `beat.incarnation` and it is
+    /// not fenced ([`LeaseStoreError::ConditionFailed`] otherwise, with the worker id as key).
+    /// Returns the item after the write.
+    async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+        let _ = beat;
+        Err(no_worker_table(self))
+    }
+
+    /// Reads every worker item (strongly consistent if `consistent`).
+    async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+        let _ = consistent;
+        Err(no_worker_table(self))
+    }
+
+    /// Declares a worker dead: `fencedBy` = `by`, if the item's `incarnation` and `heartbeat`
+    /// are still those of `seen` and it is not fenced yet.
+    async fn fence_worker(&self, seen: &WorkerItem, by: &WorkerId) -> Result<(), LeaseStoreError> {
+        let _ = (seen, by);
+        Err(no_worker_table(self))
+    }
+
+    /// Asks a worker to hand a lease over: adds `notice` to `handoffs`, if the item's
+    /// `incarnation` is `incarnation` and it is not fenced.
+    async fn notify_handoff(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        notice: &HandoffNotice,
+    ) -> Result<(), LeaseStoreError> {
+        let _ = (worker, incarnation, notice);
+        Err(no_worker_table(self))
+    }
+
+    /// Deletes a worker's item, if its `incarnation` is still `incarnation`.
+    async fn remove_worker(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+    ) -> Result<(), LeaseStoreError> {
+        let _ = (worker, incarnation);
+        Err(no_worker_table(self))
+    }
+
     /// Graceful handoff, step 1 (the new owner): `leaseOwner` = `new_owner`,
     /// `checkpointOwner` = the current owner, counter unchanged — if the counter and owner are
     /// still those of `lease` and no handoff is pending. The old owner notices on its next
@@ -206,6 +267,10 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError>;
+}
+
+fn no_worker_table(store: &(impl fmt::Debug + ?Sized)) -> LeaseStoreError {
+    LeaseStoreError::Other(format!("{store:?} keeps no worker table").into())
 }
 
 /// Applies the effect of a successful write to the caller's copy: what every implementation

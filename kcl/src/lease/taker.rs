@@ -55,6 +55,9 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) excluded: &'a BTreeSet<LeaseKey>,
     /// This worker's order of candidates (a seed from its id).
     pub(crate) order_seed: u64,
+    /// Live workers that publish a liveness item, with the lease counts they publish: they
+    /// count as live (even holding nothing) with that load.
+    pub(crate) published: &'a BTreeMap<WorkerId, usize>,
 }
 
 /// Where `key` comes in the candidate order of the worker whose seed is `seed`.
@@ -69,17 +72,29 @@ pub(crate) struct Limits {
     pub(crate) max_leases_to_steal: usize,
 }
 
-/// Plans this round's takes.
-pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
-    let active: Vec<&Lease> = s.leases.iter().filter(|l| !l.is_finished()).collect();
-    // Live workers: owners of active leases that are not expired, and this worker.
+/// The load of each live worker, this worker's target, and what it holds toward it.
+fn balance<'a>(
+    s: &Snapshot<'a>,
+    active: &[&'a Lease],
+    limits: Limits,
+) -> (BTreeMap<&'a WorkerId, usize>, usize, usize) {
+    // Live workers: owners of active leases that are not expired, those that publish a
+    // liveness item (with the count they publish), and this worker.
     let mut load: BTreeMap<&WorkerId, usize> = BTreeMap::new();
     load.insert(s.me, 0);
-    for l in &active {
+    for l in active {
         if let Some(owner) = &l.owner {
+            if s.published.contains_key(owner) {
+                continue;
+            }
             if !s.expired.contains(&l.key) || s.held.contains(&l.key) {
                 *load.entry(owner).or_default() += 1;
             }
+        }
+    }
+    for (w, n) in s.published {
+        if w != s.me {
+            load.insert(w, *n);
         }
     }
     let target = active
@@ -94,6 +109,20 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
                 || (l.owner.as_ref() == Some(s.me) && l.checkpoint_owner.is_some())
         })
         .count();
+    (load, target, mine)
+}
+
+/// This worker's target and how many it holds toward it.
+pub(crate) fn target(s: &Snapshot<'_>, limits: Limits) -> (usize, usize) {
+    let active: Vec<&Lease> = s.leases.iter().filter(|l| !l.is_finished()).collect();
+    let (_, target, mine) = balance(s, &active, limits);
+    (target, mine)
+}
+
+/// Plans this round's takes.
+pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
+    let active: Vec<&Lease> = s.leases.iter().filter(|l| !l.is_finished()).collect();
+    let (load, target, mine) = balance(s, &active, limits);
     let mut wanted = target.saturating_sub(mine);
 
     let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.excluded.contains(&l.key);
@@ -210,6 +239,7 @@ mod tests {
                 expired: &expired,
                 excluded: &excluded,
                 order_seed: crate::backoff::seed(&[me.as_str()]),
+                published: &BTreeMap::new(),
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
@@ -327,5 +357,41 @@ mod tests {
         leases[1].checkpoint = ExtendedSequenceNumber::ShardEnd;
         // 2 active, 2 workers → target 1: steal one.
         assert_eq!(plan(&leases, "a", &[], &[], 5).len(), 1);
+    }
+
+    #[test]
+    fn published_liveness_counts_stand_for_the_workers_load() {
+        // 8 leases all owned by b in our (stale) snapshot; the liveness items say b holds 4
+        // and c (which owns nothing in the snapshot) holds 4: three workers, target 3.
+        let leases: Vec<_> = (0..8).map(|i| lease(i, Some("b"))).collect();
+        let me = WorkerId::new("a");
+        let (held, expired, excluded) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let table = [
+            (vec![], 1, 4usize),
+            (vec![("b", 4), ("c", 4)], 1, 3),
+            (vec![("b", 8), ("c", 0)], 1, 3),
+        ];
+        for (published, takes, want_target) in table {
+            let published: BTreeMap<WorkerId, usize> = published
+                .into_iter()
+                .map(|(w, n)| (WorkerId::new(w), n))
+                .collect();
+            let snap = Snapshot {
+                leases: &leases,
+                me: &me,
+                held: &held,
+                expired: &expired,
+                excluded: &excluded,
+                order_seed: 1,
+                published: &published,
+            };
+            let limits = Limits {
+                max_leases_per_worker: usize::MAX,
+                max_leases_to_steal: 1,
+            };
+            let (t, mine) = target(&snap, limits);
+            assert_eq!((t, mine), (want_target, 0), "{published:?}");
+            assert_eq!(plan_takes(&snap, limits).len(), takes, "{published:?}");
+        }
     }
 }

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 
 use crate::config::{InitialPosition, WorkerConfig};
 use crate::error::Error;
+use crate::lease::coordinator::Liveness;
 use crate::lease::{Lease, LeaseStore};
 use crate::record::ExtendedSequenceNumber;
 use crate::retrieval::KinesisApi;
@@ -163,6 +164,12 @@ pub(crate) struct ShardSyncer {
     config: Arc<WorkerConfig>,
     /// When each lease was first seen deletable (deleted after `finished_lease_retention`).
     deletable_since: std::sync::Mutex<BTreeMap<crate::lease::LeaseKey, Instant>>,
+    /// With per-worker liveness: only the leader syncs periodically (others when their own
+    /// shards end), and peers learn of created or deleted leases through it.
+    liveness: Option<Arc<Liveness>>,
+    /// Leases created or deleted before the liveness item existed (the first sync): handed
+    /// to it, so peers that read the table before then learn of them.
+    changes_before_liveness: std::sync::atomic::AtomicU64,
 }
 
 impl ShardSyncer {
@@ -176,7 +183,24 @@ impl ShardSyncer {
             store,
             config,
             deletable_since: std::sync::Mutex::new(BTreeMap::new()),
+            liveness: None,
+            changes_before_liveness: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Syncs periodically only while this worker leads the fleet, and records the leases it
+    /// creates or deletes in `liveness`.
+    pub(crate) fn with_liveness(mut self, liveness: Option<Arc<Liveness>>) -> Self {
+        if let Some(l) = &liveness {
+            for _ in 0..self
+                .changes_before_liveness
+                .swap(0, std::sync::atomic::Ordering::SeqCst)
+            {
+                l.table_changed();
+            }
+        }
+        self.liveness = liveness;
+        self
     }
 
     /// The first sync: retried with backoff while failures are retryable.
@@ -209,14 +233,27 @@ impl ShardSyncer {
     /// Runs a sync every `shard_sync_interval`, and whenever `now` is notified.
     pub(crate) async fn run(self, now: Arc<Notify>, stop: CancellationToken) {
         loop {
-            tokio::select! {
+            let periodic = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                _ = now.notified() => {}
-                _ = tokio::time::sleep(self.config.shard_sync_interval) => {}
+                _ = now.notified() => false,
+                _ = tokio::time::sleep(self.config.shard_sync_interval) => true,
+            };
+            if periodic && self.liveness.as_ref().is_some_and(|l| !l.is_leader()) {
+                continue;
             }
             if let Err(e) = self.sync_once().await {
                 warn!(error = %e, "shard sync failed");
+            }
+        }
+    }
+
+    fn table_changed(&self) {
+        match &self.liveness {
+            Some(l) => l.table_changed(),
+            None => {
+                self.changes_before_liveness
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         }
     }
@@ -227,11 +264,17 @@ impl ShardSyncer {
         // predates the listing, so a lease whose shard is missing from it really belongs to a
         // shard that left the stream — not to one created after the listing (deleting that
         // one would let its children start before it).
-        let table = self.store.list().await?;
+        // Eventually consistent with per-worker liveness: creates and deletes are conditional,
+        // so a stale read costs a refused write, never a wrong one.
+        let table = match &self.liveness {
+            Some(_) => self.store.list_eventually().await?,
+            None => self.store.list().await?,
+        };
         let shards = self.kinesis.list_shards(&self.config.stream).await?;
         for lease in plan_new_leases(&shards, &table.leases, self.config.initial_position) {
             if self.store.create_if_absent(&lease).await? {
                 debug!(lease = %lease.key, checkpoint = %lease.checkpoint, "created lease");
+                self.table_changed();
             }
         }
         let now = Instant::now();
@@ -257,7 +300,10 @@ impl ShardSyncer {
         };
         for lease in due {
             match self.store.delete(&lease).await {
-                Ok(()) => debug!(lease = %lease.key, "deleted finished lease"),
+                Ok(()) => {
+                    debug!(lease = %lease.key, "deleted finished lease");
+                    self.table_changed();
+                }
                 Err(e) if e.is_condition_failed() => {}
                 Err(e) => return Err(e.into()),
             }

@@ -116,6 +116,7 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
             lease,
             Instant::now(),
             Duration::from_secs(365 * 24 * 3600),
+            None,
         ));
         let stored = Arc::new(Mutex::new(Vec::new()));
         let mut cp = Checkpointer::new(

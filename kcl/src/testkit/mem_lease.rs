@@ -10,23 +10,138 @@ use super::fault::{FaultKind, Faults, Injected};
 use crate::checkpoint::PendingCheckpoint;
 use crate::lease::capacity::{self, CapacityMeter};
 use crate::lease::item::{self, Item};
+use crate::lease::liveness::{self, Beat, HandoffNotice, WorkerItem, WorkerTable};
 use crate::lease::store::effect;
 use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
 
 /// An in-memory lease table. Clones share the table.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemLeaseStore {
     items: Arc<Mutex<BTreeMap<String, Item>>>,
+    /// The worker table (`None`: this store keeps none, as a Java KCL 2.x table).
+    workers: Option<Arc<Mutex<BTreeMap<String, Item>>>>,
     faults: Faults,
     meter: CapacityMeter,
 }
 
+impl Default for MemLeaseStore {
+    fn default() -> Self {
+        Self {
+            items: Arc::default(),
+            workers: Some(Arc::default()),
+            faults: Faults::default(),
+            meter: CapacityMeter::default(),
+        }
+    }
+}
+
 impl MemLeaseStore {
-    /// An empty table.
+    /// An empty table, with a worker table for per-worker liveness.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table without a worker table: workers renew every lease (as with a store
+    /// that does not implement worker liveness).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use kcl::testkit::MemLeaseStore;
+    /// use kcl::LeaseStore;
+    /// let store = MemLeaseStore::without_worker_table();
+    /// assert!(store.list_workers(false).await.is_err());
+    /// # }
+    /// ```
+    pub fn without_worker_table() -> Self {
+        Self {
+            workers: None,
+            ..Self::default()
+        }
+    }
+
+    /// This store, sharing its lease table, seen by a worker whose store keeps no worker
+    /// table (a Java KCL worker, or an older version of this library).
+    pub fn sharing_without_worker_table(&self) -> Self {
+        Self {
+            workers: None,
+            ..self.clone()
+        }
+    }
+
+    /// Every worker item, decoded (malformed items skipped).
+    pub fn workers(&self) -> Vec<WorkerItem> {
+        self.workers
+            .as_ref()
+            .map(|w| {
+                w.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .filter_map(|i| liveness::decode(i).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn worker_table(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, Item>>, LeaseStoreError> {
+        match &self.workers {
+            Some(w) => Ok(w.lock().unwrap_or_else(|p| p.into_inner())),
+            None => Err(LeaseStoreError::Other(
+                "this in-memory store keeps no worker table".into(),
+            )),
+        }
+    }
+
+    /// A worker-table write after its faults: `f` on the stored item (if any), which returns
+    /// the new item (or `None` to delete it), or `Err` when its condition fails.
+    async fn worker_write(
+        &self,
+        op: &str,
+        worker: &WorkerId,
+        f: impl FnOnce(Option<WorkerItem>) -> Result<Option<WorkerItem>, ()>,
+    ) -> Result<Option<WorkerItem>, LeaseStoreError> {
+        let lose_answer = match self.faults.check(op).await {
+            Ok(()) => false,
+            Err(Injected::Fail(FaultKind::AnswerLost { .. })) => true,
+            Err(Injected::Fail(kind)) => return Err(Self::injected(kind)),
+        };
+        let mut table = self.worker_table()?;
+        let current = table.get(worker.as_str());
+        let before = current.map_or(0, capacity::item_size);
+        let decoded = match current.map(liveness::decode).transpose() {
+            Ok(d) => d,
+            Err(bad) => {
+                self.meter.write(op, before);
+                return Err(bad.into());
+            }
+        };
+        let Ok(next) = f(decoded) else {
+            self.meter.write(op, before);
+            return Err(LeaseStoreError::ConditionFailed {
+                key: LeaseKey::new(worker.as_str()),
+            });
+        };
+        match &next {
+            Some(item) => {
+                let encoded = liveness::encode(item);
+                self.meter
+                    .write(op, before.max(capacity::item_size(&encoded)));
+                table.insert(worker.to_string(), encoded);
+            }
+            None => {
+                self.meter.write(op, before);
+                table.remove(worker.as_str());
+            }
+        }
+        if lose_answer {
+            return Err(LeaseStoreError::Transient(
+                "injected: the write was applied but its answer was lost".into(),
+            ));
+        }
+        Ok(next)
     }
 
     /// The capacity units the requests so far would have consumed on DynamoDB, by operation
@@ -159,6 +274,115 @@ impl LeaseStore for MemLeaseStore {
             }
         }
         Ok(LeaseTable::new(leases, malformed))
+    }
+
+    async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
+        self.faults_for("list").await?;
+        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
+        let items = self.lock();
+        self.meter.read(
+            "list_eventually",
+            items.values().map(capacity::item_size).sum(),
+            false,
+        );
+        for i in items.values() {
+            match item::decode(i) {
+                Ok(Some(l)) => leases.push(l),
+                Ok(None) => {}
+                Err(e) => malformed.push(e),
+            }
+        }
+        Ok(LeaseTable::new(leases, malformed))
+    }
+
+    async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+        let fresh = item.clone();
+        self.worker_write("register_worker", &item.worker, |_| Ok(Some(fresh)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+        let written = self
+            .worker_write("heartbeat", &beat.worker, |current| match current {
+                Some(mut w) if w.incarnation == beat.incarnation && w.fenced_by.is_none() => {
+                    w.heartbeat += 1;
+                    w.lease_count = beat.lease_count;
+                    w.table_changes = beat.table_changes;
+                    w.handoffs.retain(|k| !beat.handled.contains(k));
+                    Ok(Some(w))
+                }
+                _ => Err(()),
+            })
+            .await?;
+        written.ok_or_else(|| LeaseStoreError::Other("heartbeat deleted the item".into()))
+    }
+
+    async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+        self.faults_for("list_workers").await?;
+        let table = self.worker_table()?;
+        self.meter.read(
+            "list_workers",
+            table.values().map(capacity::item_size).sum(),
+            consistent,
+        );
+        let (mut workers, mut malformed) = (Vec::new(), Vec::new());
+        for i in table.values() {
+            match liveness::decode(i) {
+                Ok(w) => workers.push(w),
+                Err(e) => malformed.push(e),
+            }
+        }
+        Ok(WorkerTable::new(workers, malformed))
+    }
+
+    async fn fence_worker(&self, seen: &WorkerItem, by: &WorkerId) -> Result<(), LeaseStoreError> {
+        self.worker_write("fence_worker", &seen.worker, |current| match current {
+            Some(mut w)
+                if w.incarnation == seen.incarnation
+                    && w.heartbeat == seen.heartbeat
+                    && w.fenced_by.is_none() =>
+            {
+                w.fenced_by = Some(by.clone());
+                Ok(Some(w))
+            }
+            _ => Err(()),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn notify_handoff(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        notice: &HandoffNotice,
+    ) -> Result<(), LeaseStoreError> {
+        self.worker_write("notify_handoff", worker, |current| match current {
+            Some(mut w) if w.incarnation == incarnation && w.fenced_by.is_none() => {
+                if !w.handoffs.contains(notice) {
+                    w.handoffs.push(notice.clone());
+                    w.handoffs.sort();
+                }
+                Ok(Some(w))
+            }
+            _ => Err(()),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn remove_worker(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+    ) -> Result<(), LeaseStoreError> {
+        self.worker_write("remove_worker", worker, |current| match current {
+            Some(w) if w.incarnation == incarnation => Ok(None),
+            _ => Err(()),
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {

@@ -144,10 +144,17 @@ impl Worker {
         info!(stream = %cfg.stream, table = %cfg.table_name, "starting worker");
         self.store.ensure_table().await?;
 
+        let coordinator = Arc::new(LeaseCoordinator::new(
+            self.store.clone(),
+            cfg.worker_id.clone(),
+            &cfg,
+        ));
         let sync_now = Arc::new(Notify::new());
-        let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone());
         // The first sync must succeed before any lease is taken.
+        let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone());
         syncer.sync_at_start(&self.shutdown).await?;
+        coordinator.start_liveness(&self.shutdown).await;
+        let syncer = syncer.with_liveness(coordinator.liveness());
         let consumer_arn = match &cfg.retrieval {
             Retrieval::FanOut { consumer_name } => Some(
                 self.kinesis
@@ -157,11 +164,6 @@ impl Worker {
             _ => None,
         };
 
-        let coordinator = Arc::new(LeaseCoordinator::new(
-            self.store.clone(),
-            cfg.worker_id.clone(),
-            &cfg,
-        ));
         let background = CancellationToken::new();
         let renewer_stop = CancellationToken::new();
         let (acquired_tx, mut acquired_rx) = mpsc::channel(64);
@@ -247,6 +249,10 @@ impl Worker {
         }
         renewer_stop.cancel();
         let _ = renewer.await;
+        if drained.is_ok() {
+            // Every lease was released: peers may count this worker gone at once.
+            coordinator.deregister().await;
+        }
         let _ = syncer_task.await;
         info!("worker stopped");
         Ok(())
@@ -333,6 +339,7 @@ pub struct WorkerBuilder {
     shutdown_timeout: Option<Duration>,
     quarantine: Option<Duration>,
     heartbeat: Option<Heartbeat>,
+    lease_liveness: Option<crate::config::LeaseLiveness>,
     checkpoint_policy: Option<CheckpointPolicy>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
@@ -392,6 +399,10 @@ impl WorkerBuilder {
         /// Where held leases are renewed (default: a thread of their own; use
         /// [`Heartbeat::Task`] under tokio's paused clock).
         heartbeat: Heartbeat,
+        /// How peers tell this worker's leases are alive (default
+        /// [`LeaseLiveness::PerWorker`](crate::config::LeaseLiveness::PerWorker): one
+        /// heartbeat item per worker; `PerLease` while Java KCL workers may join the fleet).
+        lease_liveness: crate::config::LeaseLiveness,
         /// Who checkpoints, and how often (default [`CheckpointPolicy::Manual`]: the
         /// processor, by itself). With an automatic policy the worker also checkpoints what
         /// was processed before a graceful shutdown or handoff releases the lease.
@@ -509,6 +520,7 @@ impl WorkerBuilder {
             shutdown_timeout,
             quarantine,
             heartbeat,
+            lease_liveness,
             checkpoint_policy
         );
         cfg.validate()?;

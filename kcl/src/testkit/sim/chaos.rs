@@ -313,7 +313,29 @@ impl Driver {
             slot: to,
             what: format!("asks for {key} (held by {:?})", lease.owner),
         });
+        // As the taker does: the owner's liveness item is told first (it must not miss the
+        // request), then the lease is read fresh and asked for.
+        let owner_item = lease
+            .owner
+            .as_ref()
+            .and_then(|o| self.leases.workers().into_iter().find(|w| &w.worker == o));
+        let nonce = self.extra.random::<u64>();
         tokio::spawn(async move {
+            let mut lease = lease;
+            if let Some(item) = owner_item {
+                let notice = crate::lease::liveness::HandoffNotice::new(lease.key.clone(), nonce);
+                if store
+                    .notify_handoff(&item.worker, item.incarnation, &notice)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                match store.get(&lease.key).await {
+                    Ok(Some(fresh)) if fresh.owner == lease.owner => lease = fresh,
+                    _ => return,
+                }
+            }
             let _ = store.request_handoff(&lease, &to_id).await;
         });
         self.stats.handoff_requests += 1;

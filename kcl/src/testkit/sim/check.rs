@@ -283,6 +283,8 @@ pub(crate) fn check(
     let mut max_checkpoint: BTreeMap<LeaseKey, ExtendedSequenceNumber> = BTreeMap::new();
     // The incarnation of the last applied write of each lease.
     let mut last_writer: BTreeMap<LeaseKey, Inc> = BTreeMap::new();
+    // Per incarnation that beats (per-worker liveness): until when its heartbeat says it is valid.
+    let mut beats: BTreeMap<Inc, Duration> = BTreeMap::new();
     // idx → (entry index, position in batch) of its first delivery.
     let mut first: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
     let mut distinct = BTreeSet::new();
@@ -587,7 +589,12 @@ pub(crate) fn check(
                 if let Some(t) = holder {
                     let key = LeaseKey::for_shard(shard);
                     let own = last_writer.get(&key) == Some(inc) && !t.lapsed && !t.lost;
-                    if let Some(until) = t.valid_until.filter(|u| own && e.at < *u) {
+                    // A worker that beats is valid by its heartbeat, not its lease writes.
+                    let valid_until = match beats.get(inc) {
+                        Some(until) => Some(*until),
+                        None => t.valid_until,
+                    };
+                    if let Some(until) = valid_until.filter(|u| own && e.at < *u) {
                         v.push(Violation::new(
                             Invariant::FalseLeaseLoss,
                             at,
@@ -602,7 +609,22 @@ pub(crate) fn check(
                     t.lost = true;
                 }
             }
-            Event::Acked { inc, key, sent } => {
+            Event::Beat { inc, sent } => {
+                let until = *sent + lease_duration;
+                let lapsed = beats.get(inc).is_some_and(|u| e.at >= *u);
+                if lapsed {
+                    // Peers may have judged it dead meanwhile: what it held is not its own
+                    // any more, whatever it believes.
+                    for t in tenures.values_mut().filter_map(|ts| ts.last_mut()) {
+                        if t.inc == *inc {
+                            t.lapsed = true;
+                        }
+                    }
+                }
+                let b = beats.entry(*inc).or_insert(until);
+                *b = (*b).max(until);
+            }
+            Event::Acked { inc, key, sent } if !beats.contains_key(inc) => {
                 let holder = tenures
                     .get_mut(key)
                     .and_then(|ts| ts.last_mut())

@@ -454,8 +454,8 @@ impl Driver {
     }
 
     /// Waits until the fleet is stable for three rounds in a row: balanced, no lease changed
-    /// hands, and every active lease renewed since the previous round (its owner really holds
-    /// it). A round is longer than both the taker and the renewal intervals.
+    /// hands, and every active lease renewed since the previous round, or its owner's
+    /// heartbeat moved and publishes what the table says it owns (its owner really holds it). A round is longer than both the taker and the renewal intervals.
     async fn balance(&mut self) {
         self.rec.push(Event::Phase("balance"));
         let t = &self.sim.timing;
@@ -463,6 +463,7 @@ impl Driver {
         let deadline = self.rec.now() + Duration::from_secs(120).max(t.lease_duration * 12);
         let (mut stable, mut still) = (0, 0);
         let mut last: BTreeMap<crate::lease::LeaseKey, (Option<WorkerId>, u64)> = BTreeMap::new();
+        let mut last_workers: BTreeMap<WorkerId, (u64, u64, u64)> = BTreeMap::new();
         loop {
             self.reap(false);
             for i in 0..self.slots.len() {
@@ -481,11 +482,36 @@ impl Driver {
                 || now
                     .iter()
                     .any(|(k, (owner, _))| last.get(k).is_none_or(|l| l.0 != *owner));
+            // With per-worker liveness an owner renews its item, not its leases: it really
+            // holds them if its heartbeat moved and the count it publishes is what it owns.
+            let workers: BTreeMap<WorkerId, (u64, u64, u64)> = self
+                .leases
+                .workers()
+                .into_iter()
+                .filter(|w| w.fenced_by.is_none())
+                .map(|w| (w.worker, (w.incarnation, w.heartbeat, w.lease_count)))
+                .collect();
+            let mut owned: BTreeMap<&WorkerId, u64> = BTreeMap::new();
+            for (owner, _) in now.values() {
+                if let Some(o) = owner {
+                    *owned.entry(o).or_default() += 1;
+                }
+            }
+            let beating = |o: &WorkerId| {
+                let (Some(w), Some(w0)) = (workers.get(o), last_workers.get(o)) else {
+                    return false;
+                };
+                (w.0, w.1) != (w0.0, w0.1) && w.2 == owned.get(o).copied().unwrap_or(0)
+            };
             let stale: Vec<String> = now
                 .iter()
-                .filter(|(k, (_, counter))| last.get(*k).is_some_and(|l| l.1 == *counter))
+                .filter(|(k, (owner, counter))| {
+                    last.get(*k).is_some_and(|l| l.1 == *counter)
+                        && !owner.as_ref().is_some_and(beating)
+                })
                 .map(|(k, (owner, _))| format!("{k} ({owner:?})"))
                 .collect();
+            last_workers = workers;
             last = now;
             still = if moved { 0 } else { still + 1 };
             let live: BTreeSet<WorkerId> = self

@@ -252,6 +252,14 @@ pub enum Event {
         /// When the write was sent.
         sent: Duration,
     },
+    /// A heartbeat's answer reached its worker (per-worker liveness), which then counts every
+    /// lease it holds valid for `lease_duration` from when it sent the heartbeat.
+    Beat {
+        /// The incarnation.
+        inc: Inc,
+        /// When the heartbeat was sent.
+        sent: Duration,
+    },
     /// A dead incarnation's task tried to reach a backend (it is held forever).
     Zombie {
         /// The incarnation.

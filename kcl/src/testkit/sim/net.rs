@@ -27,6 +27,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::log::{Event, Inc, LeaseView, Op, Outcome, Recorder};
+use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
 use crate::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
 use crate::record::ExtendedSequenceNumber;
 use crate::retrieval::kinesis::SubscriptionStream;
@@ -274,6 +275,28 @@ pub(crate) struct SimLeaseStore {
 }
 
 impl SimLeaseStore {
+    /// The answer of a worker-table write on its way back: maybe lost. A lost answer of a
+    /// write whose retry would fail its condition (`conditional`: fence, remove) may come
+    /// back as that failure; others (heartbeat, notify, register) succeed when retried, so
+    /// only a timeout can stand for their lost answer.
+    async fn worker_answer<T>(
+        &self,
+        worker: &WorkerId,
+        result: Result<T, LeaseStoreError>,
+        conditional: bool,
+    ) -> Result<T, LeaseStoreError> {
+        let result = match result {
+            Ok(v) => match self.net.lose_response(&LeaseKey::new(worker.as_str())) {
+                Some(e) if conditional || !e.is_condition_failed() => Err(e),
+                Some(_) => Err(transient("simulated lost response (the write was applied)")),
+                None => Ok(v),
+            },
+            e => e,
+        };
+        self.net.after_lease_call("worker").await;
+        result
+    }
+
     /// Logs a write that reached the table, then maybe loses its response.
     fn after_write<T>(
         &self,
@@ -355,6 +378,66 @@ impl LeaseStore for SimLeaseStore {
         let r = self.inner.list().await;
         self.net.after_lease_call("list").await;
         r
+    }
+
+    async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
+        self.net.before_lease_call("list").await?;
+        let r = self.inner.list_eventually().await;
+        self.net.after_lease_call("list").await;
+        r
+    }
+
+    async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("register_worker").await?;
+        let r = self.inner.register_worker(item).await;
+        self.worker_answer(&item.worker, r, false).await
+    }
+
+    async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+        let sent = self.net.before_lease_call("heartbeat").await?;
+        let r = self.inner.heartbeat(beat).await;
+        let r = self.worker_answer(&beat.worker, r, false).await;
+        if r.is_ok() {
+            self.net.rec.push(Event::Beat {
+                inc: self.net.inc,
+                sent,
+            });
+        }
+        r
+    }
+
+    async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+        self.net.before_lease_call("list_workers").await?;
+        let r = self.inner.list_workers(consistent).await;
+        self.net.after_lease_call("list_workers").await;
+        r
+    }
+
+    async fn fence_worker(&self, seen: &WorkerItem, by: &WorkerId) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("fence_worker").await?;
+        let r = self.inner.fence_worker(seen, by).await;
+        self.worker_answer(&seen.worker, r, true).await
+    }
+
+    async fn notify_handoff(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        notice: &HandoffNotice,
+    ) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("notify_handoff").await?;
+        let r = self.inner.notify_handoff(worker, incarnation, notice).await;
+        self.worker_answer(worker, r, false).await
+    }
+
+    async fn remove_worker(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+    ) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("remove_worker").await?;
+        let r = self.inner.remove_worker(worker, incarnation).await;
+        self.worker_answer(worker, r, true).await
     }
 
     async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
