@@ -67,6 +67,7 @@ use aws_sdk_dynamodb::types::{
 use aws_smithy_types::Blob;
 
 use super::item::{self, attr, AttrValue, Item};
+use super::liveness::{self, Beat, HandoffNotice, WorkerItem, WorkerTable};
 use super::store::effect;
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable, WorkerId};
 use crate::checkpoint::PendingCheckpoint;
@@ -102,6 +103,8 @@ pub struct DynamoLeaseStore {
     table: String,
     ready_timeout: Duration,
     scan_page_size: Option<i32>,
+    /// Set once `ensure_table` found (or created) the worker table.
+    workers_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DynamoLeaseStore {
@@ -140,6 +143,7 @@ impl DynamoLeaseStore {
             table: table.into(),
             ready_timeout: DEFAULT_TABLE_READY_TIMEOUT,
             scan_page_size: None,
+            workers_ready: std::sync::Arc::default(),
         }
     }
 
@@ -204,6 +208,107 @@ impl DynamoLeaseStore {
         &self.table
     }
 
+    /// The worker table's name: the lease table's, plus `-workers` (one liveness item per
+    /// worker; see [`crate::lease::liveness`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: aws_sdk_dynamodb::Client) {
+    /// use kcl::lease::dynamo::DynamoLeaseStore;
+    /// assert_eq!(DynamoLeaseStore::new(client, "orders-app").worker_table(), "orders-app-workers");
+    /// # }
+    /// ```
+    pub fn worker_table(&self) -> String {
+        format!("{}-workers", self.table)
+    }
+
+    fn workers_ready(&self) -> Result<String, LeaseStoreError> {
+        if self.workers_ready.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(self.worker_table())
+        } else {
+            Err(LeaseStoreError::Other(
+                format!(
+                    "the worker table {:?} is not available",
+                    self.worker_table()
+                )
+                .into(),
+            ))
+        }
+    }
+
+    /// Scans `table_name` whole, page by page.
+    async fn scan_all(
+        &self,
+        table_name: &str,
+        consistent: bool,
+    ) -> Result<Vec<Item>, LeaseStoreError> {
+        let mut items = Vec::new();
+        let mut start_key = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(table_name)
+                .consistent_read(consistent)
+                .set_limit(self.scan_page_size)
+                .set_exclusive_start_key(start_key.take())
+                .send()
+                .await
+                .map_err(|e| classify("Scan", table_name, e))?;
+            items.extend(out.items.unwrap_or_default().into_iter().map(from_sdk_item));
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start_key = Some(k),
+                _ => break,
+            }
+        }
+        Ok(items)
+    }
+
+    async fn list_with(&self, consistent: bool) -> Result<LeaseTable, LeaseStoreError> {
+        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
+        for raw in self.scan_all(&self.table, consistent).await? {
+            match item::decode(&raw) {
+                Ok(Some(lease)) => leases.push(lease),
+                Ok(None) => {}
+                Err(bad) => malformed.push(bad),
+            }
+        }
+        Ok(LeaseTable::new(leases, malformed))
+    }
+
+    /// An `UpdateItem` on a worker item, conditional on `condition`.
+    async fn update_worker(
+        &self,
+        op: &'static str,
+        worker: &WorkerId,
+        update: Update,
+        condition: String,
+        return_new: bool,
+    ) -> Result<Option<Item>, LeaseStoreError> {
+        let table = self.workers_ready()?;
+        let expression = update.expression();
+        let out = self
+            .client
+            .update_item()
+            .table_name(&table)
+            .key(
+                liveness::attr::WORKER_ID,
+                AttributeValue::S(worker.as_str().to_owned()),
+            )
+            .update_expression(expression)
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(update.names))
+            .set_expression_attribute_values(Some(update.values))
+            .return_values(if return_new {
+                aws_sdk_dynamodb::types::ReturnValue::AllNew
+            } else {
+                aws_sdk_dynamodb::types::ReturnValue::None
+            })
+            .send()
+            .await
+            .map_err(|e| fenced(op, &table, &LeaseKey::new(worker.as_str()), e))?;
+        Ok(out.attributes.map(from_sdk_item))
+    }
+
     /// Writes `item` as it is, unconditionally, replacing any item with the same `leaseKey`.
     ///
     /// A test and operations helper (seeding tables, reproducing malformed items); the worker
@@ -265,21 +370,25 @@ impl DynamoLeaseStore {
     }
 
     /// `DescribeTable`: the table's status, `None` if it does not exist.
-    async fn table_status(&self) -> Result<Option<TableStatus>, LeaseStoreError> {
+    async fn table_status(
+        &self,
+        table_name: &str,
+        key: &str,
+    ) -> Result<Option<TableStatus>, LeaseStoreError> {
         match self
             .client
             .describe_table()
-            .table_name(&self.table)
+            .table_name(table_name)
             .send()
             .await
         {
             Ok(out) => {
                 let Some(table) = out.table else {
                     return Err(LeaseStoreError::Other(
-                        format!("DescribeTable on {:?} returned no table", self.table).into(),
+                        format!("DescribeTable on {table_name:?} returned no table").into(),
                     ));
                 };
-                self.check_key_schema(&table)?;
+                check_key_schema(table_name, key, &table)?;
                 Ok(Some(
                     table
                         .table_status
@@ -291,59 +400,27 @@ impl DynamoLeaseStore {
             {
                 Ok(None)
             }
-            Err(e) => Err(classify("DescribeTable", &self.table, e)),
+            Err(e) => Err(classify("DescribeTable", table_name, e)),
         }
     }
 
-    /// Rejects an existing table whose hash key is not `leaseKey` (it is not a lease table).
-    fn check_key_schema(
-        &self,
-        table: &aws_sdk_dynamodb::types::TableDescription,
-    ) -> Result<(), LeaseStoreError> {
-        let hash = table
-            .key_schema()
-            .iter()
-            .find(|k| k.key_type() == &KeyType::Hash);
-        match hash {
-            // Nothing reported (some emulators omit it): nothing to check.
-            None => Ok(()),
-            Some(k) if k.attribute_name() == attr::LEASE_KEY && table.key_schema().len() == 1 => {
-                Ok(())
-            }
-            Some(_) => Err(LeaseStoreError::Other(
-                format!(
-                    "table {:?} exists but is not a lease table: its key must be the HASH key \
-                     {:?} alone, found {:?}",
-                    self.table,
-                    attr::LEASE_KEY,
-                    table
-                        .key_schema()
-                        .iter()
-                        .map(|k| format!("{} {}", k.attribute_name(), k.key_type().as_str()))
-                        .collect::<Vec<_>>()
-                )
-                .into(),
-            )),
-        }
-    }
-
-    /// `CreateTable` with the lease schema; a concurrent creator's table is fine.
-    async fn create_table(&self) -> Result<(), LeaseStoreError> {
+    /// `CreateTable` with `key_attr` as hash key; a concurrent creator's table is fine.
+    async fn create_table(&self, table_name: &str, key_attr: &str) -> Result<(), LeaseStoreError> {
         let build_err = |e: aws_sdk_dynamodb::error::BuildError| LeaseStoreError::Other(e.into());
         let key = KeySchemaElement::builder()
-            .attribute_name(attr::LEASE_KEY)
+            .attribute_name(key_attr)
             .key_type(KeyType::Hash)
             .build()
             .map_err(build_err)?;
         let def = AttributeDefinition::builder()
-            .attribute_name(attr::LEASE_KEY)
+            .attribute_name(key_attr)
             .attribute_type(ScalarAttributeType::S)
             .build()
             .map_err(build_err)?;
         match self
             .client
             .create_table()
-            .table_name(&self.table)
+            .table_name(table_name)
             .key_schema(key)
             .attribute_definitions(def)
             .billing_mode(BillingMode::PayPerRequest)
@@ -351,7 +428,7 @@ impl DynamoLeaseStore {
             .await
         {
             Ok(_) => {
-                tracing::info!(table = %self.table, "created the lease table");
+                tracing::info!(table = %table_name, "created the table");
                 Ok(())
             }
             Err(e)
@@ -359,10 +436,52 @@ impl DynamoLeaseStore {
                     .is_some_and(|s| s.is_resource_in_use_exception())
                     || e.code() == Some("ResourceInUseException") =>
             {
-                tracing::debug!(table = %self.table, "the lease table is being created by another worker");
+                tracing::debug!(table = %table_name, "the table is being created by another worker");
                 Ok(())
             }
-            Err(e) => Err(classify("CreateTable", &self.table, e)),
+            Err(e) => Err(classify("CreateTable", table_name, e)),
+        }
+    }
+
+    /// Creates `table_name` (hash key `key`) if it does not exist and waits until it is
+    /// active.
+    async fn ensure(&self, table_name: &str, key: &str) -> Result<(), LeaseStoreError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.ready_timeout;
+        let mut last_status = None;
+        loop {
+            let step = match self.table_status(table_name, key).await {
+                Ok(Some(TableStatus::Active)) => {
+                    tracing::debug!(table = %table_name, waited = ?started.elapsed(), "the table is active");
+                    return Ok(());
+                }
+                Ok(Some(status)) => {
+                    last_status = Some(status);
+                    Ok(())
+                }
+                Ok(None) => self.create_table(table_name, key).await,
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(()) => {}
+                // The SDK already retried; keep trying until the deadline.
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(table = %table_name, error = %e, "setting up the table failed; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LeaseStoreError::Other(
+                    format!(
+                        "the table {:?} did not become ACTIVE within {:?} (last status: {})",
+                        table_name,
+                        self.ready_timeout,
+                        last_status.as_ref().map_or("not found", |s| s.as_str())
+                    )
+                    .into(),
+                ));
+            }
+            tokio::time::sleep(TABLE_POLL_INTERVAL).await;
         }
     }
 
@@ -392,75 +511,192 @@ impl DynamoLeaseStore {
     }
 }
 
+/// `incarnation = :inc AND attribute_not_exists(fencedBy)`: the item is still that
+/// incarnation's and nobody declared it dead.
+fn worker_condition(u: &mut Update, incarnation: u64) -> String {
+    let inc = u.name(liveness::attr::INCARNATION);
+    let seen = u.value(number(incarnation));
+    let fenced_by = u.name(liveness::attr::FENCED_BY);
+    format!("{inc} = {seen} AND attribute_not_exists({fenced_by})")
+}
+
+/// Rejects an existing table whose hash key is not `key` alone (it is not one of ours).
+fn check_key_schema(
+    table_name: &str,
+    key: &str,
+    table: &aws_sdk_dynamodb::types::TableDescription,
+) -> Result<(), LeaseStoreError> {
+    let hash = table
+        .key_schema()
+        .iter()
+        .find(|k| k.key_type() == &KeyType::Hash);
+    match hash {
+        // Nothing reported (some emulators omit it): nothing to check.
+        None => Ok(()),
+        Some(k) if k.attribute_name() == key && table.key_schema().len() == 1 => Ok(()),
+        Some(_) => Err(LeaseStoreError::Other(
+            format!(
+                "table {:?} exists but is not a {}: its key must be the HASH key {:?} \
+                 alone, found {:?}",
+                table_name,
+                if key == attr::LEASE_KEY {
+                    "lease table"
+                } else {
+                    "worker table"
+                },
+                key,
+                table
+                    .key_schema()
+                    .iter()
+                    .map(|k| format!("{} {}", k.attribute_name(), k.key_type().as_str()))
+                    .collect::<Vec<_>>()
+            )
+            .into(),
+        )),
+    }
+}
+
 #[async_trait]
 impl LeaseStore for DynamoLeaseStore {
     async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
-        let started = tokio::time::Instant::now();
-        let deadline = started + self.ready_timeout;
-        let mut last_status = None;
-        loop {
-            let step = match self.table_status().await {
-                Ok(Some(TableStatus::Active)) => {
-                    tracing::debug!(table = %self.table, waited = ?started.elapsed(), "the lease table is active");
-                    return Ok(());
-                }
-                Ok(Some(status)) => {
-                    last_status = Some(status);
-                    Ok(())
-                }
-                Ok(None) => self.create_table().await,
-                Err(e) => Err(e),
-            };
-            match step {
-                Ok(()) => {}
-                // The SDK already retried; keep trying until the deadline.
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(table = %self.table, error = %e, "setting up the lease table failed; retrying");
-                }
-                Err(e) => return Err(e),
+        self.ensure(&self.table, attr::LEASE_KEY).await?;
+        // The worker table: without it (no permission to create or use it) workers renew
+        // every lease instead, which works, at the Java KCL's cost.
+        let workers = self.worker_table();
+        match self.ensure(&workers, liveness::attr::WORKER_ID).await {
+            Ok(()) => self
+                .workers_ready
+                .store(true, std::sync::atomic::Ordering::SeqCst),
+            Err(e) if !e.is_retryable() => {
+                tracing::warn!(table = %workers, error = %e, "the worker table cannot be used: every lease will be renewed, at a higher cost");
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(LeaseStoreError::Other(
-                    format!(
-                        "the lease table {:?} did not become ACTIVE within {:?} (last status: {})",
-                        self.table,
-                        self.ready_timeout,
-                        last_status.as_ref().map_or("not found", |s| s.as_str())
-                    )
-                    .into(),
-                ));
-            }
-            tokio::time::sleep(TABLE_POLL_INTERVAL).await;
+            Err(e) => return Err(e),
         }
+        Ok(())
     }
 
     async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
-        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
-        let mut start_key = None;
-        loop {
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .set_limit(self.scan_page_size)
-                .set_exclusive_start_key(start_key.take())
-                .send()
-                .await
-                .map_err(|e| classify("Scan", &self.table, e))?;
-            for raw in out.items.unwrap_or_default() {
-                match item::decode(&from_sdk_item(raw)) {
-                    Ok(Some(lease)) => leases.push(lease),
-                    Ok(None) => {}
-                    Err(bad) => malformed.push(bad),
-                }
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start_key = Some(k),
-                _ => break,
+        self.list_with(true).await
+    }
+
+    async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
+        self.list_with(false).await
+    }
+
+    async fn register_worker(&self, w: &WorkerItem) -> Result<(), LeaseStoreError> {
+        let table = self.workers_ready()?;
+        let item = to_sdk_item(liveness::encode(w))?;
+        self.client
+            .put_item()
+            .table_name(&table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("PutItem(register worker)", &table, e))
+    }
+
+    async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+        let mut u = Update::default();
+        let hb = u.name(liveness::attr::HEARTBEAT);
+        let one = u.value(number(1));
+        u.set
+            .push(format!("{hb} = if_not_exists({hb}, {one}) + {one}"));
+        u.set(liveness::attr::LEASE_COUNT, number(beat.lease_count));
+        if beat.table_changes > 0 {
+            u.set(liveness::attr::TABLE_CHANGES, number(beat.table_changes));
+        }
+        if !beat.handled.is_empty() {
+            let ho = u.name(liveness::attr::HANDOFFS);
+            let set = u.value(AttributeValue::Ss(
+                beat.handled.iter().map(ToString::to_string).collect(),
+            ));
+            u.delete.push(format!("{ho} {set}"));
+        }
+        let condition = worker_condition(&mut u, beat.incarnation);
+        let item = self
+            .update_worker("UpdateItem(heartbeat)", &beat.worker, u, condition, true)
+            .await?
+            .ok_or_else(|| LeaseStoreError::Other("the heartbeat returned no item".into()))?;
+        Ok(liveness::decode(&item)?)
+    }
+
+    async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+        let table = self.workers_ready()?;
+        let (mut workers, mut malformed) = (Vec::new(), Vec::new());
+        for raw in self.scan_all(&table, consistent).await? {
+            match liveness::decode(&raw) {
+                Ok(w) => workers.push(w),
+                Err(bad) => malformed.push(bad),
             }
         }
-        Ok(LeaseTable::new(leases, malformed))
+        Ok(WorkerTable::new(workers, malformed))
+    }
+
+    async fn fence_worker(&self, seen: &WorkerItem, by: &WorkerId) -> Result<(), LeaseStoreError> {
+        let mut u = Update::default();
+        u.set(
+            liveness::attr::FENCED_BY,
+            AttributeValue::S(by.as_str().to_owned()),
+        );
+        let mut condition = worker_condition(&mut u, seen.incarnation);
+        let hb = u.name(liveness::attr::HEARTBEAT);
+        let seen_hb = u.value(number(seen.heartbeat));
+        condition.push_str(&format!(" AND {hb} = {seen_hb}"));
+        self.update_worker(
+            "UpdateItem(fence worker)",
+            &seen.worker,
+            u,
+            condition,
+            false,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn notify_handoff(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        notice: &HandoffNotice,
+    ) -> Result<(), LeaseStoreError> {
+        let mut u = Update::default();
+        let ho = u.name(liveness::attr::HANDOFFS);
+        let set = u.value(AttributeValue::Ss(vec![notice.to_string()]));
+        u.add.push(format!("{ho} {set}"));
+        let condition = worker_condition(&mut u, incarnation);
+        self.update_worker("UpdateItem(notify handoff)", worker, u, condition, false)
+            .await
+            .map(|_| ())
+    }
+
+    async fn remove_worker(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+    ) -> Result<(), LeaseStoreError> {
+        let table = self.workers_ready()?;
+        self.client
+            .delete_item()
+            .table_name(&table)
+            .key(
+                liveness::attr::WORKER_ID,
+                AttributeValue::S(worker.as_str().to_owned()),
+            )
+            .condition_expression("#inc = :inc")
+            .expression_attribute_names("#inc", liveness::attr::INCARNATION)
+            .expression_attribute_values(":inc", number(incarnation))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                fenced(
+                    "DeleteItem(remove worker)",
+                    &table,
+                    &LeaseKey::new(worker.as_str()),
+                    e,
+                )
+            })
     }
 
     async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
@@ -701,6 +937,10 @@ struct Update {
     values: HashMap<String, AttributeValue>,
     set: Vec<String>,
     remove: Vec<String>,
+    /// `ADD` clauses (`#name :value`).
+    add: Vec<String>,
+    /// `DELETE` clauses (`#set :elements`).
+    delete: Vec<String>,
 }
 
 impl Update {
@@ -787,6 +1027,16 @@ impl Update {
             }
             e.push_str("REMOVE ");
             e.push_str(&self.remove.join(", "));
+        }
+        for (clause, parts) in [("ADD", &self.add), ("DELETE", &self.delete)] {
+            if !parts.is_empty() {
+                if !e.is_empty() {
+                    e.push(' ');
+                }
+                e.push_str(clause);
+                e.push(' ');
+                e.push_str(&parts.join(", "));
+            }
         }
         e
     }

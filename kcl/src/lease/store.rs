@@ -202,7 +202,7 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// the Java KCL 2.x does.
     async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
         let _ = item;
-        Err(no_worker_table(self))
+        Err(no_worker_table::<Self>())
     }
 
     /// Heartbeat: `heartbeat` + 1, `leaseCount` and `tableChanges` set, the `handled` keys
@@ -211,20 +211,20 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Returns the item after the write.
     async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
         let _ = beat;
-        Err(no_worker_table(self))
+        Err(no_worker_table::<Self>())
     }
 
     /// Reads every worker item (strongly consistent if `consistent`).
     async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
         let _ = consistent;
-        Err(no_worker_table(self))
+        Err(no_worker_table::<Self>())
     }
 
     /// Declares a worker dead: `fencedBy` = `by`, if the item's `incarnation` and `heartbeat`
     /// are still those of `seen` and it is not fenced yet.
     async fn fence_worker(&self, seen: &WorkerItem, by: &WorkerId) -> Result<(), LeaseStoreError> {
         let _ = (seen, by);
-        Err(no_worker_table(self))
+        Err(no_worker_table::<Self>())
     }
 
     /// Asks a worker to hand a lease over: adds `notice` to `handoffs`, if the item's
@@ -236,7 +236,7 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         notice: &HandoffNotice,
     ) -> Result<(), LeaseStoreError> {
         let _ = (worker, incarnation, notice);
-        Err(no_worker_table(self))
+        Err(no_worker_table::<Self>())
     }
 
     /// Deletes a worker's item, if its `incarnation` is still `incarnation`.
@@ -246,7 +246,7 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         incarnation: u64,
     ) -> Result<(), LeaseStoreError> {
         let _ = (worker, incarnation);
-        Err(no_worker_table(self))
+        Err(no_worker_table::<Self>())
     }
 
     /// Graceful handoff, step 1 (the new owner): `leaseOwner` = `new_owner`,
@@ -269,8 +269,8 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Lease, LeaseStoreError>;
 }
 
-fn no_worker_table(store: &(impl fmt::Debug + ?Sized)) -> LeaseStoreError {
-    LeaseStoreError::Other(format!("{store:?} keeps no worker table").into())
+fn no_worker_table<S: ?Sized>() -> LeaseStoreError {
+    LeaseStoreError::Other(format!("{} keeps no worker table", std::any::type_name::<S>()).into())
 }
 
 /// Applies the effect of a successful write to the caller's copy: what every implementation

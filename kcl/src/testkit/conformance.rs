@@ -140,6 +140,8 @@ async fn run_protocol_cases(store: &dyn LeaseStore, concurrent: bool) {
     release(&cx).await;
     resolve_latest(&cx).await;
     two_phase_checkpoint(&cx).await;
+    eventually_consistent_list(&cx).await;
+    worker_liveness(&cx).await;
     delete(&cx).await;
     graceful_handoff(&cx).await;
     handoff_ended_by_a_take(&cx).await;
@@ -1015,6 +1017,187 @@ async fn resolve_latest(cx: &Cx<'_>) {
 /// Two-phase checkpoints: prepare stores the pending checkpoint and its binary state without
 /// moving the checkpoint; a checkpoint clears both; clearing without a checkpoint works too;
 /// only the owner (or the old owner during a handoff) may prepare.
+/// `list_eventually` reads the same leases as `list` once writes settled.
+async fn eventually_consistent_list(cx: &Cx<'_>) {
+    const CASE: &str = "eventually_consistent_list";
+    let lease = cx.lease("eventual");
+    cx.create(CASE, &lease).await;
+    let mut seen = false;
+    for _ in 0..20 {
+        let table = must(CASE, "list_eventually", cx.store.list_eventually().await);
+        if table.leases.iter().any(|l| l == &lease) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    check(
+        seen,
+        CASE,
+        format!("list_eventually never returned {}", lease.key),
+    );
+}
+
+/// The worker table: register, heartbeat (fenced by incarnation and `fencedBy`), handoff
+/// notices removed one by one, fencing conditional on the heartbeat seen, removal. A store
+/// that keeps no worker table refuses every call with `Other` (workers then renew per lease).
+async fn worker_liveness(cx: &Cx<'_>) {
+    use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem};
+    const CASE: &str = "worker_liveness";
+    let me = WorkerId::new(cx.key("worker"));
+    let key = LeaseKey::new(me.as_str());
+    let item = WorkerItem::new(me.clone(), 17);
+    match cx.store.register_worker(&item).await {
+        Err(LeaseStoreError::Other(_)) => {
+            let listed = cx.store.list_workers(true).await;
+            check(
+                matches!(listed, Err(LeaseStoreError::Other(_))),
+                CASE,
+                format!("register_worker refused, but list_workers answered {listed:?}"),
+            );
+            return;
+        }
+        other => must(CASE, "register_worker", other),
+    }
+    let find = |table: crate::lease::liveness::WorkerTable| {
+        table.workers.into_iter().find(|w| w.worker == me)
+    };
+    let listed = find(must(
+        CASE,
+        "list_workers",
+        cx.store.list_workers(true).await,
+    ));
+    check(
+        listed.as_ref() == Some(&item),
+        CASE,
+        format!("registered {item:?}, listed {listed:?}"),
+    );
+    condition_failed(
+        CASE,
+        "heartbeat of another incarnation",
+        &key,
+        cx.store.heartbeat(&Beat::new(me.clone(), 18)).await,
+    );
+    let beat = Beat::new(me.clone(), 17).lease_count(3).table_changes(2);
+    let after = must(CASE, "heartbeat", cx.store.heartbeat(&beat).await);
+    check(
+        after.heartbeat == item.heartbeat + 1 && after.lease_count == 3 && after.table_changes == 2,
+        CASE,
+        format!("after one heartbeat: {after:?}"),
+    );
+    // Notices: two requests for one lease stay apart; the owner removes only what it handled.
+    let lease = LeaseKey::new(cx.key("asked"));
+    let (first, second) = (
+        HandoffNotice::new(lease.clone(), 1),
+        HandoffNotice::new(lease.clone(), 2),
+    );
+    condition_failed(
+        CASE,
+        "notice to another incarnation",
+        &key,
+        cx.store.notify_handoff(&me, 18, &first).await,
+    );
+    must(
+        CASE,
+        "notify",
+        cx.store.notify_handoff(&me, 17, &first).await,
+    );
+    must(
+        CASE,
+        "notify",
+        cx.store.notify_handoff(&me, 17, &second).await,
+    );
+    let asked = must(CASE, "heartbeat", cx.store.heartbeat(&beat).await);
+    check(
+        asked.handoffs == vec![first.clone(), second.clone()],
+        CASE,
+        format!("two notices, the heartbeat returned {:?}", asked.handoffs),
+    );
+    let handled = beat.clone().handled(vec![first.clone()]);
+    let after = must(CASE, "heartbeat", cx.store.heartbeat(&handled).await);
+    check(
+        after.handoffs == vec![second.clone()],
+        CASE,
+        format!("handled the first notice, left {:?}", after.handoffs),
+    );
+    // Fencing: only on the heartbeat seen; then heartbeats and notices fail.
+    let mut stale = after.clone();
+    stale.heartbeat -= 1;
+    let peer = WorkerId::new(cx.key("peer"));
+    condition_failed(
+        CASE,
+        "fence on a stale heartbeat",
+        &key,
+        cx.store.fence_worker(&stale, &peer).await,
+    );
+    must(CASE, "fence", cx.store.fence_worker(&after, &peer).await);
+    condition_failed(
+        CASE,
+        "fence twice",
+        &key,
+        cx.store.fence_worker(&after, &peer).await,
+    );
+    condition_failed(
+        CASE,
+        "heartbeat after fencing",
+        &key,
+        cx.store.heartbeat(&beat).await,
+    );
+    condition_failed(
+        CASE,
+        "notice after fencing",
+        &key,
+        cx.store.notify_handoff(&me, 17, &first).await,
+    );
+    let fenced = find(must(
+        CASE,
+        "list_workers",
+        cx.store.list_workers(true).await,
+    ));
+    check(
+        fenced.as_ref().and_then(|w| w.fenced_by.as_ref()) == Some(&peer),
+        CASE,
+        format!("after fencing: {fenced:?}"),
+    );
+    // A new incarnation starts over.
+    let again = WorkerItem::new(me.clone(), 19);
+    must(
+        CASE,
+        "register again",
+        cx.store.register_worker(&again).await,
+    );
+    let beat = Beat::new(me.clone(), 19);
+    let after = must(CASE, "heartbeat", cx.store.heartbeat(&beat).await);
+    check(
+        after.fenced_by.is_none() && after.handoffs.is_empty(),
+        CASE,
+        format!("a new incarnation: {after:?}"),
+    );
+    condition_failed(
+        CASE,
+        "remove another incarnation",
+        &key,
+        cx.store.remove_worker(&me, 17).await,
+    );
+    must(CASE, "remove", cx.store.remove_worker(&me, 19).await);
+    let gone = find(must(
+        CASE,
+        "list_workers",
+        cx.store.list_workers(false).await,
+    ));
+    check(
+        gone.is_none(),
+        CASE,
+        format!("removed, still listed: {gone:?}"),
+    );
+    condition_failed(
+        CASE,
+        "heartbeat of a removed worker",
+        &key,
+        cx.store.heartbeat(&beat).await,
+    );
+}
+
 async fn two_phase_checkpoint(cx: &Cx<'_>) {
     use crate::checkpoint::PendingCheckpoint;
     const CASE: &str = "two_phase_checkpoint";
@@ -1538,5 +1721,133 @@ mod tests {
         }
 
         run_protocol(&Unfenced::default()).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "lease store conformance: worker_liveness")]
+    async fn the_suite_catches_a_heartbeat_that_ignores_fencing() {
+        use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
+        /// A heartbeat that succeeds on a fenced item (clearing the fence): the suite must
+        /// notice.
+        #[derive(Debug, Default)]
+        struct DeafToFencing(MemLeaseStore);
+
+        #[async_trait::async_trait]
+        impl LeaseStore for DeafToFencing {
+            async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
+                self.0.ensure_table().await
+            }
+            async fn list(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
+                self.0.list().await
+            }
+            async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
+                self.0.get(key).await
+            }
+            async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+                self.0.create_if_absent(lease).await
+            }
+            async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+                self.0.renew(lease).await
+            }
+            async fn take(
+                &self,
+                lease: &Lease,
+                owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.take(lease, owner).await
+            }
+            async fn checkpoint(
+                &self,
+                lease: &Lease,
+                checkpoint: &ExtendedSequenceNumber,
+                children: &[ShardId],
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.checkpoint(lease, checkpoint, children).await
+            }
+            async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+                self.0.release(lease).await
+            }
+            async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+                self.0.delete(lease).await
+            }
+            async fn request_handoff(
+                &self,
+                lease: &Lease,
+                new_owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.request_handoff(lease, new_owner).await
+            }
+            async fn complete_handoff(
+                &self,
+                lease: &Lease,
+                new_owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.complete_handoff(lease, new_owner).await
+            }
+            async fn list_eventually(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
+                self.0.list_eventually().await
+            }
+            async fn resolve_latest(
+                &self,
+                lease: &Lease,
+                at: std::time::SystemTime,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.resolve_latest(lease, at).await
+            }
+            async fn set_pending_checkpoint(
+                &self,
+                lease: &Lease,
+                pending: Option<&crate::checkpoint::PendingCheckpoint>,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.set_pending_checkpoint(lease, pending).await
+            }
+            async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+                self.0.register_worker(item).await
+            }
+            async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+                let stored = self
+                    .0
+                    .workers()
+                    .into_iter()
+                    .find(|w| w.worker == beat.worker && w.incarnation == beat.incarnation);
+                if let Some(mut w) = stored.filter(|w| w.fenced_by.is_some()) {
+                    w.fenced_by = None;
+                    self.0.register_worker(&w).await?;
+                }
+                self.0.heartbeat(beat).await
+            }
+            async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+                self.0.list_workers(consistent).await
+            }
+            async fn fence_worker(
+                &self,
+                seen: &WorkerItem,
+                by: &WorkerId,
+            ) -> Result<(), LeaseStoreError> {
+                self.0.fence_worker(seen, by).await
+            }
+            async fn notify_handoff(
+                &self,
+                worker: &WorkerId,
+                incarnation: u64,
+                notice: &HandoffNotice,
+            ) -> Result<(), LeaseStoreError> {
+                self.0.notify_handoff(worker, incarnation, notice).await
+            }
+            async fn remove_worker(
+                &self,
+                worker: &WorkerId,
+                incarnation: u64,
+            ) -> Result<(), LeaseStoreError> {
+                self.0.remove_worker(worker, incarnation).await
+            }
+        }
+
+        run_protocol(&DeafToFencing::default()).await;
+    }
+
+    #[tokio::test]
+    async fn a_store_without_a_worker_table_passes_by_refusing_it() {
+        run_protocol(&MemLeaseStore::without_worker_table()).await;
     }
 }
