@@ -80,7 +80,9 @@ pub use async_trait::async_trait;
 #[cfg(feature = "aws")]
 pub use aws::Aws;
 pub use checkpoint::{CheckpointError, CheckpointPolicy, Checkpointer, PendingCheckpoint};
-pub use config::{ConfigError, Heartbeat, InitialPosition, PollingConfig, Retrieval, WorkerConfig};
+pub use config::{
+    ConfigError, Heartbeat, InitialPosition, LeaseLiveness, PollingConfig, Retrieval, WorkerConfig,
+};
 pub use error::{Error, Result};
 #[cfg(feature = "macros")]
 pub use kcl_macros::{handler, service};

@@ -857,13 +857,15 @@ impl LeaseCoordinator {
             // says who is alive.
             None => Some(ScanReason::First),
             Some(_) if st.per_lease_owners => Some(ScanReason::PerLeaseOwners),
+            Some(_) if std::mem::take(&mut st.misled) => Some(ScanReason::Stale),
             Some(_) => scan_reason(&ScanInputs {
                 snapshot_at: st.snapshot_at,
                 marks_at_snapshot: &st.marks_at_snapshot,
                 marks_now: &marks_now,
-                live_at_snapshot: &st.live_at_snapshot,
-                live_now: &live_now,
-                starved: plan.takes.is_empty() && plan.mine < plan.target,
+                short: plan.mine < plan.target
+                    && plan.takes.iter().all(|t| t.reason == TakeReason::Steal),
+                unaccounted: self.unaccounted(st, &live_now, now),
+                min_age: self.renew_interval,
                 now,
                 safety_interval: self.taker_interval * SAFETY_NET_ROUNDS,
             }),
@@ -875,25 +877,21 @@ impl LeaseCoordinator {
                 self.store.list().await?
             };
             metrics::counter!(m::LEASE_TABLE_SCANS, "reason" => reason.name()).increment(1);
+            debug!(worker = %self.me, reason = reason.name(), "reading the lease table");
             for bad in &table.malformed {
                 warn!(error = %bad, "lease table holds a malformed lease item; leaving it untouched");
                 metrics::counter!(m::MALFORMED_LEASES).increment(1);
             }
             let now = Instant::now();
             st.tracker.observe(&table.leases, now);
-            st.cache = table
-                .leases
-                .iter()
-                .map(|l| (l.key.clone(), l.clone()))
-                .collect();
+            self.notice_handoffs(&table.leases).await;
+            st.cache = LeaseCache(table.leases);
             st.snapshot_at = Some(now);
             st.marks_at_snapshot = marks_now;
-            st.live_at_snapshot = live_now.clone();
-            self.notice_handoffs(&table.leases).await;
             // Owners without a worker item judge (and are judged) per lease: while any is in
             // the table, read it every round and renew every lease.
             st.per_lease_owners = liveness.is_some()
-                && table.leases.iter().any(|l| {
+                && st.cache.values().any(|l| {
                     !l.is_finished()
                         && l.owner.as_ref().is_some_and(|o| {
                             o != &self.me && st.view.judge(o, now, d) == Owner::PerLease
@@ -923,24 +921,37 @@ impl LeaseCoordinator {
 
         let mut taken = Vec::new();
         let mut round = RoundChecks::default();
-        for take in plan.takes {
-            if stop.is_cancelled() {
+        // A take refused because a peer got there first leaves us short: plan again on what
+        // the refusal taught us (a few times), rather than a whole round later.
+        for pass in 0..3 {
+            if pass > 0 {
+                plan = self.plan(st, &live_now, &excluded, Instant::now());
+                plan.takes.retain(|t| t.reason != TakeReason::Steal);
+            }
+            let mut refused = false;
+            for take in std::mem::take(&mut plan.takes) {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let Some(lease) = st.cache.get(&take.key).cloned() else {
+                    continue;
+                };
+                if take.reason == TakeReason::Steal {
+                    self.request_handoff(st, &lease).await;
+                    continue;
+                }
+                if take.reason == TakeReason::Expired
+                    && !self.may_take_expired(st, &mut round, &lease).await
+                {
+                    continue;
+                }
+                match self.take(st, &round, lease, take.reason).await {
+                    Some(h) => taken.push(h),
+                    None => refused = true,
+                }
+            }
+            if !refused || stop.is_cancelled() {
                 break;
-            }
-            let Some(lease) = st.cache.get(&take.key).cloned() else {
-                continue;
-            };
-            if take.reason == TakeReason::Steal {
-                self.request_handoff(st, &lease).await;
-                continue;
-            }
-            if take.reason == TakeReason::Expired
-                && !self.may_take_expired(st, &mut round, &lease).await
-            {
-                continue;
-            }
-            if let Some(h) = self.take(st, lease, take.reason).await {
-                taken.push(h);
             }
         }
         metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
@@ -964,6 +975,35 @@ impl LeaseCoordinator {
         Ok((taken, due))
     }
 
+    /// Active leases of the snapshot that no live worker accounts for: the counts live workers
+    /// publish (ours as we hold it), and the unexpired leases of owners without an item.
+    fn unaccounted(
+        &self,
+        st: &TakerState,
+        live: &BTreeMap<WorkerId, usize>,
+        now: Instant,
+    ) -> usize {
+        let d = self.lease_duration;
+        let mut accounted: usize = live
+            .iter()
+            .filter(|(w, _)| **w != self.me)
+            .map(|(_, n)| n)
+            .sum();
+        accounted += self.held_map().len();
+        accounted += st
+            .cache
+            .values()
+            .filter(|l| !l.is_finished())
+            .filter(|l| {
+                l.owner.as_ref().is_some_and(|o| {
+                    st.view.judge(o, now, d) == Owner::PerLease && !st.tracker.is_expired(l, now, d)
+                })
+            })
+            .count();
+        let active = st.cache.values().filter(|l| !l.is_finished()).count();
+        active.saturating_sub(accounted)
+    }
+
     /// Plans on the cached snapshot.
     fn plan(
         &self,
@@ -973,7 +1013,7 @@ impl LeaseCoordinator {
         now: Instant,
     ) -> Plan {
         let d = self.lease_duration;
-        let leases: Vec<Lease> = st.cache.values().cloned().collect();
+        let leases = st.cache.as_slice();
         let expired: BTreeSet<LeaseKey> = leases
             .iter()
             .filter(|l| match (&l.owner, &l.checkpoint_owner) {
@@ -992,7 +1032,7 @@ impl LeaseCoordinator {
         let mut published = live.clone();
         published.remove(&self.me);
         let snapshot = Snapshot {
-            leases: &leases,
+            leases,
             me: &self.me,
             held: &held,
             expired: &expired,
@@ -1149,7 +1189,9 @@ impl LeaseCoordinator {
             Err(e) => {
                 debug!(lease = %lease.key, error = %e, "handoff request failed");
                 if e.is_condition_failed() {
-                    self.refresh(st, &lease.key).await;
+                    if let Some(fresh) = self.refresh(st, &lease.key).await {
+                        st.snapshot_misled(lease, &fresh);
+                    }
                 }
             }
         }
@@ -1160,6 +1202,7 @@ impl LeaseCoordinator {
     async fn take(
         &self,
         st: &mut TakerState,
+        round: &RoundChecks,
         lease: Lease,
         reason: TakeReason,
     ) -> Option<Arc<HeldLease>> {
@@ -1193,8 +1236,19 @@ impl LeaseCoordinator {
                 Err(e) if e.is_condition_failed() => {
                     debug!(lease = %lease.key, "lease changed before we could take it");
                     let fresh = self.refresh(st, &lease.key).await?;
-                    // Released meanwhile (a graceful shutdown): still ours to take.
-                    if attempt > 0 || fresh.owner.is_some() || fresh.is_finished() {
+                    st.snapshot_misled(&lease, &fresh);
+                    // Our snapshot was old: released meanwhile (a graceful shutdown), or still
+                    // owned by a worker we know is dead (its counter moved before it died).
+                    let free = match (&fresh.owner, &fresh.checkpoint_owner) {
+                        (None, _) => true,
+                        (Some(o), None) => {
+                            round.fenced.contains(o)
+                                || st.view.judge(o, Instant::now(), self.lease_duration)
+                                    == Owner::Dead(None)
+                        }
+                        _ => false,
+                    };
+                    if attempt > 0 || !free || fresh.is_finished() {
                         return None;
                     }
                     lease = fresh;
@@ -1257,14 +1311,15 @@ pub(crate) struct TakerState {
     tracker: ExpiryTracker,
     view: WorkerView,
     /// The lease table as last read, with our own writes and reads since.
-    cache: BTreeMap<LeaseKey, Lease>,
+    cache: LeaseCache,
     snapshot_at: Option<Instant>,
     marks_at_snapshot: BTreeMap<WorkerId, (u64, u64)>,
-    live_at_snapshot: BTreeMap<WorkerId, usize>,
     /// The last read showed owners without a worker item.
     per_lease_owners: bool,
     /// The worker table can be read (false once a store said it keeps none).
     observing: bool,
+    /// A refused write showed the snapshot wrong about an owner (read the table again).
+    misled: bool,
 }
 
 impl Default for TakerState {
@@ -1272,12 +1327,12 @@ impl Default for TakerState {
         Self {
             tracker: ExpiryTracker::default(),
             view: WorkerView::default(),
-            cache: BTreeMap::new(),
+            cache: LeaseCache::default(),
             snapshot_at: None,
             marks_at_snapshot: BTreeMap::new(),
-            live_at_snapshot: BTreeMap::new(),
             per_lease_owners: false,
             observing: true,
+            misled: false,
         }
     }
 }
@@ -1289,11 +1344,57 @@ impl TakerState {
     }
 }
 
+/// The taker's snapshot of the lease table: sorted by key (as `list` returns it), planned on
+/// in place, without a copy per round.
+#[derive(Debug, Default)]
+struct LeaseCache(Vec<Lease>);
+
+impl LeaseCache {
+    fn position(&self, key: &LeaseKey) -> Result<usize, usize> {
+        self.0.binary_search_by(|l| l.key.cmp(key))
+    }
+
+    fn get(&self, key: &LeaseKey) -> Option<&Lease> {
+        self.position(key).ok().map(|i| &self.0[i])
+    }
+
+    fn insert(&mut self, _key: LeaseKey, lease: Lease) {
+        match self.position(&lease.key) {
+            Ok(i) => self.0[i] = lease,
+            Err(i) => self.0.insert(i, lease),
+        }
+    }
+
+    fn remove(&mut self, key: &LeaseKey) {
+        if let Ok(i) = self.position(key) {
+            self.0.remove(i);
+        }
+    }
+
+    fn values(&self) -> std::slice::Iter<'_, Lease> {
+        self.0.iter()
+    }
+
+    fn as_slice(&self) -> &[Lease] {
+        &self.0
+    }
+}
+
 /// Checks made at most once per round.
 #[derive(Debug, Default)]
 struct RoundChecks {
     fenced: BTreeSet<WorkerId>,
     confirmed: bool,
+}
+
+impl TakerState {
+    /// A write refused because our snapshot had a lease's owner wrong: read the whole table at
+    /// the next round rather than finding the rest out one refused write at a time.
+    fn snapshot_misled(&mut self, cached: &Lease, fresh: &Lease) {
+        if cached.owner != fresh.owner || cached.checkpoint_owner != fresh.checkpoint_owner {
+            self.misled = true;
+        }
+    }
 }
 
 /// One round's plan.

@@ -447,11 +447,14 @@ pub(crate) struct ScanInputs<'a> {
     /// Peers' table marks when the snapshot was taken, and now.
     pub(crate) marks_at_snapshot: &'a BTreeMap<WorkerId, (u64, u64)>,
     pub(crate) marks_now: &'a BTreeMap<WorkerId, (u64, u64)>,
-    /// The live workers and their counts at the snapshot, and now.
-    pub(crate) live_at_snapshot: &'a BTreeMap<WorkerId, usize>,
-    pub(crate) live_now: &'a BTreeMap<WorkerId, usize>,
-    /// We hold fewer than the target and the snapshot's plan is empty.
-    pub(crate) starved: bool,
+    /// We hold fewer than the target, and the snapshot offers no free lease to take.
+    pub(crate) short: bool,
+    /// Active leases that no live worker accounts for (the snapshot's active leases less the
+    /// counts live workers publish): free or dead workers' leases exist somewhere.
+    pub(crate) unaccounted: usize,
+    /// How old a snapshot must be before `short` and `unaccounted` can call for another read
+    /// (the counts peers publish lag by up to a heartbeat).
+    pub(crate) min_age: Duration,
     pub(crate) now: Instant,
     pub(crate) safety_interval: Duration,
 }
@@ -473,10 +476,11 @@ pub(crate) fn scan_reason(s: &ScanInputs<'_>) -> Option<ScanReason> {
     if changed {
         return Some(ScanReason::TableChanged);
     }
-    if s.starved && s.live_now != s.live_at_snapshot {
+    let age = s.now.saturating_duration_since(at);
+    if s.short && s.unaccounted > 0 && age >= s.min_age {
         return Some(ScanReason::Stale);
     }
-    if s.now.saturating_duration_since(at) >= s.safety_interval {
+    if age >= s.safety_interval {
         return Some(ScanReason::SafetyNet);
     }
     None
@@ -587,38 +591,40 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_lease_table_is_read_only_when_something_says_so() {
         let t0 = Instant::now();
-        let safety = Duration::from_secs(300);
+        let (safety, min_age) = (Duration::from_secs(300), Duration::from_secs(3));
         let marks = |n: u64| BTreeMap::from([(WorkerId::new("a"), (1, n))]);
-        let live = |n: usize| BTreeMap::from([(WorkerId::new("a"), n)]);
-        let (m0, m1, l0, l1) = (marks(0), marks(1), live(4), live(3));
-        let inputs = |snapshot_at, marks_now, live_now, starved, now| ScanInputs {
+        let (m0, m1) = (marks(0), marks(1));
+        let inputs = |snapshot_at, marks_now, short, unaccounted, now| ScanInputs {
             snapshot_at,
             marks_at_snapshot: &m0,
             marks_now,
-            live_at_snapshot: &l0,
-            live_now,
-            starved,
+            short,
+            unaccounted,
+            min_age,
             now,
             safety_interval: safety,
         };
         let later = t0 + Duration::from_secs(10);
+        let soon = t0 + Duration::from_secs(1);
         let table = [
-            (inputs(None, &m0, &l0, false, t0), Some(ScanReason::First)),
-            (inputs(Some(t0), &m0, &l0, false, later), None),
+            (inputs(None, &m0, false, 0, t0), Some(ScanReason::First)),
+            (inputs(Some(t0), &m0, false, 0, later), None),
             (
-                inputs(Some(t0), &m1, &l0, false, later),
+                inputs(Some(t0), &m1, false, 0, soon),
                 Some(ScanReason::TableChanged),
             ),
-            // The fleet changed, but we have what we need: no scan.
-            (inputs(Some(t0), &m0, &l1, false, later), None),
+            // Leases nobody live accounts for, but we have what we need: no read.
+            (inputs(Some(t0), &m0, false, 5, later), None),
             (
-                inputs(Some(t0), &m0, &l1, true, later),
+                inputs(Some(t0), &m0, true, 5, later),
                 Some(ScanReason::Stale),
             ),
-            // Starved in a fleet that did not change: nothing new to find.
-            (inputs(Some(t0), &m0, &l0, true, later), None),
+            // Short, but every lease is accounted for: nothing new to find.
+            (inputs(Some(t0), &m0, true, 0, later), None),
+            // Too soon after the last read: the counts may not be published yet.
+            (inputs(Some(t0), &m0, true, 5, soon), None),
             (
-                inputs(Some(t0), &m0, &l0, false, t0 + safety),
+                inputs(Some(t0), &m0, false, 0, t0 + safety),
                 Some(ScanReason::SafetyNet),
             ),
         ];

@@ -70,6 +70,15 @@ impl MemLeaseStore {
         }
     }
 
+    /// This store (the same tables), charging its requests to `meter` instead: to tell the
+    /// cost of one part of a worker from the rest.
+    pub fn with_meter(&self, meter: CapacityMeter) -> Self {
+        Self {
+            meter,
+            ..self.clone()
+        }
+    }
+
     /// Every worker item, decoded (malformed items skipped).
     pub fn workers(&self) -> Vec<WorkerItem> {
         self.workers

@@ -10,6 +10,7 @@ pub mod fault;
 mod harness;
 mod mem_kinesis;
 mod mem_lease;
+mod protocol_fleet;
 pub mod sim;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub use fault::{Fault, FaultKind, Faults};
 pub use harness::{ProcessorHarness, Stored};
 pub use mem_kinesis::MemKinesis;
 pub use mem_lease::MemLeaseStore;
+pub use protocol_fleet::ProtocolFleet;
 
 use crate::checkpoint::Checkpointer;
 use crate::lease::LeaseStore;

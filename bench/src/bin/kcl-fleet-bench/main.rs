@@ -2,7 +2,8 @@
 //! (10 s lease, renewals every 3.3 s, taker every 2 s): crash failover, rebalancing 64 shards
 //! from 1 to 4 workers, graceful shutdown, and lease-table requests per lease-hour.
 //!
-//! Run with: `cargo run --release -p kcl-bench --bin kcl-fleet-bench`
+//! Run with: `cargo run --release -p kcl-bench --bin kcl-fleet-bench` (add `-- --matrix` for
+//! the lease-table cost matrix alone, `-- --quick` to leave out its 10 000-lease row).
 //!
 //! Paused time makes the figures exact for the protocol (no machine noise); they do not include
 //! DynamoDB latency, which adds a few milliseconds per step on AWS.
@@ -21,6 +22,8 @@ use kcl::{
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+mod matrix;
 
 const SHARDS: usize = 64;
 
@@ -320,6 +323,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -328,6 +338,83 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn async_main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    if !args.iter().any(|a| a == "--matrix") {
+        fleet_table().await?;
+    }
+    cost_matrix(quick).await
+}
+
+/// Issue 10, item 1: the lease table's cost by purpose, the busiest second and crash failover,
+/// per-worker liveness beside per-lease renewals (this library before) and the Java KCL 2.x.
+async fn cost_matrix(quick: bool) -> anyhow::Result<()> {
+    use kcl::LeaseLiveness::{PerLease, PerWorker};
+    let minutes = |m: u64| Duration::from_secs(60 * m);
+    let mut cells = vec![
+        (64, 4, PerLease, 3),
+        (64, 4, PerWorker, 3),
+        (1_000, 50, PerLease, 3),
+        (1_000, 50, PerWorker, 3),
+        (64, 50, PerWorker, 3),
+        (1_000, 4, PerWorker, 3),
+        (1_000, 200, PerWorker, 3),
+    ];
+    if !quick {
+        cells.extend([(10_000, 50, PerWorker, 2), (10_000, 200, PerWorker, 2)]);
+    }
+    // `KCL_BENCH_CELL=1000x4` runs that cell alone (per worker).
+    if let Some(one) = std::env::var("KCL_BENCH_CELL").ok().and_then(|c| {
+        let (l, w) = c.split_once('x')?;
+        Some((l.parse().ok()?, w.parse().ok()?, PerWorker, 3))
+    }) {
+        cells = vec![one];
+    }
+    println!("\nLease-table cost: the lease protocol alone, in memory, paused time, default timings; capacity units (CU) as DynamoDB charges them (reads 4 KB units, half when eventually consistent; writes 1 KB units), per lease-hour, over 10 minutes of steady state; checkpoints excluded. \"per lease\" is this library before issue 10 (every lease renewed every 3.3 s, a strongly consistent scan per worker every 2 s).\n");
+    println!("| leases × workers | liveness | liveness CU | taking/scanning CU | shard sync CU | parent checks CU | **total CU / lease-hour** | busiest second: writes / reads (CU) | crash failover p50 / p95 | balanced after | Java KCL 2.x: CU / lease-hour, busiest second writes / reads |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (leases, workers, liveness, trials) in cells {
+        let real = std::time::Instant::now();
+        let m = matrix::run(matrix::Cell {
+            leases,
+            workers,
+            liveness,
+            window: minutes(10),
+            trials,
+        })
+        .await?;
+        let (java, java_w, java_r) = matrix::java(leases, workers, m.item_bytes);
+        let p = |k: &str| m.by_purpose.get(k).copied().unwrap_or(0.0);
+        println!(
+            "| {leases} × {workers} | {} | {:.0} | {:.0} | {:.1} | {:.0} | **{:.0}** | {:.0} / {:.0} | {:.1} / {:.1} s | {} | {:.0}, {:.0} / {:.0} |",
+            match liveness {
+                PerWorker => "per worker",
+                _ => "per lease",
+            },
+            p("liveness"),
+            p("taking"),
+            p("shard sync"),
+            p("parent checks"),
+            m.total,
+            m.busiest_writes,
+            m.busiest_reads,
+            matrix::percentile(&m.failovers, 0.5),
+            matrix::percentile(&m.failovers, 0.95),
+            m.balanced_after.map_or("never".to_owned(), |d| format!("{:.0} s", d.as_secs_f64())),
+            java,
+            java_w,
+            java_r,
+        );
+        eprintln!(
+            "({leases} × {workers} {liveness:?}: {:.0} s real, items ≈ {} B)",
+            real.elapsed().as_secs_f64(),
+            m.item_bytes
+        );
+    }
+    Ok(())
+}
+
+async fn fleet_table() -> anyhow::Result<()> {
     // 1. Rebalance: 64 shards, 1 → 4 workers.
     let mut fleet = Fleet::new();
     let producer = fleet.produce();
