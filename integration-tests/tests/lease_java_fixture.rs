@@ -229,3 +229,149 @@ async fn java_table_on_moto() {
     let store = DynamoLeaseStore::from_conf(&conf, unique_name("java-fixture"));
     reads_and_takes_over_a_java_table(&store, "moto").await;
 }
+
+/// A Java KCL worker's lease, as it writes one: owned, counter moving, no worker item.
+fn java_owned(shard: &str, counter: u64) -> Item {
+    item(&[
+        ("leaseKey", s(shard)),
+        ("leaseOwner", s("java-worker")),
+        ("leaseCounter", n(&counter.to_string())),
+        ("checkpoint", s("TRIM_HORIZON")),
+        ("checkpointSubSequenceNumber", n("0")),
+        ("ownerSwitchesSinceCheckpoint", n("0")),
+        ("startingHashKey", s("0")),
+        ("endingHashKey", s(MAX_HASH)),
+        ("throughputKBps", n("3.5")),
+    ])
+}
+
+/// A rolling migration: a kcl worker (per-worker liveness, the default) joins a table where a
+/// Java KCL worker holds two of four leases and renews them, as the Java KCL does, per lease.
+/// The kcl worker must leave those leases alone while their counters move, renew its own per
+/// lease as well (the Java worker judges them by their counters), and take the Java worker's
+/// leases once they stop moving.
+async fn beside_a_java_worker<S: LeaseStore + RawItems + Clone>(store: S, name: &str) {
+    use std::sync::Arc;
+    use std::time::Duration;
+    store.ensure_table().await.expect("ensure_table");
+    let kinesis = kcl::testkit::MemKinesis::new();
+    kinesis.create_stream("migrating", 4);
+    let shards: Vec<String> = kinesis
+        .open_shard_ids("migrating")
+        .into_iter()
+        .map(|s| s.to_string())
+        .collect();
+    for shard in &shards[..2] {
+        store.put_raw(java_owned(shard, 7)).await.expect("put_raw");
+    }
+    // The Java worker: renews its leases every second.
+    let java = {
+        let store = store.clone();
+        let keys: Vec<LeaseKey> = shards[..2].iter().map(LeaseKey::new).collect();
+        tokio::spawn(async move {
+            loop {
+                for key in &keys {
+                    if let Ok(Some(l)) = store.get(key).await {
+                        if l.owner.as_ref().map(WorkerId::as_str) == Some("java-worker") {
+                            let _ = store.renew(&l).await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let worker = kcl::Worker::builder()
+        .application_name("migrating-app")
+        .stream("migrating")
+        .worker_id("kcl-worker")
+        .lease_duration(Duration::from_secs(3))
+        .taker_interval(Duration::from_millis(500))
+        .kinesis(Arc::new(kinesis.clone()))
+        .lease_store(Arc::new(store.clone()))
+        .processor(|| kcl::testkit::NoopProcessor)
+        .build()
+        .expect("worker");
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+
+    // For three lease durations: the Java leases stay Java's; ours are renewed per lease.
+    let mine = |t: &kcl::lease::LeaseTable| -> Vec<Lease> {
+        t.leases
+            .iter()
+            .filter(|l| l.owner.as_ref().map(WorkerId::as_str) == Some("kcl-worker"))
+            .cloned()
+            .collect()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = store.list().await.expect("list");
+    assert_eq!(mine(&before).len(), 2, "{name}: kcl took the free leases");
+    let workers = store.list_workers(true).await.expect("list_workers");
+    assert!(
+        workers
+            .workers
+            .iter()
+            .any(|w| w.worker.as_str() == "kcl-worker"),
+        "{name}: the kcl worker keeps a liveness item"
+    );
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let after = store.list().await.expect("list");
+    for l in &after.leases {
+        if shards[..2].contains(&l.key.to_string()) {
+            assert_eq!(
+                l.owner.as_ref().map(WorkerId::as_str),
+                Some("java-worker"),
+                "{name}: a Java lease whose counter moves was taken: {l:?}"
+            );
+        }
+    }
+    for (b, a) in mine(&before).iter().zip(mine(&after)) {
+        assert!(
+            a.counter.0 >= b.counter.0 + 3,
+            "{name}: with a Java worker in the table, kcl must renew its leases per lease \
+             (the Java worker judges them by their counters): {} went from {} to {} in 9 s",
+            a.key,
+            b.counter,
+            a.counter
+        );
+    }
+
+    // The Java worker dies: its leases stop moving, and kcl takes them.
+    java.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = store.list().await.expect("list");
+        if mine(&t).len() == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: the dead Java worker's leases were not taken: {:?}",
+            t.leases
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.shutdown();
+    run.await.expect("join").expect("run");
+}
+
+#[tokio::test]
+async fn beside_a_java_worker_in_memory() {
+    beside_a_java_worker(MemLeaseStore::new(), "memory").await;
+}
+
+#[tokio::test]
+async fn beside_a_java_worker_on_dynalite() {
+    let server = start_dynalite().await.expect("dynalite");
+    let conf = sdk_config(&server.endpoint()).await;
+    let store = DynamoLeaseStore::from_conf(&conf, unique_name("java-migration"));
+    beside_a_java_worker(store, "dynalite").await;
+}
+
+#[tokio::test]
+async fn beside_a_java_worker_on_moto() {
+    let server = start_moto().await.expect("moto");
+    let conf = sdk_config(&server.endpoint()).await;
+    let store = DynamoLeaseStore::from_conf(&conf, unique_name("java-migration"));
+    beside_a_java_worker(store, "moto").await;
+}

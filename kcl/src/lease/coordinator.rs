@@ -256,6 +256,15 @@ impl HeldLease {
         result
     }
 
+    /// The lease was released while the worker runs on (its processor failed, its shard could
+    /// not be read, or it ended): peers read the table again to find it free, rather than at
+    /// their safety-net read. (At shutdown, the worker's item going away says as much.)
+    pub(crate) fn announce_release(&self) {
+        if let Some(l) = &self.liveness {
+            l.table_changed();
+        }
+    }
+
     fn begin_handoff(&self, to: WorkerId) {
         self.freeze();
         *self.handoff_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
@@ -890,13 +899,21 @@ impl LeaseCoordinator {
             st.marks_at_snapshot = marks_now;
             // Owners without a worker item judge (and are judged) per lease: while any is in
             // the table, read it every round and renew every lease.
-            st.per_lease_owners = liveness.is_some()
+            let seen_now = liveness.is_some()
                 && st.cache.values().any(|l| {
                     !l.is_finished()
                         && l.owner.as_ref().is_some_and(|o| {
                             o != &self.me && st.view.judge(o, now, d) == Owner::PerLease
                         })
                 });
+            // Once seen, for a while: a Java worker whose last lease just moved away is still
+            // there, and judges our leases by their counters.
+            if seen_now {
+                st.per_lease_seen_at = Some(now);
+            }
+            st.per_lease_owners = st.per_lease_seen_at.is_some_and(|at| {
+                now.saturating_duration_since(at) < self.lease_duration * PER_LEASE_HOLD
+            });
             if let Some(l) = &liveness {
                 let before = l
                     .per_lease_too
@@ -1031,6 +1048,11 @@ impl LeaseCoordinator {
         let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
         let mut published = live.clone();
         published.remove(&self.me);
+        let neglected: BTreeSet<LeaseKey> = leases
+            .iter()
+            .filter(|l| l.owner.is_none() && !l.is_finished() && st.tracker.stood_still(l, now, d))
+            .map(|l| l.key.clone())
+            .collect();
         let snapshot = Snapshot {
             leases,
             me: &self.me,
@@ -1039,6 +1061,7 @@ impl LeaseCoordinator {
             excluded,
             order_seed: crate::backoff::seed(&[self.me.as_str()]),
             published: &published,
+            neglected: &neglected,
         };
         let (target, mine) = target(&snapshot, self.limits);
         Plan {
@@ -1302,6 +1325,10 @@ impl LeaseCoordinator {
     }
 }
 
+/// For how many lease durations after owners without a worker item were last seen every lease
+/// is still renewed (and the table read every round).
+const PER_LEASE_HOLD: u32 = 60;
+
 /// How many taker rounds between reads of the whole lease table when nothing asks for one.
 const SAFETY_NET_ROUNDS: u32 = 150;
 
@@ -1314,8 +1341,10 @@ pub(crate) struct TakerState {
     cache: LeaseCache,
     snapshot_at: Option<Instant>,
     marks_at_snapshot: BTreeMap<WorkerId, (u64, u64)>,
-    /// The last read showed owners without a worker item.
+    /// Owners without a worker item were seen lately: read every round, renew per lease.
     per_lease_owners: bool,
+    /// When a read last showed owners without a worker item.
+    per_lease_seen_at: Option<Instant>,
     /// The worker table can be read (false once a store said it keeps none).
     observing: bool,
     /// A refused write showed the snapshot wrong about an owner (read the table again).
@@ -1331,6 +1360,7 @@ impl Default for TakerState {
             snapshot_at: None,
             marks_at_snapshot: BTreeMap::new(),
             per_lease_owners: false,
+            per_lease_seen_at: None,
             observing: true,
             misled: false,
         }

@@ -65,6 +65,22 @@ impl ExpiryTracker {
         }
     }
 
+    /// True if `lease` (owned or not) has not changed for `lease_duration` since this tracker
+    /// first saw it so.
+    pub(crate) fn stood_still(
+        &self,
+        lease: &Lease,
+        now: Instant,
+        lease_duration: Duration,
+    ) -> bool {
+        match self.seen.get(&lease.key) {
+            Some((seen, since)) if *seen == version(lease) => {
+                now.saturating_duration_since(*since) >= lease_duration
+            }
+            _ => false,
+        }
+    }
+
     /// True if `lease` may be taken: it has no owner, or its counter has not changed for
     /// `lease_duration` since this tracker first saw it.
     pub(crate) fn is_expired(&self, lease: &Lease, now: Instant, lease_duration: Duration) -> bool {

@@ -58,6 +58,8 @@ pub(crate) struct Snapshot<'a> {
     /// Live workers that publish a liveness item, with the lease counts they publish: they
     /// count as live (even holding nothing) with that load.
     pub(crate) published: &'a BTreeMap<WorkerId, usize>,
+    /// Unowned leases nobody has taken for a lease duration.
+    pub(crate) neglected: &'a BTreeSet<LeaseKey>,
 }
 
 /// Where `key` comes in the candidate order of the worker whose seed is `seed`.
@@ -167,7 +169,16 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
     // Announce first (see the module docs): one lease now, the rest by the next round.
     let cap = if mine == 0 { 1 } else { usize::MAX };
     let others = (candidates.len() - reclaims).min(wanted).min(cap);
+    // Leases nobody has taken for a lease duration are taken whatever the target: the live
+    // workers at or below it may be unable to take them (a lease a worker's processor failed
+    // on is never taken again by that worker).
+    let neglected: Vec<Take> = candidates[reclaims + others..]
+        .iter()
+        .filter(|t| t.reason == TakeReason::Unowned && s.neglected.contains(&t.key))
+        .cloned()
+        .collect();
     candidates.truncate(reclaims + others);
+    candidates.extend(neglected);
     wanted -= others;
 
     if wanted > 0 {
@@ -240,6 +251,7 @@ mod tests {
                 excluded: &excluded,
                 order_seed: crate::backoff::seed(&[me.as_str()]),
                 published: &BTreeMap::new(),
+                neglected: &BTreeSet::new(),
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
@@ -384,6 +396,7 @@ mod tests {
                 excluded: &excluded,
                 order_seed: 1,
                 published: &published,
+                neglected: &BTreeSet::new(),
             };
             let limits = Limits {
                 max_leases_per_worker: usize::MAX,
@@ -392,6 +405,38 @@ mod tests {
             let (t, mine) = target(&snap, limits);
             assert_eq!((t, mine), (want_target, 0), "{published:?}");
             assert_eq!(plan_takes(&snap, limits).len(), takes, "{published:?}");
+        }
+    }
+
+    #[test]
+    fn a_lease_nobody_took_for_a_lease_duration_is_taken_beyond_the_target() {
+        // Two unowned leases, two live workers: b (which will not take them: its processor
+        // failed on both) and us, holding one of them already.
+        let mut leases = vec![lease(0, Some("a")), lease(1, None)];
+        leases[0].owner = Some(WorkerId::new("a"));
+        let (me, held) = (WorkerId::new("a"), BTreeSet::from([leases[0].key.clone()]));
+        let published = BTreeMap::from([(WorkerId::new("b"), 0)]);
+        let (expired, excluded) = (BTreeSet::new(), BTreeSet::new());
+        let limits = Limits {
+            max_leases_per_worker: usize::MAX,
+            max_leases_to_steal: 1,
+        };
+        for (neglected, want) in [
+            (BTreeSet::new(), 0),
+            (BTreeSet::from([leases[1].key.clone()]), 1),
+        ] {
+            let snap = Snapshot {
+                leases: &leases,
+                me: &me,
+                held: &held,
+                expired: &expired,
+                excluded: &excluded,
+                order_seed: 1,
+                published: &published,
+                neglected: &neglected,
+            };
+            assert_eq!(target(&snap, limits), (1, 1));
+            assert_eq!(plan_takes(&snap, limits).len(), want, "{neglected:?}");
         }
     }
 }

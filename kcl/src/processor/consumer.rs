@@ -685,9 +685,13 @@ impl Consumer {
                 Some(to) => LeaseWrite::CompleteHandoff { to },
                 None => LeaseWrite::Release,
             };
+            let releasing = self.held.handoff_to().is_none();
             match self.held.write_final(store.as_ref(), write).await {
                 Ok(_) => {
                     debug!("lease released");
+                    if releasing && !self.env.shutdown.is_cancelled() {
+                        self.held.announce_release();
+                    }
                     break;
                 }
                 Err(e) if e.is_condition_failed() && self.held.handoff_to().is_none() => {

@@ -193,6 +193,9 @@ struct Tenure {
     /// The holder's clock said the lease may have expired at some point (an answer came
     /// after `valid_until`): it may have given the lease up then, for good.
     lapsed: bool,
+    /// The holder renewed the lease itself (per-lease renewals: beside owners without a
+    /// worker item it is valid by both its heartbeat and its lease writes).
+    renewed: bool,
     /// (entry index of the batch, batch id).
     batches: Vec<(usize, u64)>,
     delivered: BTreeSet<u64>,
@@ -216,6 +219,7 @@ impl Tenure {
             lost: false,
             valid_until: None,
             lapsed: false,
+            renewed: false,
             batches: Vec::new(),
             delivered: BTreeSet::new(),
             max_delivered: None,
@@ -374,6 +378,11 @@ pub(crate) fn check(
                             ),
                         )),
                     },
+                    Op::Renew => {
+                        if let Some(t) = current.filter(|t| t.inc == *inc) {
+                            t.renewed = true;
+                        }
+                    }
                     Op::Checkpoint => match current {
                         Some(t) if t.inc == *inc => {
                             let ok = l.checkpoint == ExtendedSequenceNumber::ShardEnd
@@ -590,9 +599,10 @@ pub(crate) fn check(
                     let key = LeaseKey::for_shard(shard);
                     let own = last_writer.get(&key) == Some(inc) && !t.lapsed && !t.lost;
                     // A worker that beats is valid by its heartbeat, not its lease writes.
-                    let valid_until = match beats.get(inc) {
-                        Some(until) => Some(*until),
-                        None => t.valid_until,
+                    let valid_until = match (beats.get(inc), t.valid_until) {
+                        (Some(b), Some(w)) if t.renewed => Some((*b).min(w)),
+                        (Some(b), _) => Some(*b),
+                        (None, w) => w,
                     };
                     if let Some(until) = valid_until.filter(|u| own && e.at < *u) {
                         v.push(Violation::new(
@@ -624,13 +634,17 @@ pub(crate) fn check(
                 let b = beats.entry(*inc).or_insert(until);
                 *b = (*b).max(until);
             }
-            Event::Acked { inc, key, sent } if !beats.contains_key(inc) => {
+            Event::Acked { inc, key, sent } => {
                 let holder = tenures
                     .get_mut(key)
                     .and_then(|ts| ts.last_mut())
                     .filter(|t| t.inc == *inc && t.planned_end.is_none());
                 if let Some(t) = holder {
-                    t.lapsed |= t.valid_until.is_some_and(|u| e.at >= u);
+                    // A worker that beats is kept alive by its heartbeat; its lease writes
+                    // count only while it renews the lease itself too.
+                    if !beats.contains_key(inc) || t.renewed {
+                        t.lapsed |= t.valid_until.is_some_and(|u| e.at >= u);
+                    }
                     let until = *sent + lease_duration;
                     t.valid_until = Some(t.valid_until.map_or(until, |u| u.max(until)));
                 }

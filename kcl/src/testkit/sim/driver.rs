@@ -83,6 +83,10 @@ pub(crate) struct Slot {
     pub(crate) run: Option<Running>,
     /// Kept down by a scripted `Crash` / `Stop` until a scripted `Start`.
     pub(crate) scripted_down: bool,
+    /// Runs as a Java KCL worker would: renews every lease, keeps and reads no worker item.
+    /// Its first start only: a rolling migration replaces a stopped Java worker by one of
+    /// ours.
+    pub(crate) java: bool,
 }
 
 pub(crate) struct Driver {
@@ -119,6 +123,7 @@ impl Driver {
                     link,
                     run: None,
                     scripted_down: false,
+                    java: i < sim.java_workers,
                 }
             })
             .collect();
@@ -149,9 +154,21 @@ impl Driver {
         let started = Instant::now();
         self.kinesis.create_stream(STREAM, self.sim.shards);
         self.rec.push(Event::Phase("chaos"));
+        // With Java workers (a rolling migration), ours join once the Java workers hold the
+        // leases.
+        let ours_after = if self.sim.java_workers > 0 {
+            self.sim.timing.lease_duration + self.sim.timing.taker_interval * 2
+        } else {
+            Duration::ZERO
+        };
         for i in 0..self.slots.len() {
             let within = u64::try_from(self.sim.start_within.as_millis()).unwrap_or(u64::MAX);
             let d = self.millis(0, within);
+            let d = if self.slots[i].java {
+                d
+            } else {
+                d + ours_after
+            };
             self.schedule(d, Action::Start(i));
         }
         if self.sim.records > 0 {
@@ -275,6 +292,7 @@ impl Driver {
             slot.id = WorkerId::new(format!("{}-{}", slot.base, slot.restarts));
             self.stats.fresh_ids += 1;
         }
+        let java = std::mem::take(&mut slot.java) && slot.restarts == 0;
         slot.restarts += 1;
         self.stats.starts += 1;
         let inc = self.rec.new_inc(i, slot.id.clone());
@@ -318,9 +336,18 @@ impl Driver {
                 net: net.clone(),
             }))
             .lease_store(Arc::new(SimLeaseStore {
-                inner: self.leases.clone(),
+                inner: if java {
+                    self.leases.sharing_without_worker_table()
+                } else {
+                    self.leases.clone()
+                },
                 net,
             }))
+            .lease_liveness(if java {
+                crate::config::LeaseLiveness::PerLease
+            } else {
+                crate::config::LeaseLiveness::PerWorker
+            })
             .lease_duration(t.lease_duration)
             .taker_interval(t.taker_interval)
             .shard_sync_interval(t.shard_sync_interval)
@@ -663,6 +690,7 @@ impl Driver {
             scenario: self.sim.describe(),
             fan_out: self.sim.fan_out,
             automatic: self.sim.work.automatic.is_some(),
+            java_workers: self.sim.java_workers,
             violations,
             counts,
             stats: self.stats,

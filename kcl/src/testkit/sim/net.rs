@@ -388,9 +388,17 @@ impl LeaseStore for SimLeaseStore {
     }
 
     async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
-        self.net.before_lease_call("register_worker").await?;
+        let sent = self.net.before_lease_call("register_worker").await?;
         let r = self.inner.register_worker(item).await;
-        self.worker_answer(&item.worker, r, false).await
+        let r = self.worker_answer(&item.worker, r, false).await;
+        if r.is_ok() {
+            // A fresh item counts as the first heartbeat: the worker is valid from there.
+            self.net.rec.push(Event::Beat {
+                inc: self.net.inc,
+                sent,
+            });
+        }
+        r
     }
 
     async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {

@@ -87,6 +87,8 @@ pub const CHAOS_KINDS: &[&str] = &[
     "broken subscriptions",
     "automatic-checkpoint runs",
     "automatic-checkpoint handoffs",
+    "mixed Java/kcl fleet runs",
+    "mixed-fleet forced moves",
 ];
 
 /// The result of [`Sim::run`](super::Sim::run).
@@ -100,6 +102,8 @@ pub struct SimReport {
     pub fan_out: bool,
     /// True if the workers checkpointed for the processors (an automatic policy).
     pub automatic: bool,
+    /// Workers that ran as Java KCL workers (per-lease renewals, no worker item) at first.
+    pub java_workers: usize,
     /// Broken invariants.
     pub violations: Vec<Violation>,
     /// Records, deliveries, duplicates, moves, processor outcomes.
@@ -135,6 +139,7 @@ impl SimReport {
         let injected = |k: &str| s.injected.get(k).copied().unwrap_or(0);
         let fan_out = |n: usize| if self.fan_out { n } else { 0 };
         let automatic = |n: usize| if self.automatic { n } else { 0 };
+        let mixed = |n: usize| if self.java_workers > 0 { n } else { 0 };
         let counts = [
             s.crashes,
             injected("partitioned lease call"),
@@ -158,6 +163,8 @@ impl SimReport {
             injected("broken subscription"),
             automatic(1),
             automatic(c.handoffs),
+            mixed(1),
+            mixed(c.forced_moves),
         ];
         CHAOS_KINDS.iter().copied().zip(counts).collect()
     }

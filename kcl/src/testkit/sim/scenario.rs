@@ -171,6 +171,9 @@ pub struct Sim {
     pub(crate) script: Vec<(Duration, Verb)>,
     /// Workers start at times drawn in `0..=start_within`.
     pub(crate) start_within: Duration,
+    /// The first this many workers run as Java KCL workers would (per-lease renewals, no
+    /// worker item), until they first stop; ours join a lease duration later.
+    pub(crate) java_workers: usize,
 }
 
 /// A scripted event, for [`Sim::at`]. Worker numbers are slots `0..workers`.
@@ -205,6 +208,8 @@ pub enum Verb {
 const V2_SALT: u64 = 0x5348_4150_4500_0002;
 /// The stream of the third version's draws (the checkpoint policy).
 const V3_SALT: u64 = 0x5348_4150_4500_0003;
+/// The stream of the fourth version's draws (Java workers in the fleet).
+const V4_SALT: u64 = 0x5348_4150_4500_0004;
 
 impl Sim {
     /// A run with fixed defaults: 3 workers, 4 shards, 300 records over 16 keys, 60 s of
@@ -230,6 +235,7 @@ impl Sim {
             fan_out: false,
             script: Vec::new(),
             start_within: Duration::from_secs(3),
+            java_workers: 0,
         }
     }
 
@@ -258,6 +264,12 @@ impl Sim {
         let mut r3 = ChaCha8Rng::seed_from_u64(seed ^ V3_SALT);
         if r3.random_bool(0.25) {
             sim.work.automatic = Some(*pick(&mut r3, &[1, 10, 100]));
+        }
+        // A rolling migration from the Java KCL: a fifth of the seeds start with one or two
+        // Java workers holding the leases.
+        let mut r4 = ChaCha8Rng::seed_from_u64(seed ^ V4_SALT);
+        if sim.workers >= 2 && r4.random_bool(0.2) {
+            sim.java_workers = r4.random_range(1..=(sim.workers - 1).min(2));
         }
         if sim.faults.events_per_minute > 0.0 {
             sim.faults.processor = r.random_range(0..=3);
@@ -396,6 +408,13 @@ impl Sim {
         self
     }
 
+    /// The first `n` workers run as Java KCL workers would (every lease renewed, no worker
+    /// item) until they first stop — a rolling migration; ours start a lease duration later.
+    pub fn java_workers(mut self, n: usize) -> Self {
+        self.java_workers = n;
+        self
+    }
+
     /// Read with enhanced fan-out (`SubscribeToShard`) instead of polling.
     pub fn fan_out(mut self, on: bool) -> Self {
         self.fan_out = on;
@@ -453,7 +472,7 @@ impl Sim {
         let f = &self.faults;
         let t = &self.timing;
         format!(
-            "{} workers, {} shards (max {}), {} records over {} keys, {}, {}s chaos at {}/min [crash {} stop {} partition {} throttle {} latency {} lost-response {} kinesis {} reshard {} processor {} handoff {}; fresh-id {} follow {}], lease {:?} taker {:?} sync {:?} retention {:?} steal {} max_records {} prefetch {}, batch {:?} slow {}, on failure {:?}, automatic checkpoints {:?}",
+            "{} workers, {} shards (max {}), {} records over {} keys, {}, {}s chaos at {}/min [crash {} stop {} partition {} throttle {} latency {} lost-response {} kinesis {} reshard {} processor {} handoff {}; fresh-id {} follow {}], lease {:?} taker {:?} sync {:?} retention {:?} steal {} max_records {} prefetch {}, batch {:?} slow {}, on failure {:?}, automatic checkpoints {:?}, Java workers {}",
             self.workers,
             self.shards,
             self.max_open_shards,
@@ -484,7 +503,8 @@ impl Sim {
             self.work.batch_time,
             self.work.slow_batch,
             self.work.on_failure,
-            self.work.automatic
+            self.work.automatic,
+            self.java_workers
         )
     }
 }

@@ -769,6 +769,53 @@ fn a_lost_answer_is_not_a_lost_lease() {
     log.assert_clean();
 }
 
+/// Per-worker liveness: a worker that beats is valid by its heartbeat, not by its lease
+/// writes; beside owners without a worker item (it renews per lease too), by both.
+#[test]
+fn false_lease_loss_by_heartbeat() {
+    // Beats every third of the lease; told lost long after its last lease write but while its
+    // heartbeat still held: a false loss.
+    let beating = |beats: u32, renewed: bool| {
+        let mut log = Log::new(1);
+        let start = log.now();
+        log.push(Event::Beat {
+            inc: 0,
+            sent: start,
+        });
+        log.put(0, 0, &[0]).take(0, 0).acked(0, 0);
+        log.processed(0, 0, &[0], OK);
+        if renewed {
+            log.write(0, Op::Renew, 0, ExtendedSequenceNumber::TrimHorizon, None)
+                .acked(0, 0);
+        }
+        for _ in 0..beats {
+            log.wait(LEASE / 3);
+            let sent = log.now();
+            log.push(Event::Beat { inc: 0, sent });
+        }
+        log.wait(LEASE / 3).told_lost(0, 0, Callback::LeaseLost);
+        log
+    };
+    beating(6, false).assert_only(Invariant::FalseLeaseLoss);
+    // Renewing per lease as well, its lease writes ran out long ago: a legitimate stop.
+    beating(6, true).assert_clean();
+    // Its heartbeat ran out (no beat for a lease duration): a legitimate stop, and one after
+    // the gap does not make the earlier loss false.
+    let mut log = Log::new(1);
+    let start = log.now();
+    log.push(Event::Beat {
+        inc: 0,
+        sent: start,
+    });
+    log.put(0, 0, &[0]).take(0, 0).acked(0, 0);
+    log.processed(0, 0, &[0], OK);
+    log.wait(LEASE * 2);
+    let late = log.now();
+    log.push(Event::Beat { inc: 0, sent: late });
+    log.told_lost(0, 0, Callback::LeaseLost);
+    log.assert_clean();
+}
+
 impl Log {
     /// The last write's answer was lost (it was applied all the same).
     fn answer_lost(&mut self) -> &mut Self {
