@@ -133,6 +133,18 @@ impl CapacityMeter {
         self.charge(op, 0.0, write_units(bytes));
     }
 
+    /// Charges units already counted (what DynamoDB reports in `ConsumedCapacity`).
+    ///
+    /// ```
+    /// use kcl::lease::capacity::CapacityMeter;
+    /// let meter = CapacityMeter::new();
+    /// meter.charge_units("Scan", 2.5, 0.0);
+    /// assert_eq!(meter.total().read_units, 2.5);
+    /// ```
+    pub fn charge_units(&self, op: &str, read_units: f64, write_units: f64) {
+        self.charge(op, read_units, write_units);
+    }
+
     fn charge(&self, op: &str, read: f64, write: f64) {
         let mut by_op = self.by_op.lock().unwrap_or_else(|p| p.into_inner());
         let c = by_op.entry(op.to_owned()).or_default();

@@ -62,10 +62,11 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType, TableStatus,
+    ReturnConsumedCapacity, ScalarAttributeType, TableStatus,
 };
 use aws_smithy_types::Blob;
 
+use super::capacity::CapacityMeter;
 use super::item::{self, attr, AttrValue, Item};
 use super::liveness::{self, Beat, HandoffNotice, WorkerItem, WorkerTable};
 use super::store::effect;
@@ -105,6 +106,15 @@ pub struct DynamoLeaseStore {
     scan_page_size: Option<i32>,
     /// Set once `ensure_table` found (or created) the worker table.
     workers_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What DynamoDB reported each successful request consumed.
+    meter: CapacityMeter,
+}
+
+/// Which side of a request's consumed capacity a total without a split belongs to.
+#[derive(Clone, Copy)]
+enum Charge {
+    Read,
+    Write,
 }
 
 impl DynamoLeaseStore {
@@ -144,6 +154,7 @@ impl DynamoLeaseStore {
             ready_timeout: DEFAULT_TABLE_READY_TIMEOUT,
             scan_page_size: None,
             workers_ready: std::sync::Arc::default(),
+            meter: CapacityMeter::default(),
         }
     }
 
@@ -221,6 +232,35 @@ impl DynamoLeaseStore {
         format!("{}-workers", self.table)
     }
 
+    /// The capacity units DynamoDB reported for this store's successful requests, by
+    /// operation (`ReturnConsumedCapacity`; requests refused by their condition are charged by
+    /// DynamoDB too, but their errors carry no report). Clones share the sums.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: kcl::lease::dynamo::DynamoLeaseStore) {
+    /// println!("{:?}", store.capacity().total());
+    /// # }
+    /// ```
+    pub fn capacity(&self) -> &CapacityMeter {
+        &self.meter
+    }
+
+    fn consumed(
+        &self,
+        op: &str,
+        charge: Charge,
+        c: Option<&aws_sdk_dynamodb::types::ConsumedCapacity>,
+    ) {
+        let Some(c) = c else { return };
+        let total = c.capacity_units().unwrap_or(0.0);
+        let (read, write) = match (c.read_capacity_units(), c.write_capacity_units(), charge) {
+            (None, None, Charge::Read) => (total, 0.0),
+            (None, None, Charge::Write) => (0.0, total),
+            (r, w, _) => (r.unwrap_or(0.0), w.unwrap_or(0.0)),
+        };
+        self.meter.charge_units(op, read, write);
+    }
+
     fn workers_ready(&self) -> Result<String, LeaseStoreError> {
         if self.workers_ready.load(std::sync::atomic::Ordering::SeqCst) {
             Ok(self.worker_table())
@@ -238,6 +278,7 @@ impl DynamoLeaseStore {
     /// Scans `table_name` whole, page by page.
     async fn scan_all(
         &self,
+        op: &str,
         table_name: &str,
         consistent: bool,
     ) -> Result<Vec<Item>, LeaseStoreError> {
@@ -251,9 +292,11 @@ impl DynamoLeaseStore {
                 .consistent_read(consistent)
                 .set_limit(self.scan_page_size)
                 .set_exclusive_start_key(start_key.take())
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await
                 .map_err(|e| classify("Scan", table_name, e))?;
+            self.consumed(op, Charge::Read, out.consumed_capacity());
             items.extend(out.items.unwrap_or_default().into_iter().map(from_sdk_item));
             match out.last_evaluated_key {
                 Some(k) if !k.is_empty() => start_key = Some(k),
@@ -265,7 +308,12 @@ impl DynamoLeaseStore {
 
     async fn list_with(&self, consistent: bool) -> Result<LeaseTable, LeaseStoreError> {
         let (mut leases, mut malformed) = (Vec::new(), Vec::new());
-        for raw in self.scan_all(&self.table, consistent).await? {
+        let op = if consistent {
+            "list"
+        } else {
+            "list_eventually"
+        };
+        for raw in self.scan_all(op, &self.table, consistent).await? {
             match item::decode(&raw) {
                 Ok(Some(lease)) => leases.push(lease),
                 Ok(None) => {}
@@ -303,9 +351,11 @@ impl DynamoLeaseStore {
             } else {
                 aws_sdk_dynamodb::types::ReturnValue::None
             })
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
             .map_err(|e| fenced(op, &table, &LeaseKey::new(worker.as_str()), e))?;
+        self.consumed(op, Charge::Write, out.consumed_capacity());
         Ok(out.attributes.map(from_sdk_item))
     }
 
@@ -363,9 +413,11 @@ impl DynamoLeaseStore {
             .table_name(&self.table)
             .set_key(Some(key_of(key)))
             .consistent_read(true)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
             .map_err(|e| classify("GetItem", &self.table, e))?;
+        self.consumed("get", Charge::Read, out.consumed_capacity());
         Ok(out.item.map(from_sdk_item))
     }
 
@@ -504,9 +556,10 @@ impl DynamoLeaseStore {
             .condition_expression(condition)
             .set_expression_attribute_names(Some(update.names))
             .set_expression_attribute_values(Some(update.values))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map(|_| ())
+            .map(|out| self.consumed(op, Charge::Write, out.consumed_capacity()))
             .map_err(|e| fenced(op, &self.table, &lease.key, e))
     }
 }
@@ -590,9 +643,16 @@ impl LeaseStore for DynamoLeaseStore {
             .put_item()
             .table_name(&table)
             .set_item(Some(item))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map(|_| ())
+            .map(|out| {
+                self.consumed(
+                    "PutItem(register worker)",
+                    Charge::Write,
+                    out.consumed_capacity(),
+                )
+            })
             .map_err(|e| classify("PutItem(register worker)", &table, e))
     }
 
@@ -624,7 +684,7 @@ impl LeaseStore for DynamoLeaseStore {
     async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
         let table = self.workers_ready()?;
         let (mut workers, mut malformed) = (Vec::new(), Vec::new());
-        for raw in self.scan_all(&table, consistent).await? {
+        for raw in self.scan_all("list_workers", &table, consistent).await? {
             match liveness::decode(&raw) {
                 Ok(w) => workers.push(w),
                 Err(bad) => malformed.push(bad),
@@ -686,9 +746,16 @@ impl LeaseStore for DynamoLeaseStore {
             .condition_expression("#inc = :inc")
             .expression_attribute_names("#inc", liveness::attr::INCARNATION)
             .expression_attribute_values(":inc", number(incarnation))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map(|_| ())
+            .map(|out| {
+                self.consumed(
+                    "DeleteItem(remove worker)",
+                    Charge::Write,
+                    out.consumed_capacity(),
+                )
+            })
             .map_err(|e| {
                 fenced(
                     "DeleteItem(remove worker)",
@@ -715,10 +782,14 @@ impl LeaseStore for DynamoLeaseStore {
             .set_item(Some(item))
             .condition_expression("attribute_not_exists(#k)")
             .expression_attribute_names("#k", attr::LEASE_KEY)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
         {
-            Ok(_) => Ok(true),
+            Ok(out) => {
+                self.consumed("PutItem", Charge::Write, out.consumed_capacity());
+                Ok(true)
+            }
             Err(e) => match fenced("PutItem", &self.table, &lease.key, e) {
                 LeaseStoreError::ConditionFailed { .. } => Ok(false),
                 other => Err(other),
@@ -805,9 +876,10 @@ impl LeaseStore for DynamoLeaseStore {
             .condition_expression("#c = :seen")
             .expression_attribute_names("#c", attr::LEASE_COUNTER)
             .expression_attribute_values(":seen", number(lease.counter.0))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map(|_| ())
+            .map(|out| self.consumed("DeleteItem", Charge::Write, out.consumed_capacity()))
             .map_err(|e| fenced("DeleteItem", &self.table, &lease.key, e))
     }
 
