@@ -30,7 +30,10 @@ fi
 
 export KCL_EMULATORS_DIR="$EMU"
 echo "== building"
-cargo build --workspace --all-features --all-targets --quiet
+# The benchmarks (kcl-bench) have no tests: they are type-checked, not built in debug (three
+# large binaries to link for nothing); `cargo run --release -p kcl-bench` builds them.
+cargo build --workspace --exclude kcl-bench --all-features --all-targets --quiet
+cargo check -p kcl-bench --all-features --all-targets --quiet
 echo "== testing"
 # The compile-fail tests (kcl-macros/tests/ui.rs, trybuild) spend ~2.5 minutes compiling a
 # project of their own in target/tests/trybuild, while most other tests wait on the emulators:
@@ -38,7 +41,7 @@ echo "== testing"
 # colours its output unless NO_COLOR is set.)
 NO_COLOR=1 cargo test -p kcl-macros --all-features --test ui >target/test-ui.log 2>&1 &
 ui_pid=$!
-cargo test --workspace --all-features --no-fail-fast -- --exact --skip ui 2>&1 | tee target/test-output.log
+cargo test --workspace --exclude kcl-bench --all-features --no-fail-fast -- --exact --skip ui 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 ui_status=0
 wait "$ui_pid" || ui_status=$?

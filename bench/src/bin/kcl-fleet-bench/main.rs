@@ -3,7 +3,8 @@
 //! from 1 to 4 workers, graceful shutdown, and lease-table requests per lease-hour.
 //!
 //! Run with: `cargo run --release -p kcl-bench --bin kcl-fleet-bench` (add `-- --matrix` for
-//! the lease-table cost matrix alone, `-- --quick` to leave out its 10 000-lease row).
+//! the lease-table cost matrix alone, `-- --quick` to leave out its 10 000-lease rows,
+//! `-- --emulators` for the small idle fleet on kinesis-local and dynalite instead).
 //!
 //! Paused time makes the figures exact for the protocol (no machine noise); they do not include
 //! DynamoDB latency, which adds a few milliseconds per step on AWS.
@@ -23,6 +24,7 @@ use kcl::{
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+mod emulators;
 mod matrix;
 
 const SHARDS: usize = 64;
@@ -323,6 +325,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--emulators") {
+        return emulators::run(Duration::from_secs(180));
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
