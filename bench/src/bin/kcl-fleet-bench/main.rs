@@ -4,7 +4,8 @@
 //!
 //! Run with: `cargo run --release -p kcl-bench --bin kcl-fleet-bench` (add `-- --matrix` for
 //! the lease-table cost matrix alone, `-- --quick` to leave out its 10 000-lease rows,
-//! `-- --emulators` for the small idle fleet on kinesis-local and dynalite instead).
+//! `-- --table` for the first table alone, `-- --emulators` for the small idle fleet on
+//! kinesis-local and dynalite instead).
 //!
 //! Paused time makes the figures exact for the protocol (no machine noise); they do not include
 //! DynamoDB latency, which adds a few milliseconds per step on AWS.
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kcl::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
 use kcl::lease::{Lease, LeaseKey, LeaseStore, LeaseStoreError, LeaseTable};
 use kcl::testkit::{MemKinesis, MemLeaseStore};
 use kcl::{
@@ -37,6 +39,8 @@ struct Counts {
     renews: AtomicU64,
     checkpoints: AtomicU64,
     other_writes: AtomicU64,
+    heartbeats: AtomicU64,
+    worker_reads: AtomicU64,
     /// Successful takes per lease (every acquisition, handoffs included, ends in a take).
     takes: Mutex<BTreeMap<LeaseKey, u32>>,
 }
@@ -112,6 +116,41 @@ impl LeaseStore for CountingStore {
     ) -> Result<Lease, LeaseStoreError> {
         bump(&self.counts.other_writes);
         self.inner.complete_handoff(lease, to).await
+    }
+    async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
+        bump(&self.counts.scans);
+        self.inner.list_eventually().await
+    }
+    async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+        self.inner.register_worker(item).await
+    }
+    async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+        bump(&self.counts.heartbeats);
+        self.inner.heartbeat(beat).await
+    }
+    async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+        bump(&self.counts.worker_reads);
+        self.inner.list_workers(consistent).await
+    }
+    async fn fence_worker(&self, seen: &WorkerItem, by: &WorkerId) -> Result<(), LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.fence_worker(seen, by).await
+    }
+    async fn notify_handoff(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        notice: &HandoffNotice,
+    ) -> Result<(), LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.notify_handoff(worker, incarnation, notice).await
+    }
+    async fn remove_worker(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+    ) -> Result<(), LeaseStoreError> {
+        self.inner.remove_worker(worker, incarnation).await
     }
 }
 
@@ -348,6 +387,9 @@ async fn async_main() -> anyhow::Result<()> {
     if !args.iter().any(|a| a == "--matrix") {
         fleet_table().await?;
     }
+    if args.iter().any(|a| a == "--table") {
+        return Ok(());
+    }
     cost_matrix(quick).await
 }
 
@@ -451,6 +493,8 @@ async fn fleet_table() -> anyhow::Result<()> {
             c.renews.load(Ordering::Relaxed),
             c.checkpoints.load(Ordering::Relaxed),
             c.other_writes.load(Ordering::Relaxed),
+            c.heartbeats.load(Ordering::Relaxed),
+            c.worker_reads.load(Ordering::Relaxed),
         ]
     };
     let before = snap(c);
@@ -573,7 +617,15 @@ async fn fleet_table() -> anyhow::Result<()> {
         d[2] / lease_hours
     );
     println!(
-        "| table scans per worker-hour (taker) | {:.0} | | 180 (every 20 s) |",
+        "| heartbeats (worker items) per worker-hour | {:.0} | | none |",
+        d[5] / worker_hours
+    );
+    println!(
+        "| worker-table reads per worker-hour | {:.0} | | none |",
+        d[6] / worker_hours
+    );
+    println!(
+        "| lease-table scans per worker-hour (taker, shard sync) | {:.0} | | 180 (every 20 s) |",
         d[0] / worker_hours
     );
     println!(
