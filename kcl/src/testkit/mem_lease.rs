@@ -221,6 +221,25 @@ impl MemLeaseStore {
         }
     }
 
+    /// Every lease, charged to `op` as a scan of the whole table.
+    fn scan(&self, op: &str, consistent: bool) -> LeaseTable {
+        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
+        let items = self.lock();
+        self.meter.read(
+            op,
+            items.values().map(capacity::item_size).sum(),
+            consistent,
+        );
+        for i in items.values() {
+            match item::decode(i) {
+                Ok(Some(l)) => leases.push(l),
+                Ok(None) => {}
+                Err(e) => malformed.push(e),
+            }
+        }
+        LeaseTable::new(leases, malformed)
+    }
+
     fn injected(kind: FaultKind) -> LeaseStoreError {
         match kind {
             FaultKind::Throttle => LeaseStoreError::Throttled("injected throttle".into()),
@@ -271,37 +290,12 @@ impl LeaseStore for MemLeaseStore {
 
     async fn list(&self) -> Result<LeaseTable, LeaseStoreError> {
         self.faults_for("list").await?;
-        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
-        let items = self.lock();
-        self.meter
-            .read("list", items.values().map(capacity::item_size).sum(), true);
-        for i in items.values() {
-            match item::decode(i) {
-                Ok(Some(l)) => leases.push(l),
-                Ok(None) => {}
-                Err(e) => malformed.push(e),
-            }
-        }
-        Ok(LeaseTable::new(leases, malformed))
+        Ok(self.scan("list", true))
     }
 
     async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
         self.faults_for("list").await?;
-        let (mut leases, mut malformed) = (Vec::new(), Vec::new());
-        let items = self.lock();
-        self.meter.read(
-            "list_eventually",
-            items.values().map(capacity::item_size).sum(),
-            false,
-        );
-        for i in items.values() {
-            match item::decode(i) {
-                Ok(Some(l)) => leases.push(l),
-                Ok(None) => {}
-                Err(e) => malformed.push(e),
-            }
-        }
-        Ok(LeaseTable::new(leases, malformed))
+        Ok(self.scan("list_eventually", false))
     }
 
     async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
