@@ -28,6 +28,9 @@ pub const LEASES_HELD: &str = "kcl_leases_held";
 pub const LEASES_TAKEN: &str = "kcl_leases_taken_total";
 /// Counter: leases taken from a live worker to balance the fleet.
 pub const LEASES_STOLEN: &str = "kcl_leases_stolen_total";
+/// Counter: handoffs this worker asked for to even out load (bytes per second) with the busiest
+/// worker, a subset of `kcl_leases_stolen_total`.
+pub const LOAD_MOVES: &str = "kcl_lease_load_moves_total";
 /// Counter: reads of the whole lease table by the taker; label `reason` (`first`,
 /// `table-changed`, `stale`, `safety-net`, `per-lease-owners`).
 pub const LEASE_TABLE_SCANS: &str = "kcl_lease_table_scans_total";

@@ -5,7 +5,7 @@
 //! checkpoint never race on the counter and fail each other's condition. The renewer awaits only
 //! the store and its interval, never a processor: a slow processor cannot lose its lease.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -21,7 +21,8 @@ use super::expiry::ExpiryTracker;
 use super::liveness::{
     scan_reason, Beat, HandoffNotice, Owner, ScanInputs, ScanReason, WorkerItem, WorkerView,
 };
-use super::taker::{plan_takes, target, Limits, Snapshot, TakeReason};
+use super::load::{self, ThroughputMeter};
+use super::taker::{self, Limits, Snapshot, TakeReason};
 use super::write::{self, LeaseWrite};
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
 use crate::metrics as m;
@@ -47,6 +48,9 @@ pub(crate) struct HeldLease {
     /// Validity fixed when a handoff began (or a handoff request is being resolved): no
     /// heartbeat extends it.
     frozen: StdMutex<Option<Instant>>,
+    /// Bytes per second the processor received from the shard lately (stored with each
+    /// checkpoint and summed into the worker's heartbeat: balancing by load).
+    throughput: StdMutex<ThroughputMeter>,
 }
 
 /// This worker's liveness item and what its heartbeat guarantees.
@@ -145,9 +149,15 @@ impl HeldLease {
         lease_duration: Duration,
         liveness: Option<Arc<Liveness>>,
     ) -> Self {
+        let now = Instant::now();
         Self {
             liveness,
             frozen: StdMutex::new(None),
+            // A lease that just moved keeps the weight its last owner measured until we have.
+            throughput: StdMutex::new(match lease.throughput {
+                Some(bps) => ThroughputMeter::starting_at(bps, now),
+                None => ThroughputMeter::new(now),
+            }),
             key: lease.key.clone(),
             state: Mutex::new(HeldState {
                 lease,
@@ -159,6 +169,22 @@ impl HeldLease {
             handoff_to: StdMutex::new(None),
             lease_duration,
         }
+    }
+
+    /// Counts `bytes` of records delivered to the processor (balancing by load).
+    pub(crate) fn count_bytes(&self, bytes: u64) {
+        self.throughput
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(bytes, Instant::now());
+    }
+
+    /// Bytes per second delivered lately.
+    pub(crate) fn throughput(&self) -> u64 {
+        self.throughput
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rate(Instant::now())
     }
 
     /// The lease key.
@@ -316,6 +342,9 @@ impl HeldLease {
             if *position <= state.lease.checkpoint {
                 return Ok(state.lease.clone());
             }
+            // The checkpoint carries the shard's throughput (`throughputKBps`): what peers
+            // balance load by.
+            state.lease.throughput = Some(self.throughput());
         }
         let started = Instant::now();
         // Set before sending: if this call is dropped or its answer lost, the next write
@@ -566,13 +595,14 @@ impl LeaseCoordinator {
     async fn beat(&self, l: &Liveness) {
         let started = Instant::now();
         let held = self.held();
-        let active = held
+        let active: Vec<_> = held
             .iter()
             .filter(|h| !h.lost.is_cancelled() && !h.handoff.is_cancelled())
-            .count();
+            .collect();
         let handled = std::mem::take(&mut *l.handled());
         let beat = Beat::new(self.me.clone(), l.incarnation())
-            .lease_count(active as u64)
+            .lease_count(active.len() as u64)
+            .throughput(active.iter().map(|h| h.throughput()).sum())
             .table_changes(l.table_changes.load(std::sync::atomic::Ordering::SeqCst))
             .handled(handled.clone());
         let result = tokio::time::timeout(self.renew_interval, self.store.heartbeat(&beat))
@@ -893,6 +923,11 @@ impl LeaseCoordinator {
             }
             let now = Instant::now();
             st.tracker.observe(&table.leases, now);
+            for l in &table.leases {
+                st.note_owner(l, now);
+            }
+            st.owner_since
+                .retain(|k, _| table.leases.binary_search_by(|l| l.key.cmp(k)).is_ok());
             self.notice_handoffs(&table.leases).await;
             st.cache = LeaseCache(table.leases);
             st.snapshot_at = Some(now);
@@ -902,9 +937,9 @@ impl LeaseCoordinator {
             let seen_now = liveness.is_some()
                 && st.cache.values().any(|l| {
                     !l.is_finished()
-                        && l.owner.as_ref().is_some_and(|o| {
-                            o != &self.me && st.view.judge(o, now, d) == Owner::PerLease
-                        })
+                        && l.owner
+                            .as_ref()
+                            .is_some_and(|o| o != &self.me && st.view.is_live(o, now, d).is_none())
                 });
             // Once seen, for a while: a Java worker whose last lease just moved away is still
             // there, and judges our leases by their counters.
@@ -938,6 +973,7 @@ impl LeaseCoordinator {
 
         let mut taken = Vec::new();
         let mut round = RoundChecks::default();
+        let planned_nothing = plan.takes.is_empty();
         // A take refused because a peer got there first leaves us short: plan again on what
         // the refusal taught us (a few times), rather than a whole round later.
         for pass in 0..3 {
@@ -971,6 +1007,14 @@ impl LeaseCoordinator {
                 break;
             }
         }
+        // At its count target, with nothing to take: even out load with the busiest peer.
+        if liveness.is_some() && planned_nothing && taken.is_empty() && !stop.is_cancelled() {
+            if let Some(lease) = self.load_move(st, &plan, &excluded, Instant::now()) {
+                info!(lease = %lease.key, from = ?lease.owner, throughput = ?lease.throughput, "asking for a lease to even out load");
+                metrics::counter!(m::LOAD_MOVES).increment(1);
+                self.request_handoff(st, &lease).await;
+            }
+        }
         metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
         // The next moment a lease of another worker (or a worker) expires if nothing moves.
         let now = Instant::now();
@@ -980,16 +1024,62 @@ impl LeaseCoordinator {
             .values()
             .filter(|l| !l.is_finished() && !held.contains(&l.key))
             .filter_map(|l| match (&l.owner, &l.checkpoint_owner) {
-                (Some(o), None) if liveness.is_some() => match st.view.judge(o, now, d) {
-                    Owner::Live => st.view.due(o, d),
-                    Owner::Dead(_) => None,
-                    Owner::PerLease => st.tracker.due(l, d),
+                (Some(o), None) if liveness.is_some() => match st.view.is_live(o, now, d) {
+                    Some(true) => st.view.due(o, d),
+                    Some(false) => None,
+                    None => st.tracker.due(l, d),
                 },
                 _ => st.tracker.due(l, d),
             })
             .filter(|due| *due > now)
             .min();
         Ok((taken, due))
+    }
+
+    /// The lease to ask for to even out load with the busiest live peer, if any.
+    fn load_move(
+        &self,
+        st: &TakerState,
+        plan: &Plan,
+        excluded: &BTreeSet<LeaseKey>,
+        now: Instant,
+    ) -> Option<Lease> {
+        let d = self.lease_duration;
+        let held = self.held();
+        let my_load = held.iter().map(|h| h.throughput()).sum();
+        let peers: Vec<(WorkerId, u64, usize)> = st
+            .view
+            .items()
+            .filter(|w| w.worker != self.me && st.view.is_live(&w.worker, now, d) == Some(true))
+            .map(|w| (w.worker.clone(), w.throughput, w.lease_count as usize))
+            .collect();
+        let held_keys: BTreeSet<&LeaseKey> = held.iter().map(|h| h.key()).collect();
+        let leases_of = |victim: &WorkerId| -> Vec<load::Candidate> {
+            st.cache
+                .values()
+                .filter(|l| {
+                    l.owner.as_ref() == Some(victim)
+                        && l.checkpoint_owner.is_none()
+                        && !l.is_finished()
+                        && !excluded.contains(&l.key)
+                        && !held_keys.contains(&l.key)
+                })
+                .map(|l| load::Candidate {
+                    key: l.key.clone(),
+                    load: l.throughput.unwrap_or(0),
+                    settled: st.settled(l, now),
+                })
+                .collect()
+        };
+        let (_, key) = load::plan_load_move(&load::LoadInputs {
+            me: &self.me,
+            my_load,
+            my_count: plan.mine,
+            target: plan.target,
+            peers: &peers,
+            leases_of: &leases_of,
+        })?;
+        st.cache.get(&key).cloned()
     }
 
     /// Active leases of the snapshot that no live worker accounts for: the counts live workers
@@ -1013,7 +1103,7 @@ impl LeaseCoordinator {
             .filter(|l| !l.is_finished())
             .filter(|l| {
                 l.owner.as_ref().is_some_and(|o| {
-                    st.view.judge(o, now, d) == Owner::PerLease && !st.tracker.is_expired(l, now, d)
+                    st.view.is_live(o, now, d).is_none() && !st.tracker.is_expired(l, now, d)
                 })
             })
             .count();
@@ -1037,10 +1127,9 @@ impl LeaseCoordinator {
                 (None, _) => true,
                 // A handoff pending, or an owner without a worker item: by the lease.
                 (Some(_), Some(_)) => st.tracker.is_expired(l, now, d),
-                (Some(o), None) => match st.view.judge(o, now, d) {
-                    Owner::Live => false,
-                    Owner::Dead(_) => true,
-                    Owner::PerLease => st.tracker.is_expired(l, now, d),
+                (Some(o), None) => match st.view.is_live(o, now, d) {
+                    Some(live) => !live,
+                    None => st.tracker.is_expired(l, now, d),
                 },
             })
             .map(|l| l.key.clone())
@@ -1053,6 +1142,12 @@ impl LeaseCoordinator {
             .filter(|l| l.owner.is_none() && !l.is_finished() && st.tracker.stood_still(l, now, d))
             .map(|l| l.key.clone())
             .collect();
+        let moved_lately: BTreeSet<LeaseKey> = st
+            .owner_since
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) < load::SETTLE)
+            .map(|(k, _)| k.clone())
+            .collect();
         let snapshot = Snapshot {
             leases,
             me: &self.me,
@@ -1062,12 +1157,13 @@ impl LeaseCoordinator {
             order_seed: crate::backoff::seed(&[self.me.as_str()]),
             published: &published,
             neglected: &neglected,
+            moved_lately: &moved_lately,
         };
-        let (target, mine) = target(&snapshot, self.limits);
+        let planned = taker::plan(&snapshot, self.limits);
         Plan {
-            takes: plan_takes(&snapshot, self.limits),
-            target,
-            mine,
+            takes: planned.takes,
+            target: planned.target,
+            mine: planned.mine,
         }
     }
 
@@ -1349,6 +1445,9 @@ pub(crate) struct TakerState {
     observing: bool,
     /// A refused write showed the snapshot wrong about an owner (read the table again).
     misled: bool,
+    /// Each lease's owner as we last saw it, and since when (a lease moves by load at most
+    /// once per [`load::SETTLE`]).
+    owner_since: HashMap<LeaseKey, (Option<WorkerId>, Instant)>,
 }
 
 impl Default for TakerState {
@@ -1363,14 +1462,36 @@ impl Default for TakerState {
             per_lease_seen_at: None,
             observing: true,
             misled: false,
+            owner_since: HashMap::new(),
         }
     }
 }
 
 impl TakerState {
     fn remember(&mut self, lease: &Lease) {
-        self.tracker.observe_one(lease, Instant::now());
+        let now = Instant::now();
+        self.tracker.observe_one(lease, now);
+        self.note_owner(lease, now);
         self.cache.insert(lease.key.clone(), lease.clone());
+    }
+
+    fn note_owner(&mut self, lease: &Lease, now: Instant) {
+        match self.owner_since.get(&lease.key) {
+            Some((owner, _)) if *owner == lease.owner => {}
+            _ => {
+                self.owner_since
+                    .insert(lease.key.clone(), (lease.owner.clone(), now));
+            }
+        }
+    }
+
+    /// Whether `lease`'s owner has held it for at least [`load::SETTLE`], as we saw it.
+    fn settled(&self, lease: &Lease, now: Instant) -> bool {
+        self.owner_since
+            .get(&lease.key)
+            .is_some_and(|(owner, since)| {
+                *owner == lease.owner && now.saturating_duration_since(*since) >= load::SETTLE
+            })
     }
 }
 

@@ -663,6 +663,14 @@ impl LeaseStore for DynamoLeaseStore {
         u.set
             .push(format!("{hb} = if_not_exists({hb}, {one}) + {one}"));
         u.set(liveness::attr::LEASE_COUNT, number(beat.lease_count));
+        if beat.throughput > 0 {
+            u.set(
+                liveness::attr::THROUGHPUT,
+                to_sdk_value(item::throughput_kbps(beat.throughput))?,
+            );
+        } else {
+            u.remove(liveness::attr::THROUGHPUT);
+        }
         if beat.table_changes > 0 {
             u.set(liveness::attr::TABLE_CHANGES, number(beat.table_changes));
         }
@@ -839,6 +847,9 @@ impl LeaseStore for DynamoLeaseStore {
         u.set(attr::CHECKPOINT_SUB, number(checkpoint.sub_sequence()));
         u.set(attr::LEASE_COUNTER, number(done.counter.0));
         u.set(attr::OWNER_SWITCHES, number(0));
+        if let Some(bps) = lease.throughput {
+            u.set(attr::THROUGHPUT, to_sdk_value(item::throughput_kbps(bps))?);
+        }
         if !child_shard_ids.is_empty() {
             // Sorted and deduplicated by the effect: DynamoDB rejects duplicates in a set.
             u.set(

@@ -44,6 +44,8 @@ pub mod attr {
     pub const LATEST_RESOLVED_AT: &str = "latestResolvedAt";
     /// Java KCL 3.x stores other entities in the table; only `LEASE` (or none) are leases.
     pub const ENTITY_TYPE: &str = "entityType";
+    /// Number (Java KCL 3.x): the shard's recent throughput, KiB per second.
+    pub const THROUGHPUT: &str = "throughputKBps";
 }
 
 /// A table attribute value, independent of any SDK.
@@ -117,7 +119,23 @@ pub fn encode(lease: &Lease) -> Item {
     if let Some(t) = lease.latest_resolved_at {
         item.insert(attr::LATEST_RESOLVED_AT.into(), n(epoch_millis(t)));
     }
+    if let Some(bps) = lease.throughput {
+        item.insert(attr::THROUGHPUT.into(), throughput_kbps(bps));
+    }
     item
+}
+
+/// `throughputKBps` for `bytes_per_sec`: KiB per second with three decimals, as a number.
+pub fn throughput_kbps(bytes_per_sec: u64) -> AttrValue {
+    AttrValue::N(format!("{:.3}", bytes_per_sec as f64 / 1024.0))
+}
+
+/// Bytes per second from a `throughputKBps` value (the Java KCL writes a double).
+pub(crate) fn parse_throughput(v: &str) -> Result<u64, String> {
+    match v.parse::<f64>() {
+        Ok(k) if k.is_finite() && k >= 0.0 => Ok((k * 1024.0).round() as u64),
+        _ => Err(format!("expected a non-negative number, got {v:?}")),
+    }
 }
 
 /// Milliseconds since the Unix epoch (0 for earlier times).
@@ -238,6 +256,18 @@ pub fn decode(item: &Item) -> Result<Option<Lease>, MalformedLease> {
         checkpoint_owner: opt_s(attr::CHECKPOINT_OWNER)?.map(WorkerId::new),
         latest_resolved_at: opt_n(attr::LATEST_RESOLVED_AT)?
             .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+        throughput: match item.get(attr::THROUGHPUT) {
+            None => None,
+            Some(AttrValue::N(v)) => {
+                Some(parse_throughput(v).map_err(|e| bad(attr::THROUGHPUT, e))?)
+            }
+            Some(other) => {
+                return Err(bad(
+                    attr::THROUGHPUT,
+                    format!("expected a number, got {other:?}"),
+                ))
+            }
+        },
     }))
 }
 
@@ -266,7 +296,21 @@ mod tests {
         l.counter = LeaseCounter(42);
         l.owner_switches_since_checkpoint = 2;
         l.child_shard_ids = vec![ShardId::new("shardId-000000000009")];
+        l.throughput = Some(5_120);
         l
+    }
+
+    #[test]
+    fn throughput_is_read_as_the_java_kcl_writes_it() {
+        let mut item = encode(&full_lease());
+        assert_eq!(item[attr::THROUGHPUT], AttrValue::N("5.000".into()));
+        item.insert(attr::THROUGHPUT.into(), AttrValue::N("12.5".into()));
+        assert_eq!(decode(&item).unwrap().unwrap().throughput, Some(12_800));
+        for bad in ["-1", "NaN", "fast"] {
+            item.insert(attr::THROUGHPUT.into(), AttrValue::N(bad.into()));
+            let e = decode(&item).unwrap_err();
+            assert!(e.to_string().contains(attr::THROUGHPUT), "{e}");
+        }
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub mod attr {
     pub const FENCED_BY: &str = "fencedBy";
     /// Leases peers asked this worker to hand over (string set).
     pub const HANDOFFS: &str = "handoffs";
+    /// The throughput of all the worker's leases together, KiB per second (absent while 0).
+    pub const THROUGHPUT: &str = "throughputKBps";
 }
 
 /// A worker's liveness item.
@@ -127,6 +129,8 @@ pub struct WorkerItem {
     pub fenced_by: Option<WorkerId>,
     /// `handoffs`: leases peers asked the worker to hand over.
     pub handoffs: Vec<HandoffNotice>,
+    /// `throughputKBps`, here in bytes per second: what all its leases carry together.
+    pub throughput: u64,
 }
 
 impl WorkerItem {
@@ -140,6 +144,7 @@ impl WorkerItem {
             table_changes: 0,
             fenced_by: None,
             handoffs: Vec::new(),
+            throughput: 0,
         }
     }
 }
@@ -166,6 +171,8 @@ pub struct Beat {
     pub table_changes: u64,
     /// Handoff requests dealt with: removed from `handoffs`.
     pub handled: Vec<HandoffNotice>,
+    /// `throughputKBps` to publish, in bytes per second.
+    pub throughput: u64,
 }
 
 impl Beat {
@@ -177,7 +184,14 @@ impl Beat {
             lease_count: 0,
             table_changes: 0,
             handled: Vec::new(),
+            throughput: 0,
         }
+    }
+
+    /// Sets `throughputKBps` (given in bytes per second).
+    pub fn throughput(mut self, bytes_per_sec: u64) -> Self {
+        self.throughput = bytes_per_sec;
+        self
     }
 
     /// Sets `leaseCount`.
@@ -239,6 +253,12 @@ pub fn encode(w: &WorkerItem) -> Item {
     if let Some(f) = &w.fenced_by {
         item.insert(attr::FENCED_BY.into(), AttrValue::S(f.to_string()));
     }
+    if w.throughput > 0 {
+        item.insert(
+            attr::THROUGHPUT.into(),
+            crate::lease::item::throughput_kbps(w.throughput),
+        );
+    }
     if !w.handoffs.is_empty() {
         item.insert(
             attr::HANDOFFS.into(),
@@ -298,7 +318,20 @@ pub fn decode(item: &Item) -> Result<WorkerItem, MalformedLease> {
             ))
         }
     };
+    let throughput = match item.get(attr::THROUGHPUT) {
+        None => 0,
+        Some(AttrValue::N(v)) => {
+            crate::lease::item::parse_throughput(v).map_err(|why| bad(attr::THROUGHPUT, why))?
+        }
+        Some(other) => {
+            return Err(bad(
+                attr::THROUGHPUT,
+                format!("expected a number, got {other:?}"),
+            ))
+        }
+    };
     Ok(WorkerItem {
+        throughput,
         incarnation: number(attr::INCARNATION, true)?,
         heartbeat: number(attr::HEARTBEAT, true)?,
         lease_count: number(attr::LEASE_COUNT, false)?,
@@ -351,6 +384,23 @@ impl WorkerView {
             self.departed.insert(gone.clone());
         }
         self.items = next;
+    }
+
+    /// Whether the owner `w` is live at `now`, without cloning its item (taker rounds ask it for
+    /// every lease of the table): `Some(true)` live, `Some(false)` dead, `None` judged per lease.
+    pub(crate) fn is_live(
+        &self,
+        w: &WorkerId,
+        now: Instant,
+        lease_duration: Duration,
+    ) -> Option<bool> {
+        match self.items.get(w) {
+            Some((item, since)) => Some(
+                item.fenced_by.is_none() && now.saturating_duration_since(*since) < lease_duration,
+            ),
+            None if self.departed.contains(w) => Some(false),
+            None => None,
+        }
     }
 
     /// How the owner `w` stands at `now`.

@@ -25,6 +25,7 @@ pub(crate) mod coordinator;
 pub(crate) mod expiry;
 pub mod item;
 pub mod liveness;
+pub(crate) mod load;
 pub mod store;
 pub(crate) mod taker;
 pub(crate) mod write;
@@ -173,6 +174,10 @@ pub struct Lease {
     /// resumes there (`AT_TIMESTAMP`), not at a fresh `LATEST` that would skip what arrived
     /// meanwhile. Other KCLs ignore it (and start at `LATEST`, as they always do).
     pub latest_resolved_at: Option<std::time::SystemTime>,
+    /// `throughputKBps` (the Java KCL 3.x attribute, KiB per second), here in bytes per
+    /// second: what the owner's processor received from the shard lately, stored with each
+    /// checkpoint. Balancing by load moves leases by it.
+    pub throughput: Option<u64>,
 }
 
 impl Lease {
@@ -191,6 +196,7 @@ impl Lease {
             pending_checkpoint_state: None,
             checkpoint_owner: None,
             latest_resolved_at: None,
+            throughput: None,
         }
     }
 

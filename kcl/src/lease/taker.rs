@@ -14,6 +14,11 @@
 //!   itself first. Workers started together then see each other at their next round, and
 //!   divide the rest by the right target instead of the first one taking everything and
 //!   handing it over lease by lease.
+//! - After that a worker takes at most as many new leases in a round as it holds (or
+//!   [`RAMP_FLOOR`], whichever is more): its holdings at most double per round. A worker that
+//!   planned alone while its peers were still starting (10 000 leases, four workers started
+//!   over two seconds) then holds a few hundred when it first sees them, not all 10 000 —
+//!   which stealing, a few leases per round, would take an hour to even out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -60,12 +65,29 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) published: &'a BTreeMap<WorkerId, usize>,
     /// Unowned leases nobody has taken for a lease duration.
     pub(crate) neglected: &'a BTreeSet<LeaseKey>,
+    /// Leases whose owner changed lately: stolen last (a lease moves at most once per
+    /// [`super::load::SETTLE`] when it can be helped).
+    pub(crate) moved_lately: &'a BTreeSet<LeaseKey>,
 }
 
-/// Where `key` comes in the candidate order of the worker whose seed is `seed`.
+/// Where `key` comes in the candidate order of the worker whose seed is `seed` (FNV-1a over
+/// the seed and the key: no allocation, as it runs for every candidate).
 fn rank(seed: u64, key: &LeaseKey) -> u64 {
-    crate::backoff::seed(&[&seed.to_string(), key.as_str()])
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.to_le_bytes().into_iter().chain(key.as_str().bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's high bits barely depend on the last bytes (where shard ids differ): mix them
+    // (the splitmix64 finaliser).
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
+
+/// The fewest new leases a worker may take in one round once it holds some (see
+/// [`plan_takes`]: at most this or what it holds, whichever is more).
+pub(crate) const RAMP_FLOOR: usize = 64;
 
 /// Limits of one round.
 #[derive(Clone, Copy, Debug)]
@@ -115,19 +137,36 @@ fn balance<'a>(
 }
 
 /// This worker's target and how many it holds toward it.
+#[cfg(test)]
 pub(crate) fn target(s: &Snapshot<'_>, limits: Limits) -> (usize, usize) {
     let active: Vec<&Lease> = s.leases.iter().filter(|l| !l.is_finished()).collect();
     let (_, target, mine) = balance(s, &active, limits);
     (target, mine)
 }
 
+/// One round's plan: the takes, this worker's target and what it holds toward it.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    pub(crate) takes: Vec<Take>,
+    pub(crate) target: usize,
+    pub(crate) mine: usize,
+}
+
 /// Plans this round's takes.
+#[cfg(test)]
 pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
+    plan(s, limits).takes
+}
+
+/// Plans this round's takes, with the target they were planned toward.
+pub(crate) fn plan(s: &Snapshot<'_>, limits: Limits) -> Planned {
     let active: Vec<&Lease> = s.leases.iter().filter(|l| !l.is_finished()).collect();
     let (load, target, mine) = balance(s, &active, limits);
     let mut wanted = target.saturating_sub(mine);
 
     let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.excluded.contains(&l.key);
+    // Reclaims that are not handoffs to us (those are already counted in `mine`).
+    let mut new_reclaims = 0;
     let mut candidates: Vec<Take> = active
         .iter()
         .filter(takeable)
@@ -137,7 +176,10 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
                 // Handed over to us: ours once the old owner completed the handoff, or by
                 // force once the lease expired (the old owner's clock has stopped it by then).
                 Some(o) if o == s.me && l.checkpoint_owner.is_some() && !expired => return None,
-                Some(o) if o == s.me => TakeReason::Reclaim,
+                Some(o) if o == s.me => {
+                    new_reclaims += usize::from(l.checkpoint_owner.is_none());
+                    TakeReason::Reclaim
+                }
                 None => TakeReason::Unowned,
                 Some(_) if expired => TakeReason::Expired,
                 Some(_) => return None,
@@ -148,7 +190,8 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
             })
         })
         .collect();
-    candidates.sort_by_cached_key(|t| (t.reason, rank(s.order_seed, &t.key), t.key.clone()));
+    // Ties (never in practice) keep the table's order: the sort is stable.
+    candidates.sort_by_cached_key(|t| (t.reason, rank(s.order_seed, &t.key)));
 
     // Leases that name this worker are always taken back, whatever the target: nobody else
     // will take them before they expire. (Handoffs to us are already counted in `mine`.)
@@ -156,25 +199,18 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
         .iter()
         .take_while(|t| t.reason == TakeReason::Reclaim)
         .count();
-    let pending = |k: &LeaseKey| {
-        active
-            .iter()
-            .any(|l| &l.key == k && l.checkpoint_owner.is_some())
-    };
-    let new_reclaims = candidates[..reclaims]
-        .iter()
-        .filter(|t| !pending(&t.key))
-        .count();
     wanted = wanted.saturating_sub(new_reclaims);
-    // Announce first (see the module docs): one lease now, the rest by the next round.
-    let cap = if mine == 0 { 1 } else { usize::MAX };
+    // Announce first, then at most double (see the module docs).
+    let mut cap = if mine == 0 { 1 } else { mine.max(RAMP_FLOOR) };
     let others = (candidates.len() - reclaims).min(wanted).min(cap);
+    cap -= others;
     // Leases nobody has taken for a lease duration are taken whatever the target: the live
     // workers at or below it may be unable to take them (a lease a worker's processor failed
     // on is never taken again by that worker).
     let neglected: Vec<Take> = candidates[reclaims + others..]
         .iter()
         .filter(|t| t.reason == TakeReason::Unowned && s.neglected.contains(&t.key))
+        .take(cap)
         .cloned()
         .collect();
     candidates.truncate(reclaims + others);
@@ -205,14 +241,26 @@ pub(crate) fn plan_takes(s: &Snapshot<'_>, limits: Limits) -> Vec<Take> {
                 })
                 .copied()
                 .collect();
-            steals.sort_by_cached_key(|l| (rank(s.order_seed, &l.key), l.key.clone()));
+            // Settled leases first, the coldest first: balancing by count moves little load (hot
+            // leases move by load, see `load`).
+            steals.sort_by_cached_key(|l| {
+                (
+                    s.moved_lately.contains(&l.key),
+                    l.throughput.unwrap_or(0),
+                    rank(s.order_seed, &l.key),
+                )
+            });
             candidates.extend(steals.into_iter().take(n).map(|l| Take {
                 key: l.key.clone(),
                 reason: TakeReason::Steal,
             }));
         }
     }
-    candidates
+    Planned {
+        takes: candidates,
+        target,
+        mine,
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +300,7 @@ mod tests {
                 order_seed: crate::backoff::seed(&[me.as_str()]),
                 published: &BTreeMap::new(),
                 neglected: &BTreeSet::new(),
+                moved_lately: &BTreeSet::new(),
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
@@ -272,6 +321,27 @@ mod tests {
         // Reclaims are not held back.
         let own: Vec<_> = (0..4).map(|i| lease(i, Some("a"))).collect();
         assert_eq!(plan(&own, "a", &[], &[], 1).len(), 4);
+    }
+
+    #[test]
+    fn a_worker_at_most_doubles_its_holdings_in_a_round() {
+        // (held before, unowned leases) → new leases taken this round, alone in the table.
+        for (held, unowned, want) in [
+            (0, 1_000, 1),
+            (1, 1_000, RAMP_FLOOR),
+            (RAMP_FLOOR - 1, 1_000, RAMP_FLOOR),
+            (100, 1_000, 100),
+            (600, 1_000, 600),
+            (600, 400, 400),
+            (10, 20, 20),
+        ] {
+            let leases: Vec<_> = (0..held + unowned)
+                .map(|i| lease(i, (i < held).then_some("a")))
+                .collect();
+            let holding: Vec<usize> = (0..held).collect();
+            let takes = plan(&leases, "a", &holding, &[], 1);
+            assert_eq!(takes.len(), want, "held {held}, unowned {unowned}");
+        }
     }
 
     #[test]
@@ -397,6 +467,7 @@ mod tests {
                 order_seed: 1,
                 published: &published,
                 neglected: &BTreeSet::new(),
+                moved_lately: &BTreeSet::new(),
             };
             let limits = Limits {
                 max_leases_per_worker: usize::MAX,
@@ -434,6 +505,7 @@ mod tests {
                 order_seed: 1,
                 published: &published,
                 neglected: &neglected,
+                moved_lately: &BTreeSet::new(),
             };
             assert_eq!(target(&snap, limits), (1, 1));
             assert_eq!(plan_takes(&snap, limits).len(), want, "{neglected:?}");

@@ -98,7 +98,13 @@ impl LeaseWrite {
                     && same_checkpoint
             }
             Self::Take { owner } => {
-                next && observed.owner.as_ref() == Some(owner)
+                // A lease being handed to us is left in exactly this state by the old owner's
+                // CompleteHandoff too: not ours by this write, so not recognised (the lease,
+                // read again, names us and is taken at the next round).
+                let handed_to_us =
+                    seen.owner.as_ref() == Some(owner) && seen.checkpoint_owner.is_some();
+                next && !handed_to_us
+                    && observed.owner.as_ref() == Some(owner)
                     && observed.checkpoint_owner.is_none()
                     && same_checkpoint
             }
@@ -321,5 +327,18 @@ mod tests {
         for (case, write, observed, applied) in table {
             assert_eq!(write.was_applied(&seen, &observed), applied, "{case}");
         }
+    }
+
+    #[test]
+    fn a_completed_handoff_to_us_is_not_mistaken_for_our_take() {
+        // Being handed to us (counter 7), then completed by the old owner (counter 8): our
+        // forced take conditional on 7 was refused, though the lease looks as it would leave.
+        let seen = with(lease(7, Some("me")), |l| {
+            l.checkpoint_owner = Some(WorkerId::new("old"))
+        });
+        let take = LeaseWrite::Take {
+            owner: WorkerId::new("me"),
+        };
+        assert!(!take.was_applied(&seen, &lease(8, Some("me"))));
     }
 }

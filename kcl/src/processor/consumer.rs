@@ -461,6 +461,7 @@ impl Consumer {
                         .increment(batch.len() as u64);
                     metrics::counter!(m::BYTES_PROCESSED, "shard" => label.to_owned())
                         .increment(batch.data_bytes() as u64);
+                    self.held.count_bytes(batch.data_bytes() as u64);
                     return Ok(());
                 }
                 Err(e) => {

@@ -311,6 +311,7 @@ impl LeaseStore for MemLeaseStore {
                 Some(mut w) if w.incarnation == beat.incarnation && w.fenced_by.is_none() => {
                     w.heartbeat += 1;
                     w.lease_count = beat.lease_count;
+                    w.throughput = beat.throughput;
                     w.table_changes = beat.table_changes;
                     w.handoffs.retain(|k| !beat.handled.contains(k));
                     Ok(Some(w))
@@ -441,7 +442,12 @@ impl LeaseStore for MemLeaseStore {
             "checkpoint",
             lease,
             |s| me.is_some() && (s.owner == me || s.checkpoint_owner == me),
-            |l| effect::checkpointed(l, checkpoint, child_shard_ids),
+            |l| {
+                let mut done = effect::checkpointed(l, checkpoint, child_shard_ids);
+                // `throughputKBps` is written with the checkpoint when the caller measured it.
+                done.throughput = lease.throughput.or(done.throughput);
+                done
+            },
         )
         .await
     }

@@ -418,22 +418,28 @@ async fn cost_matrix(quick: bool) -> anyhow::Result<()> {
         cells = vec![one];
     }
     println!("\nLease-table cost: the lease protocol alone, in memory, paused time, default timings; capacity units (CU) as DynamoDB charges them (reads 4 KB units, half when eventually consistent; writes 1 KB units), per lease-hour, over 10 minutes of steady state; checkpoints excluded. \"per lease\" is this library before issue 10 (every lease renewed every 3.3 s, a strongly consistent scan per worker every 2 s).\n");
-    println!("| leases × workers | liveness | liveness CU | taking/scanning CU | shard sync CU | parent checks CU | **total CU / lease-hour** | busiest second: writes / reads (CU) | crash failover p50 / p95 | balanced after | Java KCL 2.x: CU / lease-hour, busiest second writes / reads |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| leases × workers | liveness | liveness CU | taking/scanning CU | shard sync CU | parent checks CU | **total CU / lease-hour** | busiest second: writes / reads (CU) | crash failover p50 / p95 | balanced after | CPU per taker round | Java KCL 2.x: CU / lease-hour, busiest second writes / reads |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (leases, workers, liveness, trials) in cells {
         let real = std::time::Instant::now();
         let m = matrix::run(matrix::Cell {
             leases,
             workers,
             liveness,
-            window: minutes(10),
+            // `KCL_BENCH_WINDOW_MIN=2` shortens the steady-state window (exploration only).
+            window: minutes(
+                std::env::var("KCL_BENCH_WINDOW_MIN")
+                    .ok()
+                    .and_then(|m| m.parse().ok())
+                    .unwrap_or(10),
+            ),
             trials,
         })
         .await?;
         let (java, java_w, java_r) = matrix::java(leases, workers, m.item_bytes);
         let p = |k: &str| m.by_purpose.get(k).copied().unwrap_or(0.0);
         println!(
-            "| {leases} × {workers} | {} | {:.0} | {:.0} | {:.1} | {:.0} | **{:.0}** | {:.0} / {:.0} | {:.1} / {:.1} s | {} | {:.0}, {:.0} / {:.0} |",
+            "| {leases} × {workers} | {} | {:.0} | {:.0} | {:.1} | {:.0} | **{:.0}** | {:.0} / {:.0} | {:.1} / {:.1} s | {} | {:.2} ms | {:.0}, {:.0} / {:.0} |",
             match liveness {
                 PerWorker => "per worker",
                 _ => "per lease",
@@ -448,6 +454,7 @@ async fn cost_matrix(quick: bool) -> anyhow::Result<()> {
             matrix::percentile(&m.failovers, 0.5),
             matrix::percentile(&m.failovers, 0.95),
             m.balanced_after.map_or("never".to_owned(), |d| format!("{:.0} s", d.as_secs_f64())),
+            m.cpu_per_round.as_secs_f64() * 1e3,
             java,
             java_w,
             java_r,

@@ -43,6 +43,28 @@ pub struct Measured {
     pub busiest_writes: f64,
     pub failovers: Vec<f64>,
     pub balanced_after: Option<Duration>,
+    /// Process CPU over the window divided by the taker rounds in it: an upper bound on one
+    /// round's CPU (it also carries the heartbeats and the stand-in consumers).
+    pub cpu_per_round: Duration,
+}
+
+/// CPU time of this process so far (user + system).
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Taker rounds so far: each reads the worker table once (per-worker liveness) or the lease
+/// table once (per lease).
+fn rounds(m: &BTreeMap<String, Consumed>, liveness: LeaseLiveness) -> u64 {
+    let op = match liveness {
+        LeaseLiveness::PerLease => "list",
+        _ => "list_workers",
+    };
+    m.get(op).map_or(0, |c| c.requests)
 }
 
 /// The purpose a lease-table operation serves.
@@ -157,9 +179,13 @@ pub async fn run(cell: Cell) -> anyhow::Result<Measured> {
             }
         })
     };
+    let cpu_before = process_cpu();
     tokio::time::sleep(cell.window).await;
+    let cpu = process_cpu().saturating_sub(cpu_before);
     sampler.abort();
     let after = (sum(store.capacity()), sum(fleet.sync_capacity()));
+    let rounds = rounds(&after.0, cell.liveness).saturating_sub(rounds(&before.0, cell.liveness));
+    let cpu_per_round = cpu / rounds.max(1) as u32;
     let lease_hours = cell.leases as f64 * cell.window.as_secs_f64() / 3600.0;
     let mut by_purpose: BTreeMap<&'static str, f64> = BTreeMap::new();
     for (op, a) in &after.0 {
@@ -235,6 +261,7 @@ pub async fn run(cell: Cell) -> anyhow::Result<Measured> {
         busiest_writes,
         failovers,
         balanced_after,
+        cpu_per_round,
     })
 }
 

@@ -619,6 +619,11 @@ pub(crate) fn check(
                     t.lost = true;
                 }
             }
+            // A peer asked for the lease through the owner's worker item: the owner may lose
+            // it without any lease write by others (it cannot renew to refuse the request).
+            Event::Notice { inc, key } => {
+                last_writer.insert(key.clone(), *inc);
+            }
             Event::Beat { inc, sent } => {
                 let until = *sent + lease_duration;
                 let lapsed = beats.get(inc).is_some_and(|u| e.at >= *u);

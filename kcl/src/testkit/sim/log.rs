@@ -260,6 +260,15 @@ pub enum Event {
         /// When the heartbeat was sent.
         sent: Duration,
     },
+    /// A handoff notice for `key` was added to its owner's worker item (applied by the table,
+    /// whether or not the answer reached the requester): the owner's next heartbeat answer
+    /// makes it freeze the lease until it resolved the request.
+    Notice {
+        /// The requester.
+        inc: Inc,
+        /// The lease asked for.
+        key: LeaseKey,
+    },
     /// A dead incarnation's task tried to reach a backend (it is held forever).
     Zombie {
         /// The incarnation.

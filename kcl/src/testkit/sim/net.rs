@@ -435,6 +435,12 @@ impl LeaseStore for SimLeaseStore {
     ) -> Result<(), LeaseStoreError> {
         self.net.before_lease_call("notify_handoff").await?;
         let r = self.inner.notify_handoff(worker, incarnation, notice).await;
+        if r.is_ok() {
+            self.net.rec.push(Event::Notice {
+                inc: self.net.inc,
+                key: notice.key.clone(),
+            });
+        }
         self.worker_answer(worker, r, false).await
     }
 
