@@ -5,7 +5,8 @@
 //! checkpoint never race on the counter and fail each other's condition. The renewer awaits only
 //! the store and its interval, never a processor: a slow processor cannot lose its lease.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use super::liveness::{
     scan_reason, Beat, HandoffNotice, Owner, ScanInputs, ScanReason, WorkerItem, WorkerView,
 };
 use super::load::{self, ThroughputMeter};
-use super::taker::{self, Limits, Snapshot, TakeReason};
+use super::taker::{self, KeySet, Limits, Snapshot, TakeReason, WorkerCounts};
 use super::write::{self, LeaseWrite};
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
 use crate::metrics as m;
@@ -542,12 +543,14 @@ impl LeaseCoordinator {
     }
 
     /// Leases not to take now: refused for good, or still in quarantine.
-    fn excluded(&self, now: Instant) -> BTreeSet<LeaseKey> {
-        let mut out = self
+    fn excluded(&self, now: Instant) -> KeySet {
+        let mut out: KeySet = self
             .refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .iter()
+            .cloned()
+            .collect();
         let q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
         out.extend(
             q.iter()
@@ -1018,19 +1021,31 @@ impl LeaseCoordinator {
         metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
         // The next moment a lease of another worker (or a worker) expires if nothing moves.
         let now = Instant::now();
-        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        let due = st
+        let held: KeySet = self.held_map().keys().cloned().collect();
+        let owners = st.view.judge_all(now, d);
+        // Live owners' leases fall due with their heartbeat: once per owner, not per lease.
+        let mut live_owners: HashSet<&WorkerId, BuildHasherDefault<taker::Fnv>> =
+            HashSet::default();
+        let by_lease = st
             .cache
             .values()
             .filter(|l| !l.is_finished() && !held.contains(&l.key))
             .filter_map(|l| match (&l.owner, &l.checkpoint_owner) {
-                (Some(o), None) if liveness.is_some() => match st.view.is_live(o, now, d) {
-                    Some(true) => st.view.due(o, d),
+                (Some(o), None) if liveness.is_some() => match owners.get(o) {
+                    Some(true) => {
+                        live_owners.insert(o);
+                        None
+                    }
                     Some(false) => None,
                     None => st.tracker.due(l, d),
                 },
                 _ => st.tracker.due(l, d),
             })
+            .min();
+        let by_owner = live_owners.iter().filter_map(|o| st.view.due(o, d)).min();
+        let due = by_lease
+            .into_iter()
+            .chain(by_owner)
             .filter(|due| *due > now)
             .min();
         Ok((taken, due))
@@ -1041,7 +1056,7 @@ impl LeaseCoordinator {
         &self,
         st: &TakerState,
         plan: &Plan,
-        excluded: &BTreeSet<LeaseKey>,
+        excluded: &KeySet,
         now: Instant,
     ) -> Option<Lease> {
         let d = self.lease_duration;
@@ -1097,14 +1112,15 @@ impl LeaseCoordinator {
             .map(|(_, n)| n)
             .sum();
         accounted += self.held_map().len();
+        let owners = st.view.judge_all(now, d);
         accounted += st
             .cache
             .values()
             .filter(|l| !l.is_finished())
             .filter(|l| {
-                l.owner.as_ref().is_some_and(|o| {
-                    st.view.is_live(o, now, d).is_none() && !st.tracker.is_expired(l, now, d)
-                })
+                l.owner
+                    .as_ref()
+                    .is_some_and(|o| !owners.contains_key(o) && !st.tracker.is_expired(l, now, d))
             })
             .count();
         let active = st.cache.values().filter(|l| !l.is_finished()).count();
@@ -1116,36 +1132,43 @@ impl LeaseCoordinator {
         &self,
         st: &TakerState,
         live: &BTreeMap<WorkerId, usize>,
-        excluded: &BTreeSet<LeaseKey>,
+        excluded: &KeySet,
         now: Instant,
     ) -> Plan {
         let d = self.lease_duration;
         let leases = st.cache.as_slice();
-        let expired: BTreeSet<LeaseKey> = leases
+        // Each owner judged once, not once per lease (a round over 10 000 leases).
+        let owners = st.view.judge_all(now, d);
+        let expired: KeySet = leases
             .iter()
             .filter(|l| match (&l.owner, &l.checkpoint_owner) {
                 (None, _) => true,
                 // A handoff pending, or an owner without a worker item: by the lease.
                 (Some(_), Some(_)) => st.tracker.is_expired(l, now, d),
-                (Some(o), None) => match st.view.is_live(o, now, d) {
+                (Some(o), None) => match owners.get(o) {
                     Some(live) => !live,
                     None => st.tracker.is_expired(l, now, d),
                 },
             })
             .map(|l| l.key.clone())
             .collect();
-        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        let mut published = live.clone();
-        published.remove(&self.me);
-        let neglected: BTreeSet<LeaseKey> = leases
+        let held: KeySet = self.held_map().keys().cloned().collect();
+        let published: WorkerCounts = live
+            .iter()
+            .filter(|(w, _)| **w != self.me)
+            .map(|(w, n)| (w.clone(), *n))
+            .collect();
+        let neglected: KeySet = leases
             .iter()
             .filter(|l| l.owner.is_none() && !l.is_finished() && st.tracker.stood_still(l, now, d))
             .map(|l| l.key.clone())
             .collect();
-        let moved_lately: BTreeSet<LeaseKey> = st
+        let moved_lately: KeySet = st
             .owner_since
             .iter()
-            .filter(|(_, (_, since))| now.saturating_duration_since(*since) < load::SETTLE)
+            .filter(|(_, seen)| {
+                seen.moved && now.saturating_duration_since(seen.since) < load::SETTLE
+            })
             .map(|(k, _)| k.clone())
             .collect();
         let snapshot = Snapshot {
@@ -1447,7 +1470,17 @@ pub(crate) struct TakerState {
     misled: bool,
     /// Each lease's owner as we last saw it, and since when (a lease moves by load at most
     /// once per [`load::SETTLE`]).
-    owner_since: HashMap<LeaseKey, (Option<WorkerId>, Instant)>,
+    owner_since: HashMap<LeaseKey, OwnerSeen>,
+}
+
+/// A lease's owner as the taker last saw it.
+#[derive(Debug)]
+struct OwnerSeen {
+    owner: Option<WorkerId>,
+    /// Since when (first seen, or seen to change).
+    since: Instant,
+    /// It changed while we watched (not merely first seen).
+    moved: bool,
 }
 
 impl Default for TakerState {
@@ -1476,22 +1509,31 @@ impl TakerState {
     }
 
     fn note_owner(&mut self, lease: &Lease, now: Instant) {
-        match self.owner_since.get(&lease.key) {
-            Some((owner, _)) if *owner == lease.owner => {}
-            _ => {
-                self.owner_since
-                    .insert(lease.key.clone(), (lease.owner.clone(), now));
+        match self.owner_since.get_mut(&lease.key) {
+            Some(seen) if seen.owner == lease.owner => {}
+            Some(seen) => {
+                *seen = OwnerSeen {
+                    owner: lease.owner.clone(),
+                    since: now,
+                    moved: true,
+                }
+            }
+            None => {
+                let seen = OwnerSeen {
+                    owner: lease.owner.clone(),
+                    since: now,
+                    moved: false,
+                };
+                self.owner_since.insert(lease.key.clone(), seen);
             }
         }
     }
 
     /// Whether `lease`'s owner has held it for at least [`load::SETTLE`], as we saw it.
     fn settled(&self, lease: &Lease, now: Instant) -> bool {
-        self.owner_since
-            .get(&lease.key)
-            .is_some_and(|(owner, since)| {
-                *owner == lease.owner && now.saturating_duration_since(*since) >= load::SETTLE
-            })
+        self.owner_since.get(&lease.key).is_some_and(|seen| {
+            seen.owner == lease.owner && now.saturating_duration_since(seen.since) >= load::SETTLE
+        })
     }
 }
 

@@ -403,6 +403,22 @@ impl WorkerView {
         }
     }
 
+    /// [`Self::is_live`] for every worker seen (live or dead; owners not in the map are judged
+    /// per lease), for a round that asks it for every lease.
+    pub(crate) fn judge_all(
+        &self,
+        now: Instant,
+        lease_duration: Duration,
+    ) -> crate::lease::taker::WorkerJudgments<'_> {
+        let mut out = crate::lease::taker::WorkerJudgments::default();
+        for w in self.items.keys().chain(self.departed.iter()) {
+            if let Some(live) = self.is_live(w, now, lease_duration) {
+                out.insert(w, live);
+            }
+        }
+        out
+    }
+
     /// How the owner `w` stands at `now`.
     pub(crate) fn judge(&self, w: &WorkerId, now: Instant, lease_duration: Duration) -> Owner {
         match self.items.get(w) {

@@ -20,9 +20,44 @@
 //!   over two seconds) then holds a few hundred when it first sees them, not all 10 000 —
 //!   which stealing, a few leases per round, would take an hour to even out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::{Lease, LeaseKey, WorkerId};
+
+/// FNV-1a: a round over 10 000 leases looks each up in several sets; hashing a short key
+/// this way costs a fraction of comparing it against a B-tree's worth of similar keys (shard
+/// ids share their first 16 bytes). Keys come from our own table, not from an attacker.
+#[derive(Default)]
+pub(crate) struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// A set of lease keys, as the planner looks them up.
+pub(crate) type KeySet = HashSet<LeaseKey, BuildHasherDefault<Fnv>>;
+
+/// Whether each worker seen in the worker table is live (dead: `false`).
+pub(crate) type WorkerJudgments<'a> = HashMap<&'a WorkerId, bool, BuildHasherDefault<Fnv>>;
+
+/// Workers with a number each (their published lease counts).
+pub(crate) type WorkerCounts = HashMap<WorkerId, usize, BuildHasherDefault<Fnv>>;
 
 /// Why a lease is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,22 +87,22 @@ pub(crate) struct Snapshot<'a> {
     /// This worker.
     pub(crate) me: &'a WorkerId,
     /// Leases this process holds or is still winding down.
-    pub(crate) held: &'a BTreeSet<LeaseKey>,
+    pub(crate) held: &'a KeySet,
     /// Leases the expiry tracker considers expired (owned ones only matter).
-    pub(crate) expired: &'a BTreeSet<LeaseKey>,
+    pub(crate) expired: &'a KeySet,
     /// Leases this worker does not take now (its processor failed on them, or their shard
     /// could not be read and is in quarantine).
-    pub(crate) excluded: &'a BTreeSet<LeaseKey>,
+    pub(crate) excluded: &'a KeySet,
     /// This worker's order of candidates (a seed from its id).
     pub(crate) order_seed: u64,
     /// Live workers that publish a liveness item, with the lease counts they publish: they
     /// count as live (even holding nothing) with that load.
-    pub(crate) published: &'a BTreeMap<WorkerId, usize>,
+    pub(crate) published: &'a WorkerCounts,
     /// Unowned leases nobody has taken for a lease duration.
-    pub(crate) neglected: &'a BTreeSet<LeaseKey>,
+    pub(crate) neglected: &'a KeySet,
     /// Leases whose owner changed lately: stolen last (a lease moves at most once per
     /// [`super::load::SETTLE`] when it can be helped).
-    pub(crate) moved_lately: &'a BTreeSet<LeaseKey>,
+    pub(crate) moved_lately: &'a KeySet,
 }
 
 /// Where `key` comes in the candidate order of the worker whose seed is `seed` (FNV-1a over
@@ -169,21 +204,25 @@ pub(crate) fn plan(s: &Snapshot<'_>, limits: Limits) -> Planned {
     let mut new_reclaims = 0;
     let mut candidates: Vec<Take> = active
         .iter()
-        .filter(takeable)
         .filter_map(|l| {
-            let expired = s.expired.contains(&l.key);
+            // The owner first (cheap), the set lookups only for possible candidates.
             let reason = match &l.owner {
-                // Handed over to us: ours once the old owner completed the handoff, or by
-                // force once the lease expired (the old owner's clock has stopped it by then).
-                Some(o) if o == s.me && l.checkpoint_owner.is_some() && !expired => return None,
-                Some(o) if o == s.me => {
-                    new_reclaims += usize::from(l.checkpoint_owner.is_none());
-                    TakeReason::Reclaim
-                }
+                Some(o) if o == s.me => TakeReason::Reclaim,
                 None => TakeReason::Unowned,
-                Some(_) if expired => TakeReason::Expired,
+                Some(_) if s.expired.contains(&l.key) => TakeReason::Expired,
                 Some(_) => return None,
             };
+            if !takeable(&l) {
+                return None;
+            }
+            if reason == TakeReason::Reclaim {
+                // Handed over to us: ours once the old owner completed the handoff, or by
+                // force once the lease expired (the old owner's clock has stopped it by then).
+                if l.checkpoint_owner.is_some() && !s.expired.contains(&l.key) {
+                    return None;
+                }
+                new_reclaims += usize::from(l.checkpoint_owner.is_none());
+            }
             Some(Take {
                 key: l.key.clone(),
                 reason,
@@ -265,6 +304,8 @@ pub(crate) fn plan(s: &Snapshot<'_>, limits: Limits) -> Planned {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::record::ExtendedSequenceNumber;
     use crate::shard::ShardId;
@@ -287,9 +328,9 @@ mod tests {
     ) -> Vec<Take> {
         let key = |i: &usize| leases[*i].key.clone();
         let me = WorkerId::new(me);
-        let held: BTreeSet<_> = held.iter().map(key).collect();
-        let expired: BTreeSet<_> = expired.iter().map(key).collect();
-        let excluded = BTreeSet::new();
+        let held: KeySet = held.iter().map(key).collect();
+        let expired: KeySet = expired.iter().map(key).collect();
+        let excluded = KeySet::default();
         plan_takes(
             &Snapshot {
                 leases,
@@ -298,9 +339,9 @@ mod tests {
                 expired: &expired,
                 excluded: &excluded,
                 order_seed: crate::backoff::seed(&[me.as_str()]),
-                published: &BTreeMap::new(),
-                neglected: &BTreeSet::new(),
-                moved_lately: &BTreeSet::new(),
+                published: &WorkerCounts::default(),
+                neglected: &KeySet::default(),
+                moved_lately: &KeySet::default(),
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
@@ -447,14 +488,14 @@ mod tests {
         // and c (which owns nothing in the snapshot) holds 4: three workers, target 3.
         let leases: Vec<_> = (0..8).map(|i| lease(i, Some("b"))).collect();
         let me = WorkerId::new("a");
-        let (held, expired, excluded) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let (held, expired, excluded) = (KeySet::default(), KeySet::default(), KeySet::default());
         let table = [
             (vec![], 1, 4usize),
             (vec![("b", 4), ("c", 4)], 1, 3),
             (vec![("b", 8), ("c", 0)], 1, 3),
         ];
         for (published, takes, want_target) in table {
-            let published: BTreeMap<WorkerId, usize> = published
+            let published: WorkerCounts = published
                 .into_iter()
                 .map(|(w, n)| (WorkerId::new(w), n))
                 .collect();
@@ -466,8 +507,8 @@ mod tests {
                 excluded: &excluded,
                 order_seed: 1,
                 published: &published,
-                neglected: &BTreeSet::new(),
-                moved_lately: &BTreeSet::new(),
+                neglected: &KeySet::default(),
+                moved_lately: &KeySet::default(),
             };
             let limits = Limits {
                 max_leases_per_worker: usize::MAX,
@@ -485,16 +526,19 @@ mod tests {
         // failed on both) and us, holding one of them already.
         let mut leases = vec![lease(0, Some("a")), lease(1, None)];
         leases[0].owner = Some(WorkerId::new("a"));
-        let (me, held) = (WorkerId::new("a"), BTreeSet::from([leases[0].key.clone()]));
-        let published = BTreeMap::from([(WorkerId::new("b"), 0)]);
-        let (expired, excluded) = (BTreeSet::new(), BTreeSet::new());
+        let (me, held) = (
+            WorkerId::new("a"),
+            KeySet::from_iter([leases[0].key.clone()]),
+        );
+        let published = WorkerCounts::from_iter([(WorkerId::new("b"), 0)]);
+        let (expired, excluded) = (KeySet::default(), KeySet::default());
         let limits = Limits {
             max_leases_per_worker: usize::MAX,
             max_leases_to_steal: 1,
         };
         for (neglected, want) in [
-            (BTreeSet::new(), 0),
-            (BTreeSet::from([leases[1].key.clone()]), 1),
+            (KeySet::default(), 0),
+            (KeySet::from_iter([leases[1].key.clone()]), 1),
         ] {
             let snap = Snapshot {
                 leases: &leases,
@@ -505,7 +549,7 @@ mod tests {
                 order_seed: 1,
                 published: &published,
                 neglected: &neglected,
-                moved_lately: &BTreeSet::new(),
+                moved_lately: &KeySet::default(),
             };
             assert_eq!(target(&snap, limits), (1, 1));
             assert_eq!(plan_takes(&snap, limits).len(), want, "{neglected:?}");
