@@ -172,6 +172,9 @@ pub struct WorkerConfig {
     /// How peers tell that this worker's leases are alive (default: one heartbeat item per
     /// worker; see [`LeaseLiveness`]).
     pub lease_liveness: LeaseLiveness,
+    /// Whether workers also even out bytes per second, not only lease counts (default true;
+    /// needs per-worker liveness). See `docs/fleet.md`, "Balancing by load".
+    pub balance_by_load: bool,
     /// Who checkpoints, and how often (default: the processor, by itself).
     pub checkpoint_policy: CheckpointPolicy,
 }
@@ -227,6 +230,7 @@ impl WorkerConfig {
             quarantine: Duration::from_secs(10),
             heartbeat: Heartbeat::default(),
             lease_liveness: LeaseLiveness::default(),
+            balance_by_load: true,
             checkpoint_policy: CheckpointPolicy::default(),
         }
     }

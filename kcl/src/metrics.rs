@@ -34,6 +34,8 @@ pub const LOAD_MOVES: &str = "kcl_lease_load_moves_total";
 /// Counter: reads of the whole lease table by the taker; label `reason` (`first`,
 /// `table-changed`, `stale`, `safety-net`, `per-lease-owners`).
 pub const LEASE_TABLE_SCANS: &str = "kcl_lease_table_scans_total";
+/// Histogram: seconds per lease-taker round (wall clock, lease-table requests included).
+pub const TAKER_ROUND: &str = "kcl_lease_taker_round_seconds";
 /// Counter: workers this worker declared dead (fenced) before taking their leases.
 pub const WORKERS_FENCED: &str = "kcl_workers_fenced_total";
 /// Counter: leases lost (taken by another worker, or not renewed in time).

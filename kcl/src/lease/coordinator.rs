@@ -398,6 +398,11 @@ pub(crate) struct LeaseCoordinator {
     liveness: std::sync::OnceLock<Arc<Liveness>>,
     /// Per-worker liveness wanted (the configuration); else every lease is renewed.
     liveness_wanted: bool,
+    /// Even out bytes per second too, not only lease counts.
+    balance_by_load: bool,
+    /// Taker rounds so far: how many, their total and longest time (wall clock, store calls
+    /// included).
+    rounds: StdMutex<(u64, std::time::Duration, std::time::Duration)>,
 }
 
 /// A shard set aside after a read failure.
@@ -435,6 +440,8 @@ impl LeaseCoordinator {
             quarantine: cfg.quarantine,
             liveness: std::sync::OnceLock::new(),
             liveness_wanted: cfg.lease_liveness == crate::config::LeaseLiveness::PerWorker,
+            balance_by_load: cfg.balance_by_load,
+            rounds: StdMutex::new(Default::default()),
         }
     }
 
@@ -558,6 +565,11 @@ impl LeaseCoordinator {
                 .map(|(k, _)| k.clone()),
         );
         out
+    }
+
+    /// Taker rounds so far: how many, their total and their longest time.
+    pub(crate) fn taker_rounds(&self) -> (u64, std::time::Duration, std::time::Duration) {
+        *self.rounds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Snapshot of the held leases.
@@ -771,7 +783,17 @@ impl LeaseCoordinator {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(pause) => {}
             }
-            match self.take_round(&mut state, &stop).await {
+            let clock = std::time::Instant::now();
+            let result = self.take_round(&mut state, &stop).await;
+            let took = clock.elapsed();
+            metrics::histogram!(m::TAKER_ROUND).record(took.as_secs_f64());
+            {
+                let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+                r.0 += 1;
+                r.1 += took;
+                r.2 = r.2.max(took);
+            }
+            match result {
                 Ok((taken, due)) => {
                     next_due = due;
                     for h in taken {
@@ -1011,7 +1033,12 @@ impl LeaseCoordinator {
             }
         }
         // At its count target, with nothing to take: even out load with the busiest peer.
-        if liveness.is_some() && planned_nothing && taken.is_empty() && !stop.is_cancelled() {
+        if self.balance_by_load
+            && liveness.is_some()
+            && planned_nothing
+            && taken.is_empty()
+            && !stop.is_cancelled()
+        {
             if let Some(lease) = self.load_move(st, &plan, &excluded, Instant::now()) {
                 info!(lease = %lease.key, from = ?lease.owner, throughput = ?lease.throughput, "asking for a lease to even out load");
                 metrics::counter!(m::LOAD_MOVES).increment(1);
@@ -1152,7 +1179,6 @@ impl LeaseCoordinator {
             })
             .map(|l| l.key.clone())
             .collect();
-        let held: KeySet = self.held_map().keys().cloned().collect();
         let published: WorkerCounts = live
             .iter()
             .filter(|(w, _)| **w != self.me)
@@ -1171,10 +1197,12 @@ impl LeaseCoordinator {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        // Locked while planning (no await here): looked up in place, not copied.
+        let held = self.held_map();
         let snapshot = Snapshot {
             leases,
             me: &self.me,
-            held: &held,
+            held: &*held,
             expired: &expired,
             excluded,
             order_seed: crate::backoff::seed(&[self.me.as_str()]),

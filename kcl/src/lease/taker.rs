@@ -53,6 +53,24 @@ impl Hasher for Fnv {
 /// A set of lease keys, as the planner looks them up.
 pub(crate) type KeySet = HashSet<LeaseKey, BuildHasherDefault<Fnv>>;
 
+/// Something that says whether it holds a lease key: a [`KeySet`], or the map of held leases
+/// itself (no copy of its keys per round).
+pub(crate) trait Keys: std::fmt::Debug {
+    fn has(&self, key: &LeaseKey) -> bool;
+}
+
+impl Keys for KeySet {
+    fn has(&self, key: &LeaseKey) -> bool {
+        self.contains(key)
+    }
+}
+
+impl<V: std::fmt::Debug> Keys for BTreeMap<LeaseKey, V> {
+    fn has(&self, key: &LeaseKey) -> bool {
+        self.contains_key(key)
+    }
+}
+
 /// Whether each worker seen in the worker table is live (dead: `false`).
 pub(crate) type WorkerJudgments<'a> = HashMap<&'a WorkerId, bool, BuildHasherDefault<Fnv>>;
 
@@ -87,7 +105,7 @@ pub(crate) struct Snapshot<'a> {
     /// This worker.
     pub(crate) me: &'a WorkerId,
     /// Leases this process holds or is still winding down.
-    pub(crate) held: &'a KeySet,
+    pub(crate) held: &'a dyn Keys,
     /// Leases the expiry tracker considers expired (owned ones only matter).
     pub(crate) expired: &'a KeySet,
     /// Leases this worker does not take now (its processor failed on them, or their shard
@@ -146,7 +164,7 @@ fn balance<'a>(
             if s.published.contains_key(owner) {
                 continue;
             }
-            if !s.expired.contains(&l.key) || s.held.contains(&l.key) {
+            if !s.expired.contains(&l.key) || s.held.has(&l.key) {
                 *load.entry(owner).or_default() += 1;
             }
         }
@@ -160,12 +178,14 @@ fn balance<'a>(
         .len()
         .div_ceil(load.len())
         .min(limits.max_leases_per_worker);
-    // Mine: held, or being handed over to me.
+    // Mine: held, or being handed over to me. (Held leases name us, as owner or, while we hand
+    // them over, as checkpoint owner: the lookups are made for those only.)
     let mine = active
         .iter()
         .filter(|l| {
-            s.held.contains(&l.key)
-                || (l.owner.as_ref() == Some(s.me) && l.checkpoint_owner.is_some())
+            let owner = l.owner.as_ref() == Some(s.me);
+            (owner || l.checkpoint_owner.as_ref() == Some(s.me))
+                && (s.held.has(&l.key) || (owner && l.checkpoint_owner.is_some()))
         })
         .count();
     (load, target, mine)
@@ -199,7 +219,7 @@ pub(crate) fn plan(s: &Snapshot<'_>, limits: Limits) -> Planned {
     let (load, target, mine) = balance(s, &active, limits);
     let mut wanted = target.saturating_sub(mine);
 
-    let takeable = |l: &&&Lease| !s.held.contains(&l.key) && !s.excluded.contains(&l.key);
+    let takeable = |l: &&&Lease| !s.held.has(&l.key) && !s.excluded.contains(&l.key);
     // Reclaims that are not handoffs to us (those are already counted in `mine`).
     let mut new_reclaims = 0;
     let mut candidates: Vec<Take> = active

@@ -213,6 +213,15 @@ impl ProtocolFleet {
         }
     }
 
+    /// Taker rounds of the running workers so far: how many, their total and their longest
+    /// time (wall clock: under paused time with this in-memory store, the CPU they took).
+    pub fn taker_rounds(&self) -> (u64, std::time::Duration, std::time::Duration) {
+        self.workers.values().fold(Default::default(), |acc, w| {
+            let (n, total, max) = w.coordinator.taker_rounds();
+            (acc.0 + n, acc.1 + total, acc.2.max(max))
+        })
+    }
+
     /// Each running worker's leases.
     pub fn held_keys(&self) -> BTreeMap<String, Vec<LeaseKey>> {
         self.workers

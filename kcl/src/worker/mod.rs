@@ -340,6 +340,7 @@ pub struct WorkerBuilder {
     quarantine: Option<Duration>,
     heartbeat: Option<Heartbeat>,
     lease_liveness: Option<crate::config::LeaseLiveness>,
+    balance_by_load: Option<bool>,
     checkpoint_policy: Option<CheckpointPolicy>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
@@ -403,6 +404,9 @@ impl WorkerBuilder {
         /// [`LeaseLiveness::PerWorker`](crate::config::LeaseLiveness::PerWorker): one
         /// heartbeat item per worker; `PerLease` while Java KCL workers may join the fleet).
         lease_liveness: crate::config::LeaseLiveness,
+        /// Whether leases also move to even out bytes per second between workers, not only
+        /// lease counts (default true; a lease moves by load at most once per 5 minutes).
+        balance_by_load: bool,
         /// Who checkpoints, and how often (default [`CheckpointPolicy::Manual`]: the
         /// processor, by itself). With an automatic policy the worker also checkpoints what
         /// was processed before a graceful shutdown or handoff releases the lease.
@@ -521,6 +525,7 @@ impl WorkerBuilder {
             quarantine,
             heartbeat,
             lease_liveness,
+            balance_by_load,
             checkpoint_policy
         );
         cfg.validate()?;

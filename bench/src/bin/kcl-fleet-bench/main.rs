@@ -4,8 +4,8 @@
 //!
 //! Run with: `cargo run --release -p kcl-bench --bin kcl-fleet-bench` (add `-- --matrix` for
 //! the lease-table cost matrix alone, `-- --quick` to leave out its 10 000-lease rows,
-//! `-- --table` for the first table alone, `-- --emulators` for the small idle fleet on
-//! kinesis-local and dynalite instead).
+//! `-- --table` for the first table alone, `-- --load` for balancing by load alone,
+//! `-- --emulators` for the small idle fleet on kinesis-local and dynalite instead).
 //!
 //! Paused time makes the figures exact for the protocol (no machine noise); they do not include
 //! DynamoDB latency, which adds a few milliseconds per step on AWS.
@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 mod emulators;
+mod load;
 mod matrix;
 
 const SHARDS: usize = 64;
@@ -384,6 +385,9 @@ fn main() -> anyhow::Result<()> {
 async fn async_main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--load") {
+        return load_table().await;
+    }
     if !args.iter().any(|a| a == "--matrix") {
         fleet_table().await?;
     }
@@ -391,6 +395,31 @@ async fn async_main() -> anyhow::Result<()> {
         return Ok(());
     }
     cost_matrix(quick).await
+}
+
+/// Issue 10, item 4: balancing by load beside balancing by count.
+async fn load_table() -> anyhow::Result<()> {
+    println!("\nBalancing by load: 16 shards, 4 at 1 MB/s and 12 at 100 KB/s, 4 workers started together, 20 minutes (paused time); the busiest worker's bytes/s over the idlest's.\n");
+    println!("| balancing | busiest / idlest at the end | ≤ 1.3 from | lease moves after the first minute | shortest stay of a moved lease |");
+    println!("|---|---|---|---|---|");
+    for by_load in [false, true] {
+        let m = load::run(by_load, 20).await?;
+        println!(
+            "| {} | {:.2} | {} | {} | {} |",
+            if by_load {
+                "by load (default)"
+            } else {
+                "by count"
+            },
+            m.ratio,
+            m.settled_after
+                .map_or("never".to_owned(), |d| format!("{:.0} s", d.as_secs_f64())),
+            m.moves,
+            m.shortest_stay
+                .map_or("–".to_owned(), |d| format!("{:.0} s", d.as_secs_f64())),
+        );
+    }
+    Ok(())
 }
 
 /// Issue 10, item 1: the lease table's cost by purpose, the busiest second and crash failover,
@@ -418,7 +447,7 @@ async fn cost_matrix(quick: bool) -> anyhow::Result<()> {
         cells = vec![one];
     }
     println!("\nLease-table cost: the lease protocol alone, in memory, paused time, default timings; capacity units (CU) as DynamoDB charges them (reads 4 KB units, half when eventually consistent; writes 1 KB units), per lease-hour, over 10 minutes of steady state; checkpoints excluded. \"per lease\" is this library before issue 10 (every lease renewed every 3.3 s, a strongly consistent scan per worker every 2 s).\n");
-    println!("| leases × workers | liveness | liveness CU | taking/scanning CU | shard sync CU | parent checks CU | **total CU / lease-hour** | busiest second: writes / reads (CU) | crash failover p50 / p95 | balanced after | CPU per taker round | Java KCL 2.x: CU / lease-hour, busiest second writes / reads |");
+    println!("| leases × workers | liveness | liveness CU | taking/scanning CU | shard sync CU | parent checks CU | **total CU / lease-hour** | busiest second: writes / reads (CU) | crash failover p50 / p95 | balanced after | taker round: mean / longest (process CPU per round) | Java KCL 2.x: CU / lease-hour, busiest second writes / reads |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (leases, workers, liveness, trials) in cells {
         let real = std::time::Instant::now();
@@ -439,7 +468,7 @@ async fn cost_matrix(quick: bool) -> anyhow::Result<()> {
         let (java, java_w, java_r) = matrix::java(leases, workers, m.item_bytes);
         let p = |k: &str| m.by_purpose.get(k).copied().unwrap_or(0.0);
         println!(
-            "| {leases} × {workers} | {} | {:.0} | {:.0} | {:.1} | {:.0} | **{:.0}** | {:.0} / {:.0} | {:.1} / {:.1} s | {} | {:.2} ms | {:.0}, {:.0} / {:.0} |",
+            "| {leases} × {workers} | {} | {:.0} | {:.0} | {:.1} | {:.0} | **{:.0}** | {:.0} / {:.0} | {:.1} / {:.1} s | {} | {:.2} / {:.1} ms ({:.2} ms) | {:.0}, {:.0} / {:.0} |",
             match liveness {
                 PerWorker => "per worker",
                 _ => "per lease",
@@ -454,6 +483,8 @@ async fn cost_matrix(quick: bool) -> anyhow::Result<()> {
             matrix::percentile(&m.failovers, 0.5),
             matrix::percentile(&m.failovers, 0.95),
             m.balanced_after.map_or("never".to_owned(), |d| format!("{:.0} s", d.as_secs_f64())),
+            m.round_mean.as_secs_f64() * 1e3,
+            m.round_max.as_secs_f64() * 1e3,
             m.cpu_per_round.as_secs_f64() * 1e3,
             java,
             java_w,

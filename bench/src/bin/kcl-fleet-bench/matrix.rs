@@ -46,6 +46,9 @@ pub struct Measured {
     /// Process CPU over the window divided by the taker rounds in it: an upper bound on one
     /// round's CPU (it also carries the heartbeats and the stand-in consumers).
     pub cpu_per_round: Duration,
+    /// Taker rounds over the window, timed one by one: mean and longest.
+    pub round_mean: Duration,
+    pub round_max: Duration,
 }
 
 /// CPU time of this process so far (user + system).
@@ -180,8 +183,13 @@ pub async fn run(cell: Cell) -> anyhow::Result<Measured> {
         })
     };
     let cpu_before = process_cpu();
+    let rounds_before = fleet.taker_rounds();
     tokio::time::sleep(cell.window).await;
     let cpu = process_cpu().saturating_sub(cpu_before);
+    let rounds_after = fleet.taker_rounds();
+    let timed = rounds_after.0.saturating_sub(rounds_before.0).max(1);
+    let round_mean = rounds_after.1.saturating_sub(rounds_before.1) / timed as u32;
+    let round_max = rounds_after.2;
     sampler.abort();
     let after = (sum(store.capacity()), sum(fleet.sync_capacity()));
     let rounds = rounds(&after.0, cell.liveness).saturating_sub(rounds(&before.0, cell.liveness));
@@ -262,6 +270,8 @@ pub async fn run(cell: Cell) -> anyhow::Result<Measured> {
         failovers,
         balanced_after,
         cpu_per_round,
+        round_mean,
+        round_max,
     })
 }
 
