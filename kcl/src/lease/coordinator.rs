@@ -5,8 +5,7 @@
 //! checkpoint never race on the counter and fail each other's condition. The renewer awaits only
 //! the store and its interval, never a processor: a slow processor cannot lose its lease.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::BuildHasherDefault;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use super::liveness::{
     scan_reason, Beat, HandoffNotice, Owner, ScanInputs, ScanReason, WorkerItem, WorkerView,
 };
 use super::load::{self, ThroughputMeter};
-use super::taker::{self, KeySet, Limits, Snapshot, TakeReason, WorkerCounts};
+use super::taker::{self, KeySet, Keys, Limits, Snapshot, TakeReason, WorkerCounts};
 use super::write::{self, LeaseWrite};
 use super::{Lease, LeaseKey, LeaseStore, LeaseStoreError, WorkerId};
 use crate::metrics as m;
@@ -1048,28 +1047,28 @@ impl LeaseCoordinator {
         metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
         // The next moment a lease of another worker (or a worker) expires if nothing moves.
         let now = Instant::now();
-        let held: KeySet = self.held_map().keys().cloned().collect();
         let owners = st.view.judge_all(now, d);
-        // Live owners' leases fall due with their heartbeat: once per owner, not per lease.
-        let mut live_owners: HashSet<&WorkerId, BuildHasherDefault<taker::Fnv>> =
-            HashSet::default();
+        let held = self.held_map();
+        // Leases of live workers fall due with their heartbeats: once per worker, not per lease
+        // (a live worker that owns nothing only wakes the taker for a cheap round).
+        let by_owner = owners
+            .iter()
+            .filter(|(w, live)| **live && ***w != self.me && liveness.is_some())
+            .filter_map(|(w, _)| st.view.due(w, d))
+            .min();
         let by_lease = st
             .cache
             .values()
-            .filter(|l| !l.is_finished() && !held.contains(&l.key))
+            .filter(|l| !l.is_finished())
             .filter_map(|l| match (&l.owner, &l.checkpoint_owner) {
-                (Some(o), None) if liveness.is_some() => match owners.get(o) {
-                    Some(true) => {
-                        live_owners.insert(o);
-                        None
-                    }
-                    Some(false) => None,
-                    None => st.tracker.due(l, d),
-                },
+                // Ours (held, or reclaimed at the next round anyway).
+                (Some(o), None) if *o == self.me => None,
+                (Some(o), None) if liveness.is_some() && owners.contains_key(o) => None,
+                _ if held.has(&l.key) => None,
                 _ => st.tracker.due(l, d),
             })
             .min();
-        let by_owner = live_owners.iter().filter_map(|o| st.view.due(o, d)).min();
+        drop(held);
         let due = by_lease
             .into_iter()
             .chain(by_owner)
@@ -1224,17 +1223,18 @@ impl LeaseCoordinator {
         if self.liveness().is_none() {
             return;
         }
-        let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        let pending: Vec<LeaseKey> = st
-            .cache
-            .values()
-            .filter(|l| {
-                l.owner.as_ref() == Some(&self.me)
-                    && l.checkpoint_owner.is_some()
-                    && !held.contains(&l.key)
-            })
-            .map(|l| l.key.clone())
-            .collect();
+        let pending: Vec<LeaseKey> = {
+            let held = self.held_map();
+            st.cache
+                .values()
+                .filter(|l| {
+                    l.checkpoint_owner.is_some()
+                        && l.owner.as_ref() == Some(&self.me)
+                        && !held.contains_key(&l.key)
+                })
+                .map(|l| l.key.clone())
+                .collect()
+        };
         for key in pending {
             self.refresh(st, &key).await;
         }
