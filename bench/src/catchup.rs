@@ -59,6 +59,10 @@ pub struct CatchupResult {
     pub cpu: Duration,
     pub limited_calls: u64,
     pub get_records_calls: u64,
+    /// Mean time from a `GetRecords` call to its answer.
+    pub get_records_latency: Duration,
+    /// CPU time ferrokinesis spent while the worker drained (it shares the machine).
+    pub server_cpu: Option<Duration>,
 }
 
 impl CatchupResult {
@@ -219,6 +223,8 @@ pub async fn run(opts: &CatchupOpts) -> anyhow::Result<CatchupResult> {
     let stop = worker.shutdown_handle();
     let baseline_limited = counters::get(counters::BUDGET_LIMITED);
     let baseline_calls = counters::get(counters::GET_RECORDS);
+    let baseline_nanos = counters::get(counters::GET_RECORDS_NANOS);
+    let server_cpu0 = counters::server_cpu("ferrokinesis", kinesis.port);
     reset_peak_rss()?;
     let baseline_rss = status_field("VmRSS:").unwrap_or(0);
     let cpu0 = process_cpu_time();
@@ -248,6 +254,9 @@ pub async fn run(opts: &CatchupOpts) -> anyhow::Result<CatchupResult> {
     .await;
     let drain = t0.elapsed();
     let cpu = process_cpu_time().saturating_sub(cpu0);
+    let server_cpu = counters::server_cpu("ferrokinesis", kinesis.port)
+        .zip(server_cpu0)
+        .map(|(now, before)| now.saturating_sub(before));
     let peak_rss = status_field("VmHWM:").unwrap_or(0);
     stop.shutdown();
     let joined = running.await.context("worker panicked")?;
@@ -290,5 +299,11 @@ pub async fn run(opts: &CatchupOpts) -> anyhow::Result<CatchupResult> {
         cpu,
         limited_calls: counters::get(counters::BUDGET_LIMITED) - baseline_limited,
         get_records_calls: counters::get(counters::GET_RECORDS) - baseline_calls,
+        get_records_latency: Duration::from_nanos(
+            (counters::get(counters::GET_RECORDS_NANOS) - baseline_nanos)
+                .checked_div(counters::get(counters::GET_RECORDS) - baseline_calls)
+                .unwrap_or(0),
+        ),
+        server_cpu,
     })
 }

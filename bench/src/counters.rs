@@ -17,6 +17,8 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, Share
 pub const BUDGET_LIMITED: &str = "kcl_prefetch_budget_limited_calls_total";
 /// Counted by [`CountingKinesis`], not by kcl.
 pub const GET_RECORDS: &str = "bench_get_records_calls_total";
+/// Nanoseconds spent in `GetRecords` calls (start to answer), counted by [`CountingKinesis`].
+pub const GET_RECORDS_NANOS: &str = "bench_get_records_nanos_total";
 
 #[derive(Debug, Default)]
 struct Sums {
@@ -96,6 +98,43 @@ impl KinesisApi for CountingKinesis {
         limit: u32,
     ) -> Result<GetRecordsOutput, KinesisApiError> {
         sums().counter(GET_RECORDS).fetch_add(1, Ordering::Relaxed);
-        self.inner.get_records(iterator, limit).await
+        let t = std::time::Instant::now();
+        let r = self.inner.get_records(iterator, limit).await;
+        sums()
+            .counter(GET_RECORDS_NANOS)
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
     }
+}
+
+/// CPU time (user + system) of the process whose command line holds `name` and `--port
+/// <port>` (a server this benchmark started), if found.
+pub fn server_cpu(name: &str, port: u16) -> Option<std::time::Duration> {
+    let port = port.to_string();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let named = args
+            .first()
+            .is_some_and(|a| String::from_utf8_lossy(a).ends_with(name));
+        let on_port = args
+            .windows(2)
+            .any(|w| w[0] == b"--port" && w[1] == port.as_bytes());
+        if !(named && on_port) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state is field 3.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state (field 3).
+        let total = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        return Some(std::time::Duration::from_millis(total * 1000 / hz));
+    }
+    None
 }

@@ -133,6 +133,9 @@ struct Args {
     /// many-shards: seconds between every lease taken and the measurement.
     #[arg(long, default_value_t = 10)]
     many_settle_secs: u64,
+    /// many-shards: the worker's polling.idle_max_interval in ms (default: the library's, 1 s).
+    #[arg(long)]
+    many_idle_max_ms: Option<u64>,
 
     /// PutRecords calls in flight while loading kinesis-local.
     #[arg(long, default_value_t = 8)]
@@ -482,14 +485,16 @@ fn main() -> anyhow::Result<()> {
                             if secs + 0.05 < opts.seconds { ", load budget" } else { "" }
                         ),
                         measured: format!(
-                            "min {:.2} MB/s, median {:.2} MB/s; all shards {:.2} MB/s each; drained in {} (load {}); CPU {}; {} GetRecords; budget-limited calls {}",
+                            "min {:.2} MB/s, median {:.2} MB/s; all shards {:.2} MB/s each; drained in {} (load {}); CPU {} (ferrokinesis {}); {} GetRecords, {} each on average; budget-limited calls {}",
                             mb(r.min_rate()),
                             mb(r.median_rate()),
                             mb(r.overall_rate),
                             fmt_dur(r.drain),
                             fmt_dur(r.load),
                             fmt_dur(r.cpu),
+                            r.server_cpu.map_or("?".into(), fmt_dur),
                             r.get_records_calls,
+                            fmt_dur(r.get_records_latency),
                             r.limited_calls
                         ),
                         target: ">= 1.9 MB/s".into(),
@@ -515,18 +520,23 @@ fn main() -> anyhow::Result<()> {
                 shards: args.many_shards,
                 settle: Duration::from_secs(args.many_settle_secs),
                 window: Duration::from_secs(args.many_window_secs),
+                idle_max: args.many_idle_max_ms.map(Duration::from_millis),
             };
             println!(
-                "== many-shards: {} quiet shards, one worker (default settings, NoopProcessor), ferrokinesis + dynalite",
-                opts.shards
+                "== many-shards: {} quiet shards, one worker (NoopProcessor), ferrokinesis + dynalite, polling.idle_max_interval {}",
+                opts.shards,
+                opts.idle_max
+                    .map_or("1 s (default)".to_string(), |d| format!("{d:?}"))
             );
             match rt.block_on(interruptible(many::run(&opts))) {
                 Ok(r) => {
                     let mib = |b: u64| b as f64 / 1048576.0;
                     rows.push(Row {
                         name: format!(
-                            "6. {} quiet shards on one worker, peak RSS (whole run)",
-                            opts.shards
+                            "6. {} quiet shards on one worker, peak RSS (whole run){}",
+                            opts.shards,
+                            opts.idle_max
+                                .map_or(String::new(), |d| format!(", idle_max_interval {d:?}"))
                         ),
                         measured: format!(
                             "{:.1} MiB = {:.1} MB (at the end {:.1} MiB); every lease taken after {}",

@@ -25,6 +25,8 @@ pub struct ManyOpts {
     pub settle: Duration,
     /// How long the idle worker is measured.
     pub window: Duration,
+    /// `polling.idle_max_interval` (`None`: the library's default, 1 s).
+    pub idle_max: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -75,11 +77,16 @@ pub async fn run(opts: &ManyOpts) -> anyhow::Result<ManyResult> {
     let kinesis_api: Arc<dyn KinesisApi> = Arc::new(counters::CountingKinesis {
         inner: Arc::new(AwsKinesis::new(kc.clone()).with_list_shards_page_size(1000)),
     });
+    let mut polling = kcl::PollingConfig::default();
+    if let Some(d) = opts.idle_max {
+        polling.idle_max_interval = d;
+    }
     let worker = Worker::builder()
         .application_name(&app)
         .stream(stream)
         .kinesis(kinesis_api)
         .lease_store(aws.lease_store(&app))
+        .polling(polling)
         .processor(|| NoopProcessor)
         .build()?;
     let stop = worker.shutdown_handle();
