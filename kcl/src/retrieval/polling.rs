@@ -140,6 +140,15 @@ pub(crate) fn idle_pause(
 /// arrives after others filled their shares — plus one call, so a reader whose processor is
 /// stuck cannot take the budget from the others.
 ///
+/// **Catching up.** A call asks for the rest of its reader's share, or for what its shard can
+/// deliver ([`records_wanted`]: Kinesis' 2 MiB/s since the previous call) if the shard is
+/// behind and that is more, always out of the free room. The share therefore bounds what a
+/// reader keeps queued, not how fast it reads: a reader whose processor keeps up holds its
+/// call's room only while the call is in flight. When the free room makes such a call smaller
+/// than wanted, or makes it wait, the budget — not the shard — limits the read rate: the
+/// fetcher counts it ([`crate::metrics::PREFETCH_BUDGET_LIMITED_CALLS`]) and
+/// [`PrefetchBudget::limited`] warns, at most once a minute.
+///
 /// **Record sizes.** A reader that has not yet seen its shard's records sizes its calls for the
 /// largest ones (1 MiB), then by the average it sees. A reader whose share (or the free room)
 /// is smaller than one record's worth still makes calls of one record with what room there is
