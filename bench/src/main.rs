@@ -3,12 +3,16 @@
 //! ```text
 //! cargo build --release -p kcl --features cli      # for `rss` (target/release/kcl)
 //! cargo run --release -p kcl-bench -- all           # or mem | local | startup | rss
+//! cargo run --release -p kcl-bench -- catchup       # or many-shards (ferrokinesis; not in `all`)
 //! ```
 //!
 //! Prints details while it runs, then one table: measured figure, target, pass/fail.
 
+mod catchup;
+mod counters;
 mod ferro;
 mod local;
+mod many;
 mod mem;
 mod probe;
 mod rss;
@@ -110,6 +114,29 @@ struct Args {
     #[arg(long, default_value_os_t = default_kcl_bin())]
     kcl_bin: PathBuf,
 
+    /// catchup: shards with a backlog.
+    #[arg(long, default_value_t = 64)]
+    catchup_shards: u32,
+    /// catchup: backlog per shard, in seconds at 2 MB/s.
+    #[arg(long, default_value_t = 10.0)]
+    catchup_seconds: f64,
+    /// catchup: stop loading after this many seconds (a smaller backlog).
+    #[arg(long, default_value_t = 240)]
+    catchup_load_budget_secs: u64,
+
+    /// many-shards: quiet shards held by one worker.
+    #[arg(long, default_value_t = 1000)]
+    many_shards: u32,
+    /// many-shards: seconds measured once every lease is taken and the shards settled.
+    #[arg(long, default_value_t = 60)]
+    many_window_secs: u64,
+    /// many-shards: seconds between every lease taken and the measurement.
+    #[arg(long, default_value_t = 10)]
+    many_settle_secs: u64,
+    /// many-shards: the worker's polling.idle_max_interval in ms (default: the library's, 1 s).
+    #[arg(long)]
+    many_idle_max_ms: Option<u64>,
+
     /// PutRecords calls in flight while loading kinesis-local.
     #[arg(long, default_value_t = 8)]
     put_parallelism: usize,
@@ -130,6 +157,10 @@ enum Mode {
     Local,
     Startup,
     Rss,
+    /// A worker draining a backlog on every shard (ferrokinesis; not part of `all`).
+    Catchup,
+    /// Many quiet shards on one worker (ferrokinesis; not part of `all`).
+    ManyShards,
 }
 
 /// The Kinesis server of the `rss` benchmark.
@@ -234,7 +265,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let needs_runtime = all || matches!(args.mode, Mode::Local | Mode::Startup | Mode::Rss);
+    let needs_runtime = all
+        || matches!(
+            args.mode,
+            Mode::Local | Mode::Startup | Mode::Rss | Mode::Catchup | Mode::ManyShards
+        );
     if needs_runtime {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -419,6 +454,113 @@ fn main() -> anyhow::Result<()> {
                     });
                 }
                 Err(e) => rows.push(failed("4. peak RSS of kcl consume", &e)),
+            }
+        }
+        if args.mode == Mode::Catchup {
+            counters::install();
+            let opts = catchup::CatchupOpts {
+                shards: args.catchup_shards,
+                seconds: args.catchup_seconds,
+                record_size: args.record_size,
+                put_parallelism: args.put_parallelism,
+                load_budget: Duration::from_secs(args.catchup_load_budget_secs),
+                timeout: Duration::from_secs(600),
+            };
+            println!(
+                "== catchup: {} shards x {} s of backlog at 2 MB/s, records of {} B, on ferrokinesis + dynalite; default settings, NoopProcessor",
+                opts.shards, opts.seconds, opts.record_size
+            );
+            match rt.block_on(interruptible(catchup::run(&opts))) {
+                Ok(r) => {
+                    let mb = |b: f64| b / 1e6;
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    let secs = r.bytes_per_shard as f64 / 2e6;
+                    rows.push(Row {
+                        name: format!(
+                            "5. catch-up, {}x{} x {} B ({:.1} MB = {secs:.1} s at 2 MB/s per shard{}), read rate per shard (own first to last record)",
+                            opts.shards,
+                            r.per_shard_loaded,
+                            opts.record_size,
+                            mb(r.bytes_per_shard as f64),
+                            if secs + 0.05 < opts.seconds { ", load budget" } else { "" }
+                        ),
+                        measured: format!(
+                            "min {:.2} MB/s, median {:.2} MB/s; all shards {:.2} MB/s each; drained in {} (load {}); CPU {} (ferrokinesis {}); {} GetRecords, {} each on average; budget-limited calls {}",
+                            mb(r.min_rate()),
+                            mb(r.median_rate()),
+                            mb(r.overall_rate),
+                            fmt_dur(r.drain),
+                            fmt_dur(r.load),
+                            fmt_dur(r.cpu),
+                            r.server_cpu.map_or("?".into(), fmt_dur),
+                            r.get_records_calls,
+                            fmt_dur(r.get_records_latency),
+                            r.limited_calls
+                        ),
+                        target: ">= 1.9 MB/s".into(),
+                        pass: Some(r.min_rate() >= 1.9e6),
+                    });
+                    rows.push(Row {
+                        name: "   same run, peak RSS of the process while draining".into(),
+                        measured: format!(
+                            "{:.1} MiB (before the worker started: {:.1} MiB)",
+                            mib(r.peak_rss),
+                            mib(r.baseline_rss)
+                        ),
+                        target: "bounded".into(),
+                        pass: None,
+                    });
+                }
+                Err(e) => rows.push(failed("5. catch-up", &e)),
+            }
+        }
+        if args.mode == Mode::ManyShards {
+            counters::install();
+            let opts = many::ManyOpts {
+                shards: args.many_shards,
+                settle: Duration::from_secs(args.many_settle_secs),
+                window: Duration::from_secs(args.many_window_secs),
+                idle_max: args.many_idle_max_ms.map(Duration::from_millis),
+            };
+            println!(
+                "== many-shards: {} quiet shards, one worker (NoopProcessor), ferrokinesis + dynalite, polling.idle_max_interval {}",
+                opts.shards,
+                opts.idle_max
+                    .map_or("1 s (default)".to_string(), |d| format!("{d:?}"))
+            );
+            match rt.block_on(interruptible(many::run(&opts))) {
+                Ok(r) => {
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    rows.push(Row {
+                        name: format!(
+                            "6. {} quiet shards on one worker, peak RSS (whole run){}",
+                            opts.shards,
+                            opts.idle_max
+                                .map_or(String::new(), |d| format!(", idle_max_interval {d:?}"))
+                        ),
+                        measured: format!(
+                            "{:.1} MiB = {:.1} MB (at the end {:.1} MiB); every lease taken after {}",
+                            mib(r.peak_rss),
+                            r.peak_rss as f64 / 1e6,
+                            mib(r.rss_end),
+                            fmt_dur(r.taken)
+                        ),
+                        target: "<= 200 MB".into(),
+                        pass: Some(r.peak_rss <= 200_000_000),
+                    });
+                    rows.push(Row {
+                        name: format!("6. same, idle CPU over {} (of one core)", fmt_dur(r.wall)),
+                        measured: format!(
+                            "{:.1} % ({} CPU); GetRecords {:.2} calls/s per shard",
+                            100.0 * r.cpu_share(),
+                            fmt_dur(r.cpu),
+                            r.calls_per_shard_second(opts.shards)
+                        ),
+                        target: "<= 10 %".into(),
+                        pass: Some(r.cpu_share() <= 0.10),
+                    });
+                }
+                Err(e) => rows.push(failed("6. many quiet shards", &e)),
             }
         }
     }

@@ -72,26 +72,61 @@ pub struct PollingConfig {
     /// keeps one worker within that.
     pub min_interval: Duration,
     /// Pause after a call that returned nothing at the tip of the shard, counted from its
-    /// answer (so a slow server is asked less often). Raise it to leave read capacity to other
-    /// polling consumers of an idle stream, at the cost of latency.
+    /// answer (so a slow server is asked less often). Each further empty answer in a row
+    /// doubles the pause, up to `idle_max_interval`; the first answer with records restores
+    /// the `min_interval` pace. Raise it to leave read capacity to other polling consumers of
+    /// an idle stream, at the cost of latency.
     pub idle_interval: Duration,
+    /// The longest pause between two calls on a shard that stays quiet (default 1 s, the Java
+    /// KCL's idle time between reads): a record written to a quiet shard is read at most this
+    /// long after it arrived. A worker holding many quiet shards makes about one call per
+    /// shard per `idle_max_interval`. Never less than `idle_interval` in effect; at most
+    /// 4 minutes (a shard iterator expires after 5).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let mut polling = kcl::PollingConfig::default();
+    /// // Quiet shards are polled every 200 ms, 400 ms, 800 ms, then every 2 s.
+    /// polling.idle_max_interval = Duration::from_secs(2);
+    /// let builder = kcl::Worker::builder().polling(polling);
+    /// # let _ = builder;
+    /// ```
+    pub idle_max_interval: Duration,
     /// Batches read ahead of the processor per shard.
     pub prefetch_batches: usize,
     /// Memory for records read ahead of the processors, shared by every shard of the worker.
+    ///
     /// Before each `GetRecords` call a fetcher reserves room for the answer while it arrives
     /// (4 × the expected data: the base64 JSON body, the SDK's copy of it and the decoded
-    /// records), then keeps only the records' footprint (data, partition key, sequence number
-    /// and per-record overhead, grown after KPL deaggregation) until its processor is done with
-    /// them. Until a shard's record size is known its calls are sized for 1 MiB records. Each
-    /// shard holds at most its fair share of the budget (`prefetch_bytes / (shards + 1)`) plus
-    /// one call, so one stuck processor cannot stall the others, and memory stays within the
-    /// budget plus about one record however many shards a worker holds and however slow its
-    /// processors are. A worker catching up therefore reads at most about
-    /// `5 calls/s × prefetch_bytes / 4` (30 MiB/s with the default 24 MiB: at 16 shards ~320
-    /// records of 1 KiB per call, about 1.6 MB/s per shard); raise it for more shards per
-    /// worker, lower it to save memory.
+    /// records); as soon as the answer is decoded it keeps only the records' footprint (data,
+    /// partition key, sequence number and per-record overhead, grown after KPL
+    /// deaggregation), until its processor is done with them. Until a shard's record size is
+    /// known its calls are sized for 1 MiB records.
+    ///
+    /// **Bound.** Room is only ever reserved out of the free part of the budget, so what is
+    /// held — in flight, queued and with the processors — stays within `prefetch_bytes`, plus
+    /// at most one record (1 MiB) and answers whose records were much larger than the ones
+    /// before them, however many shards a worker holds and however slow its processors are.
+    /// Add the worker's own memory (a few MiB, plus about 10 KiB per shard) for its RSS.
+    ///
+    /// **Fairness.** A shard makes a new call only while it holds less than its fair share
+    /// (`prefetch_bytes / (shards + 1)`): a processor that is stuck or slow holds at most its
+    /// share plus one call, and cannot stall the others.
+    ///
+    /// **Catching up.** A shard behind its tip whose processor keeps up asks in each call for
+    /// what the shard delivers since its previous call at Kinesis' 2 MiB/s read limit (about
+    /// 420 KiB of data per call at the default 200 ms pace, 1.7 MiB reserved while in flight)
+    /// even when its share is smaller: the reservation is held for the call's duration, and
+    /// the records only until they are processed. So the budget limits the read rate only when
+    /// the calls in flight at once (shards × call latency × 5/s) need more than it holds, or
+    /// processors are slow; the metric [`crate::metrics::PREFETCH_BUDGET_LIMITED_CALLS`] and
+    /// a warning (at most once a minute) then say so: raise it. With the default 24 MiB and
+    /// calls answered in 50 ms, about 56 shards catch up at the full 2 MiB/s at once.
     pub prefetch_bytes: usize,
 }
+
+/// The longest pause between two calls on a shard: shard iterators expire after 5 minutes.
+const MAX_IDLE_INTERVAL: Duration = Duration::from_secs(4 * 60);
 
 impl Default for PollingConfig {
     fn default() -> Self {
@@ -99,6 +134,7 @@ impl Default for PollingConfig {
             max_records: 10_000,
             min_interval: Duration::from_millis(200),
             idle_interval: Duration::from_millis(200),
+            idle_max_interval: Duration::from_secs(1),
             prefetch_batches: 3,
             prefetch_bytes: 24 * 1024 * 1024,
         }
@@ -306,6 +342,25 @@ impl WorkerConfig {
                 "must be between 1 and 10000",
             ));
         }
+        // A paused shard's iterator must still be valid when it is used.
+        if p.idle_max_interval > MAX_IDLE_INTERVAL {
+            return Err(ConfigError::new(
+                "polling.idle_max_interval",
+                format!(
+                    "must be at most {MAX_IDLE_INTERVAL:?} (a shard iterator expires after 5 minutes), got {:?}",
+                    p.idle_max_interval
+                ),
+            ));
+        }
+        if p.idle_interval > MAX_IDLE_INTERVAL {
+            return Err(ConfigError::new(
+                "polling.idle_interval",
+                format!(
+                    "must be at most {MAX_IDLE_INTERVAL:?} (a shard iterator expires after 5 minutes), got {:?}",
+                    p.idle_interval
+                ),
+            ));
+        }
         if p.prefetch_batches == 0 {
             return Err(ConfigError::new(
                 "polling.prefetch_batches",
@@ -398,6 +453,14 @@ mod tests {
             (
                 "polling.max_records",
                 Box::new(|c| c.polling.max_records = 10_001),
+            ),
+            (
+                "polling.idle_max_interval",
+                Box::new(|c| c.polling.idle_max_interval = Duration::from_secs(301)),
+            ),
+            (
+                "polling.idle_interval",
+                Box::new(|c| c.polling.idle_interval = Duration::from_secs(3600)),
             ),
             (
                 "polling.prefetch_bytes",

@@ -54,3 +54,10 @@ pub const THROTTLES: &str = "kcl_read_throttles_total";
 pub const READ_ERRORS: &str = "kcl_read_errors_total";
 /// Counter: records with the KPL magic that are not valid aggregates (label `shard`).
 pub const INVALID_AGGREGATES: &str = "kcl_invalid_aggregates_total";
+/// Counter: `GetRecords` calls of a shard behind its tip that the prefetch budget held back —
+/// they asked for fewer records than the shard could deliver, or waited for room in the
+/// budget — so the budget, not the shard, limits the read rate: raise
+/// `polling.prefetch_bytes` (label `shard`). A warning is logged too, at most once a minute.
+pub const PREFETCH_BUDGET_LIMITED_CALLS: &str = "kcl_prefetch_budget_limited_calls_total";
+/// Histogram: seconds such a call waited for room in the prefetch budget (label `shard`).
+pub const PREFETCH_BUDGET_WAIT: &str = "kcl_prefetch_budget_wait_seconds";

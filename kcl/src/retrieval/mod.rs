@@ -7,6 +7,16 @@
 //! per shard (`PollingConfig::min_interval`), backs off with jitter when throttled, and gets a
 //! fresh iterator after the last record it read when one expires.
 //!
+//! A shard behind its tip asks in each call for what it delivers since the previous call at
+//! Kinesis' 2 MiB/s read limit, even when its share of the byte budget is smaller: the budget
+//! reserves that room only while the call is in flight and the records only until they are
+//! processed, so a worker holding many shards catches up at the shards' pace, and the total
+//! stays bounded. When the budget is what limits the pace, the
+//! [`PREFETCH_BUDGET_LIMITED_CALLS`](crate::metrics::PREFETCH_BUDGET_LIMITED_CALLS) metric and
+//! a warning say so. A quiet shard (empty answers at its tip) is asked less and less often, from
+//! `PollingConfig::idle_interval` up to `PollingConfig::idle_max_interval`, and at the pace
+//! again as soon as an answer carries records.
+//!
 //! The [`KinesisApi`] seam is all it needs from Kinesis.
 
 pub mod deagg;

@@ -1,6 +1,6 @@
 //! Polling retrieval: a task per shard calls `GetRecords` and fills a bounded prefetch queue.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -75,6 +75,55 @@ const IN_FLIGHT_FACTOR: usize = 4;
 const PER_MILLE: usize = 1000;
 
 // ------------------------------------------------------------------------------------------
+// Pacing.
+// ------------------------------------------------------------------------------------------
+
+/// The most a shard delivers to its readers: Kinesis' read limit, 2 MiB per second per shard
+/// (shared by every polling consumer of the stream).
+pub(crate) const SHARD_READ_RATE: usize = 2 << 20;
+
+/// The most one `GetRecords` answer carries: 10 MiB (or 10 000 records).
+pub(crate) const MAX_CALL_BYTES: usize = 10 << 20;
+
+/// The records a call of a shard that is behind its tip asks for: what the shard delivers
+/// at [`SHARD_READ_RATE`] over `period` (the time since the reader's previous call started,
+/// never less than `min_interval`), within [`MAX_CALL_BYTES`] and `max_records`, for records
+/// of `data_bytes` of data on average. So a reader keeps up with its shard's read limit
+/// however many shards share the worker's budget, and a call made late (its reader waited for
+/// its processor or for the budget) asks for the time it missed.
+pub(crate) fn records_wanted(
+    data_bytes: usize,
+    period: Duration,
+    min_interval: Duration,
+    max_records: u32,
+) -> u32 {
+    let period = period.max(min_interval);
+    let bytes = (SHARD_READ_RATE as f64 * period.as_secs_f64()).min(MAX_CALL_BYTES as f64);
+    let records = (bytes / data_bytes.max(1) as f64).ceil();
+    // `as` saturates (and maps NaN to 0).
+    (records as u32).clamp(1, max_records.max(1))
+}
+
+/// The pause before the next call of a shard whose last `empty` answers in a row were empty
+/// at its tip: `idle_interval` after the first, doubled after each further one, up to
+/// `idle_max_interval` (never less than `idle_interval`); no pause of its own (`ZERO`: the
+/// call pace, `min_interval`, applies) once an answer carried records.
+pub(crate) fn idle_pause(
+    idle_interval: Duration,
+    idle_max_interval: Duration,
+    empty: u32,
+) -> Duration {
+    if empty == 0 {
+        return Duration::ZERO;
+    }
+    let doubled = 1u32.checked_shl(empty - 1).unwrap_or(u32::MAX);
+    idle_interval
+        .checked_mul(doubled)
+        .unwrap_or(Duration::MAX)
+        .min(idle_max_interval.max(idle_interval))
+}
+
+// ------------------------------------------------------------------------------------------
 // The budget.
 // ------------------------------------------------------------------------------------------
 
@@ -90,6 +139,15 @@ const PER_MILLE: usize = 1000;
 /// (readers + 1)`, recomputed as readers come and go; the `+ 1` keeps room for a reader that
 /// arrives after others filled their shares — plus one call, so a reader whose processor is
 /// stuck cannot take the budget from the others.
+///
+/// **Catching up.** A call asks for the rest of its reader's share, or for what its shard can
+/// deliver ([`records_wanted`]: Kinesis' 2 MiB/s since the previous call) if the shard is
+/// behind and that is more, always out of the free room. The share therefore bounds what a
+/// reader keeps queued, not how fast it reads: a reader whose processor keeps up holds its
+/// call's room only while the call is in flight. When the free room makes such a call smaller
+/// than wanted, or makes it wait, the budget — not the shard — limits the read rate: the
+/// fetcher counts it ([`crate::metrics::PREFETCH_BUDGET_LIMITED_CALLS`]) and
+/// [`PrefetchBudget::limited`] warns, at most once a minute.
 ///
 /// **Record sizes.** A reader that has not yet seen its shard's records sizes its calls for the
 /// largest ones (1 MiB), then by the average it sees. A reader whose share (or the free room)
@@ -111,7 +169,22 @@ pub(crate) struct PrefetchBudget {
     readers: AtomicUsize,
     /// The one call at a time made with less room than one record may need.
     undersized: Arc<Semaphore>,
+    /// Calls the budget held back since the worker started (see [`PrefetchBudget::limited`]).
+    limited_calls: AtomicU64,
+    /// What the budget held back since the last warning about it.
+    pressure: Mutex<Pressure>,
 }
+
+/// Calls held back by the budget since the last warning (see [`PrefetchBudget::limited`]).
+#[derive(Debug, Default)]
+struct Pressure {
+    calls: u64,
+    waited: Duration,
+    warned_at: Option<Instant>,
+}
+
+/// At most one warning per this long that the budget limits the read rate.
+const PRESSURE_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct Held {
@@ -155,8 +228,13 @@ enum Plan {
     OwnShareFull,
     /// The budget has no room: wait until someone releases some.
     NoRoom,
-    /// Call with `room` bytes reserved, for up to `records` records.
-    Call { room: usize, records: u32 },
+    /// Call with `room` bytes reserved, for up to `records` records. `short`: fewer records
+    /// than the reader wanted (what its shard can deliver), because the free room was less.
+    Call {
+        room: usize,
+        records: u32,
+        short: bool,
+    },
     /// Free room, but less than one record may need: a call of one record with `room`
     /// reserved, only by the holder of the worker's single undersized-call slot.
     Undersized { room: usize },
@@ -164,16 +242,21 @@ enum Plan {
 
 /// The decision behind every reservation: a reader holding `mine` bytes, among `readers`
 /// readers of a `total` budget of which `held` is held, whose records need `per_record` bytes
-/// each while a call is in flight, wants to ask for up to `max_records`.
+/// each while a call is in flight, wants `want` records (what its shard can deliver in this
+/// call, see [`records_wanted`]) and may ask for up to `max_records`.
 ///
-/// The call gets room up to the reader's share, or one record's worth if its share is smaller
-/// (the "plus one call"), within the free room.
+/// A reader whose share is not full (its processor keeps up) gets room for the rest of its
+/// share, or for the records it wants if that is more (the "plus one call": a share can be
+/// smaller than what a shard delivers in one call when a worker holds many shards), or for one
+/// record if that is more still — always within the free room, so the total is never exceeded
+/// by a reservation.
 fn plan(
     total: usize,
     readers: usize,
     held: usize,
     mine: usize,
     per_record: usize,
+    want: u32,
     max_records: u32,
 ) -> Plan {
     let share = total / (readers + 1);
@@ -182,15 +265,24 @@ fn plan(
     }
     let free = total.saturating_sub(held);
     let per_record = per_record.max(1);
+    let max_records = max_records.max(1);
+    // Room for what the shard can deliver.
+    let wanted = per_record
+        .saturating_mul(want.clamp(1, max_records) as usize)
+        .min(total);
     // A record needing more than the whole budget is given all of it.
     if free >= per_record.min(total) {
-        let want = (share - mine).max(per_record);
-        let room = want.min(free);
+        let desired = (share - mine).max(wanted);
+        let room = desired.min(free);
         let records = u32::try_from(room / per_record)
             .unwrap_or(u32::MAX)
-            .clamp(1, max_records.max(1));
+            .clamp(1, max_records);
         let room = room.min((records as usize).saturating_mul(per_record));
-        Plan::Call { room, records }
+        Plan::Call {
+            room,
+            records,
+            short: room < wanted,
+        }
     } else if free > 0 {
         Plan::Undersized { room: free }
     } else {
@@ -206,7 +298,45 @@ impl PrefetchBudget {
             changed: Notify::new(),
             readers: AtomicUsize::new(0),
             undersized: Arc::new(Semaphore::new(1)),
+            limited_calls: AtomicU64::new(0),
+            pressure: Mutex::new(Pressure::default()),
         })
+    }
+
+    /// Calls that the budget held back (see [`PrefetchBudget::limited`]) since it was made.
+    #[cfg(test)]
+    pub(crate) fn limited_calls(&self) -> u64 {
+        self.limited_calls.load(Ordering::Relaxed)
+    }
+
+    /// Notes a call of a reader that is behind its shard's tip which the budget, not the
+    /// reader's own processor, held back: it asked for fewer records than its shard could
+    /// deliver, or waited `waited` for room. Warns — at most once per
+    /// [`PRESSURE_WARNING_EVERY`] — that the budget limits the read rate.
+    pub(crate) fn limited(&self, waited: Duration) {
+        self.limited_calls.fetch_add(1, Ordering::Relaxed);
+        let mut p = self.pressure.lock().unwrap_or_else(|p| p.into_inner());
+        p.calls += 1;
+        p.waited += waited;
+        let now = Instant::now();
+        if p.warned_at
+            .is_none_or(|t| now.duration_since(t) >= PRESSURE_WARNING_EVERY)
+        {
+            warn!(
+                calls = p.calls,
+                waited = ?p.waited,
+                prefetch_bytes = self.total,
+                readers = self.readers.load(Ordering::Relaxed),
+                "the prefetch budget limits the read rate of shards that are behind: their calls \
+                 ask for less than the shards could deliver, or wait for room; raise \
+                 polling.prefetch_bytes (the metric {} counts such calls)",
+                m::PREFETCH_BUDGET_LIMITED_CALLS
+            );
+            *p = Pressure {
+                warned_at: Some(now),
+                ..Pressure::default()
+            };
+        }
     }
 
     /// Bytes held now (over the total while an answer larger than its room is held).
@@ -300,6 +430,11 @@ impl Drop for Reader {
 pub(crate) struct Reservation {
     pub(crate) room: Room,
     pub(crate) records: u32,
+    /// The budget, not the reader's own processor, held this call back: it asks for fewer
+    /// records than wanted, or waited for room in the budget (see [`Reservation::waited`]).
+    pub(crate) limited: bool,
+    /// How long the reader waited for room in the budget (not for its own processor).
+    pub(crate) waited: Duration,
     _undersized: Option<OwnedSemaphorePermit>,
 }
 
@@ -323,7 +458,7 @@ impl Reader {
         in_flight.max(held)
     }
 
-    fn try_plan(&self, per_record: usize, max_records: u32, undersized: bool) -> Option<Plan> {
+    fn try_plan(&self, per_record: usize, want: u32, max_records: u32, undersized: bool) -> Plan {
         let budget = &self.0.budget;
         let mut held = budget.lock();
         let readers = budget.readers.load(Ordering::Relaxed);
@@ -334,13 +469,13 @@ impl Reader {
             held.bytes,
             mine,
             per_record,
+            want,
             max_records,
         );
         let room = match p {
             Plan::Call { room, .. } => room,
             Plan::Undersized { room } if undersized => room,
-            Plan::Undersized { .. } => return Some(p),
-            Plan::OwnShareFull | Plan::NoRoom => return None,
+            Plan::Undersized { .. } | Plan::OwnShareFull | Plan::NoRoom => return p,
         };
         // Taken under the same lock the plan was made under: no one else took it meanwhile.
         held.bytes += room;
@@ -349,43 +484,69 @@ impl Reader {
         let now = PROCESS_HELD.fetch_add(room, Ordering::Relaxed) + room;
         PROCESS_PEAK.fetch_max(now, Ordering::Relaxed);
         self.0.held.fetch_add(room, Ordering::Relaxed);
-        Some(p)
+        p
     }
 
-    /// Waits for room for a call of up to `max_records` records of `per_record` bytes each in
-    /// flight (see [`Reader::per_record`]) and reserves it.
-    pub(crate) async fn reserve(&self, per_record: usize, max_records: u32) -> Reservation {
+    /// Waits for room for a call of `want` records (what the shard can deliver, see
+    /// [`records_wanted`]; more if the reader's share has room for more, up to `max_records`)
+    /// of `per_record` bytes each in flight (see [`Reader::per_record`]) and reserves it.
+    pub(crate) async fn reserve(
+        &self,
+        per_record: usize,
+        want: u32,
+        max_records: u32,
+    ) -> Reservation {
         let budget = self.0.budget.clone();
         let mut slot: Option<OwnedSemaphorePermit> = None;
+        // Time spent waiting for the budget (not for this reader's own processor).
+        let mut waited = Duration::ZERO;
+        let mut budget_bound_since: Option<Instant> = None;
         loop {
             let changed = budget.changed.notified();
             tokio::pin!(changed);
             // Registered before checking, so a release in between is not missed.
             changed.as_mut().enable();
-            match self.try_plan(per_record, max_records, slot.is_some()) {
-                Some(Plan::Call { room, records }) => {
+            let p = self.try_plan(per_record, want, max_records, slot.is_some());
+            if let Some(since) = budget_bound_since.take() {
+                waited += since.elapsed();
+            }
+            match p {
+                Plan::Call {
+                    room,
+                    records,
+                    short,
+                } => {
                     return Reservation {
                         room: self.room(room),
                         records,
+                        limited: short || !waited.is_zero(),
+                        waited,
                         _undersized: None,
                     };
                 }
-                Some(Plan::Undersized { room }) if slot.is_some() => {
+                Plan::Undersized { room } if slot.is_some() => {
                     return Reservation {
                         room: self.room(room),
                         records: 1,
+                        limited: true,
+                        waited,
                         _undersized: slot,
                     };
                 }
-                Some(Plan::Undersized { .. }) => {
+                Plan::Undersized { .. } => {
                     // Less free room than one record may need: wait for the worker's
                     // undersized-call slot, or for room to come free meanwhile.
+                    budget_bound_since = Some(Instant::now());
                     tokio::select! {
                         permit = budget.undersized.clone().acquire_owned() => slot = permit.ok(),
                         _ = changed => {}
                     }
                 }
-                _ => changed.await,
+                Plan::NoRoom => {
+                    budget_bound_since = Some(Instant::now());
+                    changed.await;
+                }
+                Plan::OwnShareFull => changed.await,
             }
         }
     }
@@ -548,7 +709,11 @@ pub(crate) fn spawn_fetcher(
     let latest_at = latest_at(kinesis.as_ref(), &position);
     let fetcher = Fetcher {
         reader: budget.reader(),
+        budget,
         record_bytes: None,
+        data_bytes: None,
+        behind: false,
+        empty_at_tip: 0,
         kinesis,
         stream,
         shard,
@@ -575,9 +740,19 @@ struct Fetcher {
     shard: ShardId,
     cfg: PollingConfig,
     reader: Reader,
+    budget: Arc<PrefetchBudget>,
     /// Moving average of the footprint of this shard's records (as read), to size calls to
     /// the budget; `None` until records were read: calls are then sized for the largest.
     record_bytes: Option<usize>,
+    /// Moving average of the data of this shard's records (what Kinesis' read limit counts),
+    /// to ask for what the shard can deliver; `None` until records were read.
+    data_bytes: Option<usize>,
+    /// The last answer carried records and was behind the tip: the next call asks for what
+    /// the shard can deliver (see [`records_wanted`]). At the tip a call asks for what the
+    /// reader's share holds: it reads everything there is already.
+    behind: bool,
+    /// Answers in a row that were empty at the tip (see [`idle_pause`]).
+    empty_at_tip: u32,
     /// The last (outer) record read: an expired iterator is renewed after it.
     last_read: Option<SequenceNumber>,
     /// Started at `LATEST`: the stream's time right before the first iterator was asked for.
@@ -636,6 +811,7 @@ impl Fetcher {
         };
         let mut delays = self.backoff();
         let mut next_call = Instant::now();
+        let mut last_call: Option<Instant> = None;
         loop {
             tokio::time::sleep_until(next_call).await;
             // Room for the answer is reserved before asking, so the budget bounds what is in
@@ -644,12 +820,38 @@ impl Fetcher {
             let per_record = self
                 .reader
                 .per_record(self.record_bytes.unwrap_or(LARGEST_RECORD));
+            // Behind the tip, with the record size known: what the shard delivers since the
+            // previous call.
+            let want = match (self.behind, self.data_bytes, last_call) {
+                (true, Some(data), Some(last)) => records_wanted(
+                    data,
+                    last.elapsed(),
+                    self.cfg.min_interval,
+                    self.cfg.max_records,
+                ),
+                _ => 1,
+            };
             let Reservation {
                 mut room,
                 records: limit,
+                limited,
+                waited,
                 _undersized,
-            } = self.reader.reserve(per_record, self.cfg.max_records).await;
+            } = self
+                .reader
+                .reserve(per_record, want, self.cfg.max_records)
+                .await;
+            if limited && want > 1 {
+                // The budget, not the shard or the processor, sets this shard's pace.
+                let label = self.shard.to_string();
+                metrics::counter!(m::PREFETCH_BUDGET_LIMITED_CALLS, "shard" => label.clone())
+                    .increment(1);
+                metrics::histogram!(m::PREFETCH_BUDGET_WAIT, "shard" => label)
+                    .record(waited.as_secs_f64());
+                self.budget.limited(waited);
+            }
             let started = Instant::now();
+            last_call = Some(started);
             next_call = started + self.cfg.min_interval;
             let call = self.kinesis.get_records(&iterator, limit);
             let result = tokio::time::timeout(GET_RECORDS_TIMEOUT, call)
@@ -693,13 +895,21 @@ impl Fetcher {
             };
             let at_tip = out.millis_behind_latest == Some(0);
             let records: Vec<Record> = out.records;
+            // A full answer at the tip may have left records behind it too.
+            self.behind = !records.is_empty() && (!at_tip || records.len() >= limit as usize);
             if let Some(last) = records.last() {
+                self.empty_at_tip = 0;
                 self.last_read = Some(last.sequence_number.clone());
                 let avg = footprint(&records) / records.len();
                 self.record_bytes = Some(match self.record_bytes {
                     // The first records seen replace the guess of the largest at once.
                     None => avg,
                     Some(before) => (before * 3 + avg) / 4,
+                });
+                let data = records.iter().map(|r| r.data.len()).sum::<usize>() / records.len();
+                self.data_bytes = Some(match self.data_bytes {
+                    None => data,
+                    Some(before) => (before * 3 + data) / 4,
                 });
                 room.read(&records);
                 // The answer is counted: the next undersized call may start.
@@ -718,7 +928,17 @@ impl Fetcher {
                     // Counted from the answer, not the call: a server that answers slowly
                     // (overloaded) is asked less often. Counting from the call's start was
                     // measured on kinesis-local at 16 shards: p50 337 ms instead of 129 ms.
-                    next_call = next_call.max(Instant::now() + self.cfg.idle_interval);
+                    // A shard that stays quiet is asked less and less often, up to
+                    // `idle_max_interval`; the first answer with records restores the pace.
+                    self.empty_at_tip = self.empty_at_tip.saturating_add(1);
+                    let pause = idle_pause(
+                        self.cfg.idle_interval,
+                        self.cfg.idle_max_interval,
+                        self.empty_at_tip,
+                    );
+                    next_call = next_call.max(Instant::now() + pause);
+                } else {
+                    self.empty_at_tip = 0;
                 }
             }
             match out.next_iterator {
@@ -773,7 +993,7 @@ mod tests {
     #[test]
     fn plans_size_calls_to_the_share_the_free_room_and_one_record() {
         use Plan::*;
-        // (total, readers, held, mine, per_record, max_records) → plan
+        // (total, readers, held, mine, per_record, max_records) → plan, wanting one record
         #[rustfmt::skip]
         type Case = ((usize, usize, usize, usize, usize, u32), Plan);
         let cases: &[Case] = &[
@@ -783,6 +1003,7 @@ mod tests {
                 Call {
                     room: 500,
                     records: 50,
+                    short: false,
                 },
             ),
             // 4 readers: a fifth each; never more records than asked for.
@@ -791,6 +1012,7 @@ mod tests {
                 Call {
                     room: 200,
                     records: 20,
+                    short: false,
                 },
             ),
             (
@@ -798,6 +1020,7 @@ mod tests {
                 Call {
                     room: 50,
                     records: 5,
+                    short: false,
                 },
             ),
             // Part of the share is held: the rest of it.
@@ -806,6 +1029,7 @@ mod tests {
                 Call {
                     room: 50,
                     records: 5,
+                    short: false,
                 },
             ),
             // The share is full: wait for the own processor, whatever is free.
@@ -817,6 +1041,7 @@ mod tests {
                 Call {
                     room: 70,
                     records: 7,
+                    short: false,
                 },
             ),
             // A share smaller than one record: one record's room (the "plus one call").
@@ -825,6 +1050,7 @@ mod tests {
                 Call {
                     room: 300,
                     records: 1,
+                    short: false,
                 },
             ),
             (
@@ -832,6 +1058,7 @@ mod tests {
                 Call {
                     room: 300,
                     records: 1,
+                    short: false,
                 },
             ),
             // Free room, but less than one record may need: an undersized call.
@@ -845,6 +1072,7 @@ mod tests {
                 Call {
                     room: 1000,
                     records: 1,
+                    short: false,
                 },
             ),
             ((1000, 1, 1, 0, 4000, 10_000), Undersized { room: 999 }),
@@ -855,6 +1083,7 @@ mod tests {
                 Call {
                     room: 4 * LARGEST_RECORD,
                     records: 1,
+                    short: false,
                 },
             ),
             (
@@ -864,9 +1093,129 @@ mod tests {
         ];
         for &((total, readers, held, mine, per, max), want) in cases {
             assert_eq!(
-                plan(total, readers, held, mine, per, max),
+                plan(total, readers, held, mine, per, 1, max),
                 want,
                 "total {total}, readers {readers}, held {held}, mine {mine}, per record {per}"
+            );
+        }
+    }
+
+    #[test]
+    fn calls_of_a_shard_behind_ask_for_what_it_delivers_since_the_previous_call() {
+        let ms = Duration::from_millis;
+        let min = ms(200);
+        // (data bytes per record, time since the previous call, max_records) → records
+        let cases: &[((usize, Duration, u32), u32)] = &[
+            // 1 KiB records every 200 ms: 2 MiB/s × 0.2 s = 410 records (rounded up).
+            ((1024, ms(200), 10_000), 410),
+            // Called sooner than min_interval: still sized for min_interval.
+            ((1024, ms(50), 10_000), 410),
+            // Called late (waited for its processor or the budget): the time it missed.
+            ((1024, ms(500), 10_000), 1024),
+            // Never more than one answer carries: 10 MiB…
+            ((1024, Duration::from_secs(60), 10_000), 10_000),
+            ((100 << 10, Duration::from_secs(60), 10_000), 103),
+            // …nor than max_records.
+            ((1024, ms(200), 100), 100),
+            ((16, ms(200), 10_000), 10_000),
+            // At least one record, however large.
+            ((1 << 20, ms(200), 10_000), 1),
+            ((0, ms(200), 10_000), 10_000),
+            ((1024, ms(200), 0), 1),
+        ];
+        for &((data, period, max), want) in cases {
+            assert_eq!(
+                records_wanted(data, period, min, max),
+                want,
+                "{data} B, {period:?}, max {max}"
+            );
+        }
+    }
+
+    #[test]
+    fn quiet_shards_back_off_to_the_idle_maximum_and_records_restore_the_pace() {
+        let ms = Duration::from_millis;
+        // (idle_interval, idle_max_interval, empty answers in a row) → pause
+        let cases: &[((Duration, Duration, u32), Duration)] = &[
+            // An answer with records (or not at the tip): no idle pause.
+            ((ms(200), ms(1000), 0), Duration::ZERO),
+            // 200, 400, 800, then 1 s from then on.
+            ((ms(200), ms(1000), 1), ms(200)),
+            ((ms(200), ms(1000), 2), ms(400)),
+            ((ms(200), ms(1000), 3), ms(800)),
+            ((ms(200), ms(1000), 4), ms(1000)),
+            ((ms(200), ms(1000), 40), ms(1000)),
+            ((ms(200), ms(1000), u32::MAX), ms(1000)),
+            // A maximum below idle_interval: idle_interval.
+            ((ms(2000), ms(1000), 1), ms(2000)),
+            ((ms(2000), ms(1000), 9), ms(2000)),
+            // Backoff off: idle_max_interval = idle_interval.
+            ((ms(200), ms(200), 5), ms(200)),
+            // No idle pause at all.
+            ((Duration::ZERO, ms(1000), 7), Duration::ZERO),
+        ];
+        for &((idle, max, empty), want) in cases {
+            assert_eq!(
+                idle_pause(idle, max, empty),
+                want,
+                "{idle:?} up to {max:?} after {empty}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shard_behind_asks_for_what_it_delivers_beyond_its_share_within_the_free_room() {
+        use Plan::*;
+        // 64 shards of 1 KiB records on the default 24 MiB budget: a share of 378 KiB, 4.6 KiB
+        // per record in flight.
+        let per = 4 * (1024 + 5 + 56) + RECORD_OVERHEAD;
+        let share = 24 * MIB / 65;
+        // (held, mine, want) → plan
+        let cases: &[((usize, usize, u32), Plan)] = &[
+            // Behind, processor caught up: all 410 records the shard delivers in 200 ms.
+            (
+                (0, 0, 410),
+                Call {
+                    room: 410 * per,
+                    records: 410,
+                    short: false,
+                },
+            ),
+            // Part of the share held: still the whole call.
+            (
+                (10 * MIB, share / 2, 410),
+                Call {
+                    room: 410 * per,
+                    records: 410,
+                    short: false,
+                },
+            ),
+            // Share full (its processor lags): waits for it, not for the budget.
+            ((0, share, 410), OwnShareFull),
+            // Less free room than the call: a short call (the budget limits the rate).
+            (
+                (24 * MIB - 100 * per, 0, 410),
+                Call {
+                    room: 100 * per,
+                    records: 100,
+                    short: true,
+                },
+            ),
+            // Wanting little: the rest of the share, as before.
+            (
+                (0, 0, 1),
+                Call {
+                    room: share / per * per,
+                    records: (share / per) as u32,
+                    short: false,
+                },
+            ),
+        ];
+        for &((held, mine, want), expected) in cases {
+            assert_eq!(
+                plan(24 * MIB, 64, held, mine, per, want, 10_000),
+                expected,
+                "held {held}, mine {mine}, want {want}"
             );
         }
     }
@@ -884,7 +1233,7 @@ mod tests {
         // 16 shards of such records share the default 24 MiB: ~320 records per call, ~1.6 MiB
         // per second per shard at 5 calls/s.
         let _others: Vec<_> = (0..15).map(|_| budget.reader()).collect();
-        match plan(24 * MIB, 16, 0, 0, reader.per_record(one_kib), 10_000) {
+        match plan(24 * MIB, 16, 0, 0, reader.per_record(one_kib), 1, 10_000) {
             Plan::Call { records, .. } => assert_eq!(records, 322),
             other => panic!("{other:?}"),
         }
@@ -902,7 +1251,7 @@ mod tests {
         let b = budget.reader();
         let before = prefetch_usage().held;
         // 2 readers: shares of 333.
-        let mut r = a.reserve(10, 10_000).await;
+        let mut r = a.reserve(10, 1, 10_000).await;
         assert_eq!((r.room.bytes(), r.records), (330, 33));
         assert_eq!(budget.held(), 330);
         assert!(prefetch_usage().peak >= before + 330);
@@ -914,12 +1263,12 @@ mod tests {
         assert_eq!(budget.held(), 300);
         // Larger than the free room: carried over the total, counted, and every new
         // reservation waits until enough is released.
-        let other = b.reserve(10, 10_000).await;
+        let other = b.reserve(10, 1, 10_000).await;
         assert_eq!(other.room.bytes(), 330);
         r.room.fit(900);
         assert_eq!(budget.held(), 1230);
         assert_eq!(budget.peak(), 1230);
-        let blocked = b.reserve(10, 10_000);
+        let blocked = b.reserve(10, 1, 10_000);
         tokio::pin!(blocked);
         assert!(futures::poll!(blocked.as_mut()).is_pending());
         drop(r);
@@ -938,12 +1287,12 @@ mod tests {
         let stuck = budget.reader();
         let _other = budget.reader();
         // Its whole share (333) reserved and kept (its processor does not process).
-        let first = stuck.reserve(1, 10_000).await;
-        let second = stuck.reserve(1, 10_000);
+        let first = stuck.reserve(1, 1, 10_000).await;
+        let second = stuck.reserve(1, 1, 10_000);
         tokio::pin!(second);
         assert!(futures::poll!(second.as_mut()).is_pending());
         // The others are not held up by it: the rest is theirs.
-        let r = _other.reserve(1, 10_000).await;
+        let r = _other.reserve(1, 1, 10_000).await;
         assert_eq!(r.room.bytes(), 333);
         // When it processes, it may read again.
         drop(first);
@@ -957,9 +1306,9 @@ mod tests {
     async fn shares_follow_the_readers() {
         let budget = PrefetchBudget::new(1200);
         let a = budget.reader();
-        let held = a.reserve(10, 10_000).await; // 600: half, alone
+        let held = a.reserve(10, 1, 10_000).await; // 600: half, alone
         assert_eq!(held.room.bytes(), 600);
-        let more = a.reserve(10, 10_000);
+        let more = a.reserve(10, 1, 10_000);
         tokio::pin!(more);
         assert!(futures::poll!(more.as_mut()).is_pending());
         let others: Vec<_> = (0..2).map(|_| budget.reader()).collect();
@@ -982,20 +1331,20 @@ mod tests {
             budget.reader(),
         );
         // Everything held by others: `filler` holds its share, plus an over-budget answer.
-        let mut full = filler.reserve(10, 10_000).await;
+        let mut full = filler.reserve(10, 1, 10_000).await;
         full.room.fit(1000);
         // One undersized call in flight (the worker's only slot)…
         full.room.fit(700);
-        let in_flight = big2.reserve(600, 10_000).await;
+        let in_flight = big2.reserve(600, 1, 10_000).await;
         assert_eq!((in_flight.room.bytes(), in_flight.records), (300, 1));
         assert!(in_flight._undersized.is_some());
         // …so `big` (600 per record) waits for the slot.
-        let waiting = big.reserve(600, 10_000);
+        let waiting = big.reserve(600, 1, 10_000);
         tokio::pin!(waiting);
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         // Room comes free: a smaller reader, who came later, gets it at once.
         full.room.fit(400);
-        let got = small.reserve(100, 10_000).await;
+        let got = small.reserve(100, 1, 10_000).await;
         assert_eq!((got.room.bytes(), got.records), (200, 2));
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         // When the undersized call is counted, `big` gets the slot and the free room.
@@ -1019,7 +1368,9 @@ mod tests {
         };
         let aggregate = [record("agg", 10_000)];
         let subs: Vec<Record> = (0..100).map(|i| record(&format!("k{i}"), 100)).collect();
-        let mut res = reader.reserve(reader.per_record(LARGEST_RECORD), 10).await;
+        let mut res = reader
+            .reserve(reader.per_record(LARGEST_RECORD), 1, 10)
+            .await;
         res.room.read(&aggregate);
         assert_eq!(res.room.bytes(), footprint(&aggregate));
         res.room.deaggregated(&subs);
@@ -1031,7 +1382,7 @@ mod tests {
         let ratio = footprint(&subs) * PER_MILLE / footprint(&aggregate);
         assert_eq!(reader.expansion(), (PER_MILLE * 3 + ratio) / 4);
         // Never below what was read: sub-records keep their aggregate's buffer alive.
-        let mut res = reader.reserve(reader.per_record(10_000), 10).await;
+        let mut res = reader.reserve(reader.per_record(10_000), 1, 10).await;
         res.room.read(&aggregate);
         res.room.deaggregated(&subs[..1]);
         assert_eq!(res.room.bytes(), footprint(&aggregate));
@@ -1055,6 +1406,14 @@ mod fetcher_tests {
     struct Limits {
         inner: MemKinesis,
         limits: Arc<StdMutex<Vec<u32>>>,
+        /// When each call was made.
+        calls: Arc<StdMutex<Vec<Instant>>>,
+    }
+
+    impl Limits {
+        fn calls(&self) -> Vec<Instant> {
+            self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+        }
     }
 
     #[async_trait]
@@ -1079,6 +1438,9 @@ mod fetcher_tests {
         ) -> Result<GetRecordsOutput, KinesisApiError> {
             if let Ok(mut l) = self.limits.lock() {
                 l.push(limit);
+            }
+            if let Ok(mut c) = self.calls.lock() {
+                c.push(Instant::now());
             }
             self.inner.get_records(iterator, limit).await
         }
@@ -1121,6 +1483,154 @@ mod fetcher_tests {
         assert_eq!(limits[0], 4, "{limits:?}");
         // Then at the size seen (500 KiB, 2 MiB in flight): up to 10 records in a 20 MiB share.
         assert!(limits[1] > 4 && limits[1] <= 10, "{limits:?}");
+    }
+
+    /// Starts a fetcher on every shard of `k`'s stream "s" with the default settings and
+    /// `budget`, `stagger` apart, and a processor that keeps up (drops each batch as it
+    /// arrives) for each; returns when each shard delivered `per_shard` records, with the tokio
+    /// time that took per shard (from its own start).
+    async fn drain_all(
+        k: &MemKinesis,
+        budget: &Arc<PrefetchBudget>,
+        per_shard: usize,
+        stagger: Duration,
+    ) -> Vec<Duration> {
+        let mut drains = Vec::new();
+        for shard in k.open_shard_ids("s") {
+            tokio::time::sleep(stagger).await;
+            let t0 = Instant::now();
+            let mut rx = spawn_fetcher(
+                Arc::new(k.clone()),
+                "s".into(),
+                shard,
+                IteratorPosition::TrimHorizon,
+                PollingConfig::default(),
+                budget.clone(),
+                CancellationToken::new(),
+            )
+            .records;
+            drains.push(tokio::spawn(async move {
+                let mut got = 0;
+                while got < per_shard {
+                    match rx.recv().await {
+                        Some(Fetched::Records { records, .. }) => got += records.len(),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                t0.elapsed()
+            }));
+        }
+        let mut took = Vec::new();
+        for d in drains {
+            took.push(d.await.expect("drain task"));
+        }
+        took
+    }
+
+    /// A stream "s" of `shards` shards with `per_shard` records of `size` bytes each, written
+    /// a minute ago (so readers are behind), read limits enforced. The records share one
+    /// buffer: the budget counts their size, the test's memory does not grow with it.
+    async fn backlog(shards: usize, per_shard: usize, size: usize) -> MemKinesis {
+        let k = MemKinesis::new();
+        k.create_stream("s", shards);
+        k.enforce_read_limits(true);
+        let data = Bytes::from(vec![7u8; size]);
+        for shard in k.list_shards("s").await.expect("list") {
+            for _ in 0..per_shard {
+                k.put_with_hash("s", "key", shard.hash_range.start(), data.clone());
+            }
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        k
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sixty_four_shards_behind_catch_up_at_the_shard_read_limit_on_the_default_budget() {
+        // 64 shards, each 16 MiB behind (8 s at 2 MiB/s), records of 16 KiB; a reader's share
+        // of the default 24 MiB is 378 KiB, less than the 1.7 MiB a 200 ms call needs in
+        // flight. Before calls were sized by what the shard delivers, each read 5 records per
+        // call (0.41 MB/s).
+        let (shards, per_shard, size) = (64, 1024, 16 << 10);
+        let k = backlog(shards, per_shard, size).await;
+        let budget = PrefetchBudget::new(PollingConfig::default().prefetch_bytes);
+        // Started 3 ms apart, as leases are taken: tokio's paused clock would otherwise make
+        // every call of every shard at the same instant, before any processor ran.
+        let took = drain_all(&k, &budget, per_shard, Duration::from_millis(3)).await;
+        let slowest = took.iter().max().copied().unwrap_or_default();
+        // Tokio's paused clock: deterministic, whatever the machine does.
+        let rate = (per_shard * size) as f64 / slowest.as_secs_f64();
+        assert!(
+            rate >= 1.9e6,
+            "the slowest shard read {rate:.0} B/s (drained in {slowest:?})"
+        );
+        assert_eq!(k.throttled_reads(), 0, "read faster than the shard allows");
+        // Memory stayed within the budget, and the budget never held the readers back.
+        assert!(
+            budget.peak() <= PollingConfig::default().prefetch_bytes,
+            "{}",
+            budget.peak()
+        );
+        assert_eq!(budget.limited_calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_too_small_for_the_shards_behind_is_reported() {
+        // 16 shards behind, each wanting 1.7 MiB in flight per call, on a 2 MiB budget.
+        let (shards, per_shard, size) = (16, 128, 16 << 10);
+        let k = backlog(shards, per_shard, size).await;
+        let budget = PrefetchBudget::new(2 << 20);
+        // All at once: their calls are made at the same instants, before any processor ran.
+        drain_all(&k, &budget, per_shard, Duration::ZERO).await;
+        assert!(budget.limited_calls() > 0);
+        // Still within the budget (plus one record at most).
+        assert!(
+            budget.peak() <= (2 << 20) + LARGEST_RECORD,
+            "{}",
+            budget.peak()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_shard_is_polled_less_and_less_and_records_restore_the_pace() {
+        let k = Limits::default();
+        k.inner.create_stream("s", 1);
+        let shard = k.inner.open_shard_ids("s")[0].clone();
+        let t0 = Instant::now();
+        let mut rx = spawn_fetcher(
+            Arc::new(k.clone()),
+            "s".into(),
+            shard,
+            IteratorPosition::TrimHorizon,
+            PollingConfig::default(),
+            PrefetchBudget::new(24 << 20),
+            CancellationToken::new(),
+        )
+        .records;
+        tokio::time::sleep(Duration::from_millis(10_100)).await;
+        let since = |calls: &[Instant]| -> Vec<u64> {
+            calls
+                .iter()
+                .map(|c| c.duration_since(t0).as_millis() as u64)
+                .collect()
+        };
+        // Quiet: after 200, 400, 800 ms, then every second (the default idle_max_interval),
+        // not every 200 ms (50 calls).
+        let quiet = since(&k.calls());
+        assert_eq!(
+            quiet,
+            [0, 200, 600, 1400, 2400, 3400, 4400, 5400, 6400, 7400, 8400, 9400],
+            "{quiet:?}"
+        );
+        // A record arrives: read at the next call (within a second)…
+        k.inner.put("s", "key", "hello");
+        assert_eq!(take(&mut rx, 1).await, ["hello"]);
+        let read_at = Instant::now().duration_since(t0).as_millis() as u64;
+        assert_eq!(read_at, 10_400);
+        // …and the pace is back: the next call comes min_interval (200 ms) later, then, as the
+        // shard is quiet again, 200 ms, 400 ms… after the answers.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let after = since(&k.calls()[quiet.len()..]);
+        assert_eq!(after, [10_400, 10_600, 10_800], "{after:?}");
     }
 
     /// Receives batches until `n` records arrived (a minute of tokio time at most).
