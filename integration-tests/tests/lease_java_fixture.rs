@@ -1,6 +1,6 @@
 //! A lease table written by the Java KCL: items as the Java KCL 3.x `DynamoDBLeaseSerializer`
-//! writes them (attribute names and DynamoDB types; `throughputKBps`, which kcl does not use;
-//! the binary `pendingCheckpointState` of a two-phase checkpoint; no `entityType`), planted as
+//! writes them (attribute names and DynamoDB types; `throughputKBps`, which kcl reads and carries
+//! on with its checkpoints; the binary `pendingCheckpointState` of a two-phase checkpoint; no `entityType`), planted as
 //! raw items in moto, dynalite and the in-memory store. kcl must read every one of them as the
 //! Java KCL means it, take over from the Java workers through the usual conditional writes,
 //! and leave the attributes it does not know in place, so a fleet can move from the Java KCL to
@@ -122,6 +122,8 @@ fn expected_leases() -> Vec<Lease> {
     child1.owner_switches_since_checkpoint = 2;
     child1.pending_checkpoint = Some(ExtendedSequenceNumber::at(seq(PENDING_SEQ), 0));
     child1.pending_checkpoint_state = Some(bytes::Bytes::from_static(&[1, 2, 3]));
+    // `throughputKBps` 12.5 KiB/s.
+    child1.throughput = Some(12_800);
     child1.parent_shard_ids = vec![shard(0)];
     child1.hash_range = range("0", MID_HASH);
 
@@ -199,7 +201,8 @@ async fn reads_and_takes_over_a_java_table<S: LeaseStore + RawItems>(store: &S, 
     ] {
         assert_eq!(raw.get(gone), None, "{name}: {gone}");
     }
-    // What kcl does not use is left as the Java KCL wrote it.
+    // The checkpoint carries the throughput on (the lease's, as read: this store call measured
+    // none of its own), in the Java KCL's type.
     assert_eq!(raw.get("throughputKBps"), Some(&n("12.5")), "{name}");
     assert_eq!(
         raw.get("parentShardId"),

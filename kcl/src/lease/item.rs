@@ -125,9 +125,13 @@ pub fn encode(lease: &Lease) -> Item {
     item
 }
 
-/// `throughputKBps` for `bytes_per_sec`: KiB per second with three decimals, as a number.
+/// `throughputKBps` for `bytes_per_sec`: KiB per second with at most three decimals, in the
+/// canonical form DynamoDB stores numbers in (`12.5`, `0`; never `12.500`), so an item read
+/// back compares equal to what was written.
 pub fn throughput_kbps(bytes_per_sec: u64) -> AttrValue {
-    AttrValue::N(format!("{:.3}", bytes_per_sec as f64 / 1024.0))
+    let fixed = format!("{:.3}", bytes_per_sec as f64 / 1024.0);
+    let trimmed = fixed.trim_end_matches('0').trim_end_matches('.');
+    AttrValue::N(trimmed.to_owned())
 }
 
 /// Bytes per second from a `throughputKBps` value (the Java KCL writes a double).
@@ -303,7 +307,10 @@ mod tests {
     #[test]
     fn throughput_is_read_as_the_java_kcl_writes_it() {
         let mut item = encode(&full_lease());
-        assert_eq!(item[attr::THROUGHPUT], AttrValue::N("5.000".into()));
+        assert_eq!(item[attr::THROUGHPUT], AttrValue::N("5".into()));
+        assert_eq!(throughput_kbps(12_800), AttrValue::N("12.5".into()));
+        assert_eq!(throughput_kbps(0), AttrValue::N("0".into()));
+        assert_eq!(throughput_kbps(1_000), AttrValue::N("0.977".into()));
         item.insert(attr::THROUGHPUT.into(), AttrValue::N("12.5".into()));
         assert_eq!(decode(&item).unwrap().unwrap().throughput, Some(12_800));
         for bad in ["-1", "NaN", "fast"] {
