@@ -1,7 +1,7 @@
 //! A lease table written by the Java KCL: items as the Java KCL 3.x `DynamoDBLeaseSerializer`
 //! writes them (attribute names and DynamoDB types; `throughputKBps`, which kcl reads and carries
-//! on with its checkpoints; the binary `pendingCheckpointState` of a two-phase checkpoint; no `entityType`), planted as
-//! raw items in moto, dynalite and the in-memory store. kcl must read every one of them as the
+//! on with its checkpoints; the binary `pendingCheckpointState` of a two-phase checkpoint; no
+//! `entityType`), planted as raw items in moto, dynalite and the in-memory store. kcl must read every one of them as the
 //! Java KCL means it, take over from the Java workers through the usual conditional writes,
 //! and leave the attributes it does not know in place, so a fleet can move from the Java KCL to
 //! kcl (or back) on the same table.
