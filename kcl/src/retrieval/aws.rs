@@ -116,6 +116,10 @@ const CONSUMER_ACTIVE_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Clone, Debug)]
 pub struct AwsKinesis {
     client: aws_sdk_kinesis::Client,
+    /// The same client with `GetRecords`' timeouts in its configuration: the hot call (once a
+    /// second per quiet shard) pays for no per-call configuration override (the SDK assembles
+    /// a new configuration layer and runtime components for every overridden call).
+    get_records_client: aws_sdk_kinesis::Client,
     list_shards_page_size: u32,
     timeouts: Timeouts,
 }
@@ -175,8 +179,20 @@ impl AwsKinesis {
     /// # }
     /// ```
     pub fn new(client: aws_sdk_kinesis::Client) -> Self {
+        let timeouts = Timeouts::of(&client);
+        let get_records_client = match &timeouts.get_records {
+            Some(t) => aws_sdk_kinesis::Client::from_conf(
+                client
+                    .config()
+                    .to_builder()
+                    .timeout_config(t.clone())
+                    .build(),
+            ),
+            None => client.clone(),
+        };
         Self {
-            timeouts: Timeouts::of(&client),
+            timeouts,
+            get_records_client,
             client,
             list_shards_page_size: DEFAULT_LIST_SHARDS_PAGE_SIZE,
         }
@@ -305,12 +321,10 @@ impl KinesisApi for AwsKinesis {
         limit: u32,
     ) -> Result<GetRecordsOutput, KinesisApiError> {
         let out = self
-            .client
+            .get_records_client
             .get_records()
             .shard_iterator(iterator.as_str())
             .limit(to_i32(limit.clamp(1, MAX_GET_RECORDS_LIMIT)))
-            .customize()
-            .config_override(timeout_override(&self.timeouts.get_records))
             .send()
             .await
             .map_err(|e| classify(e, "shard iterator"))?;

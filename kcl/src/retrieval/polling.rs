@@ -157,15 +157,19 @@ pub(crate) fn idle_pause(
 /// (1 MiB) plus answers whose records were more than [`IN_FLIGHT_FACTOR`] times larger than the
 /// average their call was sized by.
 ///
-/// **Waiting.** Readers wait for room on a notification, not in a queue: a reader waiting for a
-/// large reservation never holds up one that needs less (a FIFO semaphore would), and nobody
-/// waits while holding room.
+/// **Waiting.** A reader that finds no room for its call registers what it needs (room for
+/// one record) and sleeps; a release wakes, in the order they came, only the waiters whose need
+/// fits in the room now free — not every waiter (with 1 000 quiet shards waiting, waking them
+/// all on every release cost more CPU than their calls). A waiter that needs more than is free
+/// is passed over, so it never holds up one that needs less (a FIFO semaphore would). A reader
+/// whose own share is full sleeps until its own batches release room. A change of readers
+/// (shares change) wakes everyone. Nobody waits while holding room.
 #[derive(Debug)]
 pub(crate) struct PrefetchBudget {
     total: usize,
     held: Mutex<Held>,
-    /// Signalled whenever room is released or a reader comes or goes.
-    changed: Notify,
+    /// Signalled when a reader comes or goes (every share changes).
+    readers_changed: Notify,
     readers: AtomicUsize,
     /// The one call at a time made with less room than one record may need.
     undersized: Arc<Semaphore>,
@@ -190,6 +194,66 @@ const PRESSURE_WARNING_EVERY: Duration = Duration::from_secs(60);
 struct Held {
     bytes: usize,
     peak: usize,
+    /// Readers waiting for free room, in the order they came (see [`Held::wake_fitting`]).
+    waiting: Vec<Waiter>,
+}
+
+/// A reader waiting for `need` bytes of free room.
+#[derive(Debug)]
+struct Waiter {
+    need: usize,
+    wake: Arc<Wake>,
+}
+
+/// How a reader is woken: by the release of its own room (its share was full), or by a
+/// release that freed the room it registered for.
+#[derive(Debug, Default)]
+struct Wake {
+    notify: Notify,
+    /// Registered in [`Held::waiting`] (read and written under the budget's lock).
+    queued: std::sync::atomic::AtomicBool,
+}
+
+impl Held {
+    /// Registers `wake` as waiting for `need` bytes of free room (once: a reader woken for
+    /// another reason keeps its place).
+    fn wait_for_room(&mut self, wake: &Arc<Wake>, need: usize) {
+        if !wake.queued.swap(true, Ordering::Relaxed) {
+            self.waiting.push(Waiter {
+                need,
+                wake: wake.clone(),
+            });
+        }
+    }
+
+    /// Takes out of the queue, in order, the waiters whose need fits in the room free in a
+    /// budget of `total`, counting each one's need as taken; returns them, to be woken once
+    /// the lock is released.
+    fn wake_fitting(&mut self, total: usize) -> Vec<Arc<Wake>> {
+        let mut free = total.saturating_sub(self.bytes);
+        if self.waiting.is_empty() || free == 0 {
+            return Vec::new();
+        }
+        let mut woken = Vec::new();
+        self.waiting.retain(|w| {
+            if w.need <= free {
+                free -= w.need;
+                w.wake.queued.store(false, Ordering::Relaxed);
+                woken.push(w.wake.clone());
+                false
+            } else {
+                true
+            }
+        });
+        woken
+    }
+
+    /// Takes `wake` out of the queue (its reader is gone).
+    fn forget(&mut self, wake: &Arc<Wake>) {
+        if wake.queued.swap(false, Ordering::Relaxed) {
+            self.waiting.retain(|w| !Arc::ptr_eq(&w.wake, wake));
+        }
+    }
 }
 
 /// What every reader of this process holds in its budget (see [`prefetch_usage`]).
@@ -295,7 +359,7 @@ impl PrefetchBudget {
         Arc::new(Self {
             total: total.max(1),
             held: Mutex::new(Held::default()),
-            changed: Notify::new(),
+            readers_changed: Notify::new(),
             readers: AtomicUsize::new(0),
             undersized: Arc::new(Semaphore::new(1)),
             limited_calls: AtomicU64::new(0),
@@ -354,11 +418,12 @@ impl PrefetchBudget {
     /// Registers a reader: it counts in everyone's fair shares until it is dropped.
     pub(crate) fn reader(self: &Arc<Self>) -> Reader {
         self.readers.fetch_add(1, Ordering::Relaxed);
-        self.changed.notify_waiters();
+        self.readers_changed.notify_waiters();
         Reader(Arc::new(ReaderState {
             budget: self.clone(),
             held: AtomicUsize::new(0),
             expansion: AtomicUsize::new(PER_MILLE),
+            wake: Arc::default(),
         }))
     }
 
@@ -374,30 +439,21 @@ impl PrefetchBudget {
         PROCESS_PEAK.fetch_max(now, Ordering::Relaxed);
     }
 
-    fn release(&self, bytes: usize) {
+    /// Gives back `bytes` held by the reader woken by `owner`: wakes that reader (its share
+    /// may have room again) and the waiters whose need now fits.
+    fn release(&self, bytes: usize, owner: &Wake) {
         if bytes == 0 {
             return;
         }
-        {
+        let woken = {
             let mut held = self.lock();
             held.bytes = held.bytes.saturating_sub(bytes);
-        }
+            held.wake_fitting(self.total)
+        };
         PROCESS_HELD.fetch_sub(bytes, Ordering::Relaxed);
-        self.changed.notify_waiters();
-    }
-
-    /// Waits until `ready` (checked under no lock of ours) returns a value. Wakes on every
-    /// release of room and every change of readers, and checks again.
-    async fn wait_for<T>(&self, mut ready: impl FnMut() -> Option<T>) -> T {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before checking, so a release in between is not missed.
-            changed.as_mut().enable();
-            if let Some(t) = ready() {
-                return t;
-            }
-            changed.await;
+        owner.notify.notify_one();
+        for wake in woken {
+            wake.notify.notify_one();
         }
     }
 }
@@ -414,13 +470,17 @@ struct ReaderState {
     /// How much larger (in thousandths) its batches became when deaggregated (KPL), as last
     /// measured by the consumer: calls are sized for what their records will hold.
     expansion: AtomicUsize,
+    /// Wakes this reader when it waits for room.
+    wake: Arc<Wake>,
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
         let budget = &self.0.budget;
+        budget.lock().forget(&self.0.wake);
         budget.readers.fetch_sub(1, Ordering::Relaxed);
-        budget.changed.notify_waiters();
+        // Every share changes; and room this reader was woken for but never took is free.
+        budget.readers_changed.notify_waiters();
     }
 }
 
@@ -475,9 +535,18 @@ impl Reader {
         let room = match p {
             Plan::Call { room, .. } => room,
             Plan::Undersized { room } if undersized => room,
-            Plan::Undersized { .. } | Plan::OwnShareFull | Plan::NoRoom => return p,
+            Plan::Undersized { .. } | Plan::NoRoom => {
+                // Woken when room for one record is free (or the undersized slot, for an
+                // undersized plan: see `reserve`).
+                held.wait_for_room(&self.0.wake, per_record.max(1).min(budget.total));
+                return p;
+            }
+            Plan::OwnShareFull => return p,
         };
         // Taken under the same lock the plan was made under: no one else took it meanwhile.
+        // A place still queued (the reader got room another way) would take a later wake-up
+        // from a reader that needs it.
+        held.forget(&self.0.wake);
         held.bytes += room;
         held.peak = held.peak.max(held.bytes);
         drop(held);
@@ -502,10 +571,14 @@ impl Reader {
         let mut waited = Duration::ZERO;
         let mut budget_bound_since: Option<Instant> = None;
         loop {
-            let changed = budget.changed.notified();
-            tokio::pin!(changed);
-            // Registered before checking, so a release in between is not missed.
-            changed.as_mut().enable();
+            // Both registered before checking, so a release in between is not missed (a
+            // release for this reader's queued need wakes it with a stored permit, too).
+            let readers_changed = budget.readers_changed.notified();
+            tokio::pin!(readers_changed);
+            readers_changed.as_mut().enable();
+            let woken = self.0.wake.notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             let p = self.try_plan(per_record, want, max_records, slot.is_some());
             if let Some(since) = budget_bound_since.take() {
                 waited += since.elapsed();
@@ -539,14 +612,21 @@ impl Reader {
                     budget_bound_since = Some(Instant::now());
                     tokio::select! {
                         permit = budget.undersized.clone().acquire_owned() => slot = permit.ok(),
-                        _ = changed => {}
+                        _ = woken => {}
+                        _ = readers_changed => {}
                     }
                 }
                 Plan::NoRoom => {
                     budget_bound_since = Some(Instant::now());
-                    changed.await;
+                    tokio::select! {
+                        _ = woken => {}
+                        _ = readers_changed => {}
+                    }
                 }
-                Plan::OwnShareFull => changed.await,
+                Plan::OwnShareFull => tokio::select! {
+                    _ = woken => {}
+                    _ = readers_changed => {}
+                },
             }
         }
     }
@@ -556,16 +636,33 @@ impl Reader {
     /// pushed, of sizes not known in advance); what they read is then counted with
     /// [`Reader::hold`].
     pub(crate) async fn turn(&self) {
-        let budget = self.0.budget.clone();
-        budget
-            .wait_for(|| {
-                let held = budget.lock().bytes;
+        let budget = &self.0.budget;
+        loop {
+            let readers_changed = budget.readers_changed.notified();
+            tokio::pin!(readers_changed);
+            readers_changed.as_mut().enable();
+            let woken = self.0.wake.notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let mut held = budget.lock();
                 let readers = budget.readers.load(Ordering::Relaxed);
                 let mine = self.0.held.load(Ordering::Relaxed);
                 let share = budget.total / (readers + 1);
-                (mine < share.max(1) && held < budget.total).then_some(())
-            })
-            .await
+                if mine < share.max(1) {
+                    if held.bytes < budget.total {
+                        held.forget(&self.0.wake);
+                        return;
+                    }
+                    // Any free byte will do: what is read is counted after it arrives.
+                    held.wait_for_room(&self.0.wake, 1);
+                }
+            }
+            tokio::select! {
+                _ = woken => {}
+                _ = readers_changed => {}
+            }
+        }
     }
 
     /// Counts `records`, already in memory, as held by this reader (over the total if there is
@@ -617,7 +714,7 @@ impl Room {
             let excess = self.bytes - bytes;
             self.owner.held.fetch_sub(excess, Ordering::Relaxed);
             self.bytes = bytes;
-            budget.release(excess);
+            budget.release(excess, &self.owner.wake);
         } else if bytes > self.bytes {
             let extra = bytes - self.bytes;
             let free = budget.total.saturating_sub(budget.lock().bytes);
@@ -666,7 +763,7 @@ impl Room {
 impl Drop for Room {
     fn drop(&mut self) {
         self.owner.held.fetch_sub(self.bytes, Ordering::Relaxed);
-        self.owner.budget.release(self.bytes);
+        self.owner.budget.release(self.bytes, &self.owner.wake);
     }
 }
 
@@ -1242,6 +1339,86 @@ mod tests {
         // Batches that grow tenfold when deaggregated need that much.
         reader.0.expansion.store(10 * PER_MILLE, Ordering::Relaxed);
         assert_eq!(reader.per_record(one_kib), 10 * one_kib);
+    }
+
+    #[test]
+    fn a_release_wakes_in_order_only_the_waiters_whose_need_fits() {
+        // (held before the release, needs queued in order) -> woken (by index), left queued.
+        #[allow(clippy::type_complexity)]
+        let cases: &[(usize, &[usize], &[usize], &[usize])] = &[
+            // Nothing free: nobody.
+            (1000, &[100, 200], &[], &[100, 200]),
+            // 400 free: the first two fit (100 + 200), the third (200) no longer does.
+            (600, &[100, 200, 200], &[0, 1], &[200]),
+            // A large need is passed over, a smaller one behind it is woken.
+            (700, &[500, 100, 300], &[1], &[500, 300]),
+            // 1 000 quiet shards each needing 4 units, 8 free: two of them, not all.
+            (992, &[4; 1000], &[0, 1], &[4; 998]),
+        ];
+        for (held_bytes, needs, woken, left) in cases {
+            let wakes: Vec<Arc<Wake>> = needs.iter().map(|_| Arc::default()).collect();
+            let mut held = Held {
+                bytes: *held_bytes,
+                ..Held::default()
+            };
+            for (wake, need) in wakes.iter().zip(needs.iter()) {
+                held.wait_for_room(wake, *need);
+                // Registered once however often it waits.
+                held.wait_for_room(wake, *need);
+            }
+            let got: Vec<usize> = held
+                .wake_fitting(1000)
+                .iter()
+                .map(|w| wakes.iter().position(|x| Arc::ptr_eq(x, w)).unwrap())
+                .collect();
+            assert_eq!(&got, woken, "held {held_bytes}, needs {needs:?}");
+            let still: Vec<usize> = held.waiting.iter().map(|w| w.need).collect();
+            assert_eq!(&still, left, "held {held_bytes}, needs {needs:?}");
+            for (i, wake) in wakes.iter().enumerate() {
+                assert_eq!(wake.queued.load(Ordering::Relaxed), !woken.contains(&i));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_got_room_another_way_gives_up_its_place() {
+        let budget = PrefetchBudget::new(1000);
+        let (a, b, c) = (budget.reader(), budget.reader(), budget.reader());
+        let mut full = c.reserve(10, 1, 10_000).await;
+        full.room.fit(1000);
+        // `a` and `b` wait for 250 each (4 readers: shares of 250).
+        let wa = a.reserve(250, 1, 10_000);
+        let wb = b.reserve(250, 1, 10_000);
+        tokio::pin!(wa, wb);
+        assert!(futures::poll!(wa.as_mut()).is_pending());
+        assert!(futures::poll!(wb.as_mut()).is_pending());
+        assert_eq!(budget.lock().waiting.len(), 2);
+        // 250 free: `a`, first in line, is woken and gets it.
+        full.room.fit(750);
+        let got_a = match futures::poll!(wa.as_mut()) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("the first waiter was not woken"),
+        };
+        assert_eq!(got_a.room.bytes(), 250);
+        assert!(futures::poll!(wb.as_mut()).is_pending());
+        // `b` is still in line, and gets the next 250.
+        full.room.fit(500);
+        assert!(matches!(
+            futures::poll!(wb.as_mut()),
+            std::task::Poll::Ready(_)
+        ));
+        assert!(budget.lock().waiting.is_empty());
+        // A reader that leaves while queued leaves the line.
+        full.room.fit(2000);
+        let wd = {
+            let d = budget.reader();
+            let mut w = Box::pin(async move { d.reserve(400, 1, 10_000).await });
+            assert!(futures::poll!(w.as_mut()).is_pending());
+            w
+        };
+        assert_eq!(budget.lock().waiting.len(), 1);
+        drop(wd);
+        assert!(budget.lock().waiting.is_empty());
     }
 
     #[tokio::test]
