@@ -352,6 +352,13 @@ impl LeaseStore for TimedStore {
             self.inner.complete_handoff(lease, new_owner)
         )
     }
+    async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        timed!(
+            self,
+            "store.withdraw_handoff",
+            self.inner.withdraw_handoff(lease)
+        )
+    }
 }
 
 fn now() -> (Instant, Duration) {

@@ -743,7 +743,8 @@ pub async fn two_workers_graceful_handoff(
     Ok(())
 }
 
-/// The leases `worker` owns now, with their counters.
+/// The leases `worker` owns now, with their counters (not those only being handed to it: the
+/// old owner still processes them).
 pub async fn owned_by(
     leases: &dyn LeaseStore,
     worker: &str,
@@ -753,7 +754,9 @@ pub async fn owned_by(
         .await?
         .leases
         .into_iter()
-        .filter(|l| l.owner.as_ref().is_some_and(|o| o.as_str() == worker))
+        .filter(|l| {
+            l.owner.as_ref().is_some_and(|o| o.as_str() == worker) && l.checkpoint_owner.is_none()
+        })
         .map(|l| (l.key, l.counter))
         .collect())
 }
@@ -763,7 +766,10 @@ pub async fn owned_by(
 /// (or, if `taken_by` is given, is that worker, which took it after the release) and its
 /// counter moved past its value in `before`. A lease abandoned instead would still name
 /// `worker` as its owner: nobody may take it before it expires, `lease_duration` after its
-/// last renewal, and the worker renews its leases until it releases them.
+/// last renewal, and the worker renews its leases until it releases them. And no lease of the
+/// table names `worker` as its owner any more: a handoff it asked for and had not received
+/// was withdrawn (the lease is back with its old owner), one completed to it and not taken yet
+/// was released.
 pub async fn check_released(
     leases: &dyn LeaseStore,
     worker: &str,
@@ -771,6 +777,22 @@ pub async fn check_released(
     taken_by: Option<&str>,
 ) -> anyhow::Result<()> {
     let table = leases.list().await?;
+    let still: Vec<String> = table
+        .leases
+        .iter()
+        .filter(|l| l.owner.as_ref().is_some_and(|o| o.as_str() == worker))
+        .map(|l| {
+            format!(
+                "{} (checkpointOwner {:?})",
+                l.key.as_str(),
+                l.checkpoint_owner
+            )
+        })
+        .collect();
+    ensure!(
+        still.is_empty(),
+        "{worker} stopped gracefully but leases still name it as owner: {still:?}"
+    );
     for (key, counter) in before {
         let lease = table
             .leases

@@ -828,11 +828,13 @@ impl LeaseCoordinator {
         }
     }
 
-    /// At shutdown, once every consumer has exited: releases the leases the table names this
-    /// worker as owner of without it holding them — a graceful handoff completed to it that
-    /// its taker had not picked up yet — so peers need not wait for them to expire. A handoff
-    /// still pending (`checkpointOwner` set: the old owner may still be processing) is left to
-    /// expire, so no two workers ever process the shard at once.
+    /// At shutdown, once every consumer has exited: gives back the leases the table names this
+    /// worker as owner of without it holding them, so peers need not wait for them to expire:
+    /// - a graceful handoff completed to it that its taker had not picked up yet is released;
+    /// - a handoff it asked for that is still pending (`checkpointOwner` set: the old owner is
+    ///   still processing) is withdrawn — the lease goes back to the old owner as it was, so
+    ///   no two workers ever process the shard at once. If the old owner completed it
+    ///   meanwhile, it is released instead.
     pub(crate) async fn release_unheld(&self) {
         let table = match self.store.list().await {
             Ok(table) => table,
@@ -842,13 +844,46 @@ impl LeaseCoordinator {
             }
         };
         let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        for lease in table.leases.iter().filter(|l| {
-            l.owner.as_ref() == Some(&self.me)
-                && l.checkpoint_owner.is_none()
-                && !held.contains(&l.key)
-        }) {
+        for lease in table
+            .leases
+            .iter()
+            .filter(|l| l.owner.as_ref() == Some(&self.me) && !held.contains(&l.key))
+        {
             let read_until = Instant::now() + self.lease_duration;
-            match write::apply(self.store.as_ref(), lease, &LeaseWrite::Release, read_until).await {
+            let mut lease = lease.clone();
+            if lease.checkpoint_owner.is_some() {
+                let withdraw = LeaseWrite::WithdrawHandoff;
+                match write::apply(self.store.as_ref(), &lease, &withdraw, read_until).await {
+                    Ok(_) => {
+                        info!(lease = %lease.key, "withdrew a handoff asked for and not completed");
+                        continue;
+                    }
+                    Err(e) if e.is_condition_failed() => {
+                        // Completed meanwhile (or taken): release it if it is ours now.
+                        match self.store.get(&lease.key).await {
+                            Ok(Some(now))
+                                if now.owner.as_ref() == Some(&self.me)
+                                    && now.checkpoint_owner.is_none() =>
+                            {
+                                lease = now
+                            }
+                            _ => continue,
+                        }
+                    }
+                    Err(e) => {
+                        debug!(lease = %lease.key, error = %e, "could not withdraw a handoff at shutdown; the lease will expire");
+                        continue;
+                    }
+                }
+            }
+            match write::apply(
+                self.store.as_ref(),
+                &lease,
+                &LeaseWrite::Release,
+                read_until,
+            )
+            .await
+            {
                 Ok(_) => {
                     info!(lease = %lease.key, "released a lease handed over but not yet taken")
                 }
@@ -1796,7 +1831,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_releases_completed_handoffs_not_yet_taken_and_nothing_else() {
+    async fn shutdown_releases_completed_handoffs_and_withdraws_pending_ones() {
         let store = MemLeaseStore::new();
         let (me, peer) = (WorkerId::new("me"), WorkerId::new("peer"));
         let coordinator = LeaseCoordinator::new(
@@ -1810,10 +1845,11 @@ mod tests {
         store.request_handoff(&a, &me).await.unwrap();
         // The old owner completes it with its own view of the lease.
         let a = store.complete_handoff(&a, &me).await.unwrap();
-        // A handoff to us still pending: the peer may still be processing.
+        // A handoff to us still pending: the peer may still be processing. Withdrawn: the
+        // lease is back with the peer as it was before the request.
         let b = lease(&store, "shardId-b").await;
         let b = store.take(&b, &peer).await.unwrap();
-        let b = store.request_handoff(&b, &me).await.unwrap();
+        store.request_handoff(&b, &me).await.unwrap();
         // Held by us (its consumer releases it), and a peer's lease.
         let c = lease(&store, "shardId-c").await;
         let c = store.take(&c, &me).await.unwrap();
@@ -1835,6 +1871,10 @@ mod tests {
         assert_eq!(a_now.owner, None);
         assert_eq!(a_now.counter, a.counter.next());
         assert_eq!(find(&store, &b.key), b);
+        // The peer, still processing it, keeps it: its final writes pass; its handoff no
+        // longer can.
+        assert!(store.complete_handoff(&b, &me).await.is_err());
+        store.renew(&b).await.unwrap();
         assert_eq!(find(&store, &c.key), c);
         assert_eq!(find(&store, &d.key), d);
     }

@@ -992,6 +992,28 @@ impl LeaseStore for DynamoLeaseStore {
         .await?;
         Ok(effect::handoff_completed(lease, new_owner))
     }
+
+    async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        let Some(old_owner) = &lease.checkpoint_owner else {
+            return Err(LeaseStoreError::ConditionFailed {
+                key: lease.key.clone(),
+            });
+        };
+        let mut u = Update::default();
+        u.set(
+            attr::LEASE_OWNER,
+            AttributeValue::S(old_owner.as_str().to_owned()),
+        );
+        u.remove(attr::CHECKPOINT_OWNER);
+        self.conditional_update(
+            "UpdateItem(withdraw_handoff)",
+            lease,
+            Fence::HandedOverBy(old_owner),
+            u,
+        )
+        .await?;
+        Ok(effect::handoff_withdrawn(lease))
+    }
 }
 
 /// What a conditional update requires besides `leaseCounter = :seen` (`:me` is the caller's
@@ -1009,6 +1031,8 @@ enum Fence<'a> {
     OwnerWithoutHandoff,
     /// `checkpointOwner = :me AND leaseOwner = :new` (complete a handoff to `:new`).
     HandingOverTo(&'a WorkerId),
+    /// `leaseOwner = :me AND checkpointOwner = :old` (withdraw a handoff from `:old`).
+    HandedOverBy(&'a WorkerId),
     /// `leaseOwner = :me AND checkpoint = LATEST` (record what `LATEST` stood for).
     OwnerAtLatest,
 }
@@ -1084,6 +1108,11 @@ impl Update {
                 let checkpoint_owner = checkpoint_owner();
                 let new_owner = self.value(AttributeValue::S(new_owner.as_str().to_owned()));
                 format!("{checkpoint_owner} = {me} AND {owner} = {new_owner}")
+            }
+            Fence::HandedOverBy(old_owner) => {
+                let checkpoint_owner = checkpoint_owner();
+                let old_owner = self.value(AttributeValue::S(old_owner.as_str().to_owned()));
+                format!("{owner} = {me} AND {checkpoint_owner} = {old_owner}")
             }
             Fence::OwnerAtLatest => {
                 let checkpoint = self.name(attr::CHECKPOINT);
@@ -1579,6 +1608,14 @@ mod tests {
         );
         let mut u = Update::default();
         let cond = u
+            .condition(&lease, Fence::HandedOverBy(&w2))
+            .expect("owned");
+        assert_eq!(
+            cond,
+            "#leaseCounter = :v0 AND #leaseOwner = :v1 AND #checkpointOwner = :v2"
+        );
+        let mut u = Update::default();
+        let cond = u
             .condition(&lease, Fence::OwnerWithoutHandoff)
             .expect("owned");
         assert_eq!(
@@ -1592,6 +1629,7 @@ mod tests {
             Fence::OwnerOrCheckpointOwner,
             Fence::OwnerWithoutHandoff,
             Fence::HandingOverTo(&w2),
+            Fence::HandedOverBy(&w2),
         ] {
             let err = Update::default()
                 .condition(&lease, fence)

@@ -267,6 +267,25 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         lease: &Lease,
         new_owner: &WorkerId,
     ) -> Result<Lease, LeaseStoreError>;
+
+    /// Graceful handoff withdrawn (the new owner, stopping before the old owner completed
+    /// it): `leaseOwner` = the old owner (`checkpointOwner`), `checkpointOwner` removed, counter
+    /// unchanged — if the counter, `leaseOwner` and `checkpointOwner` are still those of
+    /// `lease`. The lease is then as it was before [`LeaseStore::request_handoff`]: the old
+    /// owner, which never stopped processing, keeps it, and nobody waits for it to expire.
+    ///
+    /// The default refuses (a store written before this method existed): a worker that
+    /// stops then leaves the request in place, and the lease expires instead.
+    async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        let _ = lease;
+        Err(LeaseStoreError::Other(
+            format!(
+                "{} cannot withdraw a handoff",
+                std::any::type_name::<Self>()
+            )
+            .into(),
+        ))
+    }
 }
 
 fn no_worker_table<S: ?Sized>() -> LeaseStoreError {
@@ -297,6 +316,12 @@ pub(crate) mod effect {
         let mut l = lease.clone();
         l.checkpoint_owner = l.owner.take();
         l.owner = Some(new_owner.clone());
+        l
+    }
+
+    pub(crate) fn handoff_withdrawn(lease: &Lease) -> Lease {
+        let mut l = lease.clone();
+        l.owner = l.checkpoint_owner.take();
         l
     }
 

@@ -44,6 +44,8 @@ pub(crate) enum LeaseWrite {
     RequestHandoff { to: WorkerId },
     /// Graceful handoff, step 2 (the old owner, to `to`).
     CompleteHandoff { to: WorkerId },
+    /// A graceful handoff withdrawn by the new owner (stopping) before step 2.
+    WithdrawHandoff,
 }
 
 impl LeaseWrite {
@@ -58,6 +60,7 @@ impl LeaseWrite {
             Self::ResolveLatest { .. } => "resolve_latest",
             Self::RequestHandoff { .. } => "request_handoff",
             Self::CompleteHandoff { .. } => "complete_handoff",
+            Self::WithdrawHandoff => "withdraw_handoff",
         }
     }
 
@@ -80,6 +83,7 @@ impl LeaseWrite {
             Self::ResolveLatest { at } => store.resolve_latest(seen, *at).await,
             Self::RequestHandoff { to } => store.request_handoff(seen, to).await,
             Self::CompleteHandoff { to } => store.complete_handoff(seen, to).await,
+            Self::WithdrawHandoff => store.withdraw_handoff(seen).await,
         }
     }
 
@@ -145,6 +149,14 @@ impl LeaseWrite {
             }
             Self::CompleteHandoff { to } => {
                 next && observed.owner.as_ref() == Some(to)
+                    && observed.checkpoint_owner.is_none()
+                    && same_checkpoint
+            }
+            Self::WithdrawHandoff => {
+                // Leaves the counter as it was: the lease is back as before the request.
+                observed.counter == seen.counter
+                    && seen.checkpoint_owner.is_some()
+                    && observed.owner == seen.checkpoint_owner
                     && observed.checkpoint_owner.is_none()
                     && same_checkpoint
             }
@@ -340,5 +352,30 @@ mod tests {
             owner: WorkerId::new("me"),
         };
         assert!(!take.was_applied(&seen, &lease(8, Some("me"))));
+    }
+
+    #[test]
+    fn a_withdrawn_handoff_is_recognised_only_back_with_the_old_owner() {
+        // Handed to us by "old" (counter 7, pending).
+        let seen = with(lease(7, Some("me")), |l| {
+            l.checkpoint_owner = Some(WorkerId::new("old"))
+        });
+        let w = LeaseWrite::WithdrawHandoff;
+        let table = [
+            ("withdrawn", lease(7, Some("old")), true),
+            ("still pending", seen.clone(), false),
+            ("completed by the old owner", lease(8, Some("me")), false),
+            (
+                "the old owner renewed after a withdrawal",
+                lease(8, Some("old")),
+                false,
+            ),
+            ("taken by a third", lease(8, Some("third")), false),
+        ];
+        for (case, observed, applied) in table {
+            assert_eq!(w.was_applied(&seen, &observed), applied, "{case}");
+        }
+        // Nothing to withdraw on a lease not being handed over.
+        assert!(!w.was_applied(&lease(7, Some("me")), &lease(7, Some("me"))));
     }
 }

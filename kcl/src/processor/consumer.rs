@@ -714,6 +714,34 @@ impl Consumer {
                     }
                     break;
                 }
+                Err(e) if e.is_condition_failed() => {
+                    // The new owner withdrew its request (it stopped) before we completed the
+                    // handoff: the lease is ours again, as before the request. Our processor
+                    // has stopped, so it is released for whoever takes it next.
+                    let ours = self.held.snapshot().await;
+                    match store.get(self.held.key()).await {
+                        Ok(Some(now))
+                            if now.counter == ours.counter
+                                && now.owner.as_ref() == Some(&self.env.config.worker_id)
+                                && now.checkpoint_owner.is_none() =>
+                        {
+                            if let Err(e) = self
+                                .held
+                                .write_final(store.as_ref(), LeaseWrite::Release)
+                                .await
+                            {
+                                warn!(error = %e, "releasing a lease whose handoff was withdrawn failed; it will expire instead");
+                            } else {
+                                debug!("handoff withdrawn by the new owner; lease released");
+                                self.held.announce_release();
+                            }
+                        }
+                        _ => {
+                            debug!("lease changed before the handoff completed; nothing to release")
+                        }
+                    }
+                    break;
+                }
                 Err(e) if e.is_retryable() => {
                     debug!(error = %e, attempt, "release failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;

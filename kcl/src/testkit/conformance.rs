@@ -144,6 +144,7 @@ async fn run_protocol_cases(store: &dyn LeaseStore, concurrent: bool) {
     worker_liveness(&cx).await;
     delete(&cx).await;
     graceful_handoff(&cx).await;
+    withdrawn_handoff(&cx).await;
     handoff_ended_by_a_take(&cx).await;
     missing_leases_fail_every_write(&cx).await;
     if concurrent {
@@ -1346,6 +1347,94 @@ async fn delete(cx: &Cx<'_>) {
     cx.expect_stored(CASE, &fresh.key, Some(&fresh)).await;
 }
 
+/// A handoff withdrawn by the new owner (it stops before the old owner completed it): the lease
+/// is back exactly as before the request (owner = old, no checkpointOwner, counter unchanged);
+/// only the requester can withdraw, only while the request is pending; the old owner's renewals
+/// pass again and its completion no longer can.
+async fn withdrawn_handoff(cx: &Cx<'_>) {
+    const CASE: &str = "withdrawn handoff";
+    let (w1, w2, w3) = (
+        WorkerId::new("w1"),
+        WorkerId::new("w2"),
+        WorkerId::new("w3"),
+    );
+    let mut fresh = cx.full_lease("withdrawn");
+    fresh.owner = None;
+    fresh.checkpoint_owner = None;
+    fresh.counter = LeaseCounter(0);
+    cx.create(CASE, &fresh).await;
+    let old_view = must(CASE, "take", cx.store.take(&fresh, &w1).await);
+    condition_failed(
+        CASE,
+        "withdraw_handoff with no handoff pending",
+        &fresh.key,
+        cx.store.withdraw_handoff(&old_view).await,
+    );
+    let requested = must(
+        CASE,
+        "request_handoff",
+        cx.store.request_handoff(&old_view, &w2).await,
+    );
+    let mut by_another = requested.clone();
+    by_another.owner = Some(w3.clone());
+    condition_failed(
+        CASE,
+        "withdraw_handoff by a worker that did not ask for it",
+        &fresh.key,
+        cx.store.withdraw_handoff(&by_another).await,
+    );
+    let mut from_another = requested.clone();
+    from_another.checkpoint_owner = Some(w3.clone());
+    condition_failed(
+        CASE,
+        "withdraw_handoff naming the wrong old owner",
+        &fresh.key,
+        cx.store.withdraw_handoff(&from_another).await,
+    );
+    let mut stale = requested.clone();
+    stale.counter = fresh.counter;
+    condition_failed(
+        CASE,
+        "withdraw_handoff with a stale counter",
+        &fresh.key,
+        cx.store.withdraw_handoff(&stale).await,
+    );
+    cx.expect_stored(CASE, &fresh.key, Some(&requested)).await;
+
+    let withdrawn = must(
+        CASE,
+        "withdraw_handoff",
+        cx.store.withdraw_handoff(&requested).await,
+    );
+    check(
+        withdrawn == old_view,
+        CASE,
+        format!(
+            "withdraw_handoff returned {withdrawn:?}, expected the lease as before the \
+             request: {old_view:?}"
+        ),
+    );
+    cx.expect_stored(CASE, &fresh.key, Some(&old_view)).await;
+    condition_failed(
+        CASE,
+        "a second withdraw_handoff",
+        &fresh.key,
+        cx.store.withdraw_handoff(&requested).await,
+    );
+    condition_failed(
+        CASE,
+        "complete_handoff by the old owner once withdrawn",
+        &fresh.key,
+        cx.store.complete_handoff(&old_view, &w2).await,
+    );
+    let renewed = must(
+        CASE,
+        "renew by the old owner once withdrawn",
+        cx.store.renew(&old_view).await,
+    );
+    cx.expect_stored(CASE, &fresh.key, Some(&renewed)).await;
+}
+
 /// Graceful handoff: the new owner requests it (owner = new, checkpointOwner = old, counter
 /// unchanged); the old owner's renewals fail, its final checkpoint is accepted, and it completes
 /// the handoff (checkpointOwner removed, counter + 1); then the new owner takes the lease.
@@ -1844,6 +1933,128 @@ mod tests {
         }
 
         run_protocol(&DeafToFencing::default()).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "lease store conformance: withdrawn handoff")]
+    async fn the_suite_catches_a_withdrawal_that_moves_the_counter() {
+        use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
+        /// Withdraws a handoff with a take: the suite must notice.
+        #[derive(Debug, Default)]
+        struct WithdrawsByTaking(MemLeaseStore);
+
+        #[async_trait::async_trait]
+        impl LeaseStore for WithdrawsByTaking {
+            async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
+                self.0.ensure_table().await
+            }
+            async fn list(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
+                self.0.list().await
+            }
+            async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
+                self.0.get(key).await
+            }
+            async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+                self.0.create_if_absent(lease).await
+            }
+            async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+                self.0.renew(lease).await
+            }
+            async fn take(
+                &self,
+                lease: &Lease,
+                owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.take(lease, owner).await
+            }
+            async fn checkpoint(
+                &self,
+                lease: &Lease,
+                checkpoint: &ExtendedSequenceNumber,
+                children: &[ShardId],
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.checkpoint(lease, checkpoint, children).await
+            }
+            async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+                self.0.release(lease).await
+            }
+            async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+                self.0.delete(lease).await
+            }
+            async fn request_handoff(
+                &self,
+                lease: &Lease,
+                new_owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.request_handoff(lease, new_owner).await
+            }
+            async fn complete_handoff(
+                &self,
+                lease: &Lease,
+                new_owner: &WorkerId,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.complete_handoff(lease, new_owner).await
+            }
+            async fn list_eventually(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
+                self.0.list_eventually().await
+            }
+            async fn resolve_latest(
+                &self,
+                lease: &Lease,
+                at: std::time::SystemTime,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.resolve_latest(lease, at).await
+            }
+            async fn set_pending_checkpoint(
+                &self,
+                lease: &Lease,
+                pending: Option<&crate::checkpoint::PendingCheckpoint>,
+            ) -> Result<Lease, LeaseStoreError> {
+                self.0.set_pending_checkpoint(lease, pending).await
+            }
+            async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+                self.0.register_worker(item).await
+            }
+            async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+                self.0.heartbeat(beat).await
+            }
+            async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+                // Gives the lease back by taking it for the old owner: the counter moves, so
+                // the old owner's view no longer matches.
+                let old = lease
+                    .checkpoint_owner
+                    .clone()
+                    .unwrap_or_else(|| WorkerId::new(""));
+                self.0.take(lease, &old).await
+            }
+            async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+                self.0.list_workers(consistent).await
+            }
+            async fn fence_worker(
+                &self,
+                seen: &WorkerItem,
+                by: &WorkerId,
+            ) -> Result<(), LeaseStoreError> {
+                self.0.fence_worker(seen, by).await
+            }
+            async fn notify_handoff(
+                &self,
+                worker: &WorkerId,
+                incarnation: u64,
+                notice: &HandoffNotice,
+            ) -> Result<(), LeaseStoreError> {
+                self.0.notify_handoff(worker, incarnation, notice).await
+            }
+            async fn remove_worker(
+                &self,
+                worker: &WorkerId,
+                incarnation: u64,
+            ) -> Result<(), LeaseStoreError> {
+                self.0.remove_worker(worker, incarnation).await
+            }
+        }
+
+        run_protocol(&WithdrawsByTaking::default()).await;
     }
 
     #[tokio::test]

@@ -527,6 +527,21 @@ impl LeaseStore for MemLeaseStore {
         .await
     }
 
+    async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        self.write(
+            "withdraw_handoff",
+            lease,
+            |s| {
+                lease.owner.is_some()
+                    && lease.checkpoint_owner.is_some()
+                    && s.owner == lease.owner
+                    && s.checkpoint_owner == lease.checkpoint_owner
+            },
+            effect::handoff_withdrawn,
+        )
+        .await
+    }
+
     async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
         self.faults_for("delete").await?;
         let mut items = self.lock();

@@ -118,6 +118,10 @@ impl LeaseStore for CountingStore {
         bump(&self.counts.other_writes);
         self.inner.complete_handoff(lease, to).await
     }
+    async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        bump(&self.counts.other_writes);
+        self.inner.withdraw_handoff(lease).await
+    }
     async fn list_eventually(&self) -> Result<LeaseTable, LeaseStoreError> {
         bump(&self.counts.scans);
         self.inner.list_eventually().await
