@@ -32,15 +32,17 @@ export KCL_EMULATORS_DIR="$EMU"
 echo "== building"
 # The benchmarks (kcl-bench) have no tests: they are type-checked, not built in debug (three
 # large binaries to link for nothing); `cargo run --release -p kcl-bench` builds them.
-cargo build --workspace --exclude kcl-bench --all-features --all-targets --quiet
+# Built by `cargo test --no-run`, exactly as the test run below will want it: after a `cargo
+# build --all-targets`, the first `cargo test` compiled the workspace's crates and linked every
+# test binary again (measured: 5 min 40 s on 2 cores).
+cargo test --workspace --exclude kcl-bench --all-features --no-run --quiet
 echo "== testing"
 # The compile-fail tests (kcl-macros/tests/ui.rs, trybuild) spend ~2.5 minutes compiling a
 # project of their own in target/tests/trybuild, while most other tests wait on the emulators:
 # run them beside the rest. Their output and result are counted with the others'. (trybuild
 # colours its output unless NO_COLOR is set.) It is selected from the whole workspace, as the
-# build above was: `-p kcl-macros` resolves features for that package alone, and that build
-# (measured: 42 s holding the build directory's lock) made the main run below compile the
-# workspace's own crates and link every test binary again (5 min 40 s on 2 cores).
+# build above was: `-p kcl-macros` resolves features for that package alone, and builds its own
+# copies of the crates (42 s holding the build directory's lock).
 NO_COLOR=1 cargo test --workspace --exclude kcl-bench --all-features --test ui >target/test-ui.log 2>&1 &
 ui_pid=$!
 cargo test --workspace --exclude kcl-bench --all-features --no-fail-fast -- --exact --skip ui 2>&1 | tee target/test-output.log

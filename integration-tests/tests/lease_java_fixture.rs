@@ -378,3 +378,169 @@ async fn beside_a_java_worker_on_moto() {
     let store = DynamoLeaseStore::from_conf(&conf, unique_name("java-migration"));
     beside_a_java_worker(store, "moto").await;
 }
+
+/// How the fake Java KCL 2.x worker renews a lease whose counter it last wrote as `seen`:
+/// `SET leaseCounter = seen + 1` expecting `leaseCounter = seen`, whatever the item's owner.
+/// True when it still holds the lease.
+type Renew = std::sync::Arc<
+    dyn Fn(LeaseKey, u64) -> futures::future::BoxFuture<'static, bool> + Send + Sync,
+>;
+
+/// A Java KCL 2.x worker renews by the lease counter alone (as [`Renew`]) and knows nothing of
+/// graceful handoffs. A kcl worker joining a table where such a worker holds every lease may
+/// ask it for some (it cannot tell a 2.x worker from a 3.x one, which hands leases over), but
+/// must withdraw the request once the owner renews on — otherwise the lease would count as the
+/// kcl worker's, never come and never expire — and not ask that owner again; and it takes the
+/// leases once they stop moving.
+async fn beside_a_java_2x_worker<S: LeaseStore + RawItems + Clone>(
+    store: S,
+    renew: Renew,
+    name: &str,
+) {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+    store.ensure_table().await.expect("ensure_table");
+    let kinesis = kcl::testkit::MemKinesis::new();
+    kinesis.create_stream("migrating-2x", 4);
+    let keys: Vec<LeaseKey> = kinesis
+        .open_shard_ids("migrating-2x")
+        .into_iter()
+        .map(|s| LeaseKey::new(s.as_str()))
+        .collect();
+    for key in &keys {
+        store
+            .put_raw(java_owned(key.as_str(), 7))
+            .await
+            .expect("put_raw");
+    }
+    let java = {
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let mut counters: BTreeMap<LeaseKey, u64> =
+                keys.iter().map(|k| (k.clone(), 7)).collect();
+            loop {
+                for key in &keys {
+                    let Some(seen) = counters.get(key).copied() else {
+                        continue;
+                    };
+                    if renew(key.clone(), seen).await {
+                        counters.insert(key.clone(), seen + 1);
+                    } else {
+                        counters.remove(key);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let worker = kcl::Worker::builder()
+        .application_name("migrating-2x-app")
+        .stream("migrating-2x")
+        .worker_id("kcl-worker")
+        .lease_duration(Duration::from_secs(3))
+        .taker_interval(Duration::from_millis(500))
+        .kinesis(Arc::new(kinesis.clone()))
+        .lease_store(Arc::new(store.clone()))
+        .processor(|| kcl::testkit::NoopProcessor)
+        .build()
+        .expect("worker");
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+
+    // Requests (if any) are withdrawn within about two lease durations; then, for two more,
+    // every lease is the Java worker's and none is being handed to the kcl worker.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for _ in 0..12 {
+        let t = store.list().await.expect("list");
+        for l in &t.leases {
+            assert_eq!(
+                (
+                    l.owner.as_ref().map(WorkerId::as_str),
+                    l.checkpoint_owner.as_ref().map(WorkerId::as_str)
+                ),
+                (Some("java-worker"), None),
+                "{name}: a handoff asked of a Java 2.x worker (which renews on and never \
+                 completes it) was left pending, or asked again: {l:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // The Java worker stops: its leases stop moving, and kcl takes them.
+    java.abort();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = store.list().await.expect("list");
+        let mine = t
+            .leases
+            .iter()
+            .filter(|l| {
+                l.owner.as_ref().map(WorkerId::as_str) == Some("kcl-worker")
+                    && l.checkpoint_owner.is_none()
+            })
+            .count();
+        if mine == keys.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: the stopped Java worker's leases were not taken: {:?}",
+            t.leases
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.shutdown();
+    run.await.expect("join").expect("run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_java_2x_worker_in_memory() {
+    let store = MemLeaseStore::new();
+    let renew: Renew = {
+        let store = store.clone();
+        std::sync::Arc::new(move |key: LeaseKey, seen: u64| {
+            let store = store.clone();
+            Box::pin(async move {
+                // Read and written back at once: nothing else runs on the item in between
+                // (the in-memory store answers without waiting).
+                match store.get(&key).await {
+                    Ok(Some(mut l)) if l.counter.0 == seen => {
+                        l.counter = LeaseCounter(seen + 1);
+                        store.put_raw_item(kcl::lease::item::encode(&l));
+                        true
+                    }
+                    _ => false,
+                }
+            })
+        })
+    };
+    beside_a_java_2x_worker(store, renew, "memory").await;
+}
+
+#[tokio::test]
+async fn beside_a_java_2x_worker_on_dynalite() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let server = start_dynalite().await.expect("dynalite");
+    let conf = sdk_config(&server.endpoint()).await;
+    let table = unique_name("java-2x");
+    let store = DynamoLeaseStore::from_conf(&conf, table.clone());
+    let client = aws_sdk_dynamodb::Client::new(&conf);
+    let renew: Renew = std::sync::Arc::new(move |key: LeaseKey, seen: u64| {
+        let (client, table) = (client.clone(), table.clone());
+        Box::pin(async move {
+            client
+                .update_item()
+                .table_name(table)
+                .key("leaseKey", AttributeValue::S(key.as_str().to_owned()))
+                .update_expression("SET leaseCounter = :next")
+                .condition_expression("leaseCounter = :seen")
+                .expression_attribute_values(":next", AttributeValue::N((seen + 1).to_string()))
+                .expression_attribute_values(":seen", AttributeValue::N(seen.to_string()))
+                .send()
+                .await
+                .is_ok()
+        })
+    });
+    beside_a_java_2x_worker(store, renew, "dynalite").await;
+}

@@ -1049,7 +1049,15 @@ impl LeaseCoordinator {
                     continue;
                 };
                 if take.reason == TakeReason::Steal {
-                    self.request_handoff(st, &lease).await;
+                    if lease
+                        .owner
+                        .as_ref()
+                        .is_some_and(|o| st.ignore_handoffs.contains(o))
+                    {
+                        debug!(lease = %lease.key, owner = ?lease.owner, "not asking an owner that ignored a handoff request (a Java KCL 2.x worker)");
+                    } else {
+                        self.request_handoff(st, &lease).await;
+                    }
                     continue;
                 }
                 if take.reason == TakeReason::Expired
@@ -1271,7 +1279,49 @@ impl LeaseCoordinator {
                 .collect()
         };
         for key in pending {
-            self.refresh(st, &key).await;
+            let Some(fresh) = self.refresh(st, &key).await else {
+                st.asked_per_lease_owner.remove(&key);
+                continue;
+            };
+            self.withdraw_if_ignored(st, fresh).await;
+        }
+        let d = self.lease_duration;
+        st.asked_per_lease_owner
+            .retain(|_, at| Instant::now().saturating_duration_since(*at) < d * 4);
+    }
+
+    /// A handoff we asked of an owner without a worker item (a Java KCL worker) that is still
+    /// pending a lease duration later while its counter goes on moving: the owner renews on and
+    /// will never complete it (a Java KCL 2.x worker renews by the counter alone and knows no
+    /// handoffs), and the lease would neither come nor expire. The request is withdrawn — the
+    /// lease is the owner's again, as before — and that owner is not asked again. (A kcl or
+    /// Java KCL 3.x owner stops renewing once asked: its lease completes or expires.)
+    async fn withdraw_if_ignored(&self, st: &mut TakerState, lease: Lease) {
+        let Some(asked) = st.asked_per_lease_owner.get(&lease.key).copied() else {
+            return;
+        };
+        let Some(old) = lease.checkpoint_owner.clone() else {
+            st.asked_per_lease_owner.remove(&lease.key);
+            return;
+        };
+        let now = Instant::now();
+        let d = self.lease_duration;
+        if now.saturating_duration_since(asked) < d || st.tracker.is_expired(&lease, now, d) {
+            return;
+        }
+        st.asked_per_lease_owner.remove(&lease.key);
+        let write = LeaseWrite::WithdrawHandoff;
+        match write::apply(self.store.as_ref(), &lease, &write, now + d).await {
+            Ok(back) => {
+                warn!(lease = %lease.key, owner = %old, "the owner (no worker item: a Java KCL worker) renews on a lease it was asked to hand over; request withdrawn, and it will not be asked again");
+                st.ignore_handoffs.insert(old);
+                st.remember(&back);
+            }
+            Err(e) => {
+                // Its counter moved again meanwhile (or it completed): read at the next round.
+                debug!(lease = %lease.key, error = %e, "withdrawing an ignored handoff request failed");
+                st.asked_per_lease_owner.insert(lease.key.clone(), asked);
+            }
         }
     }
 
@@ -1389,6 +1439,15 @@ impl LeaseCoordinator {
             Ok(new) => {
                 info!(lease = %lease.key, from = ?lease.owner, "requested graceful handoff");
                 metrics::counter!(m::LEASES_STOLEN).increment(1);
+                let per_lease_owner = st.observing
+                    && lease
+                        .owner
+                        .as_ref()
+                        .is_some_and(|o| st.view.item(o).is_none());
+                if per_lease_owner {
+                    st.asked_per_lease_owner
+                        .insert(lease.key.clone(), Instant::now());
+                }
                 st.remember(&new);
             }
             Err(e) => {
@@ -1534,6 +1593,11 @@ pub(crate) struct TakerState {
     /// Each lease's owner as we last saw it, and since when (a lease moves by load at most
     /// once per [`load::SETTLE`]).
     owner_since: HashMap<LeaseKey, OwnerSeen>,
+    /// Handoffs we asked of owners without a worker item (Java KCL workers), and when.
+    asked_per_lease_owner: HashMap<LeaseKey, Instant>,
+    /// Owners without a worker item that went on renewing a lease we had asked for (a Java
+    /// KCL 2.x worker knows no handoffs): not asked again.
+    ignore_handoffs: BTreeSet<WorkerId>,
 }
 
 /// A lease's owner as the taker last saw it.
@@ -1559,6 +1623,8 @@ impl Default for TakerState {
             observing: true,
             misled: false,
             owner_since: HashMap::new(),
+            asked_per_lease_owner: HashMap::new(),
+            ignore_handoffs: BTreeSet::new(),
         }
     }
 }
