@@ -9,6 +9,19 @@ use crate::retrieval::KinesisApiError;
 /// A boxed error from a backend (SDK errors never appear in public signatures).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// An error and its sources, joined by `: ` — for logs and reports (an SDK error's cause,
+/// such as DynamoDB's message, is in its sources, not in its own text).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -34,4 +47,18 @@ pub enum Error {
     /// The signal handlers could not be installed ([`crate::Worker::run_until_signal`]).
     #[error("installing the signal handlers failed")]
     Signal(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use crate::lease::LeaseStoreError;
+
+    #[test]
+    fn a_chain_shows_the_cause_behind_the_error() {
+        let e = LeaseStoreError::Other("ResourceNotFoundException: table kcl-app not found".into());
+        assert_eq!(
+            super::chain(&e),
+            "lease table request failed: ResourceNotFoundException: table kcl-app not found"
+        );
+    }
 }

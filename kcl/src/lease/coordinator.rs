@@ -676,14 +676,16 @@ impl LeaseCoordinator {
                         l.extend(again, self.lease_duration);
                         info!(incarnation, "registered again");
                     }
-                    Err(e) => warn!(error = %e, "could not register again; will retry"),
+                    Err(e) => {
+                        warn!(error = %crate::error::chain(&e), "could not register again; will retry")
+                    }
                 }
             }
             Err(e) => {
                 l.handled().extend(handled);
                 metrics::counter!(m::RENEWAL_FAILURES).increment(1);
                 if Instant::now() >= l.valid_until() {
-                    warn!(error = %e, "leases lost: the heartbeat failed for the lease duration");
+                    warn!(error = %crate::error::chain(&e), "leases lost: the heartbeat failed for the lease duration");
                     for h in held.iter().filter(|h| h.liveness.is_some()) {
                         if !h.lost.is_cancelled() {
                             metrics::counter!(m::LEASES_LOST).increment(1);
@@ -801,7 +803,7 @@ impl LeaseCoordinator {
                         }
                     }
                 }
-                Err(e) => warn!(error = %e, "lease taker round failed"),
+                Err(e) => warn!(error = %crate::error::chain(&e), "lease taker round failed"),
             }
         }
     }
@@ -839,7 +841,7 @@ impl LeaseCoordinator {
         let table = match self.store.list().await {
             Ok(table) => table,
             Err(e) => {
-                warn!(error = %e, "could not list leases to release at shutdown");
+                warn!(error = %crate::error::chain(&e), "could not list leases to release at shutdown");
                 return;
             }
         };

@@ -428,7 +428,7 @@ impl Consumer {
                     return Err(Stop::ReadFailed(format!("not found: {what}")));
                 }
                 Some(Fetched::Failed(e)) => {
-                    let error = error_chain(&e);
+                    let error = crate::error::chain(&e);
                     error!(%error, "cannot read the shard; releasing its lease (retried after a quarantine)");
                     return Err(Stop::ReadFailed(error));
                 }
@@ -508,7 +508,7 @@ impl Consumer {
                         _ = tokio::time::sleep(d) => {}
                     }
                 }
-                Err(e) => return Err(Stop::ReadFailed(error_chain(&e))),
+                Err(e) => return Err(Stop::ReadFailed(crate::error::chain(&e))),
             }
         };
         match shards.iter().find(|s| s.id == self.shard) {
@@ -762,16 +762,4 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// An error and its sources, for logs and quarantine reports.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
