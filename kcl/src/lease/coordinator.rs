@@ -951,24 +951,33 @@ impl LeaseCoordinator {
         }
         let excluded = self.excluded(now);
 
-        let mut plan = self.plan(st, &live_now, &excluded, now);
+        let mut plan = self.plan_unless_unchanged(st, &live_now, &excluded, now);
         let reason = match &liveness {
             // Without liveness every round reads the table, as the lease counters are what
             // says who is alive.
             None => Some(ScanReason::First),
             Some(_) if st.per_lease_owners => Some(ScanReason::PerLeaseOwners),
             Some(_) if std::mem::take(&mut st.misled) => Some(ScanReason::Stale),
-            Some(_) => scan_reason(&ScanInputs {
-                snapshot_at: st.snapshot_at,
-                marks_at_snapshot: &st.marks_at_snapshot,
-                marks_now: &marks_now,
-                short: plan.mine < plan.target
-                    && plan.takes.iter().all(|t| t.reason == TakeReason::Steal),
-                unaccounted: self.unaccounted(st, &live_now, now),
-                min_age: self.renew_interval,
-                now,
-                safety_interval: self.taker_interval * SAFETY_NET_ROUNDS,
-            }),
+            Some(_) => {
+                let short = plan.mine < plan.target
+                    && plan.takes.iter().all(|t| t.reason == TakeReason::Steal);
+                scan_reason(&ScanInputs {
+                    snapshot_at: st.snapshot_at,
+                    marks_at_snapshot: &st.marks_at_snapshot,
+                    marks_now: &marks_now,
+                    short,
+                    // A pass over every lease: only when it can matter (a round over 10 000
+                    // leases spent a fifth of its time here).
+                    unaccounted: if short {
+                        self.unaccounted(st, &live_now, now)
+                    } else {
+                        0
+                    },
+                    min_age: self.renew_interval,
+                    now,
+                    safety_interval: self.taker_interval * SAFETY_NET_ROUNDS,
+                })
+            }
         };
         if let Some(reason) = reason {
             let table = if liveness.is_some() {
@@ -990,7 +999,7 @@ impl LeaseCoordinator {
             st.owner_since
                 .retain(|k, _| table.leases.binary_search_by(|l| l.key.cmp(k)).is_ok());
             self.notice_handoffs(&table.leases).await;
-            st.cache = LeaseCache(table.leases);
+            st.cache = LeaseCache::replacing(&st.cache, table.leases);
             st.snapshot_at = Some(now);
             st.marks_at_snapshot = marks_now;
             // Owners without a worker item judge (and are judged) per lease: while any is in
@@ -1101,9 +1110,17 @@ impl LeaseCoordinator {
             .filter(|(w, live)| **live && ***w != self.me && liveness.is_some())
             .filter_map(|(w, _)| st.view.due(w, d))
             .min();
+        // After a quiet plan on these very leases, every unfinished lease is owned by a worker
+        // with an item and no handoff is pending: none falls due by its own clock.
+        let quiet = liveness.is_some()
+            && st
+                .quiet_plan
+                .as_ref()
+                .is_some_and(|(inputs, _, _)| inputs.cache == st.cache.generation());
         let by_lease = st
             .cache
             .values()
+            .filter(|_| !quiet)
             .filter(|l| !l.is_finished())
             .filter_map(|l| match (&l.owner, &l.checkpoint_owner) {
                 // Ours (held, or reclaimed at the next round anyway).
@@ -1210,15 +1227,26 @@ impl LeaseCoordinator {
         let leases = st.cache.as_slice();
         // Each owner judged once, not once per lease (a round over 10 000 leases).
         let owners = st.view.judge_all(now, d);
+        let mut clocked = false;
         let expired: KeySet = leases
             .iter()
             .filter(|l| match (&l.owner, &l.checkpoint_owner) {
-                (None, _) => true,
+                (None, _) => {
+                    // Unfinished and unowned: "neglected" goes by its clock.
+                    clocked |= !l.is_finished();
+                    true
+                }
                 // A handoff pending, or an owner without a worker item: by the lease.
-                (Some(_), Some(_)) => st.tracker.is_expired(l, now, d),
+                (Some(_), Some(_)) => {
+                    clocked = true;
+                    st.tracker.is_expired(l, now, d)
+                }
                 (Some(o), None) => match owners.get(o) {
                     Some(live) => !live,
-                    None => st.tracker.is_expired(l, now, d),
+                    None => {
+                        clocked = true;
+                        st.tracker.is_expired(l, now, d)
+                    }
                 },
             })
             .map(|l| l.key.clone())
@@ -1259,7 +1287,52 @@ impl LeaseCoordinator {
             takes: planned.takes,
             target: planned.target,
             mine: planned.mine,
+            clocked,
         }
+    }
+
+    /// [`LeaseCoordinator::plan`], unless nothing it depends on changed since a plan that took
+    /// nothing: the same leases (cache generation), held leases, judgments of the workers,
+    /// their published counts and excluded leases, and no lease judged by its own clock. Then
+    /// the plan is that one again (nothing to take), without a pass over every lease — the
+    /// steady state of a big table, where each pass costs milliseconds.
+    fn plan_unless_unchanged(
+        &self,
+        st: &mut TakerState,
+        live: &BTreeMap<WorkerId, usize>,
+        excluded: &KeySet,
+        now: Instant,
+    ) -> Plan {
+        let mut owners: Vec<(WorkerId, bool)> = st
+            .view
+            .judge_all(now, self.lease_duration)
+            .into_iter()
+            .map(|(w, live)| (w.clone(), live))
+            .collect();
+        owners.sort();
+        let mut excluded_keys: Vec<LeaseKey> = excluded.iter().cloned().collect();
+        excluded_keys.sort();
+        let inputs = PlanInputs {
+            cache: st.cache.generation(),
+            held: self.held_map().keys().cloned().collect(),
+            owners,
+            live: live.clone(),
+            excluded: excluded_keys,
+        };
+        if let Some((seen, target, mine)) = &st.quiet_plan {
+            if *seen == inputs {
+                return Plan {
+                    takes: Vec::new(),
+                    target: *target,
+                    mine: *mine,
+                    clocked: false,
+                };
+            }
+        }
+        let plan = self.plan(st, live, excluded, now);
+        st.quiet_plan = (plan.takes.is_empty() && !plan.clocked)
+            .then_some((inputs, plan.target, plan.mine));
+        plan
     }
 
     /// Leases being handed over to us: read each round until the old owner completed the
@@ -1600,6 +1673,9 @@ pub(crate) struct TakerState {
     /// Owners without a worker item that went on renewing a lease we had asked for (a Java
     /// KCL 2.x worker knows no handoffs): not asked again.
     ignore_handoffs: BTreeSet<WorkerId>,
+    /// The last plan that took nothing and depended on no lease's own clock, with what it was
+    /// made from (see [`LeaseCoordinator::plan_unless_unchanged`]).
+    quiet_plan: Option<(PlanInputs, usize, usize)>,
 }
 
 /// A lease's owner as the taker last saw it.
@@ -1627,6 +1703,7 @@ impl Default for TakerState {
             owner_since: HashMap::new(),
             asked_per_lease_owner: HashMap::new(),
             ignore_handoffs: BTreeSet::new(),
+            quiet_plan: None,
         }
     }
 }
@@ -1671,9 +1748,19 @@ impl TakerState {
 /// The taker's snapshot of the lease table: sorted by key (as `list` returns it), planned on
 /// in place, without a copy per round.
 #[derive(Debug, Default)]
-struct LeaseCache(Vec<Lease>);
+struct LeaseCache(Vec<Lease>, u64);
 
 impl LeaseCache {
+    /// A snapshot just read, replacing `old`: a new generation.
+    fn replacing(old: &LeaseCache, leases: Vec<Lease>) -> Self {
+        Self(leases, old.1 + 1)
+    }
+
+    /// Bumped by every change: a plan made on an older generation may be out of date.
+    fn generation(&self) -> u64 {
+        self.1
+    }
+
     fn position(&self, key: &LeaseKey) -> Result<usize, usize> {
         self.0.binary_search_by(|l| l.key.cmp(key))
     }
@@ -1683,6 +1770,7 @@ impl LeaseCache {
     }
 
     fn insert(&mut self, _key: LeaseKey, lease: Lease) {
+        self.1 += 1;
         match self.position(&lease.key) {
             Ok(i) => self.0[i] = lease,
             Err(i) => self.0.insert(i, lease),
@@ -1690,6 +1778,7 @@ impl LeaseCache {
     }
 
     fn remove(&mut self, key: &LeaseKey) {
+        self.1 += 1;
         if let Ok(i) = self.position(key) {
             self.0.remove(i);
         }
@@ -1727,6 +1816,20 @@ struct Plan {
     takes: Vec<super::taker::Take>,
     target: usize,
     mine: usize,
+    /// Some lease was judged by its own counter's age (unowned, being handed over, or owned by
+    /// a worker without a worker item): the same inputs may give another plan later.
+    clocked: bool,
+}
+
+/// What a plan is made from besides the leases (the cache's generation stands for them) and
+/// the clock: equal inputs, and no lease judged by its own clock, give an equal plan.
+#[derive(Debug, PartialEq, Eq)]
+struct PlanInputs {
+    cache: u64,
+    held: Vec<LeaseKey>,
+    owners: Vec<(WorkerId, bool)>,
+    live: BTreeMap<WorkerId, usize>,
+    excluded: Vec<LeaseKey>,
 }
 
 #[cfg(all(test, feature = "testkit"))]
