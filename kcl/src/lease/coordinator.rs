@@ -1330,8 +1330,8 @@ impl LeaseCoordinator {
             }
         }
         let plan = self.plan(st, live, excluded, now);
-        st.quiet_plan = (plan.takes.is_empty() && !plan.clocked)
-            .then_some((inputs, plan.target, plan.mine));
+        st.quiet_plan =
+            (plan.takes.is_empty() && !plan.clocked).then_some((inputs, plan.target, plan.mine));
         plan
     }
 
@@ -1859,6 +1859,68 @@ mod tests {
             Duration::from_secs(10),
             None,
         ))
+    }
+
+    /// A quiet plan (nothing to take, no lease judged by its own clock) is reused while what it
+    /// was made from stands still, and made again as soon as any of it changes.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_plan_is_reused_only_while_its_inputs_stand_still() {
+        use crate::lease::liveness::WorkerItem;
+        let store = MemLeaseStore::new();
+        let (me, peer) = (WorkerId::new("me"), WorkerId::new("peer"));
+        let coordinator = LeaseCoordinator::new(
+            Arc::new(store.clone()),
+            me.clone(),
+            &WorkerConfig::new("app", "stream"),
+        );
+        let mut st = TakerState::default();
+        let now = Instant::now();
+        let mut peer_item = WorkerItem::new(peer.clone(), 1);
+        peer_item.lease_count = 2;
+        let mut my_item = WorkerItem::new(me.clone(), 1);
+        my_item.lease_count = 1;
+        st.view.observe(&[peer_item, my_item], now);
+        // Two leases, one each, both owners live: balanced, nothing to take.
+        for (shard, owner) in [("shardId-a", &peer), ("shardId-b", &me)] {
+            let l = lease(&store, shard).await;
+            let l = store.take(&l, owner).await.unwrap();
+            st.remember(&l);
+            if owner == &me {
+                coordinator.held_map().insert(
+                    l.key.clone(),
+                    Arc::new(HeldLease::new(l, now, Duration::from_secs(10), None)),
+                );
+            }
+        }
+        let live = st.view.live(now, coordinator.lease_duration);
+        let none = KeySet::default();
+        let first = coordinator.plan_unless_unchanged(&mut st, &live, &none, now);
+        assert!(first.takes.is_empty() && !first.clocked, "{first:?}");
+        assert!(st.quiet_plan.is_some());
+        // Changed behind the cache's back (no new generation): the quiet plan is reused, so the
+        // new unowned lease is not seen — which proves no pass was made.
+        let sneaked = lease(&store, "shardId-c").await;
+        st.cache.0.push(sneaked.clone());
+        st.cache.0.sort_by(|a, b| a.key.cmp(&b.key));
+        let reused = coordinator.plan_unless_unchanged(&mut st, &live, &none, now);
+        assert!(reused.takes.is_empty());
+        // Any change of the cache is a new generation: planned again, the lease is taken.
+        st.remember(&sneaked);
+        let again = coordinator.plan_unless_unchanged(&mut st, &live, &none, now);
+        assert_eq!(again.takes.len(), 1, "{again:?}");
+        assert!(again.clocked && st.quiet_plan.is_none());
+        // Back to quiet (the lease given to the peer), then the peer's heartbeat stops: its
+        // judgment changes after the lease duration, and the plan is made again.
+        let given = store.take(&sneaked, &peer).await.unwrap();
+        st.remember(&given);
+        assert!(coordinator
+            .plan_unless_unchanged(&mut st, &live, &none, now)
+            .takes
+            .is_empty());
+        assert!(st.quiet_plan.is_some());
+        let later = now + coordinator.lease_duration * 2;
+        let dead = coordinator.plan_unless_unchanged(&mut st, &live, &none, later);
+        assert!(!dead.takes.is_empty(), "the silent peer's leases: {dead:?}");
     }
 
     /// DESIGN §2.6: a write applied whose answer was lost — to a 5xx whose SDK retry then
