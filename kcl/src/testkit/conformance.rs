@@ -1743,157 +1743,101 @@ mod tests {
         run_all(&store).await;
     }
 
-    #[tokio::test]
-    #[should_panic(expected = "lease store conformance: take")]
-    async fn the_suite_catches_a_store_without_fencing() {
-        /// Ignores the counter on take: the suite must notice.
-        #[derive(Debug, Default)]
-        struct Unfenced(MemLeaseStore);
+    use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
 
-        #[async_trait::async_trait]
-        impl LeaseStore for Unfenced {
-            async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
-                self.0.ensure_table().await
-            }
-            async fn list(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
-                self.0.list().await
-            }
-            async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
-                self.0.get(key).await
-            }
-            async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-                self.0.create_if_absent(lease).await
-            }
-            async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                self.0.renew(lease).await
-            }
-            async fn take(
-                &self,
-                lease: &Lease,
-                owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
+    /// The one rule of the protocol a [`Planted`] store breaks.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Plant {
+        /// Takes whatever the counter (ignores the fence).
+        TakeIgnoresTheCounter,
+        /// A heartbeat succeeds on a fenced item, clearing the fence.
+        HeartbeatIgnoresFencing,
+        /// Withdraws a handoff with a take: the counter moves.
+        WithdrawsByTaking,
+    }
+
+    /// The in-memory store with one planted violation: the suite must notice it.
+    #[derive(Debug)]
+    struct Planted(MemLeaseStore, Plant);
+
+    #[async_trait::async_trait]
+    impl LeaseStore for Planted {
+        async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
+            self.0.ensure_table().await
+        }
+        async fn list(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
+            self.0.list().await
+        }
+        async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
+            self.0.get(key).await
+        }
+        async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
+            self.0.create_if_absent(lease).await
+        }
+        async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+            self.0.renew(lease).await
+        }
+        async fn take(&self, lease: &Lease, owner: &WorkerId) -> Result<Lease, LeaseStoreError> {
+            if self.1 == Plant::TakeIgnoresTheCounter {
                 let Some(current) = self.0.get(&lease.key).await? else {
                     return Err(LeaseStoreError::ConditionFailed {
                         key: lease.key.clone(),
                     });
                 };
-                self.0.take(&current, owner).await
+                return self.0.take(&current, owner).await;
             }
-            async fn checkpoint(
-                &self,
-                lease: &Lease,
-                checkpoint: &ExtendedSequenceNumber,
-                children: &[ShardId],
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.checkpoint(lease, checkpoint, children).await
-            }
-            async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                self.0.release(lease).await
-            }
-            async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
-                self.0.delete(lease).await
-            }
-            async fn request_handoff(
-                &self,
-                lease: &Lease,
-                new_owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.request_handoff(lease, new_owner).await
-            }
-            async fn complete_handoff(
-                &self,
-                lease: &Lease,
-                new_owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.complete_handoff(lease, new_owner).await
-            }
+            self.0.take(lease, owner).await
         }
-
-        run_protocol(&Unfenced::default()).await;
-    }
-
-    #[tokio::test]
-    #[should_panic(expected = "lease store conformance: worker_liveness")]
-    async fn the_suite_catches_a_heartbeat_that_ignores_fencing() {
-        use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
-        /// A heartbeat that succeeds on a fenced item (clearing the fence): the suite must
-        /// notice.
-        #[derive(Debug, Default)]
-        struct DeafToFencing(MemLeaseStore);
-
-        #[async_trait::async_trait]
-        impl LeaseStore for DeafToFencing {
-            async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
-                self.0.ensure_table().await
-            }
-            async fn list(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
-                self.0.list().await
-            }
-            async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
-                self.0.get(key).await
-            }
-            async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-                self.0.create_if_absent(lease).await
-            }
-            async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                self.0.renew(lease).await
-            }
-            async fn take(
-                &self,
-                lease: &Lease,
-                owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.take(lease, owner).await
-            }
-            async fn checkpoint(
-                &self,
-                lease: &Lease,
-                checkpoint: &ExtendedSequenceNumber,
-                children: &[ShardId],
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.checkpoint(lease, checkpoint, children).await
-            }
-            async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                self.0.release(lease).await
-            }
-            async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
-                self.0.delete(lease).await
-            }
-            async fn request_handoff(
-                &self,
-                lease: &Lease,
-                new_owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.request_handoff(lease, new_owner).await
-            }
-            async fn complete_handoff(
-                &self,
-                lease: &Lease,
-                new_owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.complete_handoff(lease, new_owner).await
-            }
-            async fn list_eventually(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
-                self.0.list_eventually().await
-            }
-            async fn resolve_latest(
-                &self,
-                lease: &Lease,
-                at: std::time::SystemTime,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.resolve_latest(lease, at).await
-            }
-            async fn set_pending_checkpoint(
-                &self,
-                lease: &Lease,
-                pending: Option<&crate::checkpoint::PendingCheckpoint>,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.set_pending_checkpoint(lease, pending).await
-            }
-            async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
-                self.0.register_worker(item).await
-            }
-            async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+        async fn checkpoint(
+            &self,
+            lease: &Lease,
+            checkpoint: &ExtendedSequenceNumber,
+            children: &[ShardId],
+        ) -> Result<Lease, LeaseStoreError> {
+            self.0.checkpoint(lease, checkpoint, children).await
+        }
+        async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+            self.0.release(lease).await
+        }
+        async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
+            self.0.delete(lease).await
+        }
+        async fn request_handoff(
+            &self,
+            lease: &Lease,
+            new_owner: &WorkerId,
+        ) -> Result<Lease, LeaseStoreError> {
+            self.0.request_handoff(lease, new_owner).await
+        }
+        async fn complete_handoff(
+            &self,
+            lease: &Lease,
+            new_owner: &WorkerId,
+        ) -> Result<Lease, LeaseStoreError> {
+            self.0.complete_handoff(lease, new_owner).await
+        }
+        async fn list_eventually(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
+            self.0.list_eventually().await
+        }
+        async fn resolve_latest(
+            &self,
+            lease: &Lease,
+            at: std::time::SystemTime,
+        ) -> Result<Lease, LeaseStoreError> {
+            self.0.resolve_latest(lease, at).await
+        }
+        async fn set_pending_checkpoint(
+            &self,
+            lease: &Lease,
+            pending: Option<&crate::checkpoint::PendingCheckpoint>,
+        ) -> Result<Lease, LeaseStoreError> {
+            self.0.set_pending_checkpoint(lease, pending).await
+        }
+        async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
+            self.0.register_worker(item).await
+        }
+        async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
+            if self.1 == Plant::HeartbeatIgnoresFencing {
                 let stored = self
                     .0
                     .workers()
@@ -1903,158 +1847,68 @@ mod tests {
                     w.fenced_by = None;
                     self.0.register_worker(&w).await?;
                 }
-                self.0.heartbeat(beat).await
             }
-            async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
-                self.0.list_workers(consistent).await
-            }
-            async fn fence_worker(
-                &self,
-                seen: &WorkerItem,
-                by: &WorkerId,
-            ) -> Result<(), LeaseStoreError> {
-                self.0.fence_worker(seen, by).await
-            }
-            async fn notify_handoff(
-                &self,
-                worker: &WorkerId,
-                incarnation: u64,
-                notice: &HandoffNotice,
-            ) -> Result<(), LeaseStoreError> {
-                self.0.notify_handoff(worker, incarnation, notice).await
-            }
-            async fn remove_worker(
-                &self,
-                worker: &WorkerId,
-                incarnation: u64,
-            ) -> Result<(), LeaseStoreError> {
-                self.0.remove_worker(worker, incarnation).await
-            }
+            self.0.heartbeat(beat).await
         }
+        async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+            if self.1 == Plant::WithdrawsByTaking {
+                // Gives the lease back by taking it for the old owner: the counter moves,
+                // so the old owner's view no longer matches.
+                let old = lease
+                    .checkpoint_owner
+                    .clone()
+                    .unwrap_or_else(|| WorkerId::new(""));
+                return self.0.take(lease, &old).await;
+            }
+            self.0.withdraw_handoff(lease).await
+        }
+        async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
+            self.0.list_workers(consistent).await
+        }
+        async fn fence_worker(
+            &self,
+            seen: &WorkerItem,
+            by: &WorkerId,
+        ) -> Result<(), LeaseStoreError> {
+            self.0.fence_worker(seen, by).await
+        }
+        async fn notify_handoff(
+            &self,
+            worker: &WorkerId,
+            incarnation: u64,
+            notice: &HandoffNotice,
+        ) -> Result<(), LeaseStoreError> {
+            self.0.notify_handoff(worker, incarnation, notice).await
+        }
+        async fn remove_worker(
+            &self,
+            worker: &WorkerId,
+            incarnation: u64,
+        ) -> Result<(), LeaseStoreError> {
+            self.0.remove_worker(worker, incarnation).await
+        }
+    }
 
-        run_protocol(&DeafToFencing::default()).await;
+    #[tokio::test]
+    #[should_panic(expected = "lease store conformance: take")]
+    async fn the_suite_catches_a_store_without_fencing() {
+        run_protocol(&Planted(MemLeaseStore::new(), Plant::TakeIgnoresTheCounter)).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "lease store conformance: worker_liveness")]
+    async fn the_suite_catches_a_heartbeat_that_ignores_fencing() {
+        run_protocol(&Planted(
+            MemLeaseStore::new(),
+            Plant::HeartbeatIgnoresFencing,
+        ))
+        .await;
     }
 
     #[tokio::test]
     #[should_panic(expected = "lease store conformance: withdrawn handoff")]
     async fn the_suite_catches_a_withdrawal_that_moves_the_counter() {
-        use crate::lease::liveness::{Beat, HandoffNotice, WorkerItem, WorkerTable};
-        /// Withdraws a handoff with a take: the suite must notice.
-        #[derive(Debug, Default)]
-        struct WithdrawsByTaking(MemLeaseStore);
-
-        #[async_trait::async_trait]
-        impl LeaseStore for WithdrawsByTaking {
-            async fn ensure_table(&self) -> Result<(), LeaseStoreError> {
-                self.0.ensure_table().await
-            }
-            async fn list(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
-                self.0.list().await
-            }
-            async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
-                self.0.get(key).await
-            }
-            async fn create_if_absent(&self, lease: &Lease) -> Result<bool, LeaseStoreError> {
-                self.0.create_if_absent(lease).await
-            }
-            async fn renew(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                self.0.renew(lease).await
-            }
-            async fn take(
-                &self,
-                lease: &Lease,
-                owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.take(lease, owner).await
-            }
-            async fn checkpoint(
-                &self,
-                lease: &Lease,
-                checkpoint: &ExtendedSequenceNumber,
-                children: &[ShardId],
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.checkpoint(lease, checkpoint, children).await
-            }
-            async fn release(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                self.0.release(lease).await
-            }
-            async fn delete(&self, lease: &Lease) -> Result<(), LeaseStoreError> {
-                self.0.delete(lease).await
-            }
-            async fn request_handoff(
-                &self,
-                lease: &Lease,
-                new_owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.request_handoff(lease, new_owner).await
-            }
-            async fn complete_handoff(
-                &self,
-                lease: &Lease,
-                new_owner: &WorkerId,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.complete_handoff(lease, new_owner).await
-            }
-            async fn list_eventually(&self) -> Result<crate::lease::LeaseTable, LeaseStoreError> {
-                self.0.list_eventually().await
-            }
-            async fn resolve_latest(
-                &self,
-                lease: &Lease,
-                at: std::time::SystemTime,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.resolve_latest(lease, at).await
-            }
-            async fn set_pending_checkpoint(
-                &self,
-                lease: &Lease,
-                pending: Option<&crate::checkpoint::PendingCheckpoint>,
-            ) -> Result<Lease, LeaseStoreError> {
-                self.0.set_pending_checkpoint(lease, pending).await
-            }
-            async fn register_worker(&self, item: &WorkerItem) -> Result<(), LeaseStoreError> {
-                self.0.register_worker(item).await
-            }
-            async fn heartbeat(&self, beat: &Beat) -> Result<WorkerItem, LeaseStoreError> {
-                self.0.heartbeat(beat).await
-            }
-            async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
-                // Gives the lease back by taking it for the old owner: the counter moves, so
-                // the old owner's view no longer matches.
-                let old = lease
-                    .checkpoint_owner
-                    .clone()
-                    .unwrap_or_else(|| WorkerId::new(""));
-                self.0.take(lease, &old).await
-            }
-            async fn list_workers(&self, consistent: bool) -> Result<WorkerTable, LeaseStoreError> {
-                self.0.list_workers(consistent).await
-            }
-            async fn fence_worker(
-                &self,
-                seen: &WorkerItem,
-                by: &WorkerId,
-            ) -> Result<(), LeaseStoreError> {
-                self.0.fence_worker(seen, by).await
-            }
-            async fn notify_handoff(
-                &self,
-                worker: &WorkerId,
-                incarnation: u64,
-                notice: &HandoffNotice,
-            ) -> Result<(), LeaseStoreError> {
-                self.0.notify_handoff(worker, incarnation, notice).await
-            }
-            async fn remove_worker(
-                &self,
-                worker: &WorkerId,
-                incarnation: u64,
-            ) -> Result<(), LeaseStoreError> {
-                self.0.remove_worker(worker, incarnation).await
-            }
-        }
-
-        run_protocol(&WithdrawsByTaking::default()).await;
+        run_protocol(&Planted(MemLeaseStore::new(), Plant::WithdrawsByTaking)).await;
     }
 
     #[tokio::test]
