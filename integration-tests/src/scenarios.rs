@@ -743,6 +743,100 @@ pub async fn two_workers_graceful_handoff(
     Ok(())
 }
 
+/// Three workers share six shards; an operator drains one ([`kcl::lease::drain`]) while it keeps
+/// running: within a few taker rounds it holds nothing and its peers hold everything, it takes
+/// nothing back while it stays up, and no record is delivered twice (each lease moved by a
+/// graceful handoff). Cancelling the drain lets it take leases again.
+pub async fn drain_a_worker(
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+) -> anyhow::Result<()> {
+    use kcl::lease::drain;
+    const KEYS: u32 = 64;
+    const WAVE: u32 = 1_500;
+    let stream = crate::unique_name("drain");
+    fixture.create_stream(&stream, 6).await?;
+    fixture.put(&stream, records(0, WAVE, KEYS)).await?;
+    let log = DeliveryLog::default();
+    let mut stops = Vec::new();
+    let mut runs = Vec::new();
+    for id in ["worker-a", "worker-b", "worker-c"] {
+        let w = worker("drain-app", &stream, id, fixture, leases.clone(), &log).build()?;
+        stops.push(w.shutdown_handle());
+        runs.push(tokio::spawn(w.run()));
+    }
+    log.wait_for(WAVE as usize, Duration::from_secs(60)).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned_by(&*leases, "worker-b").await?.is_empty() {
+        ensure!(Instant::now() < deadline, "worker-b never got a lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let b = kcl::WorkerId::new("worker-b");
+    let item = drain::start_drain(&*leases, &b, Duration::from_secs(10), false).await?;
+    drain::wait_drained(
+        &*leases,
+        &b,
+        item.incarnation,
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        |_| {},
+    )
+    .await?;
+    let drained_at = log.snapshot().len();
+    // Still running, still draining: it takes nothing back over several taker rounds.
+    fixture.put(&stream, records(WAVE, 2 * WAVE, KEYS)).await?;
+    log.wait_for(2 * WAVE as usize, Duration::from_secs(60))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = drain::drain_status(&leases.list().await?.leases, &b);
+    ensure!(
+        after.is_done(),
+        "worker-b took leases while draining: {after:?}"
+    );
+    let owners = owners(&*leases).await?;
+    ensure!(
+        owners.get("worker-a").copied().unwrap_or(0) + owners.get("worker-c").copied().unwrap_or(0)
+            == 6,
+        "the peers do not hold every lease: {owners:?}"
+    );
+    let by_b: Vec<_> = log.snapshot()[drained_at..]
+        .iter()
+        .filter(|d| d.worker == "worker-b")
+        .map(|d| format!("{} {}", d.shard, d.seq.as_str()))
+        .collect();
+    ensure!(
+        by_b.is_empty(),
+        "worker-b processed records after it was drained: {by_b:?}"
+    );
+
+    // Cancelled: it takes its share again.
+    drain::cancel_drain(&*leases, &b).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned_by(&*leases, "worker-b").await?.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "worker-b took nothing after the drain was cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fixture
+        .put(&stream, records(2 * WAVE, 3 * WAVE, KEYS))
+        .await?;
+    log.wait_for(3 * WAVE as usize, Duration::from_secs(60))
+        .await?;
+    for stop in &stops {
+        stop.shutdown();
+    }
+    for run in runs {
+        run.await??;
+    }
+    let log = log.snapshot();
+    check_all_delivered(&log, 3 * WAVE, KEYS)?;
+    check_no_duplicates_or_overlap(&log)?;
+    Ok(())
+}
+
 /// The leases `worker` owns now, with their counters (not those only being handed to it: the
 /// old owner still processes them).
 pub async fn owned_by(

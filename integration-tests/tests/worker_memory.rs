@@ -33,6 +33,15 @@ async fn two_workers_graceful_handoff() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_a_worker() -> anyhow::Result<()> {
+    scenarios::drain_a_worker(
+        &MemStream(MemKinesis::new()),
+        Arc::new(MemLeaseStore::new()),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_timestamp() -> anyhow::Result<()> {
     scenarios::at_timestamp(
         &MemStream(MemKinesis::new()),

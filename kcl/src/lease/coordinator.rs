@@ -75,6 +75,8 @@ pub(crate) struct Liveness {
     hints: StdMutex<BTreeSet<LeaseKey>>,
     /// Peers' incarnations as last read (to address notices to them).
     peers: StdMutex<BTreeMap<WorkerId, u64>>,
+    /// An operator asked this worker to drain (its item says so, as last read).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Liveness {
@@ -89,8 +91,10 @@ impl Liveness {
             handled: StdMutex::new(Vec::new()),
             hints: StdMutex::new(BTreeSet::new()),
             peers: StdMutex::new(BTreeMap::new()),
+            draining: AtomicBool::new(false),
         }
     }
+
 
     fn peer_incarnation(&self, w: &WorkerId) -> Option<u64> {
         self.peers
@@ -845,9 +849,14 @@ impl LeaseCoordinator {
                 return;
             }
         };
+        self.give_back_unheld(&table.leases).await;
+    }
+
+    /// Of `leases` (as read, maybe stale: every write is conditional), gives back those that
+    /// name this worker as owner without it holding them — at shutdown, and while draining.
+    async fn give_back_unheld(&self, leases: &[Lease]) {
         let held: BTreeSet<LeaseKey> = self.held_map().keys().cloned().collect();
-        for lease in table
-            .leases
+        for lease in leases
             .iter()
             .filter(|l| l.owner.as_ref() == Some(&self.me) && !held.contains(&l.key))
         {
@@ -938,6 +947,20 @@ impl LeaseCoordinator {
         self.refresh_handoffs_to_me(st).await;
         let now = Instant::now();
         let live_now = st.view.live(now, d);
+        st.draining = st.view.draining(now, d);
+        let me_draining = st.draining.contains(&self.me);
+        if let Some(l) = &liveness {
+            let before = l
+                .draining
+                .swap(me_draining, std::sync::atomic::Ordering::SeqCst);
+            if before != me_draining {
+                if me_draining {
+                    info!("asked to drain: taking no lease, handing every lease to the peers that ask for it");
+                } else {
+                    info!("no longer draining: taking leases again");
+                }
+            }
+        }
         let mut marks_now = st.view.table_marks();
         // Our own changes count at once, not once our heartbeat has published them.
         if let Some(l) = &liveness {
@@ -951,7 +974,11 @@ impl LeaseCoordinator {
         }
         let excluded = self.excluded(now);
 
-        let mut plan = self.plan_unless_unchanged(st, &live_now, &excluded, now);
+        let mut plan = if me_draining {
+            Plan::nothing(self.held_map().len())
+        } else {
+            self.plan_unless_unchanged(st, &live_now, &excluded, now)
+        };
         let reason = match &liveness {
             // Without liveness every round reads the table, as the lease counters are what
             // says who is alive.
@@ -960,7 +987,8 @@ impl LeaseCoordinator {
             Some(_) if std::mem::take(&mut st.misled) => Some(ScanReason::Stale),
             Some(_) => {
                 let short = plan.mine < plan.target
-                    && plan.takes.iter().all(|t| t.reason == TakeReason::Steal);
+                    && plan.takes.iter().all(|t| t.reason == TakeReason::Steal)
+                    && !me_draining;
                 scan_reason(&ScanInputs {
                     snapshot_at: st.snapshot_at,
                     marks_at_snapshot: &st.marks_at_snapshot,
@@ -1038,7 +1066,14 @@ impl LeaseCoordinator {
             if liveness.is_some() {
                 self.remove_dead_items(st, now).await;
             }
-            plan = self.plan(st, &live_now, &excluded, now);
+            if !me_draining {
+                plan = self.plan(st, &live_now, &excluded, now);
+            }
+        }
+        if me_draining {
+            // Handoffs completed to us, or asked for before the drain: given back, not taken.
+            let leases: Vec<Lease> = st.cache.values().cloned().collect();
+            self.give_back_unheld(&leases).await;
         }
 
         let mut taken = Vec::new();
@@ -1047,6 +1082,9 @@ impl LeaseCoordinator {
         // A take refused because a peer got there first leaves us short: plan again on what
         // the refusal taught us (a few times), rather than a whole round later.
         for pass in 0..3 {
+            if pass > 0 && me_draining {
+                break;
+            }
             if pass > 0 {
                 plan = self.plan(st, &live_now, &excluded, Instant::now());
                 plan.takes.retain(|t| t.reason != TakeReason::Steal);
@@ -1087,6 +1125,7 @@ impl LeaseCoordinator {
         }
         // At its count target, with nothing to take: even out load with the busiest peer.
         if self.balance_by_load
+            && !me_draining
             && liveness.is_some()
             && planned_nothing
             && taken.is_empty()
@@ -1253,7 +1292,7 @@ impl LeaseCoordinator {
             .collect();
         let published: WorkerCounts = live
             .iter()
-            .filter(|(w, _)| **w != self.me)
+            .filter(|(w, _)| **w != self.me && !st.draining.contains(*w))
             .map(|(w, n)| (w.clone(), *n))
             .collect();
         let neglected: KeySet = leases
@@ -1281,6 +1320,7 @@ impl LeaseCoordinator {
             published: &published,
             neglected: &neglected,
             moved_lately: &moved_lately,
+            draining: &st.draining,
         };
         let planned = taker::plan(&snapshot, self.limits);
         Plan {
@@ -1318,6 +1358,7 @@ impl LeaseCoordinator {
             owners,
             live: live.clone(),
             excluded: excluded_keys,
+            draining: st.draining.clone(),
         };
         if let Some((seen, target, mine)) = &st.quiet_plan {
             if *seen == inputs {
@@ -1676,6 +1717,8 @@ pub(crate) struct TakerState {
     /// The last plan that took nothing and depended on no lease's own clock, with what it was
     /// made from (see [`LeaseCoordinator::plan_unless_unchanged`]).
     quiet_plan: Option<(PlanInputs, usize, usize)>,
+    /// Live workers an operator asked to drain, this worker included if it is one.
+    draining: BTreeSet<WorkerId>,
 }
 
 /// A lease's owner as the taker last saw it.
@@ -1704,6 +1747,7 @@ impl Default for TakerState {
             asked_per_lease_owner: HashMap::new(),
             ignore_handoffs: BTreeSet::new(),
             quiet_plan: None,
+            draining: BTreeSet::new(),
         }
     }
 }
@@ -1821,6 +1865,18 @@ struct Plan {
     clocked: bool,
 }
 
+impl Plan {
+    /// Nothing to take (a draining worker), holding `mine`.
+    fn nothing(mine: usize) -> Self {
+        Self {
+            takes: Vec::new(),
+            target: 0,
+            mine,
+            clocked: false,
+        }
+    }
+}
+
 /// What a plan is made from besides the leases (the cache's generation stands for them) and
 /// the clock: equal inputs, and no lease judged by its own clock, give an equal plan.
 #[derive(Debug, PartialEq, Eq)]
@@ -1830,6 +1886,7 @@ struct PlanInputs {
     owners: Vec<(WorkerId, bool)>,
     live: BTreeMap<WorkerId, usize>,
     excluded: Vec<LeaseKey>,
+    draining: BTreeSet<WorkerId>,
 }
 
 #[cfg(all(test, feature = "testkit"))]

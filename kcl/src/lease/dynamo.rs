@@ -738,6 +738,23 @@ impl LeaseStore for DynamoLeaseStore {
             .map(|_| ())
     }
 
+    async fn set_draining(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        since: Option<u64>,
+    ) -> Result<(), LeaseStoreError> {
+        let mut u = Update::default();
+        match since {
+            Some(at) => u.set(liveness::attr::DRAINING, number(at)),
+            None => u.remove(liveness::attr::DRAINING),
+        }
+        let condition = worker_condition(&mut u, incarnation);
+        self.update_worker("UpdateItem(set draining)", worker, u, condition, false)
+            .await
+            .map(|_| ())
+    }
+
     async fn remove_worker(
         &self,
         worker: &WorkerId,

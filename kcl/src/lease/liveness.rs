@@ -100,6 +100,10 @@ pub mod attr {
     pub const HANDOFFS: &str = "handoffs";
     /// The throughput of all the worker's leases together, KiB per second (absent while 0).
     pub const THROUGHPUT: &str = "throughputKBps";
+    /// Set by an operator (`kcl drain`): the worker hands its leases to its peers and takes
+    /// none. Milliseconds since the Unix epoch when it was asked. A new incarnation (a restart)
+    /// writes a fresh item without it.
+    pub const DRAINING: &str = "drainingSince";
 }
 
 /// A worker's liveness item.
@@ -131,6 +135,9 @@ pub struct WorkerItem {
     pub handoffs: Vec<HandoffNotice>,
     /// `throughputKBps`, here in bytes per second: what all its leases carry together.
     pub throughput: u64,
+    /// `drainingSince`: when an operator asked the worker to drain (milliseconds since the
+    /// Unix epoch). A draining worker takes no lease, and its peers ask for all of its leases.
+    pub draining_since: Option<u64>,
 }
 
 impl WorkerItem {
@@ -145,7 +152,23 @@ impl WorkerItem {
             fenced_by: None,
             handoffs: Vec::new(),
             throughput: 0,
+            draining_since: None,
         }
+    }
+
+    /// Whether an operator asked this worker to drain.
+    ///
+    /// ```
+    /// use kcl::lease::liveness::WorkerItem;
+    /// use kcl::WorkerId;
+    ///
+    /// let mut item = WorkerItem::new(WorkerId::new("pod-1"), 42);
+    /// assert!(!item.is_draining());
+    /// item.draining_since = Some(1_764_633_600_000);
+    /// assert!(item.is_draining());
+    /// ```
+    pub fn is_draining(&self) -> bool {
+        self.draining_since.is_some()
     }
 }
 
@@ -265,6 +288,9 @@ pub fn encode(w: &WorkerItem) -> Item {
             AttrValue::Ss(w.handoffs.iter().map(|k| k.to_string()).collect()),
         );
     }
+    if let Some(since) = w.draining_since {
+        item.insert(attr::DRAINING.into(), n(since));
+    }
     item
 }
 
@@ -330,8 +356,13 @@ pub fn decode(item: &Item) -> Result<WorkerItem, MalformedLease> {
             ))
         }
     };
+    let draining_since = match item.get(attr::DRAINING) {
+        None => None,
+        Some(_) => Some(number(attr::DRAINING, true)?),
+    };
     Ok(WorkerItem {
         throughput,
+        draining_since,
         incarnation: number(attr::INCARNATION, true)?,
         heartbeat: number(attr::HEARTBEAT, true)?,
         lease_count: number(attr::LEASE_COUNT, false)?,
@@ -469,9 +500,26 @@ impl WorkerView {
     }
 
     /// Who may change the set of leases (periodic shard sync, removing dead workers' items):
-    /// the live worker with the lowest id, so that one worker does it, not all.
+    /// the live worker with the lowest id, so that one worker does it, not all — a worker that
+    /// is not draining, if there is one (a drained worker is about to stop).
     pub(crate) fn leader(&self, now: Instant, lease_duration: Duration) -> Option<WorkerId> {
-        self.live(now, lease_duration).into_keys().next()
+        let live = self.live(now, lease_duration);
+        let draining = self.draining(now, lease_duration);
+        live.keys()
+            .find(|w| !draining.contains(*w))
+            .or_else(|| live.keys().next())
+            .cloned()
+    }
+
+    /// The live workers an operator asked to drain: they take nothing, their peers ask for
+    /// their leases, and they do not count when the fleet divides the leases.
+    pub(crate) fn draining(&self, now: Instant, lease_duration: Duration) -> BTreeSet<WorkerId> {
+        self.items
+            .iter()
+            .filter(|(_, (item, _))| item.is_draining())
+            .filter(|(w, _)| self.judge(w, now, lease_duration) == Owner::Live)
+            .map(|(w, _)| w.clone())
+            .collect()
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub mod capacity;
 pub(crate) mod coordinator;
+pub mod drain;
 pub(crate) mod expiry;
 pub mod item;
 pub mod liveness;

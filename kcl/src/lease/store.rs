@@ -249,6 +249,23 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         Err(no_worker_table::<Self>())
     }
 
+    /// Asks a worker to drain (`since`: milliseconds since the Unix epoch), or to stop
+    /// draining (`None`): sets or removes `drainingSince`, if the item's `incarnation` is
+    /// `incarnation` and it is not fenced. A draining worker takes no lease and its peers ask
+    /// for all of its leases, through graceful handoffs (see `kcl drain`). Its heartbeats keep
+    /// the attribute; a restart registers a fresh item without it.
+    ///
+    /// The default refuses, as every worker-table method does without a worker table.
+    async fn set_draining(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        since: Option<u64>,
+    ) -> Result<(), LeaseStoreError> {
+        let _ = (worker, incarnation, since);
+        Err(no_worker_table::<Self>())
+    }
+
     /// Graceful handoff, step 1 (the new owner): `leaseOwner` = `new_owner`,
     /// `checkpointOwner` = the current owner, counter unchanged — if the counter and owner are
     /// still those of `lease` and no handoff is pending. The old owner notices on its next

@@ -20,7 +20,7 @@
 //!   over two seconds) then holds a few hundred when it first sees them, not all 10 000 —
 //!   which stealing, a few leases per round, would take an hour to even out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::{Lease, LeaseKey, WorkerId};
@@ -121,6 +121,9 @@ pub(crate) struct Snapshot<'a> {
     /// Leases whose owner changed lately: stolen last (a lease moves at most once per
     /// [`super::load::SETTLE`] when it can be helped).
     pub(crate) moved_lately: &'a KeySet,
+    /// Live workers an operator asked to drain (not in `published`): they do not count when
+    /// the leases are divided, and their leases are asked for before any steal.
+    pub(crate) draining: &'a BTreeSet<WorkerId>,
 }
 
 /// Where `key` comes in the candidate order of the worker whose seed is `seed` (FNV-1a over
@@ -161,7 +164,9 @@ fn balance<'a>(
     load.insert(s.me, 0);
     for l in active {
         if let Some(owner) = &l.owner {
-            if s.published.contains_key(owner) {
+            if s.published.contains_key(owner)
+                || (!s.draining.is_empty() && s.draining.contains(owner))
+            {
                 continue;
             }
             if !s.expired.contains(&l.key) || s.held.has(&l.key) {
@@ -276,6 +281,28 @@ pub(crate) fn plan(s: &Snapshot<'_>, limits: Limits) -> Planned {
     candidates.extend(neglected);
     wanted -= others;
 
+    if wanted > 0 && !s.draining.is_empty() {
+        // Leases of draining workers, asked for through graceful handoffs as steals are, but
+        // before them and beyond the steal limit: the operator waits for them to move.
+        let mut drained: Vec<&Lease> = active
+            .iter()
+            .filter(takeable)
+            .filter(|l| {
+                l.checkpoint_owner.is_none()
+                    && !s.expired.contains(&l.key)
+                    && l.owner.as_ref().is_some_and(|o| s.draining.contains(o))
+            })
+            .copied()
+            .collect();
+        drained.sort_by_cached_key(|l| rank(s.order_seed, &l.key));
+        let n = drained.len().min(wanted).min(cap);
+        candidates.extend(drained.into_iter().take(n).map(|l| Take {
+            key: l.key.clone(),
+            reason: TakeReason::Steal,
+        }));
+        wanted -= n;
+    }
+
     if wanted > 0 {
         // Steal from the most loaded live worker (ties: lowest id, for determinism).
         let victim = load
@@ -362,6 +389,7 @@ mod tests {
                 published: &WorkerCounts::default(),
                 neglected: &KeySet::default(),
                 moved_lately: &KeySet::default(),
+                draining: &BTreeSet::new(),
             },
             Limits {
                 max_leases_per_worker: usize::MAX,
@@ -529,6 +557,7 @@ mod tests {
                 published: &published,
                 neglected: &KeySet::default(),
                 moved_lately: &KeySet::default(),
+                draining: &BTreeSet::new(),
             };
             let limits = Limits {
                 max_leases_per_worker: usize::MAX,
@@ -570,9 +599,70 @@ mod tests {
                 published: &published,
                 neglected: &neglected,
                 moved_lately: &KeySet::default(),
+                draining: &BTreeSet::new(),
             };
             assert_eq!(target(&snap, limits), (1, 1));
             assert_eq!(plan_takes(&snap, limits).len(), want, "{neglected:?}");
+        }
+    }
+    #[test]
+    fn the_leases_of_a_draining_worker_are_asked_for_first_and_beyond_the_steal_limit() {
+        // d (draining) holds 6 leases, b holds 3, we (a) hold 3. d does not count when the
+        // leases are divided: 12 leases on a and b, target 6 each.
+        let mut leases: Vec<_> = (0..6).map(|i| lease(i, Some("d"))).collect();
+        leases.extend((6..9).map(|i| lease(i, Some("b"))));
+        leases.extend((9..12).map(|i| lease(i, Some("a"))));
+        let me = WorkerId::new("a");
+        let held: KeySet = leases[9..].iter().map(|l| l.key.clone()).collect();
+        let (expired, excluded) = (KeySet::default(), KeySet::default());
+        let limits = Limits {
+            max_leases_per_worker: usize::MAX,
+            max_leases_to_steal: 1,
+        };
+        let of = |takes: &[Take], owner: &str| {
+            takes
+                .iter()
+                .filter(|t| {
+                    let l = leases.iter().find(|l| l.key == t.key).unwrap();
+                    l.owner.as_ref().map(|o| o.as_str()) == Some(owner)
+                })
+                .count()
+        };
+        // (published counts, draining) → (target, takes from d, takes from b)
+        let table = [
+            // Nobody draining: d is the busiest live worker; one steal (the limit).
+            (vec![("b", 3), ("d", 6)], vec![], (4, 1, 0)),
+            // d draining: its leases are asked for, three (to the target), beyond the limit.
+            (vec![("b", 3)], vec!["d"], (6, 3, 0)),
+            // b draining too: a is the only worker left and asks for all of them.
+            (vec![], vec!["b", "d"], (12, 6, 3)),
+        ];
+        for (published, draining, (want_target, from_d, from_b)) in table {
+            let published: WorkerCounts = published
+                .into_iter()
+                .map(|(w, n)| (WorkerId::new(w), n))
+                .collect();
+            let draining: BTreeSet<WorkerId> = draining.into_iter().map(WorkerId::new).collect();
+            let snap = Snapshot {
+                leases: &leases,
+                me: &me,
+                held: &held,
+                expired: &expired,
+                excluded: &excluded,
+                order_seed: 1,
+                published: &published,
+                neglected: &KeySet::default(),
+                moved_lately: &KeySet::default(),
+                draining: &draining,
+            };
+            assert_eq!(target(&snap, limits).0, want_target, "{draining:?}");
+            let takes = plan_takes(&snap, limits);
+            assert!(takes.iter().all(|t| t.reason == TakeReason::Steal));
+            assert_eq!(
+                (of(&takes, "d"), of(&takes, "b")),
+                (from_d, from_b),
+                "{draining:?}: {takes:?}"
+            );
         }
     }
 }

@@ -142,6 +142,7 @@ async fn run_protocol_cases(store: &dyn LeaseStore, concurrent: bool) {
     two_phase_checkpoint(&cx).await;
     eventually_consistent_list(&cx).await;
     worker_liveness(&cx).await;
+    draining_worker(&cx).await;
     delete(&cx).await;
     graceful_handoff(&cx).await;
     withdrawn_handoff(&cx).await;
@@ -1199,6 +1200,108 @@ async fn worker_liveness(cx: &Cx<'_>) {
     );
 }
 
+/// `drainingSince`: set and cleared on the incarnation asked, kept by heartbeats, refused on
+/// another incarnation or a fenced item, gone with a new registration.
+async fn draining_worker(cx: &Cx<'_>) {
+    use crate::lease::liveness::{Beat, WorkerItem};
+    const CASE: &str = "draining worker";
+    let me = WorkerId::new(cx.key("drained"));
+    let key = LeaseKey::new(me.as_str());
+    match cx
+        .store
+        .register_worker(&WorkerItem::new(me.clone(), 5))
+        .await
+    {
+        // No worker table: nothing to drain; the method must refuse the same way.
+        Err(LeaseStoreError::Other(_)) => {
+            let asked = cx.store.set_draining(&me, 5, Some(1)).await;
+            check(
+                matches!(asked, Err(LeaseStoreError::Other(_))),
+                CASE,
+                format!("register_worker refused, but set_draining answered {asked:?}"),
+            );
+            return;
+        }
+        other => must(CASE, "register_worker", other),
+    }
+    let read = || async {
+        must(CASE, "list_workers", cx.store.list_workers(true).await)
+            .workers
+            .into_iter()
+            .find(|w| w.worker == me)
+    };
+    condition_failed(
+        CASE,
+        "drain another incarnation",
+        &key,
+        cx.store.set_draining(&me, 6, Some(1_764_633_600_000)).await,
+    );
+    must(
+        CASE,
+        "set_draining",
+        cx.store.set_draining(&me, 5, Some(1_764_633_600_000)).await,
+    );
+    let beat = Beat::new(me.clone(), 5).lease_count(2);
+    let after = must(CASE, "heartbeat", cx.store.heartbeat(&beat).await);
+    check(
+        after.draining_since == Some(1_764_633_600_000) && after.lease_count == 2,
+        CASE,
+        format!("a heartbeat must keep drainingSince: {after:?}"),
+    );
+    let listed = read().await;
+    check(
+        listed.as_ref().and_then(|w| w.draining_since) == Some(1_764_633_600_000),
+        CASE,
+        format!("listed {listed:?}"),
+    );
+    must(
+        CASE,
+        "stop draining",
+        cx.store.set_draining(&me, 5, None).await,
+    );
+    let listed = read().await;
+    check(
+        listed.as_ref().is_some_and(|w| !w.is_draining()),
+        CASE,
+        format!("after clearing: {listed:?}"),
+    );
+    // A restart (new incarnation) starts without it.
+    must(
+        CASE,
+        "set_draining",
+        cx.store.set_draining(&me, 5, Some(7)).await,
+    );
+    must(
+        CASE,
+        "register again",
+        cx.store
+            .register_worker(&WorkerItem::new(me.clone(), 8))
+            .await,
+    );
+    let listed = read().await;
+    check(
+        listed.as_ref().is_some_and(|w| !w.is_draining()),
+        CASE,
+        format!("a new incarnation: {listed:?}"),
+    );
+    // Fenced (declared dead): no drain.
+    let seen = listed.unwrap_or_else(|| fail(CASE, "the item is gone".into()));
+    must(
+        CASE,
+        "fence",
+        cx.store
+            .fence_worker(&seen, &WorkerId::new(cx.key("peer")))
+            .await,
+    );
+    condition_failed(
+        CASE,
+        "drain a fenced worker",
+        &key,
+        cx.store.set_draining(&me, 8, Some(9)).await,
+    );
+    must(CASE, "remove", cx.store.remove_worker(&me, 8).await);
+}
+
 async fn two_phase_checkpoint(cx: &Cx<'_>) {
     use crate::checkpoint::PendingCheckpoint;
     const CASE: &str = "two_phase_checkpoint";
@@ -1754,6 +1857,8 @@ mod tests {
         HeartbeatIgnoresFencing,
         /// Withdraws a handoff with a take: the counter moves.
         WithdrawsByTaking,
+        /// A heartbeat rewrites the whole item, dropping `drainingSince`.
+        HeartbeatForgetsTheDrain,
     }
 
     /// The in-memory store with one planted violation: the suite must notice it.
@@ -1848,7 +1953,14 @@ mod tests {
                     self.0.register_worker(&w).await?;
                 }
             }
-            self.0.heartbeat(beat).await
+            let written = self.0.heartbeat(beat).await?;
+            if self.1 == Plant::HeartbeatForgetsTheDrain && written.is_draining() {
+                let mut w = written;
+                w.draining_since = None;
+                self.0.register_worker(&w).await?;
+                return Ok(w);
+            }
+            Ok(written)
         }
         async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
             if self.1 == Plant::WithdrawsByTaking {
@@ -1887,6 +1999,14 @@ mod tests {
         ) -> Result<(), LeaseStoreError> {
             self.0.remove_worker(worker, incarnation).await
         }
+        async fn set_draining(
+            &self,
+            worker: &WorkerId,
+            incarnation: u64,
+            since: Option<u64>,
+        ) -> Result<(), LeaseStoreError> {
+            self.0.set_draining(worker, incarnation, since).await
+        }
     }
 
     #[tokio::test]
@@ -1909,6 +2029,16 @@ mod tests {
     #[should_panic(expected = "lease store conformance: withdrawn handoff")]
     async fn the_suite_catches_a_withdrawal_that_moves_the_counter() {
         run_protocol(&Planted(MemLeaseStore::new(), Plant::WithdrawsByTaking)).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "lease store conformance: draining worker")]
+    async fn the_suite_catches_a_heartbeat_that_forgets_the_drain() {
+        run_protocol(&Planted(
+            MemLeaseStore::new(),
+            Plant::HeartbeatForgetsTheDrain,
+        ))
+        .await;
     }
 
     #[tokio::test]

@@ -376,6 +376,23 @@ impl LeaseStore for MemLeaseStore {
         .map(|_| ())
     }
 
+    async fn set_draining(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        since: Option<u64>,
+    ) -> Result<(), LeaseStoreError> {
+        self.worker_write("set_draining", worker, |current| match current {
+            Some(mut w) if w.incarnation == incarnation && w.fenced_by.is_none() => {
+                w.draining_since = since;
+                Ok(Some(w))
+            }
+            _ => Err(()),
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn remove_worker(
         &self,
         worker: &WorkerId,

@@ -157,6 +157,15 @@ impl LeaseStore for CountingStore {
     ) -> Result<(), LeaseStoreError> {
         self.inner.remove_worker(worker, incarnation).await
     }
+
+    async fn set_draining(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        since: Option<u64>,
+    ) -> Result<(), LeaseStoreError> {
+        self.inner.set_draining(worker, incarnation, since).await
+    }
 }
 
 /// (virtual time, worker, shard, sequence) of every delivery.

@@ -454,6 +454,17 @@ impl LeaseStore for SimLeaseStore {
         self.worker_answer(worker, r, true).await
     }
 
+    async fn set_draining(
+        &self,
+        worker: &WorkerId,
+        incarnation: u64,
+        since: Option<u64>,
+    ) -> Result<(), LeaseStoreError> {
+        self.net.before_lease_call("set_draining").await?;
+        let r = self.inner.set_draining(worker, incarnation, since).await;
+        self.worker_answer(worker, r, false).await
+    }
+
     async fn get(&self, key: &LeaseKey) -> Result<Option<Lease>, LeaseStoreError> {
         self.net.before_lease_call("get").await?;
         let r = self.inner.get(key).await;
