@@ -95,7 +95,6 @@ impl Liveness {
         }
     }
 
-
     fn peer_incarnation(&self, w: &WorkerId) -> Option<u64> {
         self.peers
             .lock()
@@ -1524,17 +1523,12 @@ impl LeaseCoordinator {
         let mut lease = lease.clone();
         if let Some(owner) = lease.owner.clone() {
             if let Some(incarnation) = st.view.item(&owner).map(|i| i.incarnation) {
-                let notice = HandoffNotice::new(lease.key.clone(), rand::random());
-                if let Err(e) = self
-                    .store
-                    .notify_handoff(&owner, incarnation, &notice)
-                    .await
-                {
-                    debug!(lease = %lease.key, error = %e, "could not notify the owner of a handoff request");
-                    return;
-                }
-                // The request is conditional on the counter: read it fresh (our snapshot may be
-                // old), after the notice, so the owner's answer to the notice is what refuses it.
+                // The request is conditional on the counter read here, *before* the notice (our
+                // snapshot may be old). The owner answers the notice by renewing the lease, and
+                // that renewal — whenever it lands — is what makes the request fail: a counter
+                // read after the notice could already include the renewal, and the request
+                // would then succeed with the notice spent, the owner never told, and the lease
+                // taken by force later while the owner still processes it.
                 match self.refresh(st, &lease.key).await {
                     Some(fresh)
                         if fresh.owner.as_ref() == Some(&owner)
@@ -1543,6 +1537,15 @@ impl LeaseCoordinator {
                         lease = fresh
                     }
                     _ => return,
+                }
+                let notice = HandoffNotice::new(lease.key.clone(), rand::random());
+                if let Err(e) = self
+                    .store
+                    .notify_handoff(&owner, incarnation, &notice)
+                    .await
+                {
+                    debug!(lease = %lease.key, error = %e, "could not notify the owner of a handoff request");
+                    return;
                 }
             }
         }
@@ -2090,6 +2093,75 @@ mod tests {
                 "{failures}"
             );
         }
+    }
+
+    /// A handoff request and the owner's answer to its notice (a renewal) exclude each other,
+    /// however late the requester's reads land: never both applied. (Found by the simulation:
+    /// read after the notice, the counter already included the renewal, the request succeeded
+    /// with the notice spent, and the lease was later taken by force from a live owner.)
+    #[tokio::test(start_paused = true)]
+    async fn a_handoff_request_never_succeeds_beside_the_owners_answer_to_its_notice() {
+        use crate::lease::liveness::{Beat, WorkerItem};
+        use crate::testkit::{Fault, FaultKind};
+        let store = MemLeaseStore::new();
+        let (me, owner) = (WorkerId::new("me"), WorkerId::new("owner"));
+        let coordinator = Arc::new(LeaseCoordinator::new(
+            Arc::new(store.clone()),
+            me.clone(),
+            &WorkerConfig::new("app", "stream"),
+        ));
+        store
+            .register_worker(&WorkerItem::new(owner.clone(), 7))
+            .await
+            .unwrap();
+        let l = lease(&store, "shardId-a").await;
+        let held = store.take(&l, &owner).await.unwrap();
+        let mut st = TakerState::default();
+        st.view.observe(&store.workers(), Instant::now());
+        st.remember(&held);
+        // The requester's reads are slow.
+        store
+            .faults()
+            .inject(Fault::new(FaultKind::Latency(Duration::from_secs(1))).on("get"));
+        let request = {
+            let coordinator = coordinator.clone();
+            tokio::spawn(async move {
+                coordinator.request_handoff(&mut st, &held).await;
+            })
+        };
+        // The owner answers the notice as its heartbeat does, the moment it appears: renews
+        // the lease as it knows it, and removes the notice.
+        let renewed = loop {
+            let item = store
+                .workers()
+                .into_iter()
+                .find(|w| w.worker == owner)
+                .unwrap();
+            if let Some(notice) = item.handoffs.first().cloned() {
+                let current = find(&store, &LeaseKey::new("shardId-a"));
+                let mut mine = current.clone();
+                mine.owner = Some(owner.clone());
+                mine.checkpoint_owner = None;
+                let renewed = store.renew(&mine).await.is_ok();
+                store
+                    .heartbeat(&Beat::new(owner.clone(), 7).handled(vec![notice]))
+                    .await
+                    .unwrap();
+                break renewed;
+            }
+            if request.is_finished() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        request.await.unwrap();
+        let after = find(&store, &LeaseKey::new("shardId-a"));
+        let requested = after.owner.as_ref() == Some(&me);
+        assert!(
+            !(renewed && requested),
+            "the owner renewed in answer to the notice and the request succeeded too: {after:?}"
+        );
+        assert!(renewed || requested, "neither happened: {after:?}");
     }
 
     #[tokio::test(start_paused = true)]

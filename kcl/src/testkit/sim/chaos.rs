@@ -179,9 +179,9 @@ impl Driver {
 
     /// One event of the second stream: a machine's processors fail for a while (maybe followed
     /// by a stop, a handoff or a crash), or a lease is handed over gracefully.
-    pub(crate) fn chaos_extra(&mut self) {
+    pub(crate) async fn chaos_extra(&mut self) {
         let f = &self.sim.faults;
-        let (follow, weights) = (f.follow, [f.processor, f.handoff]);
+        let (follow, weights) = (f.follow, [f.processor, f.handoff, f.drain]);
         let total: u32 = weights.iter().sum();
         if total == 0 {
             return;
@@ -192,9 +192,16 @@ impl Driver {
             return;
         }
         let slot = running[self.extra.random_range(0..running.len())];
-        if weighted(&weights, x) == Some(1) {
-            self.random_handoff(None);
-            return;
+        match weighted(&weights, x) {
+            Some(1) => {
+                self.random_handoff(None);
+                return;
+            }
+            Some(2) => {
+                self.drain(slot).await;
+                return;
+            }
+            _ => {}
         }
         let kind = match self.extra.random_range(0..8) {
             0..=3 => FailKind::Retryable,
@@ -214,6 +221,55 @@ impl Driver {
         if follow > 0.0 && self.extra.random_bool(follow.min(1.0)) {
             let after = millis(&mut self.extra, 100, d.as_millis().min(3000) as u64);
             self.schedule(after, Action::Follow(slot));
+        }
+    }
+
+    /// An operator drains `slot`'s worker (as `kcl drain` does: a write to its worker item,
+    /// not through the worker's network), and cancels the drain one to four lease durations
+    /// later. Java workers have no item to drain.
+    async fn drain(&mut self, slot: usize) {
+        let id = self.slots[slot].id.clone();
+        let Some(item) = self.leases.workers().into_iter().find(|w| w.worker == id) else {
+            return;
+        };
+        if item.fenced_by.is_some() || item.is_draining() {
+            return;
+        }
+        let at = u64::try_from(self.rec.now().as_millis()).unwrap_or(u64::MAX);
+        if self
+            .leases
+            .set_draining(&id, item.incarnation, Some(at.max(1)))
+            .await
+            .is_ok()
+        {
+            self.rec.push(Event::Fault {
+                slot,
+                what: format!("drained (incarnation {})", item.incarnation),
+            });
+            self.stats.drains += 1;
+            let lease_ms = self.lease_ms();
+            let d = millis(&mut self.extra, lease_ms, 4 * lease_ms);
+            self.schedule(d, Action::Undrain(slot));
+        }
+    }
+
+    /// Cancels any drain of `slot`'s worker (its current incarnation, if it restarted).
+    pub(crate) async fn undrain(&mut self, slot: usize) {
+        let id = self.slots[slot].id.clone();
+        let Some(item) = self.leases.workers().into_iter().find(|w| w.worker == id) else {
+            return;
+        };
+        if item.is_draining()
+            && self
+                .leases
+                .set_draining(&id, item.incarnation, None)
+                .await
+                .is_ok()
+        {
+            self.rec.push(Event::Fault {
+                slot,
+                what: "drain cancelled".to_owned(),
+            });
         }
     }
 
@@ -313,15 +369,15 @@ impl Driver {
             slot: to,
             what: format!("asks for {key} (held by {:?})", lease.owner),
         });
-        // As the taker does: the owner's liveness item is told first (it must not miss the
-        // request), then the lease is read fresh and asked for.
+        // As the taker does: the lease is read (above), the owner's liveness item is told
+        // (it must not miss the request), then the lease as read is asked for — so the owner's
+        // answer to the notice, a renewal, makes the request fail whenever it lands.
         let owner_item = lease
             .owner
             .as_ref()
             .and_then(|o| self.leases.workers().into_iter().find(|w| &w.worker == o));
         let nonce = self.extra.random::<u64>();
         tokio::spawn(async move {
-            let mut lease = lease;
             if let Some(item) = owner_item {
                 let notice = crate::lease::liveness::HandoffNotice::new(lease.key.clone(), nonce);
                 if store
@@ -330,10 +386,6 @@ impl Driver {
                     .is_err()
                 {
                     return;
-                }
-                match store.get(&lease.key).await {
-                    Ok(Some(fresh)) if fresh.owner == lease.owner => lease = fresh,
-                    _ => return,
                 }
             }
             let _ = store.request_handoff(&lease, &to_id).await;

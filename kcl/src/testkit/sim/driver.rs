@@ -53,6 +53,8 @@ pub(crate) enum Action {
     Script(usize),
     /// What follows a processor failure on a slot.
     Follow(usize),
+    /// An operator cancels the drain of a slot's worker.
+    Undrain(usize),
 }
 
 /// Sets its flag when dropped (with the future that owns it).
@@ -216,7 +218,7 @@ impl Driver {
                 }
             }
             Action::Extra => {
-                self.chaos_extra();
+                self.chaos_extra().await;
                 let d = self.extra_gap();
                 if self.rec.now() + d <= self.sim.duration {
                     self.schedule(d, Action::Extra);
@@ -234,6 +236,7 @@ impl Driver {
                 self.verb(verb);
             }
             Action::Follow(i) => self.follow(i),
+            Action::Undrain(i) => self.undrain(i).await,
         }
     }
 
@@ -439,6 +442,8 @@ impl Driver {
     async fn settle(&mut self) {
         self.rec.push(Event::Phase("settle"));
         for i in 0..self.slots.len() {
+            // Drains still in force end (their cancellations were on the agenda).
+            self.undrain(i).await;
             let clear = {
                 let link = self.slots[i].link.lock().unwrap_or_else(|p| p.into_inner());
                 link.faults.is_clear()

@@ -50,6 +50,8 @@ pub enum Op {
     RequestHandoff,
     /// `complete_handoff`.
     CompleteHandoff,
+    /// `withdraw_handoff` (by the worker that asked: the lease is the old owner's again).
+    WithdrawHandoff,
 }
 
 /// The lease as it is after an applied write.

@@ -557,6 +557,17 @@ impl LeaseStore for SimLeaseStore {
         )
         .await
     }
+
+    async fn withdraw_handoff(&self, lease: &Lease) -> Result<Lease, LeaseStoreError> {
+        let sent = self.net.before_lease_call("withdraw_handoff").await?;
+        self.lease_write(
+            sent,
+            Op::WithdrawHandoff,
+            &lease.key,
+            self.inner.withdraw_handoff(lease),
+        )
+        .await
+    }
 }
 
 /// The Kinesis one incarnation sees.

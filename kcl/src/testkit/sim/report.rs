@@ -46,6 +46,8 @@ pub struct Stats {
     pub follow_handoffs: usize,
     /// Processor failures followed by a crash of the machine.
     pub follow_crashes: usize,
+    /// Workers an operator asked to drain.
+    pub drains: usize,
     /// Lease writes whose response was lost.
     pub lost_responses: usize,
     /// `lease_lost` callbacks.
@@ -89,6 +91,7 @@ pub const CHAOS_KINDS: &[&str] = &[
     "automatic-checkpoint handoffs",
     "mixed Java/kcl fleet runs",
     "mixed-fleet forced moves",
+    "drained workers",
 ];
 
 /// The result of [`Sim::run`](super::Sim::run).
@@ -165,6 +168,7 @@ impl SimReport {
             automatic(c.handoffs),
             mixed(1),
             mixed(c.forced_moves),
+            s.drains,
         ];
         CHAOS_KINDS.iter().copied().zip(counts).collect()
     }
@@ -208,12 +212,13 @@ impl fmt::Display for SimReport {
         )?;
         writeln!(
             f,
-            "  processor faults {} (then stop {} handoff {} crash {}), handoff requests {}; batches failed {} fatal {} panicked {} dead-lettered {} aborted {}; handoffs {} forced moves {}",
+            "  processor faults {} (then stop {} handoff {} crash {}), handoff requests {}, drains {}; batches failed {} fatal {} panicked {} dead-lettered {} aborted {}; handoffs {} forced moves {}",
             s.processor_faults,
             s.follow_stops,
             s.follow_handoffs,
             s.follow_crashes,
             s.handoff_requests,
+            s.drains,
             c.failed_batches,
             c.fatal_batches,
             c.panicked_batches,

@@ -46,6 +46,9 @@ pub struct FaultRates {
     /// Probability that a processor failure is followed, within seconds, by a graceful stop,
     /// a handoff or a crash of its machine.
     pub follow: f64,
+    /// Relative weight (in the processor-failure / handoff stream) of an operator draining a
+    /// live worker (`kcl drain`) for one to four lease durations, then cancelling the drain.
+    pub drain: u32,
 }
 
 impl FaultRates {
@@ -65,6 +68,7 @@ impl FaultRates {
             processor: 0,
             handoff: 0,
             follow: 0.0,
+            drain: 0,
         }
     }
 
@@ -84,7 +88,7 @@ impl FaultRates {
 
     /// Mean events per minute of the processor-failure / handoff stream.
     pub(crate) fn extra_per_minute(&self) -> f64 {
-        let extra = f64::from(self.processor + self.handoff);
+        let extra = f64::from(self.processor + self.handoff + self.drain);
         let base: u32 = self.weights().iter().sum();
         if base == 0 {
             self.events_per_minute * f64::from(u8::from(extra > 0.0))
@@ -110,6 +114,9 @@ impl Default for FaultRates {
             processor: 2,
             handoff: 1,
             follow: 0.5,
+            // Off, so that what a seed of `Sim::new` does stayed as it was (the sweep's
+            // `Sim::random` draws drains).
+            drain: 0,
         }
     }
 }
@@ -210,6 +217,8 @@ const V2_SALT: u64 = 0x5348_4150_4500_0002;
 const V3_SALT: u64 = 0x5348_4150_4500_0003;
 /// The stream of the fourth version's draws (Java workers in the fleet).
 const V4_SALT: u64 = 0x5348_4150_4500_0004;
+/// The stream of the fifth version's draws (operators draining workers).
+const V5_SALT: u64 = 0x5348_4150_4500_0005;
 
 impl Sim {
     /// A run with fixed defaults: 3 workers, 4 shards, 300 records over 16 keys, 60 s of
@@ -275,6 +284,11 @@ impl Sim {
             sim.faults.processor = r.random_range(0..=3);
             sim.faults.handoff = r.random_range(0..=2);
             sim.faults.follow = *pick(&mut r, &[0.0, 0.5, 0.9]);
+            // Drains in a third of the seeds with chaos, from a stream of their own.
+            let mut r5 = ChaCha8Rng::seed_from_u64(seed ^ V5_SALT);
+            if sim.workers >= 2 && r5.random_bool(0.33) {
+                sim.faults.drain = r5.random_range(1..=2);
+            }
         }
         sim
     }
@@ -315,6 +329,7 @@ impl Sim {
                 processor: 0,
                 handoff: 0,
                 follow: 0.0,
+                drain: 0,
                 ..FaultRates::default()
             }
         } else {
@@ -332,6 +347,7 @@ impl Sim {
                 processor: 0,
                 handoff: 0,
                 follow: 0.0,
+                drain: 0,
             }
         };
         sim
@@ -472,7 +488,7 @@ impl Sim {
         let f = &self.faults;
         let t = &self.timing;
         format!(
-            "{} workers, {} shards (max {}), {} records over {} keys, {}, {}s chaos at {}/min [crash {} stop {} partition {} throttle {} latency {} lost-response {} kinesis {} reshard {} processor {} handoff {}; fresh-id {} follow {}], lease {:?} taker {:?} sync {:?} retention {:?} steal {} max_records {} prefetch {}, batch {:?} slow {}, on failure {:?}, automatic checkpoints {:?}, Java workers {}",
+            "{} workers, {} shards (max {}), {} records over {} keys, {}, {}s chaos at {}/min [crash {} stop {} partition {} throttle {} latency {} lost-response {} kinesis {} reshard {} processor {} handoff {} drain {}; fresh-id {} follow {}], lease {:?} taker {:?} sync {:?} retention {:?} steal {} max_records {} prefetch {}, batch {:?} slow {}, on failure {:?}, automatic checkpoints {:?}, Java workers {}",
             self.workers,
             self.shards,
             self.max_open_shards,
@@ -491,6 +507,7 @@ impl Sim {
             f.reshard,
             f.processor,
             f.handoff,
+            f.drain,
             f.fresh_id,
             f.follow,
             t.lease_duration,
