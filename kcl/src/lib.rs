@@ -91,4 +91,4 @@ pub use processor::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcess
 pub use record::{ExtendedSequenceNumber, Record, RecordBatch, SequenceNumber};
 pub use retrieval::{KinesisApi, KinesisApiError};
 pub use shard::ShardId;
-pub use worker::{Backends, ShutdownHandle, Worker, WorkerBuilder};
+pub use worker::{Backends, ShutdownHandle, StatusHandle, Worker, WorkerBuilder, WorkerStatus};

@@ -179,7 +179,6 @@ impl Checkpointer {
     }
 
     /// Tells `observer` of every write stored from now on.
-    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub(crate) fn observe(&mut self, observer: Observer) {
         self.observer = Some(observer);
     }

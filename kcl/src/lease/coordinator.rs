@@ -405,6 +405,8 @@ pub(crate) struct LeaseCoordinator {
     /// Taker rounds so far: how many, their total and longest time (wall clock, store calls
     /// included).
     rounds: StdMutex<(u64, std::time::Duration, std::time::Duration)>,
+    /// The worker's status board (whether this worker is draining).
+    status: std::sync::OnceLock<Arc<crate::worker::status::StatusBoard>>,
 }
 
 /// A shard set aside after a read failure.
@@ -444,6 +446,7 @@ impl LeaseCoordinator {
             liveness_wanted: cfg.lease_liveness == crate::config::LeaseLiveness::PerWorker,
             balance_by_load: cfg.balance_by_load,
             rounds: StdMutex::new(Default::default()),
+            status: std::sync::OnceLock::new(),
         }
     }
 
@@ -528,7 +531,8 @@ impl LeaseCoordinator {
 
     /// Sets a shard that could not be read aside for a while (longer after each consecutive
     /// failure); its lease was released, so other workers may try it meanwhile.
-    pub(crate) fn quarantine(&self, key: &LeaseKey, error: &str) {
+    /// Returns when the quarantine ends (wall clock, for the worker's status).
+    pub(crate) fn quarantine(&self, key: &LeaseKey, error: &str) -> std::time::SystemTime {
         let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
         let failures = q.get(key).map_or(0, |e| e.failures) + 1;
         let pause = quarantine_for(self.quarantine, failures);
@@ -541,6 +545,12 @@ impl LeaseCoordinator {
         );
         warn!(lease = %key, %error, failures, retry_in = ?pause, "shard quarantined after a read failure");
         metrics::counter!(m::SHARDS_QUARANTINED).increment(1);
+        std::time::SystemTime::now() + pause
+    }
+
+    /// Reports this worker's drain state to `status` from now on.
+    pub(crate) fn report_to(&self, status: Arc<crate::worker::status::StatusBoard>) {
+        let _ = self.status.set(status);
     }
 
     /// The shard was read again (or left for another reason): its failures are forgotten.
@@ -952,6 +962,9 @@ impl LeaseCoordinator {
             let before = l
                 .draining
                 .swap(me_draining, std::sync::atomic::Ordering::SeqCst);
+            if let Some(status) = self.status.get() {
+                status.set_draining(me_draining);
+            }
             if before != me_draining {
                 if me_draining {
                     info!("asked to drain: taking no lease, handing every lease to the peers that ask for it");

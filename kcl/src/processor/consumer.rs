@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};
 use crate::checkpoint::PendingCheckpoint;
-use crate::checkpoint::{CheckpointError, Checkpointer};
+use crate::checkpoint::{CheckpointError, Checkpointer, Observer};
 use crate::config::WorkerConfig;
 use crate::lease::coordinator::HeldLease;
 use crate::lease::write::LeaseWrite;
@@ -30,6 +30,7 @@ use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
 use crate::shard::{ChildShard, ShardId};
+use crate::worker::status::{ShardReport, ShardState, StatusBoard};
 
 /// How a consumer ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +68,8 @@ pub(crate) struct ConsumerEnv {
     /// Enhanced fan-out: the registered stream consumer, shared so that it is registered
     /// again once if it was deregistered (polling when `None`).
     pub(crate) stream_consumer: Option<Arc<StreamConsumer>>,
+    /// The worker's status board: each consumer reports its shard there.
+    pub(crate) status: Arc<StatusBoard>,
 }
 
 impl std::fmt::Debug for ConsumerEnv {
@@ -128,10 +131,18 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
     let lease = held.snapshot().await;
     let shard = lease.shard_id();
     let span = tracing::info_span!("consumer", shard_id = %shard);
-    let cp = Checkpointer::new(shard.clone(), held.clone(), env.store.clone());
+    let mut cp = Checkpointer::new(shard.clone(), held.clone(), env.store.clone());
+    let report = env.status.enter(&shard, lease.checkpoint.clone());
+    let checkpointed = report.observer();
+    cp.observe(Observer(Arc::new(move |write| {
+        if let LeaseWrite::Checkpoint { position, .. } = write {
+            checkpointed(position);
+        }
+    })));
     Consumer {
         env,
         held,
+        report,
         shard,
         processor: None,
         cp,
@@ -148,6 +159,8 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
 struct Consumer {
     env: ConsumerEnv,
     held: Arc<HeldLease>,
+    /// This shard's entry in the worker's status.
+    report: ShardReport,
     shard: ShardId,
     processor: Option<Box<dyn RecordProcessor>>,
     cp: Checkpointer,
@@ -163,7 +176,9 @@ struct Consumer {
 
 impl Consumer {
     async fn run(mut self, lease: Lease) -> ConsumerExit {
-        match self.process(lease).await {
+        let processed = self.process(lease).await;
+        self.report.state(ShardState::ShuttingDown);
+        match processed {
             Ok(()) => {
                 info!("shard finished");
                 self.release().await;
@@ -315,12 +330,16 @@ impl Consumer {
             parent_shard_ids: lease.parent_shard_ids.clone(),
             pending_checkpoint: PendingCheckpoint::of(&lease),
         };
+        self.report.state(ShardState::Initializing);
         let mut delays = self.delays();
         loop {
             let p = self
                 .processor
                 .get_or_insert_with(|| self.env.factory.create(&self.shard));
-            match guarded("initialize", p.initialize(&ctx)).await {
+            self.report.callback_started();
+            let initialized = guarded("initialize", p.initialize(&ctx)).await;
+            self.report.callback_ended(0);
+            match initialized {
                 Ok(()) => break,
                 Err(e) => {
                     self.on_error("initialize", e, None, &mut delays).await?;
@@ -328,6 +347,7 @@ impl Consumer {
             }
         }
 
+        self.report.state(ShardState::Processing);
         self.idle_every = self.processor.as_ref().and_then(|p| p.idle_interval());
         self.last_saved = Instant::now();
         self.last_activity = Instant::now();
@@ -401,6 +421,7 @@ impl Consumer {
                         millis_behind_latest,
                     };
                     if let Some(ms) = millis_behind_latest {
+                        self.report.lag(ms);
                         metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => label.clone())
                             .set(ms as f64);
                     }
@@ -429,6 +450,7 @@ impl Consumer {
                 }
                 Some(Fetched::Failed(e)) => {
                     let error = crate::error::chain(&e);
+                    self.report.error(error.clone());
                     error!(%error, "cannot read the shard; releasing its lease (retried after a quarantine)");
                     return Err(Stop::ReadFailed(error));
                 }
@@ -451,8 +473,14 @@ impl Consumer {
             // Inside `process_records` the batch may be checkpointed; the processed watermark
             // moves past it only if it returns `Ok`.
             self.cp.begin_batch(last.clone());
+            self.report.callback_started();
             let result = guarded("process_records", p.process_records(batch, &mut self.cp)).await;
             self.cp.end_batch(result.is_ok());
+            self.report.callback_ended(if result.is_ok() {
+                batch.len() as u64
+            } else {
+                0
+            });
             metrics::histogram!(m::PROCESSOR_LATENCY, "shard" => label.to_owned())
                 .record(started.elapsed().as_secs_f64());
             match result {
@@ -642,6 +670,8 @@ impl Consumer {
         batch: Option<&RecordBatch>,
         delays: &mut (dyn Iterator<Item = Duration> + Send),
     ) -> Result<Next, Stop> {
+        self.report
+            .error(format!("{what}: {}", crate::error::chain(&e)));
         if !self.held.is_valid() {
             // Typically a checkpoint refused because the lease moved: not the processor's fault.
             debug!(error = %e, "{what} failed after the lease was lost");

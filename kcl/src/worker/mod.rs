@@ -4,6 +4,7 @@
 mod shutdown;
 #[cfg(all(feature = "signal", unix))]
 pub mod signal;
+pub mod status;
 
 use std::fmt;
 use std::future::Future;
@@ -16,6 +17,9 @@ use tokio_util::task::{AbortOnDropHandle, JoinMap};
 use tracing::{error, info, Instrument};
 
 pub use shutdown::ShutdownHandle;
+pub use status::{StatusHandle, WorkerStatus};
+
+use status::{ShardState, StatusBoard, WorkerPhase};
 
 use crate::checkpoint::CheckpointPolicy;
 use crate::config::{
@@ -80,6 +84,7 @@ pub struct Worker {
     factory: Arc<dyn ProcessorFactory>,
     error_policy: ErrorPolicy,
     shutdown: CancellationToken,
+    status: Arc<StatusBoard>,
 }
 
 impl fmt::Debug for Worker {
@@ -106,6 +111,17 @@ impl Worker {
     /// A handle that stops this worker gracefully (see [`ShutdownHandle`]).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle::new(self.shutdown.clone())
+    }
+
+    /// A handle that reads this worker's status (held shards, their state, checkpoints, lag,
+    /// errors) at any time, from any task: for health checks (see [`status`]).
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle::new(self.status.clone())
+    }
+
+    /// This worker's status now (before `run()`: starting, no shards).
+    pub fn status(&self) -> WorkerStatus {
+        self.status_handle().status()
     }
 
     /// Runs until `signal` completes, then shuts down gracefully.
@@ -136,7 +152,10 @@ impl Worker {
     /// `lease_duration`. Prefer the shutdown handle.
     pub async fn run(self) -> Result<()> {
         let span = tracing::info_span!("worker", worker_id = %self.config.worker_id);
-        self.run_inner().instrument(span).await
+        let status = self.status.clone();
+        let result = self.run_inner().instrument(span).await;
+        status.set_phase(WorkerPhase::Stopped);
+        result
     }
 
     async fn run_inner(self) -> Result<()> {
@@ -149,6 +168,7 @@ impl Worker {
             cfg.worker_id.clone(),
             &cfg,
         ));
+        coordinator.report_to(self.status.clone());
         let sync_now = Arc::new(Notify::new());
         // The first sync must succeed before any lease is taken.
         let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone());
@@ -193,7 +213,9 @@ impl Worker {
             prefetch: PrefetchBudget::new(cfg.polling.prefetch_bytes),
             stream_consumer: consumer_arn
                 .map(|arn| crate::retrieval::fanout::StreamConsumer::of(&cfg, &arn)),
+            status: self.status.clone(),
         };
+        self.status.set_phase(WorkerPhase::Running);
         let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
         loop {
             tokio::select! {
@@ -204,7 +226,7 @@ impl Worker {
                     consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
                 }
                 Some((key, exit)) = consumers.join_next(), if !consumers.is_empty() => {
-                    on_consumer_exit(&coordinator, &key, exit);
+                    on_consumer_exit(&coordinator, &self.status, &key, exit);
                 }
             }
         }
@@ -213,6 +235,7 @@ impl Worker {
         // processors checkpoint, and release their leases; the renewer keeps them alive until
         // then.
         info!(held = consumers.len(), "shutting down");
+        self.status.set_phase(WorkerPhase::ShuttingDown);
         background.cancel();
         let mut taker = taker;
         loop {
@@ -231,7 +254,7 @@ impl Worker {
         }
         let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
             while let Some((key, exit)) = consumers.join_next().await {
-                on_consumer_exit(&coordinator, &key, exit);
+                on_consumer_exit(&coordinator, &self.status, &key, exit);
             }
         })
         .await;
@@ -297,20 +320,34 @@ fn spawn_renewer(
 
 fn on_consumer_exit(
     coordinator: &LeaseCoordinator,
+    status: &StatusBoard,
     key: &LeaseKey,
     exit: Result<ConsumerExit, tokio::task::JoinError>,
 ) {
+    let shard = key.shard_id();
     match exit {
         // The processor cannot go on with this shard: another worker may (its lease was
         // released), this one only after a restart.
-        Ok(ConsumerExit::ProcessorFailed) => coordinator.refuse(key),
+        Ok(ConsumerExit::ProcessorFailed) => {
+            coordinator.refuse(key);
+            status.set_aside(&shard, ShardState::Failed, None, None);
+        }
         // Infrastructure (IAM, KMS, a vanished consumer): retried here after a quarantine.
-        Ok(ConsumerExit::ReadFailed(error)) => coordinator.quarantine(key, &error),
+        Ok(ConsumerExit::ReadFailed(error)) => {
+            let until = coordinator.quarantine(key, &error);
+            status.set_aside(&shard, ShardState::Quarantined, Some(error), Some(until));
+        }
         Ok(_) => coordinator.clear_quarantine(key),
         Err(e) if e.is_panic() => {
             // Processor panics are caught inside the consumer; this is the library's own.
             error!(lease = %key, "shard consumer panicked; this worker will not take the shard again");
             coordinator.refuse(key);
+            status.set_aside(
+                &shard,
+                ShardState::Failed,
+                Some("the shard consumer panicked".into()),
+                None,
+            );
         }
         Err(_) => {}
     }
@@ -545,6 +582,7 @@ impl WorkerBuilder {
             }
         };
         Ok(Worker {
+            status: StatusBoard::new(cfg.worker_id.clone()),
             config: Arc::new(cfg),
             kinesis,
             store,
