@@ -425,7 +425,14 @@ impl Consumer {
                         metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => label.clone())
                             .set(ms as f64);
                     }
-                    self.deliver(&batch, &label).await?;
+                    // The batch's span: the sequence range and count, never the payloads.
+                    let span = tracing::debug_span!(
+                        "batch",
+                        first = %batch.records[0].sequence_number,
+                        last = %last_seq(&batch),
+                        records = batch.len(),
+                    );
+                    self.deliver(&batch, &label).instrument(span).await?;
                     self.last_activity = Instant::now();
                     self.unsaved += batch.len() as u64;
                     let policy = self.env.config.checkpoint_policy;
@@ -787,6 +794,11 @@ impl Consumer {
 }
 
 /// Sleeps until `deadline`; forever without one.
+/// The sequence number of a batch's last record (`batch` is never empty here).
+fn last_seq(batch: &RecordBatch) -> &crate::record::SequenceNumber {
+    &batch.records[batch.records.len() - 1].sequence_number
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,

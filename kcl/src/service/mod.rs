@@ -62,16 +62,16 @@
 pub mod codec;
 pub mod flags;
 pub mod handler;
+pub mod logging;
 #[cfg(feature = "aws")]
 mod run;
-
-use std::io::IsTerminal as _;
 
 pub use flags::{parse_position, FlagError, Flags, InvalidPosition};
 pub use handler::{
     DecodeError, Delivery, Handler, HandlerError, HandlerFactory, HandlerFuture, HandlerOutput,
     HandlerProcessor,
 };
+pub use logging::{init_logging, init_logging_as, LogFormat};
 
 use crate::config::InitialPosition;
 use crate::processor::ProcessorFactory;
@@ -315,27 +315,6 @@ impl Service {
             outcome => Ok(outcome),
         }
     }
-}
-
-/// Installs a `tracing` subscriber writing to stderr, filtered by `RUST_LOG` (default
-/// `info`), with colours only when stderr is a terminal and `NO_COLOR` is unset. Returns
-/// false (and changes nothing) if a global subscriber was already set.
-///
-/// ```
-/// kcl::service::init_logging();
-/// tracing::info!("logged on stderr");
-/// assert!(!kcl::service::init_logging(), "installed once");
-/// ```
-pub fn init_logging() -> bool {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init()
-        .is_ok()
 }
 
 #[cfg(all(test, feature = "testkit"))]
