@@ -21,7 +21,7 @@
 //! exporter (`metrics_cloudwatch_embedded::Builder::with_dimension`) if you need one.
 //!
 //! **Handles.** Per-shard handles ([`metrics::Counter`], [`metrics::Gauge`]) are registered
-//! once, when a shard consumer starts, and kept: recording a batch allocates nothing.
+//! once, when a shard consumer starts, and kept: recording a batch allocates nothing per batch.
 //!
 //! **Series of shards given up.** The facade cannot delete a series. While the worker holds a
 //! shard, a refresher sets every gauge it holds again (and touches every counter it holds)
@@ -451,7 +451,7 @@ impl ShardSeries {
 }
 
 /// What one shard consumer records: the worker's summary handles and, at the detailed level,
-/// the shard's own. Registered once per shard consumer; recording allocates nothing.
+/// the shard's own. Registered once per shard consumer; recording allocates nothing per batch.
 pub(crate) struct ShardMetrics {
     worker: Arc<WorkerMetrics>,
     detailed: Option<ShardSeries>,

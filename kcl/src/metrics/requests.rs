@@ -1,9 +1,6 @@
 //! [`RequestMetrics`]: an SDK interceptor counting every attempt of every request of the
 //! clients the library wraps, by service, operation and outcome ([`super::AWS_REQUESTS`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
@@ -14,7 +11,6 @@ use aws_smithy_runtime_api::client::retries::classifiers::{
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::retry::ErrorKind;
-use metrics::Counter;
 
 /// How an attempt ended, the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,13 +22,6 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 4] = [
-        Outcome::Success,
-        Outcome::Throttled,
-        Outcome::ClientError,
-        Outcome::ServerError,
-    ];
-
     pub(crate) fn name(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -44,46 +33,29 @@ impl Outcome {
 }
 
 /// Counts attempts by operation and outcome. Installed by the library on the Kinesis and
-/// DynamoDB clients it wraps; the counters of an operation are registered the first time it
-/// is seen, then kept (an attempt allocates nothing).
-#[derive(Clone, Debug)]
+/// DynamoDB clients it wraps. The counter is looked up per attempt rather than kept: a kept
+/// handle of an operation made rarely (`CreateTable`) would be evicted by an exporter's idle
+/// timeout and never seen again (metrics-rs issue 372); the lookup's small allocation is
+/// nothing beside the request's own.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct RequestMetrics {
     service: &'static str,
-    by_operation: Arc<RwLock<HashMap<String, [Counter; 4]>>>,
 }
 
 impl RequestMetrics {
     /// For the clients of `service` (`kinesis`, `dynamodb`).
     pub(crate) fn new(service: &'static str) -> Self {
-        Self {
-            service,
-            by_operation: Arc::default(),
-        }
+        Self { service }
     }
 
     fn count(&self, operation: &str, outcome: Outcome) {
-        let index = outcome as usize;
-        if let Some(c) = self
-            .by_operation
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(operation)
-        {
-            c[index].increment(1);
-            return;
-        }
-        let mut map = self.by_operation.write().unwrap_or_else(|p| p.into_inner());
-        let counters = map.entry(operation.to_owned()).or_insert_with(|| {
-            Outcome::ALL.map(|o| {
-                metrics::counter!(
-                    super::AWS_REQUESTS,
-                    "service" => self.service,
-                    "operation" => operation.to_owned(),
-                    "outcome" => o.name()
-                )
-            })
-        });
-        counters[index].increment(1);
+        metrics::counter!(
+            super::AWS_REQUESTS,
+            "service" => self.service,
+            "operation" => operation.to_owned(),
+            "outcome" => outcome.name()
+        )
+        .increment(1);
     }
 }
 
@@ -137,17 +109,5 @@ impl Intercept for RequestMetrics {
         };
         self.count(operation, outcome);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcome_indices_follow_all() {
-        for (i, o) in Outcome::ALL.iter().enumerate() {
-            assert_eq!(*o as usize, i);
-        }
     }
 }

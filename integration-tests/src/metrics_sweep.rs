@@ -1,0 +1,145 @@
+//! The workload behind the metrics sweeps (`tests/metrics_prometheus.rs`,
+//! `tests/metrics_emf.rs`): two workers over a 2-shard stream on the real SDK path, a
+//! processor that fails once and panics once (dead-lettered), an invalid KPL aggregate; then
+//! one worker stops, giving its shard up.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kcl::lease::LeaseStore;
+use kcl::metrics::MetricsLevel;
+use kcl::{
+    async_trait, Checkpointer, ErrorPolicy, ProcessorError, RecordBatch, RecordProcessor, Worker,
+};
+
+use crate::scenarios::{self, DeliveryLog, StreamFixture};
+
+/// How often the sweep's workers refresh their metrics.
+pub const REFRESH: Duration = Duration::from_millis(200);
+
+/// What a sweep saw.
+#[derive(Debug)]
+pub struct SweepRun {
+    /// The exporter's output while both workers ran and every record was processed.
+    pub during: String,
+    /// The output `wait_after_give_up` after worker `b` stopped.
+    pub after_give_up: String,
+    /// The shard worker `b` held, then gave up (nobody took it: `a` holds at most one).
+    pub given_up: String,
+    /// The shard worker `a` kept.
+    pub kept: String,
+}
+
+/// Fails its first call with an error and panics in its second (both dead-lettered by the
+/// error policy), then processes and checkpoints.
+struct Planted {
+    calls: Arc<AtomicU32>,
+    processed: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl RecordProcessor for Planted {
+    async fn process_records(
+        &mut self,
+        batch: &RecordBatch,
+        cp: &mut Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => return Err(ProcessorError::retryable("planted error")),
+            1 => panic!("planted panic"),
+            _ => {}
+        }
+        self.processed
+            .fetch_add(batch.len() as u64, Ordering::SeqCst);
+        cp.checkpoint().await.map_err(ProcessorError::retryable)
+    }
+}
+
+/// Runs the workload at `level`; `scrape` renders the exporter's output.
+///
+/// # Errors
+/// When the stream cannot be set up, or records or leases do not arrive in time.
+pub async fn run(
+    level: MetricsLevel,
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+    scrape: &(dyn Fn() -> String + Sync),
+    wait_after_give_up: Duration,
+) -> anyhow::Result<SweepRun> {
+    let stream = crate::unique_name("metrics");
+    fixture.create_stream(&stream, 2).await?;
+    let mut records = scenarios::records(0, 20, 8);
+    // The KPL magic with no valid aggregate after it.
+    records.push((
+        "key-bad".to_owned(),
+        vec![0xF3, 0x89, 0x9A, 0xC2, 1, 2, 3, 4],
+    ));
+    let total = records.len() as u64;
+    fixture.put(&stream, records).await?;
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let processed = Arc::new(AtomicU64::new(0));
+    let log = DeliveryLog::default();
+    let builder = |id: &str| {
+        let (calls, p, dead) = (calls.clone(), processed.clone(), processed.clone());
+        scenarios::worker("metrics-app", &stream, id, fixture, leases.clone(), &log)
+            .max_leases_per_worker(1)
+            .heartbeat(kcl::config::Heartbeat::Task)
+            .metrics_level(level)
+            .metrics_refresh_interval(REFRESH)
+            .error_policy(ErrorPolicy::handoff(move |batch, _| {
+                dead.fetch_add(batch.len() as u64, Ordering::SeqCst);
+            }))
+            .processor(move || Planted {
+                calls: calls.clone(),
+                processed: p.clone(),
+            })
+            .build()
+    };
+    let a: Worker = builder("a")?;
+    let b: Worker = builder("b")?;
+    let (stop_a, stop_b) = (a.shutdown_handle(), b.shutdown_handle());
+    let run_a = tokio::spawn(a.run());
+    let run_b = tokio::spawn(b.run());
+
+    scenarios::poll("every record processed", Duration::from_secs(60), || {
+        let n = processed.load(Ordering::SeqCst);
+        async move { Ok((n >= total).then_some(())) }
+    })
+    .await?;
+    tokio::time::sleep(REFRESH * 3).await;
+    let during = scrape();
+
+    let owner_of = |id: &'static str| {
+        let leases = leases.clone();
+        async move {
+            let listed = leases.list().await?;
+            Ok(listed
+                .leases
+                .iter()
+                .find(|l| l.owner.as_ref().map(|o| o.as_str()) == Some(id))
+                .map(|l| l.shard_id().to_string()))
+        }
+    };
+    let given_up = scenarios::poll("worker b's shard", Duration::from_secs(10), || {
+        owner_of("b")
+    })
+    .await?;
+    let kept = scenarios::poll("worker a's shard", Duration::from_secs(10), || {
+        owner_of("a")
+    })
+    .await?;
+    stop_b.shutdown();
+    run_b.await??;
+    tokio::time::sleep(wait_after_give_up).await;
+    let after_give_up = scrape();
+    stop_a.shutdown();
+    run_a.await??;
+    Ok(SweepRun {
+        during,
+        after_give_up,
+        given_up,
+        kept,
+    })
+}
