@@ -1,9 +1,10 @@
 //! The workload behind the metrics sweeps (`tests/metrics_prometheus.rs`,
 //! `tests/metrics_emf.rs`): two workers over a 2-shard stream on the real SDK path, a
 //! processor that fails once and panics once (dead-lettered), an invalid KPL aggregate; then
-//! one worker stops, giving its shard up.
+//! one worker, still running, gives its shard up (its failed-batch handler panics: the shard
+//! is stopped and released, and nobody takes it).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,19 +24,21 @@ pub const REFRESH: Duration = Duration::from_millis(200);
 pub struct SweepRun {
     /// The exporter's output while both workers ran and every record was processed.
     pub during: String,
-    /// The output `wait_after_give_up` after worker `b` stopped.
+    /// The output `wait_after_give_up` after worker `b` gave its shard up (still running).
     pub after_give_up: String,
-    /// The shard worker `b` held, then gave up (nobody took it: `a` holds at most one).
+    /// The shard worker `b` held, then gave up (nobody took it: `a` holds at most one, `b`
+    /// does not take back a shard whose processor failed).
     pub given_up: String,
     /// The shard worker `a` kept.
     pub kept: String,
 }
 
 /// Fails its first call with an error and panics in its second (both dead-lettered by the
-/// error policy), then processes and checkpoints.
+/// error policy), then processes and checkpoints; fails every call once `give_up` is set.
 struct Planted {
     calls: Arc<AtomicU32>,
     processed: Arc<AtomicU64>,
+    give_up: Option<Arc<AtomicBool>>,
 }
 
 #[async_trait]
@@ -45,6 +48,13 @@ impl RecordProcessor for Planted {
         batch: &RecordBatch,
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
+        if self
+            .give_up
+            .as_ref()
+            .is_some_and(|g| g.load(Ordering::SeqCst))
+        {
+            return Err(ProcessorError::fatal("planted: give the shard up"));
+        }
         match self.calls.fetch_add(1, Ordering::SeqCst) {
             0 => return Err(ProcessorError::retryable("planted error")),
             1 => panic!("planted panic"),
@@ -81,19 +91,28 @@ pub async fn run(
     let calls = Arc::new(AtomicU32::new(0));
     let processed = Arc::new(AtomicU64::new(0));
     let log = DeliveryLog::default();
+    // Worker b's processors fail from then on, and its failed-batch handler panics: the
+    // shard is stopped and released.
+    let give_up = Arc::new(AtomicBool::new(false));
     let builder = |id: &str| {
         let (calls, p, dead) = (calls.clone(), processed.clone(), processed.clone());
+        let give_up = (id == "b").then(|| give_up.clone());
+        let panics = give_up.clone();
         scenarios::worker("metrics-app", &stream, id, fixture, leases.clone(), &log)
             .max_leases_per_worker(1)
             .heartbeat(kcl::config::Heartbeat::Task)
             .metrics_level(level)
             .metrics_refresh_interval(REFRESH)
             .error_policy(ErrorPolicy::handoff(move |batch, _| {
+                if panics.as_ref().is_some_and(|g| g.load(Ordering::SeqCst)) {
+                    panic!("planted: the failed-batch handler stops the shard");
+                }
                 dead.fetch_add(batch.len() as u64, Ordering::SeqCst);
             }))
             .processor(move || Planted {
                 calls: calls.clone(),
                 processed: p.clone(),
+                give_up: give_up.clone(),
             })
             .build()
     };
@@ -130,11 +149,37 @@ pub async fn run(
         owner_of("a")
     })
     .await?;
-    stop_b.shutdown();
-    run_b.await??;
-    tokio::time::sleep(wait_after_give_up).await;
+    give_up.store(true, Ordering::SeqCst);
+    // Records for both shards: worker b's next batch stops its shard.
+    fixture.put(&stream, scenarios::records(20, 28, 8)).await?;
+    let released = |shard: String| {
+        let leases = leases.clone();
+        async move {
+            let listed = leases.list().await?;
+            let lease = listed
+                .leases
+                .iter()
+                .find(|l| l.shard_id().as_str() == shard);
+            Ok(lease.is_some_and(|l| l.owner.is_none()).then_some(()))
+        }
+    };
+    scenarios::poll(
+        "worker b released its shard",
+        Duration::from_secs(30),
+        || released(given_up.clone()),
+    )
+    .await?;
+    // Scraped as a collector would, every refresh interval: an exporter measures idleness
+    // between its renders.
+    let until = tokio::time::Instant::now() + wait_after_give_up;
+    while tokio::time::Instant::now() < until {
+        scrape();
+        tokio::time::sleep(REFRESH).await;
+    }
     let after_give_up = scrape();
+    stop_b.shutdown();
     stop_a.shutdown();
+    run_b.await??;
     run_a.await??;
     Ok(SweepRun {
         during,
