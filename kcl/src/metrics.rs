@@ -20,8 +20,10 @@
 //! share a dimension set, which is the fleet-wide view you want; add a worker dimension in the
 //! exporter (`metrics_cloudwatch_embedded::Builder::with_dimension`) if you need one.
 //!
-//! **Handles.** Per-shard handles ([`metrics::Counter`], [`metrics::Gauge`]) are registered
-//! once, when a shard consumer starts, and kept: recording a batch allocates nothing per batch.
+//! **Handles.** The worker's handles are registered once when it starts, a shard's
+//! ([`metrics::Counter`], [`metrics::Gauge`]) once when its consumer starts, and kept:
+//! recording a batch allocates nothing. (AWS requests are looked up per attempt, see
+//! [`AWS_REQUESTS`].)
 //!
 //! **Series of shards given up.** The facade cannot delete a series. While the worker holds a
 //! shard, a refresher sets every gauge it holds again (and touches every counter it holds)
@@ -29,9 +31,9 @@
 //! (5 s by default); once the shard is given up (lease lost, handed off, shard ended,
 //! quarantined, released) its handles are dropped and nothing refreshes them. So an exporter
 //! with an idle timeout longer than the refresh interval drops exactly the series of shards
-//! given up, e.g. for Prometheus:
+//! given up, e.g. for Prometheus (`metrics-exporter-prometheus` 0.18, in your application):
 //!
-//! ```no_run
+//! ```text
 //! use std::time::Duration;
 //! use metrics_exporter_prometheus::PrometheusBuilder;
 //! use metrics_util::MetricKindMask;
@@ -46,7 +48,13 @@
 //! Leave histograms out of the mask: the library cannot refresh a histogram without a sample,
 //! and keeps none per shard. (Keep the idle timeout above the refresh interval: an exporter
 //! that evicts a series whose handle is still held would not see that handle again,
-//! metrics-rs issue 372.)
+//! metrics-rs issue 372. An exporter measures idleness between its renders: the series
+//! disappears at the first scrape after the timeout.)
+//!
+//! ```
+//! // The names are constants; `docs/metrics.md` lists each one's labels and level.
+//! assert_eq!(kcl::metrics::SHARD_MILLIS_BEHIND_LATEST, "kcl_shard_millis_behind_latest");
+//! ```
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -139,9 +139,11 @@ fn run_worker(recorder: &Counting, level: MetricsLevel) -> usize {
                     .kinesis()
                     .put("orders", &format!("key-{i}"), vec![b'x'; 10]);
             }
-            let mut polling = crate::PollingConfig::default();
-            polling.max_records = 3;
-            polling.min_interval = std::time::Duration::from_millis(1);
+            let polling = crate::PollingConfig {
+                max_records: 3,
+                min_interval: std::time::Duration::from_millis(1),
+                ..Default::default()
+            };
             let (p, b) = (processed.clone(), batches.clone());
             let worker = crate::Worker::builder()
                 .application_name("app")
@@ -159,7 +161,10 @@ fn run_worker(recorder: &Counting, level: MetricsLevel) -> usize {
             let run = tokio::spawn(worker.run());
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
             while processed.load(Ordering::SeqCst) < 120 {
-                assert!(tokio::time::Instant::now() < deadline, "records not processed");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "records not processed"
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             // A refresh or two.
@@ -177,11 +182,18 @@ fn per_shard_handles_are_registered_once_per_shard_not_per_batch() {
     let batches = run_worker(&recorder, MetricsLevel::Detailed);
     assert!(batches >= 40, "only {batches} batches");
     // One registration per shard consumer, whatever the number of batches.
-    for name in [SHARD_RECORDS_PROCESSED, SHARD_BYTES_PROCESSED, SHARD_MILLIS_BEHIND_LATEST] {
+    for name in [
+        SHARD_RECORDS_PROCESSED,
+        SHARD_BYTES_PROCESSED,
+        SHARD_MILLIS_BEHIND_LATEST,
+    ] {
         let got = recorder.registered(name);
         assert_eq!(got.len(), 2, "{name}: {got:?}");
         for (key, n) in &got {
-            assert!(key.contains("stream=orders") && key.contains("shard=shardId-"), "{key}");
+            assert!(
+                key.contains("stream=orders") && key.contains("shard=shardId-"),
+                "{key}"
+            );
             assert_eq!(*n, 1, "{key} registered {n} times over {batches} batches");
         }
     }

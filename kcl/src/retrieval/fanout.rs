@@ -162,6 +162,8 @@ fn after_not_found(shard: Result<(), &KinesisApiError>, reregistered: u32) -> Af
 /// as read (KPL aggregates included; the consumer deaggregates them and drops what the
 /// checkpoint covers). The task stops when `stop` is cancelled, the receiver is dropped, the
 /// shard ends or an error is not retryable.
+// Each input is distinct (the fetcher and the subscriber take the same ones).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_subscriber(
     kinesis: Arc<dyn KinesisApi>,
     consumer: Arc<StreamConsumer>,

@@ -793,6 +793,8 @@ pub(crate) fn latest_at(
 /// prefetch queue (and, at `LATEST`, the moment it stands for). The task stops when `stop` is
 /// cancelled or the receiver is dropped. Records come as read (KPL aggregates included): the
 /// consumer deaggregates them and drops what the checkpoint already covers.
+// Each input is distinct (the fetcher and the subscriber take the same ones).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_fetcher(
     kinesis: Arc<dyn KinesisApi>,
     stream: String,
