@@ -12,6 +12,7 @@ pub mod metrics_doc;
 pub mod metrics_sweep;
 pub mod proxy;
 pub mod scenarios;
+pub mod sdk_faults;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -8,13 +8,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::metrics::MetricsLevel;
+use kcl::retrieval::aws::AwsKinesis;
+use kcl::retrieval::KinesisApi;
 use kcl::{
     async_trait, Checkpointer, ErrorPolicy, ProcessorError, RecordBatch, RecordProcessor, Worker,
 };
 
 use crate::scenarios::{self, DeliveryLog, StreamFixture};
+use crate::sdk_faults::{LoseUpdateAnswers, ThrottleFirst};
 
 /// How often the sweep's workers refresh their metrics.
 pub const REFRESH: Duration = Duration::from_millis(200);
@@ -66,13 +70,41 @@ impl RecordProcessor for Planted {
     }
 }
 
-/// Runs the workload at `level`; `scrape` renders the exporter's output.
+/// The workers' clients with planted faults: the first 6 `GetRecords` attempts throttled
+/// (the SDK gives up on a call after three: the library counts a read throttle and retries;
+/// two shards read at once), every 2nd `UpdateItem` answer lost.
+pub fn faulty_clients(
+    kinesis: &crate::scenarios::LocalKinesis,
+    conf: &aws_config::SdkConfig,
+) -> (Arc<dyn KinesisApi>, Arc<dyn LeaseStore>) {
+    let client = aws_sdk_kinesis::Client::from_conf(
+        kinesis
+            .client
+            .config()
+            .to_builder()
+            .interceptor(ThrottleFirst::new("GetRecords", 6))
+            .build(),
+    );
+    let (lose, _lost) = LoseUpdateAnswers::every(2);
+    let dynamo = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(conf)
+            .interceptor(lose)
+            .build(),
+    );
+    let leases = DynamoLeaseStore::new(dynamo, crate::unique_name("leases"));
+    (Arc::new(AwsKinesis::new(client)), Arc::new(leases))
+}
+
+/// Runs the workload at `level` on a stream of `fixture`, the workers reading through
+/// `kinesis` (with planted faults, if any) and keeping leases in `leases`; `scrape` renders
+/// the exporter's output.
 ///
 /// # Errors
 /// When the stream cannot be set up, or records or leases do not arrive in time.
 pub async fn run(
     level: MetricsLevel,
     fixture: &dyn StreamFixture,
+    kinesis: Arc<dyn KinesisApi>,
     leases: Arc<dyn LeaseStore>,
     scrape: &(dyn Fn() -> String + Sync),
     wait_after_give_up: Duration,
@@ -99,6 +131,7 @@ pub async fn run(
         let give_up = (id == "b").then(|| give_up.clone());
         let panics = give_up.clone();
         scenarios::worker("metrics-app", &stream, id, fixture, leases.clone(), &log)
+            .kinesis(kinesis.clone())
             .max_leases_per_worker(1)
             .heartbeat(kcl::config::Heartbeat::Task)
             .metrics_level(level)

@@ -25,10 +25,9 @@ async fn emf_documents_hold_every_documented_metric() -> anyhow::Result<()> {
     let emitted = Arc::new(Mutex::new(Vec::<u8>::new()));
     let doc = doc_table();
     let kinesis = LocalKinesis::start().await?;
-    let (_table, leases) = kcl_integration_tests::dynamo_servers::lease_table(
-        kcl_integration_tests::dynamo_servers::Table::Dynalite,
-    )
-    .await?;
+    let dynalite = kcl_integration_tests::dynamo_servers::start_dynalite().await?;
+    let conf = kcl_integration_tests::sdk_config(&dynalite.endpoint()).await;
+    let (kinesis_api, leases) = metrics_sweep::faulty_clients(&kinesis, &conf);
     let sink = emitted.clone();
     let flush = move || {
         let mut out = Vec::new();
@@ -39,6 +38,7 @@ async fn emf_documents_hold_every_documented_metric() -> anyhow::Result<()> {
     let run = metrics_sweep::run(
         MetricsLevel::Detailed,
         &kinesis,
+        kinesis_api,
         leases,
         &flush,
         Duration::ZERO,

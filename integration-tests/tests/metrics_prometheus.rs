@@ -6,7 +6,6 @@
 //! requests-by-operation series exist. Each level records into its own exporter
 //! (`metrics::with_local_recorder` on a current-thread runtime, heartbeat as a task).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kcl::metrics::MetricsLevel;
@@ -40,15 +39,13 @@ fn prometheus_scrape_matches_the_docs_at_each_level() -> anyhow::Result<()> {
             .idle_timeout(MetricKindMask::COUNTER | MetricKindMask::GAUGE, Some(IDLE))
             .build_recorder();
         let handle = recorder.handle();
-        let leases = Arc::new(kcl::lease::dynamo::DynamoLeaseStore::from_conf(
-            &conf,
-            kcl_integration_tests::unique_name("leases"),
-        ));
+        let (kinesis_api, leases) = metrics_sweep::faulty_clients(&kinesis, &conf);
         let scrape = move || handle.render();
         let run = metrics::with_local_recorder(&recorder, || {
             rt.block_on(metrics_sweep::run(
                 level,
                 &kinesis,
+                kinesis_api,
                 leases,
                 &scrape,
                 IDLE + Duration::from_secs(1),
@@ -62,11 +59,21 @@ fn prometheus_scrape_matches_the_docs_at_each_level() -> anyhow::Result<()> {
             sweep.found.len(),
             sweep.absent_conditional
         );
+        // Only the producer's are left out: this workload does not produce.
+        for (name, _) in &sweep.absent_conditional {
+            assert!(
+                name.starts_with("kcl_producer_"),
+                "{name} absent:\n{}",
+                run.during
+            );
+        }
         // What the workload planted is counted.
         for planted in [
             "kcl_processor_errors_total{stream=",
             "kcl_processor_panics_total{stream=",
             "kcl_invalid_aggregates_total{stream=",
+            "kcl_read_throttles_total{stream=",
+            "kcl_lease_lost_answers_total{op=",
         ] {
             let line = run.during.lines().find(|l| l.starts_with(planted));
             assert!(
@@ -74,6 +81,17 @@ fn prometheus_scrape_matches_the_docs_at_each_level() -> anyhow::Result<()> {
                 "{planted}: {line:?}"
             );
         }
+        let throttled = run.during.lines().any(|l| {
+            l.starts_with("kcl_aws_requests_total{")
+                && l.contains("operation=\"GetRecords\"")
+                && l.contains("outcome=\"throttled\"")
+                && !l.ends_with(" 0")
+        });
+        assert!(
+            throttled,
+            "no throttled GetRecords attempt counted:\n{}",
+            run.during
+        );
         for op in [
             "service=\"kinesis\"",
             "operation=\"GetRecords\"",
