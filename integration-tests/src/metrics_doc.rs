@@ -35,6 +35,13 @@ pub struct Sweep {
 
 /// The rows of the metrics table of `docs/metrics.md`.
 ///
+/// ```
+/// use kcl_integration_tests::metrics_doc::parse_doc;
+/// let doc = parse_doc("| `kcl_x_total` | counter | records | `stream` | summary | always | x |");
+/// assert_eq!(doc[0].name, "kcl_x_total");
+/// assert!(doc[0].only_when.is_none());
+/// ```
+///
 /// # Panics
 /// On a malformed row (a wrong number of cells, an unknown level or appearance).
 pub fn parse_doc(md: &str) -> Vec<DocMetric> {
@@ -80,6 +87,13 @@ pub fn parse_doc(md: &str) -> Vec<DocMetric> {
 
 /// Names and label keys of the `kcl_` metrics of a Prometheus text scrape; a histogram's
 /// `_sum`, `_count` and `_bucket` series and its `quantile`/`le` label are folded into it.
+///
+/// ```
+/// use kcl_integration_tests::metrics_doc::{from_prometheus, parse_doc};
+/// let doc = parse_doc("| `kcl_x_seconds` | histogram | seconds | `stream` | summary | always | x |");
+/// let seen = from_prometheus("kcl_x_seconds_count{stream=\"s\"} 2\n", &doc);
+/// assert!(seen["kcl_x_seconds"].iter().all(|labels| labels.len() == 1));
+/// ```
 pub fn from_prometheus(text: &str, doc: &[DocMetric]) -> Seen {
     let histograms: BTreeSet<&str> = doc
         .iter()
@@ -140,6 +154,13 @@ fn split_labels(s: &str) -> Vec<&str> {
 /// Names and dimension keys of the `kcl_` metrics of CloudWatch EMF documents (one JSON
 /// object per line).
 ///
+/// ```
+/// let emf = r#"{"_aws":{"CloudWatchMetrics":[{"Dimensions":[["stream"]],"Metrics":[{"Name":"kcl_x_total"}]}]},"stream":"s","kcl_x_total":1}"#;
+/// let seen = kcl_integration_tests::metrics_doc::from_emf(emf)?;
+/// assert!(seen.contains_key("kcl_x_total"));
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+///
 /// # Errors
 /// A line that is not an EMF document.
 pub fn from_emf(lines: &str) -> anyhow::Result<Seen> {
@@ -184,6 +205,15 @@ pub fn from_emf(lines: &str) -> anyhow::Result<Seen> {
 /// one may be absent, and is listed); no undocumented `kcl_` metric appears, nor a metric of
 /// a higher level; at `summary` no series has a `shard` label. `producer` rows apply at
 /// every level.
+///
+/// ```
+/// use kcl_integration_tests::metrics_doc::{compare, from_prometheus, parse_doc};
+/// let doc = parse_doc("| `kcl_x_total` | counter | records | `stream` | summary | always | x |");
+/// let ok = from_prometheus("kcl_x_total{stream=\"s\"} 1\n", &doc);
+/// assert!(compare(&doc, &ok, "summary").is_ok());
+/// let extra = from_prometheus("kcl_x_total{stream=\"s\"} 1\nkcl_y 1\n", &doc);
+/// assert!(compare(&doc, &extra, "summary").is_err());
+/// ```
 ///
 /// # Errors
 /// Every violation, one per line.
@@ -244,6 +274,11 @@ pub fn compare(doc: &[DocMetric], seen: &Seen, level: &str) -> anyhow::Result<Sw
 }
 
 /// `docs/metrics.md` of this workspace.
+///
+/// ```
+/// let doc = kcl_integration_tests::metrics_doc::doc_table();
+/// assert!(doc.iter().any(|m| m.name == "kcl_records_processed_total"));
+/// ```
 ///
 /// # Panics
 /// If it cannot be read.

@@ -73,6 +73,18 @@ impl RecordProcessor for Planted {
 /// The workers' clients with planted faults: the first 6 `GetRecords` attempts throttled
 /// (the SDK gives up on a call after three: the library counts a read throttle and retries;
 /// two shards read at once), every 2nd `UpdateItem` answer lost.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// use kcl_integration_tests::{metrics_sweep, scenarios::LocalKinesis};
+/// let kinesis = LocalKinesis::start().await?;
+/// let dynalite = kcl_integration_tests::dynamo_servers::start_dynalite().await?;
+/// let conf = kcl_integration_tests::sdk_config(&dynalite.endpoint()).await;
+/// let (kinesis_api, leases) = metrics_sweep::faulty_clients(&kinesis, &conf);
+/// # let _ = (kinesis_api, leases);
+/// # Ok(())
+/// # }
+/// ```
 pub fn faulty_clients(
     kinesis: &crate::scenarios::LocalKinesis,
     conf: &aws_config::SdkConfig,
@@ -98,6 +110,24 @@ pub fn faulty_clients(
 /// Runs the workload at `level` on a stream of `fixture`, the workers reading through
 /// `kinesis` (with planted faults, if any) and keeping leases in `leases`; `scrape` renders
 /// the exporter's output.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// use std::time::Duration;
+/// use kcl::metrics::MetricsLevel;
+/// use kcl_integration_tests::{metrics_sweep, scenarios::LocalKinesis};
+/// let kinesis = LocalKinesis::start().await?;
+/// let dynalite = kcl_integration_tests::dynamo_servers::start_dynalite().await?;
+/// let conf = kcl_integration_tests::sdk_config(&dynalite.endpoint()).await;
+/// let (kinesis_api, leases) = metrics_sweep::faulty_clients(&kinesis, &conf);
+/// let scrape = || String::new(); // the exporter's rendering
+/// let run = metrics_sweep::run(
+///     MetricsLevel::Summary, &kinesis, kinesis_api, leases, &scrape, Duration::ZERO,
+/// ).await?;
+/// println!("{}", run.during);
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// # Errors
 /// When the stream cannot be set up, or records or leases do not arrive in time.

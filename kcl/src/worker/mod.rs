@@ -435,6 +435,12 @@ impl WorkerBuilder {
         /// How often gauges are set again and held counters touched (default 5 s; 100 ms to
         /// 60 s): keep an exporter's idle timeout above three of these (see
         /// [`crate::metrics`]).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let builder = kcl::Worker::builder().metrics_refresh_interval(Duration::from_secs(10));
+        /// # let _ = builder;
+        /// ```
         metrics_refresh_interval: Duration,
     }
 
