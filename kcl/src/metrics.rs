@@ -413,20 +413,14 @@ impl WorkerMetrics {
         }
     }
 
-    /// Refreshes every `every` until `stop` (see [`WorkerMetrics::refresh`]).
-    pub(crate) async fn run_refresher(
-        self: Arc<Self>,
-        every: Duration,
-        stop: tokio_util::sync::CancellationToken,
-    ) {
+    /// Refreshes every `every`, for as long as the future is polled (see
+    /// [`WorkerMetrics::refresh`]).
+    pub(crate) async fn run_refresher(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => self.refresh(),
-            }
+            tick.tick().await;
+            self.refresh();
         }
     }
 }

@@ -182,7 +182,7 @@ impl Worker {
             coordinator
                 .metrics()
                 .clone()
-                .run_refresher(cfg.metrics_refresh_interval, CancellationToken::new()),
+                .run_refresher(cfg.metrics_refresh_interval),
         ));
         let syncer_task = AbortOnDropHandle::new(tokio::spawn(
             syncer
