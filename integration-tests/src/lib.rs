@@ -8,8 +8,11 @@ pub mod cli;
 pub mod dynamo_servers;
 pub mod failures;
 pub mod kinesis_server;
+pub mod metrics_doc;
+pub mod metrics_sweep;
 pub mod proxy;
 pub mod scenarios;
+pub mod sdk_faults;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

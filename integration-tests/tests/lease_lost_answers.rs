@@ -8,60 +8,18 @@
 //! the end.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use aws_sdk_dynamodb::config::interceptors::BeforeDeserializationInterceptorContextMut;
-use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
-use aws_smithy_runtime_api::client::orchestrator::Metadata;
-use aws_smithy_types::body::SdkBody;
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor, Worker};
 use kcl_integration_tests::dynamo_servers::start_dynalite;
 use kcl_integration_tests::scenarios::{records, LocalKinesis, StreamFixture};
+use kcl_integration_tests::sdk_faults::LoseUpdateAnswers;
 use kcl_integration_tests::{sdk_config, unique_name};
-
-/// Turns every `every`-th successful `UpdateItem` answer into a 500 after the server applied
-/// the write, as a load balancer or a dropped connection would.
-#[derive(Debug)]
-struct LoseUpdateAnswers {
-    every: u64,
-    seen: AtomicU64,
-    lost: Arc<AtomicU64>,
-}
-
-impl Intercept for LoseUpdateAnswers {
-    fn name(&self) -> &'static str {
-        "LoseUpdateAnswers"
-    }
-
-    fn modify_before_deserialization(
-        &self,
-        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
-        _components: &RuntimeComponents,
-        cfg: &mut ConfigBag,
-    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
-        let is_update = cfg
-            .load::<Metadata>()
-            .is_some_and(|m| m.name() == "UpdateItem");
-        let response = context.response_mut();
-        if !is_update || !response.status().is_success() {
-            return Ok(());
-        }
-        if self.seen.fetch_add(1, Ordering::Relaxed) % self.every != 0 {
-            return Ok(());
-        }
-        self.lost.fetch_add(1, Ordering::Relaxed);
-        *response.status_mut() = 500.try_into()?;
-        *response.body_mut() = SdkBody::from(
-            r#"{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError","message":"injected: answer lost"}"#,
-        );
-        Ok(())
-    }
-}
 
 #[derive(Default)]
 struct Tally {
@@ -108,13 +66,9 @@ async fn lost_update_answers_are_not_lost_leases() -> anyhow::Result<()> {
     let kinesis = LocalKinesis::start().await?;
     let table_server = start_dynalite().await?;
     let conf = sdk_config(&table_server.endpoint()).await;
-    let lost = Arc::new(AtomicU64::new(0));
+    let (lose, lost) = LoseUpdateAnswers::every(3);
     let dynamo_conf = aws_sdk_dynamodb::config::Builder::from(&conf)
-        .interceptor(LoseUpdateAnswers {
-            every: 3,
-            seen: AtomicU64::new(0),
-            lost: lost.clone(),
-        })
+        .interceptor(lose)
         .build();
     let table = unique_name("lost-answers");
     let store: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(

@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::checkpoint::CheckpointPolicy;
 use crate::lease::WorkerId;
+pub use crate::metrics::MetricsLevel;
 
 /// Where a shard with no checkpoint starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -213,6 +214,20 @@ pub struct WorkerConfig {
     pub balance_by_load: bool,
     /// Who checkpoints, and how often (default: the processor, by itself).
     pub checkpoint_policy: CheckpointPolicy,
+    /// Which metrics are recorded (default [`MetricsLevel::Summary`]: per worker and stream;
+    /// [`MetricsLevel::Detailed`] adds per-shard series). See `docs/metrics.md`.
+    pub metrics_level: MetricsLevel,
+    /// How often the worker sets its gauges again and touches the counters it holds (default
+    /// 5 s; 100 ms to 60 s), and computes the largest `millis_behind_latest` of its shards.
+    /// An exporter idle timeout longer than three of these removes exactly the series of the
+    /// shards this worker gave up (see [`crate::metrics`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let builder = kcl::Worker::builder().metrics_refresh_interval(Duration::from_secs(10));
+    /// # let _ = builder;
+    /// ```
+    pub metrics_refresh_interval: Duration,
 }
 
 /// A configuration value that is out of range; names the field.
@@ -268,6 +283,8 @@ impl WorkerConfig {
             lease_liveness: LeaseLiveness::default(),
             balance_by_load: true,
             checkpoint_policy: CheckpointPolicy::default(),
+            metrics_level: MetricsLevel::default(),
+            metrics_refresh_interval: Duration::from_secs(5),
         }
     }
 
@@ -309,6 +326,14 @@ impl WorkerConfig {
             }
         }
         self.checkpoint_policy.validate()?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60))
+            .contains(&self.metrics_refresh_interval)
+        {
+            return Err(ConfigError::new(
+                "metrics_refresh_interval",
+                "must be between 100ms and 60s",
+            ));
+        }
         if self.max_leases_per_worker == 0 {
             return Err(ConfigError::new(
                 "max_leases_per_worker",

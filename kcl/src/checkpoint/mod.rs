@@ -18,7 +18,6 @@ use bytes::Bytes;
 use crate::lease::coordinator::HeldLease;
 use crate::lease::write::LeaseWrite;
 use crate::lease::{LeaseStore, LeaseStoreError};
-use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, InvalidSequenceNumber, Record};
 use crate::shard::{ChildShard, ShardId};
 
@@ -151,6 +150,11 @@ pub struct Checkpointer {
     shard_end_requested: bool,
     /// Told of every write stored (the testkit's processor harness records them).
     observer: Option<Observer>,
+    /// Checkpoints written and their record age (none outside a worker).
+    metrics: Option<Arc<crate::metrics::ShardMetrics>>,
+    /// The arrival of the first record of the oldest batch handed over since the last
+    /// checkpoint written (see [`crate::metrics::CHECKPOINT_RECORD_AGE`]).
+    oldest_unsaved: Option<std::time::SystemTime>,
 }
 
 /// A callback told of every checkpoint write stored.
@@ -175,6 +179,21 @@ impl Checkpointer {
             children: None,
             shard_end_requested: false,
             observer: None,
+            metrics: None,
+            oldest_unsaved: None,
+        }
+    }
+
+    /// Counts the checkpoints written in `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::ShardMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// A batch whose first record arrived at `arrival` is handed to the processor.
+    pub(crate) fn note_arrival(&mut self, arrival: Option<std::time::SystemTime>) {
+        if self.oldest_unsaved.is_none() {
+            self.oldest_unsaved = arrival;
         }
     }
 
@@ -447,7 +466,10 @@ impl Checkpointer {
             children,
         })
         .await?;
-        metrics::counter!(m::CHECKPOINTS).increment(1);
+        let oldest = self.oldest_unsaved.take();
+        if let Some(m) = &self.metrics {
+            m.checkpointed(oldest);
+        }
         Ok(())
     }
 

@@ -407,6 +407,8 @@ pub(crate) struct LeaseCoordinator {
     rounds: StdMutex<(u64, std::time::Duration, std::time::Duration)>,
     /// The worker's status board (whether this worker is draining).
     status: std::sync::OnceLock<Arc<crate::worker::status::StatusBoard>>,
+    /// The worker's metric handles (summary series, and the held shards').
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// A shard set aside after a read failure.
@@ -447,7 +449,13 @@ impl LeaseCoordinator {
             balance_by_load: cfg.balance_by_load,
             rounds: StdMutex::new(Default::default()),
             status: std::sync::OnceLock::new(),
+            metrics: crate::metrics::WorkerMetrics::new(cfg.metrics_level, &cfg.stream),
         }
+    }
+
+    /// The worker's metric handles.
+    pub(crate) fn metrics(&self) -> &Arc<crate::metrics::WorkerMetrics> {
+        &self.metrics
     }
 
     /// The worker's liveness, once registered.
@@ -518,7 +526,7 @@ impl LeaseCoordinator {
         if let Some(h) = self.held_map().remove(key) {
             h.mark_lost();
         }
-        metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
+        self.metrics.set_leases_held(self.held_map().len());
     }
 
     /// Never take this lease again in this process.
@@ -544,7 +552,7 @@ impl LeaseCoordinator {
             },
         );
         warn!(lease = %key, %error, failures, retry_in = ?pause, "shard quarantined after a read failure");
-        metrics::counter!(m::SHARDS_QUARANTINED).increment(1);
+        self.metrics.quarantined.increment(1);
         std::time::SystemTime::now() + pause
     }
 
@@ -637,7 +645,9 @@ impl LeaseCoordinator {
             .unwrap_or_else(|_| Err(LeaseStoreError::Transient("heartbeat timed out".into())));
         match result {
             Ok(item) => {
-                metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
+                self.metrics
+                    .renewal_seconds
+                    .record(started.elapsed().as_secs_f64());
                 let by_key: BTreeMap<&LeaseKey, &Arc<HeldLease>> =
                     held.iter().map(|h| (h.key(), h)).collect();
                 let mut done = Vec::new();
@@ -672,7 +682,7 @@ impl LeaseCoordinator {
                 // A peer fenced this worker (judged it dead), or another process registered
                 // the same worker id: every lease goes, and this worker starts over.
                 warn!("this worker was declared dead by a peer (its heartbeat stood still): dropping every lease");
-                metrics::counter!(m::LEASES_LOST).increment(held.len() as u64);
+                self.metrics.leases_lost.increment(held.len() as u64);
                 for h in &held {
                     h.mark_lost();
                 }
@@ -696,12 +706,12 @@ impl LeaseCoordinator {
             }
             Err(e) => {
                 l.handled().extend(handled);
-                metrics::counter!(m::RENEWAL_FAILURES).increment(1);
+                self.metrics.renewal_failures.increment(1);
                 if Instant::now() >= l.valid_until() {
                     warn!(error = %crate::error::chain(&e), "leases lost: the heartbeat failed for the lease duration");
                     for h in held.iter().filter(|h| h.liveness.is_some()) {
                         if !h.lost.is_cancelled() {
-                            metrics::counter!(m::LEASES_LOST).increment(1);
+                            self.metrics.leases_lost.increment(1);
                         }
                         h.mark_lost();
                     }
@@ -724,7 +734,9 @@ impl LeaseCoordinator {
             .unwrap_or_else(|_| Err(LeaseStoreError::Transient("renewal timed out".into())));
         match result {
             Ok(_) => {
-                metrics::histogram!(m::RENEWAL_LATENCY).record(started.elapsed().as_secs_f64());
+                self.metrics
+                    .renewal_seconds
+                    .record(started.elapsed().as_secs_f64());
                 return true;
             }
             Err(e) if e.is_condition_failed() => {
@@ -744,20 +756,20 @@ impl LeaseCoordinator {
                     }
                     Ok(_) => {
                         info!(lease = %held.key, "lease lost: taken by another worker");
-                        metrics::counter!(m::LEASES_LOST).increment(1);
+                        self.metrics.leases_lost.increment(1);
                         held.mark_lost();
                     }
                     Err(read) => {
-                        metrics::counter!(m::RENEWAL_FAILURES).increment(1);
+                        self.metrics.renewal_failures.increment(1);
                         debug!(lease = %held.key, error = %read, "renewal refused and the lease could not be read; will retry");
                     }
                 }
             }
             Err(e) => {
-                metrics::counter!(m::RENEWAL_FAILURES).increment(1);
+                self.metrics.renewal_failures.increment(1);
                 if Instant::now() >= held.valid_until() {
                     warn!(lease = %held.key, error = %e, "lease lost: could not renew it in time");
-                    metrics::counter!(m::LEASES_LOST).increment(1);
+                    self.metrics.leases_lost.increment(1);
                     held.mark_lost();
                 } else {
                     debug!(lease = %held.key, error = %e, "renewal failed; will retry");
@@ -800,7 +812,7 @@ impl LeaseCoordinator {
             let clock = std::time::Instant::now();
             let result = self.take_round(&mut state, &stop).await;
             let took = clock.elapsed();
-            metrics::histogram!(m::TAKER_ROUND).record(took.as_secs_f64());
+            self.metrics.taker_round.record(took.as_secs_f64());
             {
                 let mut r = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
                 r.0 += 1;
@@ -1025,11 +1037,11 @@ impl LeaseCoordinator {
             } else {
                 self.store.list().await?
             };
-            metrics::counter!(m::LEASE_TABLE_SCANS, "reason" => reason.name()).increment(1);
+            self.metrics.table_scan(reason.name());
             debug!(worker = %self.me, reason = reason.name(), "reading the lease table");
             for bad in &table.malformed {
                 warn!(error = %bad, "lease table holds a malformed lease item; leaving it untouched");
-                metrics::counter!(m::MALFORMED_LEASES).increment(1);
+                self.metrics.malformed_leases.increment(1);
             }
             let now = Instant::now();
             st.tracker.observe(&table.leases, now);
@@ -1145,11 +1157,11 @@ impl LeaseCoordinator {
         {
             if let Some(lease) = self.load_move(st, &plan, &excluded, Instant::now()) {
                 info!(lease = %lease.key, from = ?lease.owner, throughput = ?lease.throughput, "asking for a lease to even out load");
-                metrics::counter!(m::LOAD_MOVES).increment(1);
+                self.metrics.load_moves.increment(1);
                 self.request_handoff(st, &lease).await;
             }
         }
-        metrics::gauge!(m::LEASES_HELD).set(self.held_map().len() as f64);
+        self.metrics.set_leases_held(self.held_map().len());
         // The next moment a lease of another worker (or a worker) expires if nothing moves.
         let now = Instant::now();
         let owners = st.view.judge_all(now, d);
@@ -1496,7 +1508,7 @@ impl LeaseCoordinator {
             Owner::Dead(Some(seen)) => match self.store.fence_worker(&seen, &self.me).await {
                 Ok(()) => {
                     info!(worker = %owner, "fenced a worker whose heartbeat stood still");
-                    metrics::counter!(m::WORKERS_FENCED).increment(1);
+                    self.metrics.workers_fenced.increment(1);
                     round.fenced.insert(owner.clone());
                     true
                 }
@@ -1570,7 +1582,7 @@ impl LeaseCoordinator {
         match write::apply(self.store.as_ref(), lease, &write, read_until).await {
             Ok(new) => {
                 info!(lease = %lease.key, from = ?lease.owner, "requested graceful handoff");
-                metrics::counter!(m::LEASES_STOLEN).increment(1);
+                self.metrics.leases_stolen.increment(1);
                 let per_lease_owner = st.observing
                     && lease
                         .owner
@@ -1618,7 +1630,7 @@ impl LeaseCoordinator {
             {
                 Ok(new) => {
                     info!(lease = %new.key, ?reason, counter = %new.counter, "took lease");
-                    metrics::counter!(m::LEASES_TAKEN).increment(1);
+                    self.metrics.leases_taken.increment(1);
                     st.remember(&new);
                     let held = Arc::new(HeldLease::new(
                         new,

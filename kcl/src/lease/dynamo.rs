@@ -134,6 +134,14 @@ impl DynamoLeaseStore {
     /// # }
     /// ```
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        // Every attempt counted by operation and outcome (`kcl_aws_requests_total`).
+        let client = aws_sdk_dynamodb::Client::from_conf(
+            client
+                .config()
+                .to_builder()
+                .interceptor(crate::metrics::requests::RequestMetrics::new("dynamodb"))
+                .build(),
+        );
         let client = match crate::aws::with_default_timeouts(
             client.config().timeout_config(),
             crate::aws::DYNAMODB_TIMEOUTS,

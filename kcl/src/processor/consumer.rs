@@ -24,7 +24,7 @@ use crate::lease::write::LeaseWrite;
 use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
-use crate::retrieval::deagg::deaggregate_batch;
+use crate::retrieval::deagg::deaggregate_counted;
 use crate::retrieval::fanout::{spawn_subscriber, StreamConsumer};
 use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
@@ -70,6 +70,8 @@ pub(crate) struct ConsumerEnv {
     pub(crate) stream_consumer: Option<Arc<StreamConsumer>>,
     /// The worker's status board: each consumer reports its shard there.
     pub(crate) status: Arc<StatusBoard>,
+    /// The worker's metric handles.
+    pub(crate) metrics: Arc<m::WorkerMetrics>,
 }
 
 impl std::fmt::Debug for ConsumerEnv {
@@ -105,9 +107,10 @@ struct Panicked {
     message: String,
 }
 
-/// Runs one processor callback, turning a panic into a fatal error (counted): a panicking
-/// processor must neither take the worker down nor leave its lease to expire.
+/// Runs one processor callback, turning a panic into a fatal error (counted in `panics`): a
+/// panicking processor must neither take the worker down nor leave its lease to expire.
 pub(crate) async fn guarded<T>(
+    panics: &metrics::Counter,
     callback: &'static str,
     fut: impl std::future::Future<Output = Result<T, ProcessorError>>,
 ) -> Result<T, ProcessorError> {
@@ -120,7 +123,7 @@ pub(crate) async fn guarded<T>(
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "<non-string panic payload>".to_owned());
             error!(callback, %message, "record processor panicked");
-            metrics::counter!(m::PROCESSOR_PANICS).increment(1);
+            panics.increment(1);
             Err(ProcessorError::fatal(Panicked { callback, message }))
         }
     }
@@ -131,7 +134,10 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
     let lease = held.snapshot().await;
     let shard = lease.shard_id();
     let span = tracing::info_span!("consumer", shard_id = %shard);
-    let mut cp = Checkpointer::new(shard.clone(), held.clone(), env.store.clone());
+    // Registered once for this consumer; dropped (no longer refreshed) when it ends.
+    let metrics = env.metrics.shard(&shard);
+    let mut cp = Checkpointer::new(shard.clone(), held.clone(), env.store.clone())
+        .with_metrics(metrics.handles().clone());
     let report = env.status.enter(&shard, lease.checkpoint.clone());
     let checkpointed = report.observer();
     cp.observe(Observer(Arc::new(move |write| {
@@ -140,6 +146,7 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
         }
     })));
     Consumer {
+        metrics,
         env,
         held,
         report,
@@ -157,6 +164,8 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
 }
 
 struct Consumer {
+    /// This shard's metric handles, registered with the worker while it holds the shard.
+    metrics: m::ShardMetricsGuard,
     env: ConsumerEnv,
     held: Arc<HeldLease>,
     /// This shard's entry in the worker's status.
@@ -193,6 +202,11 @@ impl Consumer {
                 info!(to = ?self.held.handoff_to(), "handing the lease over");
                 self.final_checkpoint("handing over anyway").await;
                 self.release().await;
+                self.metrics
+                    .handles()
+                    .worker()
+                    .leases_handed_off
+                    .increment(1);
                 ConsumerExit::HandedOff
             }
             Err(Stop::Shutdown) => {
@@ -242,7 +256,12 @@ impl Consumer {
         if !self.held.is_valid() {
             return;
         }
-        let result = guarded("shutdown_requested", p.shutdown_requested(&mut self.cp)).await;
+        let result = guarded(
+            &self.metrics.handles().worker().processor_panics,
+            "shutdown_requested",
+            p.shutdown_requested(&mut self.cp),
+        )
+        .await;
         if let Err(e) = result {
             warn!(error = %e, source = ?std::error::Error::source(&e), "shutdown_requested failed; {otherwise}");
         }
@@ -281,7 +300,13 @@ impl Consumer {
         self.last_activity = Instant::now();
         let mut delays = self.delays();
         let p = self.processor.as_mut().ok_or(Stop::ProcessorFailed)?;
-        if let Err(e) = guarded("idle", p.idle(&mut self.cp)).await {
+        if let Err(e) = guarded(
+            &self.metrics.handles().worker().processor_panics,
+            "idle",
+            p.idle(&mut self.cp),
+        )
+        .await
+        {
             // A retryable error: called again at the next tick.
             self.on_error("idle", e, None, &mut delays).await?;
         }
@@ -307,10 +332,14 @@ impl Consumer {
 
     async fn lease_lost(&mut self) {
         if let Some(p) = self.processor.as_mut() {
-            let _ = guarded("lease_lost", async {
-                p.lease_lost().await;
-                Ok(())
-            })
+            let _ = guarded(
+                &self.metrics.handles().worker().processor_panics,
+                "lease_lost",
+                async {
+                    p.lease_lost().await;
+                    Ok(())
+                },
+            )
             .await;
         }
     }
@@ -337,7 +366,12 @@ impl Consumer {
                 .processor
                 .get_or_insert_with(|| self.env.factory.create(&self.shard));
             self.report.callback_started();
-            let initialized = guarded("initialize", p.initialize(&ctx)).await;
+            let initialized = guarded(
+                &self.metrics.handles().worker().processor_panics,
+                "initialize",
+                p.initialize(&ctx),
+            )
+            .await;
             self.report.callback_ended(0);
             match initialized {
                 Ok(()) => break,
@@ -364,6 +398,7 @@ impl Consumer {
                 position,
                 self.env.config.polling.clone(),
                 self.env.prefetch.clone(),
+                self.metrics.handles().clone(),
                 fetch_stop,
             ),
             None => spawn_fetcher(
@@ -373,6 +408,7 @@ impl Consumer {
                 position,
                 self.env.config.polling.clone(),
                 self.env.prefetch.clone(),
+                self.metrics.handles().clone(),
                 fetch_stop,
             ),
         };
@@ -380,7 +416,6 @@ impl Consumer {
             self.store_latest(t0).await;
         }
         let mut rx = reading.records;
-        let label = self.shard.to_string();
         let mut delivered_upto = lease.checkpoint.clone();
         loop {
             let timer = self.next_timer();
@@ -407,7 +442,12 @@ impl Consumer {
                     // KPL aggregates become their user records (those in this shard's hash
                     // range); what the checkpoint covers is dropped (a resume starts *at* the
                     // checkpointed record, possibly inside an aggregate).
-                    let mut records = deaggregate_batch(records, &self.shard, lease.hash_range);
+                    let mut records = deaggregate_counted(
+                        records,
+                        &self.shard,
+                        lease.hash_range,
+                        &self.metrics.handles().worker().invalid_aggregates,
+                    );
                     // Sub-records each have their own key, sequence number and overhead: the
                     // batch's room in the prefetch budget (held until it is processed) grows to
                     // what it holds now, from free room only (never waiting while holding).
@@ -422,8 +462,7 @@ impl Consumer {
                     };
                     if let Some(ms) = millis_behind_latest {
                         self.report.lag(ms);
-                        metrics::gauge!(m::MILLIS_BEHIND_LATEST, "shard" => label.clone())
-                            .set(ms as f64);
+                        self.metrics.handles().millis_behind(ms);
                     }
                     // The batch's span: the sequence range and count, never the payloads.
                     let span = tracing::debug_span!(
@@ -432,7 +471,7 @@ impl Consumer {
                         last = %last_seq(&batch),
                         records = batch.len(),
                     );
-                    self.deliver(&batch, &label).instrument(span).await?;
+                    self.deliver(&batch).instrument(span).await?;
                     self.last_activity = Instant::now();
                     self.unsaved += batch.len() as u64;
                     let policy = self.env.config.checkpoint_policy;
@@ -469,10 +508,13 @@ impl Consumer {
         }
     }
 
-    async fn deliver(&mut self, batch: &RecordBatch, label: &str) -> Result<(), Stop> {
+    async fn deliver(&mut self, batch: &RecordBatch) -> Result<(), Stop> {
         let Some(last) = batch.records.last().map(|r| r.position()) else {
             return Ok(());
         };
+        // The checkpoint age: from the oldest record handed over since the last checkpoint.
+        self.cp
+            .note_arrival(batch.records.first().and_then(|r| r.approximate_arrival));
         let mut delays = self.delays();
         loop {
             let started = Instant::now();
@@ -481,27 +523,28 @@ impl Consumer {
             // moves past it only if it returns `Ok`.
             self.cp.begin_batch(last.clone());
             self.report.callback_started();
-            let result = guarded("process_records", p.process_records(batch, &mut self.cp)).await;
+            let result = guarded(
+                &self.metrics.handles().worker().processor_panics,
+                "process_records",
+                p.process_records(batch, &mut self.cp),
+            )
+            .await;
             self.cp.end_batch(result.is_ok());
             self.report.callback_ended(if result.is_ok() {
                 batch.len() as u64
             } else {
                 0
             });
-            metrics::histogram!(m::PROCESSOR_LATENCY, "shard" => label.to_owned())
-                .record(started.elapsed().as_secs_f64());
+            let metrics = self.metrics.handles();
+            metrics.processor_seconds(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => {
-                    metrics::counter!(m::RECORDS_PROCESSED, "shard" => label.to_owned())
-                        .increment(batch.len() as u64);
-                    metrics::counter!(m::BYTES_PROCESSED, "shard" => label.to_owned())
-                        .increment(batch.data_bytes() as u64);
+                    metrics.processed(batch.len() as u64, batch.data_bytes() as u64);
                     self.held.count_bytes(batch.data_bytes() as u64);
                     return Ok(());
                 }
                 Err(e) => {
-                    metrics::counter!(m::PROCESSOR_ERRORS, "shard" => label.to_owned())
-                        .increment(1);
+                    metrics.processor_error();
                     match self
                         .on_error("process_records", e, Some(batch), &mut delays)
                         .await?
@@ -579,7 +622,12 @@ impl Consumer {
             }
             let p = self.processor.as_mut().ok_or(Stop::ProcessorFailed)?;
             self.cp.begin_shard_end(children.clone());
-            let result = guarded("shard_ended", p.shard_ended(&mut self.cp)).await;
+            let result = guarded(
+                &self.metrics.handles().worker().processor_panics,
+                "shard_ended",
+                p.shard_ended(&mut self.cp),
+            )
+            .await;
             let requested = self.cp.end_shard_end();
             let result: Result<(), ProcessorError> = match result {
                 // SHARD_END is stored only now that `shard_ended` succeeded.
@@ -692,7 +740,11 @@ impl Consumer {
                     Err(_) => {
                         // The batch was not taken: it must not count as processed.
                         error!("the failed-batch handler panicked; stopping the shard");
-                        metrics::counter!(m::PROCESSOR_PANICS).increment(1);
+                        self.metrics
+                            .handles()
+                            .worker()
+                            .processor_panics
+                            .increment(1);
                         Err(Stop::ProcessorFailed)
                     }
                 }

@@ -179,6 +179,14 @@ impl AwsKinesis {
     /// # }
     /// ```
     pub fn new(client: aws_sdk_kinesis::Client) -> Self {
+        // Every attempt counted by operation and outcome (`kcl_aws_requests_total`).
+        let client = aws_sdk_kinesis::Client::from_conf(
+            client
+                .config()
+                .to_builder()
+                .interceptor(crate::metrics::requests::RequestMetrics::new("kinesis"))
+                .build(),
+        );
         let timeouts = Timeouts::of(&client);
         let get_records_client = match &timeouts.get_records {
             Some(t) => aws_sdk_kinesis::Client::from_conf(

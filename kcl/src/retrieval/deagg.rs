@@ -65,7 +65,6 @@ use md5::{Digest, Md5};
 use prost::Message;
 use tracing::{debug, warn};
 
-use crate::metrics as m;
 use crate::record::Record;
 use crate::shard::{hash_key, HashKeyRange, ShardId};
 
@@ -330,12 +329,23 @@ pub fn in_range(record: &Record, range: HashKeyRange) -> bool {
 ///
 /// Aggregates become their sub-records, keeping those in `range` (the shard's hash-key range;
 /// `None` keeps all); plain records pass as they are. A record with the KPL magic that is not a
-/// valid aggregate is passed on unchanged, counted in [`crate::metrics::INVALID_AGGREGATES`]
-/// (label `shard`) and logged at `warn`. A batch with no aggregate comes back without copying.
+/// valid aggregate is passed on unchanged and logged at `warn` (a worker also counts it in
+/// [`crate::metrics::INVALID_AGGREGATES`]). A batch with no aggregate comes back without
+/// copying.
 pub fn deaggregate_batch(
     records: Vec<Record>,
     shard: &ShardId,
     range: Option<HashKeyRange>,
+) -> Vec<Record> {
+    deaggregate_counted(records, shard, range, &metrics::Counter::noop())
+}
+
+/// [`deaggregate_batch`], counting invalid aggregates in `invalid`.
+pub(crate) fn deaggregate_counted(
+    records: Vec<Record>,
+    shard: &ShardId,
+    range: Option<HashKeyRange>,
+    invalid: &metrics::Counter,
 ) -> Vec<Record> {
     if !records.iter().any(|r| has_magic(&r.data)) {
         return records;
@@ -351,7 +361,7 @@ pub fn deaggregate_batch(
                     %reason,
                     "a record with the KPL magic is not a valid aggregate; delivering it as it is"
                 );
-                metrics::counter!(m::INVALID_AGGREGATES, "shard" => shard.to_string()).increment(1);
+                invalid.increment(1);
                 out.push(record);
             }
             Deaggregated::Aggregate(subs) => {

@@ -56,7 +56,6 @@ use super::kinesis::SubscriptionEvent;
 use super::polling::{latest_at, Fetched, PrefetchBudget, Reader, Reading};
 use super::{restart_position, IteratorPosition, KinesisApi, KinesisApiError};
 use crate::config::{PollingConfig, Retrieval, WorkerConfig};
-use crate::metrics as m;
 use crate::record::{Record, SequenceNumber};
 use crate::shard::ShardId;
 
@@ -163,6 +162,8 @@ fn after_not_found(shard: Result<(), &KinesisApiError>, reregistered: u32) -> Af
 /// as read (KPL aggregates included; the consumer deaggregates them and drops what the
 /// checkpoint covers). The task stops when `stop` is cancelled, the receiver is dropped, the
 /// shard ends or an error is not retryable.
+// Each input is distinct (the fetcher and the subscriber take the same ones).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_subscriber(
     kinesis: Arc<dyn KinesisApi>,
     consumer: Arc<StreamConsumer>,
@@ -170,6 +171,7 @@ pub(crate) fn spawn_subscriber(
     position: IteratorPosition,
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
+    metrics: Arc<crate::metrics::ShardMetrics>,
     stop: CancellationToken,
 ) -> Reading {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
@@ -184,6 +186,7 @@ pub(crate) fn spawn_subscriber(
         position,
         latest_at,
         last_read: None,
+        metrics,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -218,6 +221,8 @@ struct Subscriber {
     /// The last (outer) record delivered: records at or before it are dropped (a resubscription
     /// that repeats them).
     last_read: Option<SequenceNumber>,
+    /// The shard's metric handles.
+    metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 /// How one subscription ended.
@@ -251,11 +256,10 @@ impl Subscriber {
                     debug!(shard = %self.shard, position = ?self.position, "subscription ended; resubscribing");
                 }
                 Ended::Retry(e) => {
-                    let label = self.shard.to_string();
                     if matches!(e, KinesisApiError::Throttled(_)) {
-                        metrics::counter!(m::THROTTLES, "shard" => label).increment(1);
+                        self.metrics.read_throttled();
                     } else {
-                        metrics::counter!(m::READ_ERRORS, "shard" => label).increment(1);
+                        self.metrics.read_error();
                     }
                     let d = delays.next().unwrap_or(MAX_BACKOFF);
                     debug!(shard = %self.shard, error = %e, delay = ?d, "subscription failed; resubscribing after a pause");
@@ -558,6 +562,7 @@ mod tests {
             position,
             cfg(prefetch_batches),
             PrefetchBudget::new(budget_bytes),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         )
         .records
@@ -639,6 +644,7 @@ mod tests {
             IteratorPosition::AfterSequence(second),
             cfg(3),
             PrefetchBudget::new(1 << 20),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         )
         .records;
@@ -772,6 +778,7 @@ mod tests {
             IteratorPosition::Latest,
             cfg(3),
             PrefetchBudget::new(1 << 20),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         );
         assert_eq!(
@@ -807,6 +814,7 @@ mod tests {
             IteratorPosition::TrimHorizon,
             cfg(3),
             PrefetchBudget::new(1 << 20),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         )
         .records;
@@ -900,6 +908,7 @@ mod tests {
             IteratorPosition::Latest,
             cfg(3),
             PrefetchBudget::new(1 << 20),
+            crate::metrics::ShardMetrics::detached(),
             stop.clone(),
         )
         .records;

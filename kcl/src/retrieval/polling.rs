@@ -793,6 +793,8 @@ pub(crate) fn latest_at(
 /// prefetch queue (and, at `LATEST`, the moment it stands for). The task stops when `stop` is
 /// cancelled or the receiver is dropped. Records come as read (KPL aggregates included): the
 /// consumer deaggregates them and drops what the checkpoint already covers.
+// Each input is distinct (the fetcher and the subscriber take the same ones).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_fetcher(
     kinesis: Arc<dyn KinesisApi>,
     stream: String,
@@ -800,6 +802,7 @@ pub(crate) fn spawn_fetcher(
     position: IteratorPosition,
     cfg: PollingConfig,
     budget: Arc<PrefetchBudget>,
+    metrics: Arc<crate::metrics::ShardMetrics>,
     stop: CancellationToken,
 ) -> Reading {
     let (tx, rx) = mpsc::channel(cfg.prefetch_batches);
@@ -817,6 +820,7 @@ pub(crate) fn spawn_fetcher(
         cfg,
         last_read: None,
         latest_at,
+        metrics,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -854,6 +858,8 @@ struct Fetcher {
     last_read: Option<SequenceNumber>,
     /// Started at `LATEST`: the stream's time right before the first iterator was asked for.
     latest_at: Option<SystemTime>,
+    /// The shard's metric handles.
+    metrics: Arc<crate::metrics::ShardMetrics>,
 }
 
 impl Fetcher {
@@ -940,11 +946,7 @@ impl Fetcher {
                 .await;
             if limited && want > 1 {
                 // The budget, not the shard or the processor, sets this shard's pace.
-                let label = self.shard.to_string();
-                metrics::counter!(m::PREFETCH_BUDGET_LIMITED_CALLS, "shard" => label.clone())
-                    .increment(1);
-                metrics::histogram!(m::PREFETCH_BUDGET_WAIT, "shard" => label)
-                    .record(waited.as_secs_f64());
+                self.metrics.budget_limited(waited);
                 self.budget.limited(waited);
             }
             let started = Instant::now();
@@ -973,11 +975,10 @@ impl Fetcher {
                 }
                 Err(e) if e.is_retryable() => {
                     drop(room);
-                    let label = self.shard.to_string();
                     if matches!(e, KinesisApiError::Throttled(_)) {
-                        metrics::counter!(m::THROTTLES, "shard" => label).increment(1);
+                        self.metrics.read_throttled();
                     } else {
-                        metrics::counter!(m::READ_ERRORS, "shard" => label).increment(1);
+                        self.metrics.read_error();
                     }
                     let d = delays.next().unwrap_or(Duration::from_secs(10));
                     debug!(shard = %self.shard, error = %e, delay = ?d, "GetRecords failed; backing off");
@@ -1644,6 +1645,7 @@ mod fetcher_tests {
             IteratorPosition::TrimHorizon,
             PollingConfig::default(),
             budget.clone(),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         )
         .records;
@@ -1683,6 +1685,7 @@ mod fetcher_tests {
                 IteratorPosition::TrimHorizon,
                 PollingConfig::default(),
                 budget.clone(),
+                crate::metrics::ShardMetrics::detached(),
                 CancellationToken::new(),
             )
             .records;
@@ -1780,6 +1783,7 @@ mod fetcher_tests {
             IteratorPosition::TrimHorizon,
             PollingConfig::default(),
             PrefetchBudget::new(24 << 20),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         )
         .records;
@@ -1858,6 +1862,7 @@ mod fetcher_tests {
             IteratorPosition::Latest,
             PollingConfig::default(),
             PrefetchBudget::new(1 << 20),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         );
         assert_eq!(
@@ -1880,6 +1885,7 @@ mod fetcher_tests {
             IteratorPosition::TrimHorizon,
             PollingConfig::default(),
             PrefetchBudget::new(1 << 20),
+            crate::metrics::ShardMetrics::detached(),
             CancellationToken::new(),
         );
         assert_eq!(other.latest_at, None);

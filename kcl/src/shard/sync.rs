@@ -170,6 +170,8 @@ pub(crate) struct ShardSyncer {
     /// Leases created or deleted before the liveness item existed (the first sync): handed
     /// to it, so peers that read the table before then learn of them.
     changes_before_liveness: std::sync::atomic::AtomicU64,
+    /// Shard-sync results, leases created and deleted.
+    metrics: Option<Arc<crate::metrics::WorkerMetrics>>,
 }
 
 impl ShardSyncer {
@@ -185,7 +187,14 @@ impl ShardSyncer {
             deletable_since: std::sync::Mutex::new(BTreeMap::new()),
             liveness: None,
             changes_before_liveness: std::sync::atomic::AtomicU64::new(0),
+            metrics: None,
         }
+    }
+
+    /// Records the syncs' results in `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::WorkerMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Syncs periodically only while this worker leads the fleet, and records the leases it
@@ -258,8 +267,17 @@ impl ShardSyncer {
         }
     }
 
-    /// Lists shards, creates missing leases and deletes finished ones.
+    /// Lists shards, creates missing leases and deletes finished ones (counted).
     pub(crate) async fn sync_once(&self) -> Result<(), Error> {
+        let result = self.sync().await;
+        if let Some(m) = &self.metrics {
+            m.shard_sync(result.as_ref().ok().copied());
+        }
+        result.map(|_| ())
+    }
+
+    /// [`ShardSyncer::sync_once`]: the number of shards listed.
+    async fn sync(&self) -> Result<usize, Error> {
         // The table is read *before* the shards are listed: every lease in the snapshot then
         // predates the listing, so a lease whose shard is missing from it really belongs to a
         // shard that left the stream — not to one created after the listing (deleting that
@@ -274,6 +292,9 @@ impl ShardSyncer {
         for lease in plan_new_leases(&shards, &table.leases, self.config.initial_position) {
             if self.store.create_if_absent(&lease).await? {
                 debug!(lease = %lease.key, checkpoint = %lease.checkpoint, "created lease");
+                if let Some(m) = &self.metrics {
+                    m.leases_created.increment(1);
+                }
                 self.table_changed();
             }
         }
@@ -302,13 +323,16 @@ impl ShardSyncer {
             match self.store.delete(&lease).await {
                 Ok(()) => {
                     debug!(lease = %lease.key, "deleted finished lease");
+                    if let Some(m) = &self.metrics {
+                        m.leases_deleted.increment(1);
+                    }
                     self.table_changed();
                 }
                 Err(e) if e.is_condition_failed() => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(shards.len())
     }
 }
 

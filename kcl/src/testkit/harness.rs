@@ -192,7 +192,12 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
             parent_shard_ids: lease.parent_shard_ids.clone(),
             pending_checkpoint: PendingCheckpoint::of(&lease),
         };
-        guarded("initialize", self.processor.initialize(&ctx)).await
+        guarded(
+            &metrics::Counter::noop(),
+            "initialize",
+            self.processor.initialize(&ctx),
+        )
+        .await
     }
 
     /// One `process_records` call with `records` (in order, non-empty). The processed
@@ -213,6 +218,7 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
         };
         self.cp.begin_batch(last);
         let result = guarded(
+            &metrics::Counter::noop(),
             "process_records",
             self.processor.process_records(&batch, &mut self.cp),
         )
@@ -233,7 +239,12 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
     /// # Errors
     /// The processor's error.
     pub async fn idle(&mut self) -> Result<(), ProcessorError> {
-        guarded("idle", self.processor.idle(&mut self.cp)).await
+        guarded(
+            &metrics::Counter::noop(),
+            "idle",
+            self.processor.idle(&mut self.cp),
+        )
+        .await
     }
 
     /// `shard_ended` with `children`; stores `SHARD_END` if it asked for it and returned
@@ -243,7 +254,12 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
     /// The processor's error, or the checkpoint's.
     pub async fn shard_end(&mut self, children: Vec<ChildShard>) -> Result<(), ProcessorError> {
         self.cp.begin_shard_end(children);
-        let result = guarded("shard_ended", self.processor.shard_ended(&mut self.cp)).await;
+        let result = guarded(
+            &metrics::Counter::noop(),
+            "shard_ended",
+            self.processor.shard_ended(&mut self.cp),
+        )
+        .await;
         let requested = self.cp.end_shard_end();
         result?;
         if requested {
@@ -259,6 +275,7 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
     /// The processor's error, or the final checkpoint's.
     pub async fn shutdown(&mut self) -> Result<(), ProcessorError> {
         let result = guarded(
+            &metrics::Counter::noop(),
             "shutdown_requested",
             self.processor.shutdown_requested(&mut self.cp),
         )

@@ -171,7 +171,8 @@ impl Worker {
         coordinator.report_to(self.status.clone());
         let sync_now = Arc::new(Notify::new());
         // The first sync must succeed before any lease is taken.
-        let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone());
+        let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone())
+            .with_metrics(coordinator.metrics().clone());
         syncer.sync_at_start(&self.shutdown).await?;
         coordinator.start_liveness(&self.shutdown).await;
         let syncer = syncer.with_liveness(coordinator.liveness());
@@ -196,6 +197,13 @@ impl Worker {
                 .run_taker(acquired_tx, background.clone())
                 .in_current_span(),
         ));
+        // Stopped when `run()` returns (or is dropped): gauges of a stopped worker go idle.
+        let _metrics_refresher = AbortOnDropHandle::new(tokio::spawn(
+            coordinator
+                .metrics()
+                .clone()
+                .run_refresher(cfg.metrics_refresh_interval),
+        ));
         let syncer_task = AbortOnDropHandle::new(tokio::spawn(
             syncer
                 .run(sync_now.clone(), background.clone())
@@ -214,6 +222,7 @@ impl Worker {
             stream_consumer: consumer_arn
                 .map(|arn| crate::retrieval::fanout::StreamConsumer::of(&cfg, &arn)),
             status: self.status.clone(),
+            metrics: coordinator.metrics().clone(),
         };
         self.status.set_phase(WorkerPhase::Running);
         let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
@@ -379,6 +388,8 @@ pub struct WorkerBuilder {
     lease_liveness: Option<crate::config::LeaseLiveness>,
     balance_by_load: Option<bool>,
     checkpoint_policy: Option<CheckpointPolicy>,
+    metrics_level: Option<crate::metrics::MetricsLevel>,
+    metrics_refresh_interval: Option<Duration>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
     kinesis: Option<Arc<dyn KinesisApi>>,
@@ -448,6 +459,26 @@ impl WorkerBuilder {
         /// processor, by itself). With an automatic policy the worker also checkpoints what
         /// was processed before a graceful shutdown or handoff releases the lease.
         checkpoint_policy: CheckpointPolicy,
+        /// Which metrics are recorded (default
+        /// [`MetricsLevel::Summary`](crate::metrics::MetricsLevel::Summary), per worker and
+        /// stream; `Detailed` adds per-shard series). See `docs/metrics.md`.
+        ///
+        /// ```
+        /// use kcl::metrics::MetricsLevel;
+        /// let builder = kcl::Worker::builder().metrics_level(MetricsLevel::Detailed);
+        /// # let _ = builder;
+        /// ```
+        metrics_level: crate::metrics::MetricsLevel,
+        /// How often gauges are set again and held counters touched (default 5 s; 100 ms to
+        /// 60 s): keep an exporter's idle timeout above three of these (see
+        /// [`crate::metrics`]).
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// let builder = kcl::Worker::builder().metrics_refresh_interval(Duration::from_secs(10));
+        /// # let _ = builder;
+        /// ```
+        metrics_refresh_interval: Duration,
     }
 
     /// Required. The application name; also the default lease-table name.
@@ -563,7 +594,9 @@ impl WorkerBuilder {
             heartbeat,
             lease_liveness,
             balance_by_load,
-            checkpoint_policy
+            checkpoint_policy,
+            metrics_level,
+            metrics_refresh_interval
         );
         cfg.validate()?;
         let factory = self

@@ -1,0 +1,129 @@
+//! SDK interceptors that plant faults on the real SDK path: answers lost after the server
+//! applied a write, throttled attempts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::config_bag::ConfigBag;
+
+fn operation(cfg: &ConfigBag) -> Option<&str> {
+    cfg.load::<Metadata>().map(|m| m.name())
+}
+
+/// Turns every `every`-th successful `UpdateItem` answer into a 500 after the server applied
+/// the write, as a load balancer or a dropped connection would (DynamoDB clients).
+///
+/// ```
+/// let (lose, lost) = kcl_integration_tests::sdk_faults::LoseUpdateAnswers::every(3);
+/// let conf = aws_sdk_dynamodb::config::Builder::new().interceptor(lose).build();
+/// # let _ = (conf, lost);
+/// ```
+#[derive(Debug)]
+pub struct LoseUpdateAnswers {
+    every: u64,
+    seen: AtomicU64,
+    lost: Arc<AtomicU64>,
+}
+
+impl LoseUpdateAnswers {
+    /// Loses every `every`-th answer (the first included); the counter tells how many.
+    pub fn every(every: u64) -> (Self, Arc<AtomicU64>) {
+        let lost = Arc::new(AtomicU64::new(0));
+        let this = Self {
+            every,
+            seen: AtomicU64::new(0),
+            lost: lost.clone(),
+        };
+        (this, lost)
+    }
+}
+
+impl Intercept for LoseUpdateAnswers {
+    fn name(&self) -> &'static str {
+        "LoseUpdateAnswers"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let is_update = operation(cfg) == Some("UpdateItem");
+        let response = context.response_mut();
+        if !is_update || !response.status().is_success() {
+            return Ok(());
+        }
+        if self.seen.fetch_add(1, Ordering::Relaxed) % self.every != 0 {
+            return Ok(());
+        }
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        *response.status_mut() = 500.try_into()?;
+        *response.body_mut() = SdkBody::from(
+            r#"{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError","message":"injected: answer lost"}"#,
+        );
+        Ok(())
+    }
+}
+
+/// Answers the first `count` attempts of `operation` with Kinesis' throttling error
+/// (`ProvisionedThroughputExceededException`, a 400) instead of the server's answer
+/// (Kinesis clients).
+///
+/// ```
+/// use kcl_integration_tests::sdk_faults::ThrottleFirst;
+/// let conf = aws_sdk_kinesis::config::Builder::new()
+///     .interceptor(ThrottleFirst::new("GetRecords", 3))
+///     .build();
+/// # let _ = conf;
+/// ```
+#[derive(Debug)]
+pub struct ThrottleFirst {
+    operation: &'static str,
+    left: AtomicU64,
+}
+
+impl ThrottleFirst {
+    /// Throttles the first `count` attempts of `operation`.
+    pub fn new(operation: &'static str, count: u64) -> Self {
+        Self {
+            operation,
+            left: AtomicU64::new(count),
+        }
+    }
+}
+
+impl Intercept for ThrottleFirst {
+    fn name(&self) -> &'static str {
+        "ThrottleFirst"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if operation(cfg) != Some(self.operation) {
+            return Ok(());
+        }
+        let taken = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if taken.is_err() {
+            return Ok(());
+        }
+        let response = context.response_mut();
+        *response.status_mut() = 400.try_into()?;
+        *response.body_mut() = SdkBody::from(
+            r#"{"__type":"ProvisionedThroughputExceededException","message":"injected: throttled"}"#,
+        );
+        Ok(())
+    }
+}
