@@ -11,6 +11,8 @@ use std::time::Duration;
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::metrics::MetricsLevel;
+use kcl::producer::aws::AwsPutRecords;
+use kcl::producer::Producer;
 use kcl::retrieval::aws::AwsKinesis;
 use kcl::retrieval::KinesisApi;
 use kcl::{
@@ -18,7 +20,7 @@ use kcl::{
 };
 
 use crate::scenarios::{self, DeliveryLog, StreamFixture};
-use crate::sdk_faults::{LoseUpdateAnswers, ThrottleFirst};
+use crate::sdk_faults::{LoseUpdateAnswers, ReplaceFirst};
 
 /// How often the sweep's workers refresh their metrics.
 pub const REFRESH: Duration = Duration::from_millis(200);
@@ -70,9 +72,21 @@ impl RecordProcessor for Planted {
     }
 }
 
-/// The workers' clients with planted faults: the first 6 `GetRecords` attempts throttled
-/// (the SDK gives up on a call after three: the library counts a read throttle and retries;
-/// two shards read at once), every 2nd `UpdateItem` answer lost.
+/// The clients of a sweep.
+#[derive(Clone)]
+pub struct Clients {
+    /// What the workers read through.
+    pub kinesis: Arc<dyn KinesisApi>,
+    /// The lease table.
+    pub leases: Arc<dyn LeaseStore>,
+    /// What the producer puts through.
+    pub producer: AwsPutRecords,
+}
+
+/// The clients with planted faults: the first 6 `GetRecords` attempts throttled (the SDK
+/// gives up on a call after three: the library counts a read throttle and retries; two
+/// shards read at once), every 2nd `UpdateItem` answer lost, the first 2 `PutRecords`
+/// answers rejecting their record.
 ///
 /// ```no_run
 /// # async fn demo() -> anyhow::Result<()> {
@@ -80,21 +94,21 @@ impl RecordProcessor for Planted {
 /// let kinesis = LocalKinesis::start().await?;
 /// let dynalite = kcl_integration_tests::dynamo_servers::start_dynalite().await?;
 /// let conf = kcl_integration_tests::sdk_config(&dynalite.endpoint()).await;
-/// let (kinesis_api, leases) = metrics_sweep::faulty_clients(&kinesis, &conf);
-/// # let _ = (kinesis_api, leases);
+/// let clients = metrics_sweep::faulty_clients(&kinesis, &conf);
+/// # let _ = clients;
 /// # Ok(())
 /// # }
 /// ```
 pub fn faulty_clients(
     kinesis: &crate::scenarios::LocalKinesis,
     conf: &aws_config::SdkConfig,
-) -> (Arc<dyn KinesisApi>, Arc<dyn LeaseStore>) {
+) -> Clients {
     let client = aws_sdk_kinesis::Client::from_conf(
         kinesis
             .client
             .config()
             .to_builder()
-            .interceptor(ThrottleFirst::new("GetRecords", 6))
+            .interceptor(ReplaceFirst::throttle("GetRecords", 6))
             .build(),
     );
     let (lose, _lost) = LoseUpdateAnswers::every(2);
@@ -104,12 +118,23 @@ pub fn faulty_clients(
             .build(),
     );
     let leases = DynamoLeaseStore::new(dynamo, crate::unique_name("leases"));
-    (Arc::new(AwsKinesis::new(client)), Arc::new(leases))
+    let producer = aws_sdk_kinesis::Client::from_conf(
+        kinesis
+            .client
+            .config()
+            .to_builder()
+            .interceptor(ReplaceFirst::reject_put_records(2))
+            .build(),
+    );
+    Clients {
+        kinesis: Arc::new(AwsKinesis::new(client)),
+        leases: Arc::new(leases),
+        producer: AwsPutRecords::new(producer),
+    }
 }
 
-/// Runs the workload at `level` on a stream of `fixture`, the workers reading through
-/// `kinesis` (with planted faults, if any) and keeping leases in `leases`; `scrape` renders
-/// the exporter's output.
+/// Runs the workload at `level` on a stream of `fixture` through `clients` (with planted
+/// faults, if any); `scrape` renders the exporter's output.
 ///
 /// ```no_run
 /// # async fn demo() -> anyhow::Result<()> {
@@ -119,11 +144,10 @@ pub fn faulty_clients(
 /// let kinesis = LocalKinesis::start().await?;
 /// let dynalite = kcl_integration_tests::dynamo_servers::start_dynalite().await?;
 /// let conf = kcl_integration_tests::sdk_config(&dynalite.endpoint()).await;
-/// let (kinesis_api, leases) = metrics_sweep::faulty_clients(&kinesis, &conf);
+/// let clients = metrics_sweep::faulty_clients(&kinesis, &conf);
 /// let scrape = || String::new(); // the exporter's rendering
-/// let run = metrics_sweep::run(
-///     MetricsLevel::Summary, &kinesis, kinesis_api, leases, &scrape, Duration::ZERO,
-/// ).await?;
+/// let run = metrics_sweep::run(MetricsLevel::Summary, &kinesis, clients, &scrape, Duration::ZERO)
+///     .await?;
 /// println!("{}", run.during);
 /// # Ok(())
 /// # }
@@ -134,11 +158,11 @@ pub fn faulty_clients(
 pub async fn run(
     level: MetricsLevel,
     fixture: &dyn StreamFixture,
-    kinesis: Arc<dyn KinesisApi>,
-    leases: Arc<dyn LeaseStore>,
+    clients: Clients,
     scrape: &(dyn Fn() -> String + Sync),
     wait_after_give_up: Duration,
 ) -> anyhow::Result<SweepRun> {
+    let leases = clients.leases.clone();
     let stream = crate::unique_name("metrics");
     fixture.create_stream(&stream, 2).await?;
     let mut records = scenarios::records(0, 20, 8);
@@ -147,8 +171,26 @@ pub async fn run(
         "key-bad".to_owned(),
         vec![0xF3, 0x89, 0x9A, 0xC2, 1, 2, 3, 4],
     ));
-    let total = records.len() as u64;
-    fixture.put(&stream, records).await?;
+    fixture.put(&stream, records.clone()).await?;
+    // The producer: by a producer that tries once, a record rejected and given up (put at
+    // its close); then a record rejected once and put again. Both are delivered.
+    let lossy = Producer::builder(clients.producer.clone(), &stream)
+        .max_batch_records(1)
+        .max_attempts(1)
+        .build()?;
+    lossy.put("key-lossy", b"lossy".to_vec()).await?;
+    anyhow::ensure!(
+        lossy.flush().await.is_err(),
+        "the planted rejection did not fail the flush"
+    );
+    let retried = Producer::builder(clients.producer.clone(), &stream)
+        .max_batch_records(1)
+        .min_backoff(Duration::from_millis(10))
+        .build()?;
+    retried.put("key-retried", b"retried".to_vec()).await?;
+    retried.close().await?;
+    lossy.close().await?;
+    let total = records.len() as u64 + 2;
 
     let calls = Arc::new(AtomicU32::new(0));
     let processed = Arc::new(AtomicU64::new(0));
@@ -161,7 +203,7 @@ pub async fn run(
         let give_up = (id == "b").then(|| give_up.clone());
         let panics = give_up.clone();
         scenarios::worker("metrics-app", &stream, id, fixture, leases.clone(), &log)
-            .kinesis(kinesis.clone())
+            .kinesis(clients.kinesis.clone())
             .max_leases_per_worker(1)
             .heartbeat(kcl::config::Heartbeat::Task)
             .metrics_level(level)

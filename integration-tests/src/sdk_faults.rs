@@ -72,36 +72,52 @@ impl Intercept for LoseUpdateAnswers {
     }
 }
 
-/// Answers the first `count` attempts of `operation` with Kinesis' throttling error
-/// (`ProvisionedThroughputExceededException`, a 400) instead of the server's answer
-/// (Kinesis clients).
+/// Replaces the answers of the first `count` attempts of an operation (Kinesis clients):
+/// [`ReplaceFirst::throttle`] answers with Kinesis' throttling error,
+/// [`ReplaceFirst::reject_put_records`] with a `PutRecords` answer that rejects its one record.
 ///
 /// ```
-/// use kcl_integration_tests::sdk_faults::ThrottleFirst;
+/// use kcl_integration_tests::sdk_faults::ReplaceFirst;
 /// let conf = aws_sdk_kinesis::config::Builder::new()
-///     .interceptor(ThrottleFirst::new("GetRecords", 3))
+///     .interceptor(ReplaceFirst::throttle("GetRecords", 3))
 ///     .build();
 /// # let _ = conf;
 /// ```
 #[derive(Debug)]
-pub struct ThrottleFirst {
+pub struct ReplaceFirst {
     operation: &'static str,
     left: AtomicU64,
+    status: u16,
+    body: &'static str,
 }
 
-impl ThrottleFirst {
-    /// Throttles the first `count` attempts of `operation`.
-    pub fn new(operation: &'static str, count: u64) -> Self {
+impl ReplaceFirst {
+    /// The first `count` attempts of `operation` are throttled
+    /// (`ProvisionedThroughputExceededException`, a 400), whatever the server answered.
+    pub fn throttle(operation: &'static str, count: u64) -> Self {
         Self {
             operation,
             left: AtomicU64::new(count),
+            status: 400,
+            body: r#"{"__type":"ProvisionedThroughputExceededException","message":"injected: throttled"}"#,
+        }
+    }
+
+    /// The first `count` `PutRecords` answers say their one record was throttled (a 200 with
+    /// `FailedRecordCount` 1): for producers that put one record per call.
+    pub fn reject_put_records(count: u64) -> Self {
+        Self {
+            operation: "PutRecords",
+            left: AtomicU64::new(count),
+            status: 200,
+            body: r#"{"FailedRecordCount":1,"Records":[{"ErrorCode":"ProvisionedThroughputExceededException","ErrorMessage":"injected: rejected"}]}"#,
         }
     }
 }
 
-impl Intercept for ThrottleFirst {
+impl Intercept for ReplaceFirst {
     fn name(&self) -> &'static str {
-        "ThrottleFirst"
+        "ReplaceFirst"
     }
 
     fn modify_before_deserialization(
@@ -120,10 +136,8 @@ impl Intercept for ThrottleFirst {
             return Ok(());
         }
         let response = context.response_mut();
-        *response.status_mut() = 400.try_into()?;
-        *response.body_mut() = SdkBody::from(
-            r#"{"__type":"ProvisionedThroughputExceededException","message":"injected: throttled"}"#,
-        );
+        *response.status_mut() = self.status.try_into()?;
+        *response.body_mut() = SdkBody::from(self.body);
         Ok(())
     }
 }
