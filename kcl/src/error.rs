@@ -47,6 +47,19 @@ pub enum Error {
     /// The signal handlers could not be installed ([`crate::Worker::run_until_signal`]).
     #[error("installing the signal handlers failed")]
     Signal(#[source] std::io::Error),
+    /// A graceful shutdown did not finish within `shutdown_timeout`: the processors of these
+    /// shards were still running and were abandoned. Their leases were not released: peers
+    /// take them once they expire (after `lease_duration`), from their last checkpoint.
+    #[error(
+        "shutdown_timeout passed with {} processor(s) still running (shards {}); abandoned them: \
+         their leases expire after the lease duration",
+        .shards.len(),
+        .shards.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    )]
+    Abandoned {
+        /// The shards whose processors were abandoned.
+        shards: Vec<crate::shard::ShardId>,
+    },
 }
 
 #[cfg(test)]

@@ -129,3 +129,41 @@ async fn the_status_shows_checkpoints_lag_errors_and_a_stuck_processor() {
     assert!(end.shards.is_empty(), "{end:#?}");
     assert!(!end.is_live());
 }
+
+/// A processor that never returns keeps a graceful shutdown from finishing: after
+/// `shutdown_timeout`, `run()` fails naming the abandoned shard (a service exits non-zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_cut_short_by_its_timeout_names_the_abandoned_shards() {
+    let backends = MemBackends::new();
+    backends.kinesis().create_stream("orders", 1);
+    backends.kinesis().put("orders", "k", "block");
+    let never = Arc::new(AtomicBool::new(false));
+    let worker = Worker::builder()
+        .application_name("abandon-app")
+        .stream("orders")
+        .backends(backends.clone())
+        .shutdown_timeout(Duration::from_millis(300))
+        .processor({
+            let never = never.clone();
+            move || Processor {
+                failed_once: true,
+                release: never.clone(),
+            }
+        })
+        .build()
+        .expect("valid config");
+    let status = worker.status_handle();
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    wait_for(&status, "the batch is running", |s| {
+        !s.stuck(Duration::ZERO).is_empty()
+    })
+    .await;
+    stop.shutdown();
+    match run.await.expect("no panic") {
+        Err(kcl::Error::Abandoned { shards }) => {
+            assert_eq!(shards, vec![kcl::ShardId::new("shardId-000000000000")]);
+        }
+        other => panic!("expected Abandoned, got {other:?}"),
+    }
+}

@@ -145,7 +145,10 @@ impl Worker {
     ///
     /// # Errors
     /// Fails if the lease table cannot be created or reached at start, or the stream cannot
-    /// be listed at start (after retries). Failures later on are retried and logged.
+    /// be listed at start (after retries). Failures later on are retried and logged. After a
+    /// graceful shutdown that did not finish within `shutdown_timeout`,
+    /// [`crate::Error::Abandoned`] names the shards whose processors were abandoned (a process
+    /// exiting on it should exit non-zero: those leases expire instead of moving at once).
     ///
     /// # Cancel safety
     /// Dropping the future abandons held leases without releasing them: they expire after
@@ -267,11 +270,14 @@ impl Worker {
             }
         })
         .await;
+        let mut abandoned = Vec::new();
         match drained {
             // Every consumer has released its lease; a handoff completed to this worker but
             // not taken yet would otherwise keep its shard idle until it expires.
             Ok(()) => coordinator.release_unheld().await,
             Err(_) => {
+                abandoned = consumers.keys().map(LeaseKey::shard_id).collect();
+                abandoned.sort();
                 error!(
                     remaining = consumers.len(),
                     "shutdown_timeout passed; abandoning processors (their leases will expire)"
@@ -286,6 +292,9 @@ impl Worker {
             coordinator.deregister().await;
         }
         let _ = syncer_task.await;
+        if !abandoned.is_empty() {
+            return Err(crate::Error::Abandoned { shards: abandoned });
+        }
         info!("worker stopped");
         Ok(())
     }
