@@ -167,3 +167,51 @@ async fn a_shutdown_cut_short_by_its_timeout_names_the_abandoned_shards() {
         other => panic!("expected Abandoned, got {other:?}"),
     }
 }
+
+/// Under the `Handoff` error policy a fatal error outside a batch (`initialize`) has no batch to
+/// hand over: it stops the shard (shown as failed), as under `Retry`, instead of being retried
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_initialize_error_under_the_handoff_policy_stops_the_shard() {
+    struct FailsToStart(Arc<std::sync::atomic::AtomicUsize>);
+    #[async_trait]
+    impl RecordProcessor for FailsToStart {
+        async fn initialize(&mut self, _: &kcl::ShardContext) -> Result<(), ProcessorError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(ProcessorError::fatal("the database is gone"))
+        }
+        async fn process_records(
+            &mut self,
+            _: &RecordBatch,
+            _: &mut Checkpointer,
+        ) -> Result<(), ProcessorError> {
+            Ok(())
+        }
+    }
+    let backends = MemBackends::new();
+    backends.kinesis().create_stream("orders", 1);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = Worker::builder()
+        .application_name("handoff-app")
+        .stream("orders")
+        .backends(backends.clone())
+        .error_policy(kcl::ErrorPolicy::handoff(|_, _| {}))
+        .processor({
+            let calls = calls.clone();
+            move || FailsToStart(calls.clone())
+        })
+        .build()
+        .expect("valid config");
+    let status = worker.status_handle();
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    let failed = wait_for(&status, "the shard is set aside as failed", |s| {
+        s.shards.iter().any(|sh| sh.state == ShardState::Failed)
+    })
+    .await;
+    assert_eq!(failed.held().count(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "initialize was retried");
+    stop.shutdown();
+    run.await.expect("no panic").expect("clean stop");
+}

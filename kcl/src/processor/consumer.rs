@@ -749,6 +749,12 @@ impl Consumer {
                     }
                 }
             }
+            // No batch to hand over (`initialize`, `idle`, …): a fatal error stops the shard,
+            // as under `Retry`, instead of being retried for ever.
+            (ErrorPolicy::Handoff(_), None) if !e.is_retryable() => {
+                error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed fatally; stopping the shard");
+                Err(Stop::ProcessorFailed)
+            }
             (ErrorPolicy::StopShard, _) => {
                 error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed; stopping the shard (error policy)");
                 Err(Stop::ProcessorFailed)
