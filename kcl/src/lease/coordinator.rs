@@ -418,6 +418,23 @@ struct Quarantine {
     failures: u32,
 }
 
+/// Which consecutive failure a read failure at `now` is, after `previous` (the shard's last
+/// quarantine, if any). A shard read without failure for longer than the longest quarantine
+/// (32 × `base`) since its last one ended starts over at the first: days of healthy reading
+/// must not make one passing failure cost the longest pause.
+fn consecutive_failures(
+    previous: Option<&Quarantine>,
+    base: Duration,
+    now: Instant,
+) -> u32 {
+    match previous {
+        Some(p) if now.saturating_duration_since(p.until) <= base.saturating_mul(32) => {
+            p.failures.saturating_add(1)
+        }
+        _ => 1,
+    }
+}
+
 /// How long a shard is set aside after its `failures`-th consecutive read failure: `base`,
 /// doubled per further failure, at most 32 × `base`.
 pub(crate) fn quarantine_for(base: Duration, failures: u32) -> Duration {
@@ -542,7 +559,7 @@ impl LeaseCoordinator {
     /// Returns when the quarantine ends (wall clock, for the worker's status).
     pub(crate) fn quarantine(&self, key: &LeaseKey, error: &str) -> std::time::SystemTime {
         let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
-        let failures = q.get(key).map_or(0, |e| e.failures) + 1;
+        let failures = consecutive_failures(q.get(key), self.quarantine, Instant::now());
         let pause = quarantine_for(self.quarantine, failures);
         q.insert(
             key.clone(),
@@ -2097,6 +2114,30 @@ mod tests {
         store.take(&now, &WorkerId::new("peer")).await.unwrap();
         let e = h.write(&store, LeaseWrite::Renew).await.unwrap_err();
         assert!(e.is_condition_failed(), "{e}");
+    }
+
+    #[test]
+    fn a_failure_long_after_the_last_quarantine_counts_as_the_first() {
+        let base = Duration::from_secs(1);
+        let now = Instant::now();
+        let ended = |ago: u64, failures| Quarantine {
+            until: now - Duration::from_secs(ago),
+            failures,
+        };
+        // (previous quarantine: ended how long ago, its failures) → this failure's number
+        for (previous, want) in [
+            (None, 1),
+            (Some(ended(0, 1)), 2),
+            (Some(ended(32, 3)), 4),
+            (Some(ended(33, 3)), 1),
+            (Some(ended(100, 6)), 1),
+        ] {
+            assert_eq!(
+                consecutive_failures(previous.as_ref(), base, now),
+                want,
+                "{previous:?}"
+            );
+        }
     }
 
     #[test]
