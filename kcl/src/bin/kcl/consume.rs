@@ -1,20 +1,12 @@
-//! The `kcl` command-line tool: consume a stream as JSON lines, inspect a lease table.
-//!
-//! Endpoints, region and credentials come from the standard AWS configuration
-//! (`AWS_ENDPOINT_URL_KINESIS`, `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, profiles, …).
+//! `kcl consume`: a stream as JSON lines on stdout, checkpointing exactly what was written.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::os::fd::AsFd as _;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine as _;
-use clap::{Parser, Subcommand};
-use kcl::lease::dynamo::DynamoLeaseStore;
-use kcl::lease::LeaseStore;
 use kcl::service::parse_position;
 use kcl::worker::signal::StopSignals;
 use kcl::{
@@ -23,46 +15,25 @@ use kcl::{
 };
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser)]
-#[command(name = "kcl", version, about = "Kinesis consumer and lease-table tool")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Consume a stream, writing each record to stdout as one JSON object per line.
-    Consume {
-        /// The stream to read.
-        #[arg(long)]
-        stream: String,
-        /// The application name (also the lease table, unless --table is given).
-        #[arg(long)]
-        app: String,
-        /// The lease table (default: the application name).
-        #[arg(long)]
-        table: Option<String>,
-        /// This worker's id (default: host name plus a random suffix).
-        #[arg(long)]
-        worker_id: Option<String>,
-        /// Where shards without a checkpoint start: `trim-horizon`, `latest`, or
-        /// `at-timestamp=<RFC 3339>` (e.g. `at-timestamp=2026-11-25T10:00:00Z`).
-        #[arg(long, default_value = "trim-horizon", value_parser = parse_position)]
-        position: InitialPosition,
-    },
-    /// Show the lease table.
-    Leases {
-        /// The application name (the lease table, unless --table is given).
-        #[arg(long)]
-        app: String,
-        /// The lease table (default: the application name).
-        #[arg(long)]
-        table: Option<String>,
-        /// Print a JSON array with the table's attribute names.
-        #[arg(long)]
-        json: bool,
-    },
+/// `kcl consume`'s flags.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The stream to read.
+    #[arg(long)]
+    stream: String,
+    /// The application name (also the lease table, unless --table is given).
+    #[arg(long)]
+    app: String,
+    /// The lease table (default: the application name).
+    #[arg(long)]
+    table: Option<String>,
+    /// This worker's id (default: host name plus a random suffix).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Where shards without a checkpoint start: `trim-horizon`, `latest`, or
+    /// `at-timestamp=<RFC 3339>` (e.g. `at-timestamp=2026-11-25T10:00:00Z`).
+    #[arg(long, default_value = "trim-horizon", value_parser = parse_position)]
+    position: InitialPosition,
 }
 
 /// How many bytes of lines are collected before they are written out (and at the end of every
@@ -392,171 +363,62 @@ impl RecordProcessor for JsonLines {
     }
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "Error: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
+/// Runs `kcl consume` until a signal, a closed stdout or an error.
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let Args {
+        stream,
+        app,
+        table,
+        worker_id,
+        position,
+    } = args;
+    // Caught from now on: a signal during start-up is a graceful stop too.
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
+    let out = Output::stdout()?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let mut builder = Worker::builder()
+        .application_name(app)
+        .stream(stream)
+        .backends(kcl::Aws::from_conf(&sdk))
+        .initial_position(position)
+        .processor({
+            let out = out.clone();
+            move || JsonLines::new(out.clone())
+        });
+    if let Some(t) = table {
+        builder = builder.table_name(t);
+    }
+    if let Some(id) = worker_id {
+        builder = builder.worker_id(id);
+    }
+    let worker = builder.build()?;
+    let stop = worker.shutdown_handle();
+    let run = worker.run();
+    tokio::pin!(run);
+    let stopped = tokio::select! {
+        r = &mut run => {
+            r?;
+            true
+        }
+        signal = signals.recv() => {
+            tracing::info!(%signal, "signal received; shutting down gracefully");
+            false
+        }
+        _ = out.closed.cancelled() => {
+            tracing::warn!("stdout was closed (broken pipe); shutting down gracefully");
+            false
         }
     };
-    let result = runtime.block_on(run(cli));
-    // A write stuck on a stdout nobody reads must not keep the process alive.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Not eprintln!: a closed stderr must not turn the error into a panic.
-            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
-            ExitCode::FAILURE
+    if !stopped {
+        stop.shutdown();
+        tokio::select! {
+            r = &mut run => r?,
+            signal = signals.recv() => bail!(
+                "{signal} received again: stopped without waiting for the graceful \
+                 shutdown (the leases still held expire after the lease duration)"
+            ),
         }
     }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Consume {
-            stream,
-            app,
-            table,
-            worker_id,
-            position,
-        } => {
-            // Caught from now on: a signal during start-up is a graceful stop too.
-            let mut signals = StopSignals::install().context("installing signal handlers")?;
-            let out = Output::stdout()?;
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let mut builder = Worker::builder()
-                .application_name(app)
-                .stream(stream)
-                .backends(kcl::Aws::from_conf(&sdk))
-                .initial_position(position)
-                .processor({
-                    let out = out.clone();
-                    move || JsonLines::new(out.clone())
-                });
-            if let Some(t) = table {
-                builder = builder.table_name(t);
-            }
-            if let Some(id) = worker_id {
-                builder = builder.worker_id(id);
-            }
-            let worker = builder.build()?;
-            let stop = worker.shutdown_handle();
-            let run = worker.run();
-            tokio::pin!(run);
-            let stopped = tokio::select! {
-                r = &mut run => {
-                    r?;
-                    true
-                }
-                signal = signals.recv() => {
-                    tracing::info!(%signal, "signal received; shutting down gracefully");
-                    false
-                }
-                _ = out.closed.cancelled() => {
-                    tracing::warn!("stdout was closed (broken pipe); shutting down gracefully");
-                    false
-                }
-            };
-            if !stopped {
-                stop.shutdown();
-                tokio::select! {
-                    r = &mut run => r?,
-                    signal = signals.recv() => bail!(
-                        "{signal} received again: stopped without waiting for the graceful \
-                         shutdown (the leases still held expire after the lease duration)"
-                    ),
-                }
-            }
-            out.finish().await?;
-        }
-        Command::Leases { app, table, json } => {
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let store = DynamoLeaseStore::from_conf(&sdk, table.unwrap_or(app));
-            let table = store.list().await.context("reading the lease table")?;
-            for bad in &table.malformed {
-                eprintln!("warning: {bad}");
-            }
-            if json {
-                let items: Vec<serde_json::Value> = table.leases.iter().map(lease_json).collect();
-                println!("{}", serde_json::to_string_pretty(&items)?);
-            } else {
-                print_table(&table.leases);
-            }
-        }
-    }
+    out.finish().await?;
     Ok(())
-}
-
-fn lease_json(l: &kcl::Lease) -> serde_json::Value {
-    use kcl::lease::item::{encode, AttrValue};
-    let mut map = serde_json::Map::new();
-    for (name, value) in encode(l) {
-        let v = match value {
-            AttrValue::S(s) => serde_json::Value::String(s),
-            AttrValue::N(n) => n
-                .parse::<u64>()
-                .map(serde_json::Value::from)
-                .unwrap_or(serde_json::Value::String(n)),
-            AttrValue::Ss(v) => serde_json::Value::from(v),
-            AttrValue::B(b) => {
-                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b))
-            }
-            AttrValue::Other(t) => serde_json::Value::String(format!("<{t}>")),
-        };
-        map.insert(name, v);
-    }
-    serde_json::Value::Object(map)
-}
-
-fn print_table(leases: &[kcl::Lease]) {
-    let rows: Vec<[String; 5]> = leases
-        .iter()
-        .map(|l| {
-            [
-                l.key.to_string(),
-                l.owner.as_ref().map_or("-".into(), |o| o.to_string()),
-                l.counter.to_string(),
-                l.checkpoint.to_string(),
-                l.parent_shard_ids
-                    .iter()
-                    .map(|p| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ]
-        })
-        .collect();
-    let header = ["LEASE", "OWNER", "COUNTER", "CHECKPOINT", "PARENTS"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: [&str; 5]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header);
-    for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
-    }
 }
