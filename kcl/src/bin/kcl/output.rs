@@ -190,7 +190,7 @@ mod tests {
         }
         assert!(out.contains("123456"), "a fixed column is never cut: {out}");
         assert!(
-            out.contains("…1634"),
+            out.contains("…957281203781634"),
             "the end of a sequence number is kept: {out}"
         );
         // A narrow table is left as it is.
