@@ -1,0 +1,628 @@
+//! The `kcl` admin commands, run as processes against kinesis-local and dynalite (one pair for
+//! the whole binary), next to in-process workers with the real AWS backends:
+//!
+//! - `kcl leases` shows each lease's lag and each worker; `kcl shards` the shard tree with the
+//!   owners;
+//! - `kcl reset` refuses a live worker's lease without `--force`, refuses to prompt without a
+//!   terminal, prints its plan with `--dry-run` and changes nothing;
+//! - `kcl reset --force --to trim-horizon` racing a running worker (records still arriving):
+//!   afterwards every record is delivered again from the start, in order per shard, with no
+//!   two processors of a shard delivering at once;
+//! - `kcl release` refuses a live owner, releases one whose lease stood still, and with
+//!   `--force` has a live worker hand its lease over without delivering anything twice;
+//! - `kcl reset --to at-timestamp=T` and `--to seq=N` (the next worker resumes exactly at T,
+//!   and just after N);
+//! - `kcl destroy` refuses while heartbeats move, then deletes both tables and the fan-out
+//!   consumer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use kcl::lease::dynamo::DynamoLeaseStore;
+use kcl::lease::{LeaseStore, WorkerId};
+use kcl::retrieval::KinesisApi;
+use kcl::{ExtendedSequenceNumber, SequenceNumber, ShardId};
+use kcl_integration_tests::cli::{kcl_binary, run_kcl, CliEnv, Finished};
+use kcl_integration_tests::dynamo_servers::start_dynalite;
+use kcl_integration_tests::scenarios::{
+    poll, records, worker, Delivery, DeliveryLog, LocalKinesis, StreamFixture,
+};
+use kcl_integration_tests::{sdk_config, unique_name};
+use tokio::time::Instant;
+
+const KEYS: u32 = 16;
+/// How long a `kcl` admin command may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+/// The in-process workers' lease duration (`scenarios::worker`).
+const LEASE_DURATION: &str = "6s";
+
+struct Env {
+    bin: std::path::PathBuf,
+    cli: CliEnv,
+    kinesis: LocalKinesis,
+    dynamo_conf: aws_config::SdkConfig,
+}
+
+impl Env {
+    async fn kcl(&self, args: &[&str]) -> anyhow::Result<Finished> {
+        let out = run_kcl(&self.bin, &self.cli, args, RUN_TIMEOUT).await?;
+        eprintln!(
+            "$ kcl {} → {} in {:.1?}",
+            args.join(" "),
+            out.status,
+            out.elapsed
+        );
+        Ok(out)
+    }
+
+    /// Runs `kcl args`, which must succeed; returns its stdout.
+    async fn ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kcl(args).await?;
+        ensure!(
+            out.status.success(),
+            "kcl {args:?} failed ({}):\n{}",
+            out.status,
+            out.stderr
+        );
+        Ok(out.stdout)
+    }
+
+    /// Runs `kcl args`, which must fail with `needle` in its stderr.
+    async fn refused(&self, args: &[&str], needle: &str) -> anyhow::Result<()> {
+        let out = self.kcl(args).await?;
+        ensure!(
+            !out.status.success(),
+            "kcl {args:?} succeeded but must be refused; stdout:\n{}",
+            out.stdout
+        );
+        ensure!(
+            out.stderr.contains(needle),
+            "kcl {args:?} failed without saying {needle:?}:\n{}",
+            out.stderr
+        );
+        Ok(())
+    }
+
+    async fn json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = self.ok(args).await?;
+        serde_json::from_str(&out).with_context(|| format!("kcl {args:?} printed {out}"))
+    }
+
+    fn store(&self, app: &str) -> Arc<DynamoLeaseStore> {
+        Arc::new(DynamoLeaseStore::from_conf(&self.dynamo_conf, app))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (bin, kinesis, dynamo) =
+        tokio::try_join!(kcl_binary(), LocalKinesis::start(), start_dynalite())?;
+    let env = Env {
+        bin,
+        cli: CliEnv::new(kinesis.server.endpoint(), dynamo.endpoint()),
+        dynamo_conf: sdk_config(&dynamo.endpoint()).await,
+        kinesis,
+    };
+    eprintln!("setup: {:.1?}", started.elapsed());
+    let (a, b) = tokio::join!(
+        async {
+            let t = Instant::now();
+            let r = reset_racing_a_worker(&env)
+                .await
+                .context("reset racing a worker");
+            eprintln!("reset racing a worker: {:.1?}", t.elapsed());
+            r
+        },
+        async {
+            let t = Instant::now();
+            let r = reset_to_a_time_and_a_sequence_number(&env)
+                .await
+                .context("reset to a time and a sequence number");
+            eprintln!("reset to a time and a sequence number: {:.1?}", t.elapsed());
+            r
+        },
+    );
+    a?;
+    b?;
+    eprintln!("total: {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Per shard, the sequence numbers delivered, in delivery order.
+fn per_shard(log: &[Delivery]) -> BTreeMap<ShardId, Vec<&Delivery>> {
+    let mut m: BTreeMap<ShardId, Vec<&Delivery>> = BTreeMap::new();
+    for d in log {
+        m.entry(d.shard.clone()).or_default().push(d);
+    }
+    m
+}
+
+/// After one reset to the trim horizon: per shard, the deliveries go up, drop back once to
+/// the shard's first record, and go up again through every record of the shard. A second
+/// processor delivering at the same time as another would interleave two runs (more than one
+/// drop); a reset not applied would have no drop; one applied at the wrong place would not
+/// restart at the first record. Returns whether every shard has been replayed whole.
+fn check_replayed_once(log: &[Delivery], all: &BTreeSet<(u32, u32)>) -> anyhow::Result<bool> {
+    let mut replayed: BTreeSet<(u32, u32)> = BTreeSet::new();
+    let mut complete = true;
+    for (shard, ds) in per_shard(log) {
+        let first = ds.iter().map(|d| &d.seq).min().context("no deliveries")?;
+        let drops: Vec<usize> = (1..ds.len())
+            .filter(|&i| ds[i].seq <= ds[i - 1].seq)
+            .collect();
+        ensure!(
+            drops.len() <= 1,
+            "shard {shard}: the deliveries went back {} times (at deliveries {drops:?}): two \
+             processors delivered at once, or a record was delivered twice outside the replay",
+            drops.len()
+        );
+        let Some(&at) = drops.first() else {
+            complete = false;
+            continue;
+        };
+        ensure!(
+            &ds[at].seq == first,
+            "shard {shard}: the replay started at {}, not at the shard's first record {first}",
+            ds[at].seq
+        );
+        replayed.extend(ds[at..].iter().map(|d| (d.key, d.n)));
+    }
+    Ok(complete && replayed == *all)
+}
+
+/// A running worker; `kcl leases`, `kcl shards`; the refusals; then `kcl reset --force` while
+/// records keep arriving; `kcl release`; `kcl destroy`.
+async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
+    const WAVE: u32 = 200;
+    let stream = unique_name("admin-race");
+    let app = unique_name("admin-race-app");
+    env.kinesis.create_stream(&stream, 2).await?;
+    env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
+    let store = env.store(&app);
+    let log = DeliveryLog::default();
+    let w = worker(&app, &stream, "w1", &env.kinesis, store.clone(), &log).build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    log.wait_for(WAVE as usize, Duration::from_secs(60)).await?;
+    // Every lease checkpointed at its last record.
+    poll(
+        "both leases checkpointed",
+        Duration::from_secs(20),
+        || async {
+            let t = store.list().await?.leases;
+            Ok((t.len() == 2 && t.iter().all(|l| l.checkpoint.sequence().is_some())).then_some(()))
+        },
+    )
+    .await?;
+
+    // kcl leases: the lag of each lease, and the worker.
+    let leases = env
+        .json(&["leases", "--app", &app, "--stream", &stream, "--json"])
+        .await?;
+    let leases = leases.as_array().context("an array of leases")?;
+    ensure!(leases.len() == 2, "{} leases: {leases:?}", leases.len());
+    for l in leases {
+        ensure!(
+            l["leaseOwner"] == "w1" && l["lagState"] == "measured" && l["lagMillis"].is_u64(),
+            "a lease of w1 with its lag measured: {l}"
+        );
+    }
+    let workers = env
+        .json(&[
+            "leases",
+            "--app",
+            &app,
+            "--workers",
+            "--observe",
+            "3s",
+            "--json",
+        ])
+        .await?;
+    ensure!(
+        workers[0]["workerId"] == "w1"
+            && workers[0]["leases"] == 2
+            && workers[0]["heartbeatState"] == "moving",
+        "w1 with 2 leases and a moving heartbeat: {workers}"
+    );
+    let human = env
+        .ok(&["leases", "--app", &app, "--stream", &stream])
+        .await?;
+    check_width(&human)?;
+    ensure!(
+        human.contains("LAG") && human.contains("WORKER") && human.contains("w1"),
+        "the human table has a lag column and a worker table:\n{human}"
+    );
+
+    // kcl shards: two open roots, held by w1.
+    let shards = env
+        .json(&["shards", "--stream", &stream, "--app", &app, "--json"])
+        .await?;
+    let shards = shards.as_array().context("an array of shards")?;
+    ensure!(
+        shards.len() == 2
+            && shards.iter().all(|s| s["state"] == "OPEN"
+                && s["depth"] == 0
+                && s["lease"]["leaseOwner"] == "w1"),
+        "two open shards leased to w1: {shards:?}"
+    );
+    check_width(
+        &env.ok(&["shards", "--stream", &stream, "--app", &app])
+            .await?,
+    )?;
+
+    // The refusals change nothing.
+    let before = store.list().await?.leases;
+    let reset_all = [
+        "reset",
+        "--app",
+        &app,
+        "--stream",
+        &stream,
+        "--all",
+        "--to",
+        "trim-horizon",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        reset_all
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    env.refused(
+        &args(&with(&["--yes", "--lease-duration", LEASE_DURATION])),
+        "--force",
+    )
+    .await?;
+    env.refused(&args(&with(&["--force"])), "stdin is not a terminal")
+        .await?;
+    let plan = env.json(&args(&with(&["--dry-run", "--json"]))).await?;
+    ensure!(
+        plan["steps"].as_array().map(Vec::len) == Some(2)
+            && plan["steps"][0]["to"] == "TRIM_HORIZON",
+        "the dry run's plan: {plan}"
+    );
+    let shard0 = before[0].shard_id();
+    env.refused(
+        &[
+            "release",
+            "--app",
+            &app,
+            "--shard",
+            shard0.as_str(),
+            "--lease-duration",
+            LEASE_DURATION,
+        ],
+        "--force",
+    )
+    .await?;
+    let after = store.list().await?.leases;
+    for (b, a) in before.iter().zip(&after) {
+        ensure!(
+            a.checkpoint == b.checkpoint && a.owner == b.owner,
+            "a refused command changed {}: {b:?} → {a:?}",
+            a.key
+        );
+    }
+    env.refused(
+        &[
+            "destroy",
+            "--app",
+            &app,
+            "--yes",
+            "--lease-duration",
+            LEASE_DURATION,
+        ],
+        "--force",
+    )
+    .await?;
+
+    // The reset, while a second wave arrives.
+    let put = {
+        let kinesis = env.kinesis.client.clone();
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            kcl_integration_tests::kinesis_server::put_records_with_parallelism(
+                &kinesis,
+                &stream,
+                records(WAVE, 2 * WAVE, KEYS),
+                1,
+            )
+            .await
+        })
+    };
+    let reset = env
+        .json(&args(&with(&[
+            "--force",
+            "--yes",
+            "--json",
+            "--lease-duration",
+            LEASE_DURATION,
+            "--handoff-timeout",
+            "30s",
+        ])))
+        .await?;
+    put.await??;
+    ensure!(
+        reset["steps"]
+            .as_array()
+            .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["reset"] == true)),
+        "both leases reset: {reset}"
+    );
+    let all: BTreeSet<(u32, u32)> = (0..2 * WAVE).map(|i| (i % KEYS, i / KEYS)).collect();
+    poll(
+        "every record delivered again from the start",
+        Duration::from_secs(60),
+        || async { Ok(check_replayed_once(&log.snapshot(), &all)?.then_some(())) },
+    )
+    .await?;
+
+    // kcl release --force: w1 hands the lease over, takes it back, and delivers nothing twice.
+    let delivered = log.snapshot().len();
+    let released = env
+        .json(&[
+            "release",
+            "--app",
+            &app,
+            "--shard",
+            shard0.as_str(),
+            "--force",
+            "--json",
+            "--lease-duration",
+            LEASE_DURATION,
+        ])
+        .await?;
+    ensure!(
+        released["ownerState"] == "live",
+        "release --force of a live worker's lease: {released}"
+    );
+    poll(
+        "w1 holds both leases again",
+        Duration::from_secs(30),
+        || async {
+            let t = store.list().await?.leases;
+            Ok(t.iter()
+                .all(|l| l.is_owned_by(&WorkerId::new("w1")))
+                .then_some(()))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        log.snapshot().len() == delivered,
+        "after a graceful release {} records were delivered again",
+        log.snapshot().len() - delivered
+    );
+    check_replayed_once(&log.snapshot(), &all)?;
+
+    stop.shutdown();
+    run.await??;
+    // kcl destroy once the worker stopped: both tables go.
+    let destroyed = env
+        .json(&[
+            "destroy",
+            "--app",
+            &app,
+            "--yes",
+            "--json",
+            "--lease-duration",
+            "2s",
+        ])
+        .await?;
+    ensure!(
+        destroyed["deleted"]["leaseTable"] == app.as_str()
+            && destroyed["deleted"]["workerTable"] == format!("{app}-workers").as_str(),
+        "both tables deleted: {destroyed}"
+    );
+    let (leases_left, workers_left) = env.store(&app).open_existing().await?;
+    ensure!(
+        !leases_left && !workers_left,
+        "a table is left after kcl destroy"
+    );
+    Ok(())
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Every line of a human table fits 80 columns.
+fn check_width(out: &str) -> anyhow::Result<()> {
+    for l in out.lines() {
+        ensure!(
+            l.chars().count() <= 80,
+            "{} columns: {l:?}",
+            l.chars().count()
+        );
+    }
+    Ok(())
+}
+
+/// Runs a worker until it delivered `n` records (and a moment more, to see nothing else
+/// comes), then stops it gracefully; returns its log.
+async fn consume(
+    env: &Env,
+    app: &str,
+    stream: &str,
+    id: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Delivery>> {
+    let log = DeliveryLog::default();
+    let w = worker(app, stream, id, &env.kinesis, env.store(app), &log).build()?;
+    let stop = w.shutdown_handle();
+    let run = tokio::spawn(w.run());
+    log.wait_for(n, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.shutdown();
+    run.await??;
+    Ok(log.snapshot())
+}
+
+/// `--to at-timestamp=T` then `--to seq=N` on a stopped application: the next worker delivers
+/// exactly the records from T, then exactly those after N; a dead owner's lease is released;
+/// `kcl destroy` deregisters the fan-out consumer.
+async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> {
+    const WAVE: u32 = 40;
+    let stream = unique_name("admin-time");
+    let app = unique_name("admin-time-app");
+    env.kinesis.create_stream(&stream, 1).await?;
+    env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = env.kinesis.now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.kinesis
+        .put(&stream, records(WAVE, 2 * WAVE, KEYS))
+        .await?;
+    let wave2: BTreeSet<(u32, u32)> = (WAVE..2 * WAVE).map(|i| (i % KEYS, i / KEYS)).collect();
+    let first = consume(env, &app, &stream, "c1", 2 * WAVE as usize).await?;
+    ensure!(
+        first.len() == 2 * WAVE as usize,
+        "{} deliveries",
+        first.len()
+    );
+    let last_of_wave1: SequenceNumber = first
+        .iter()
+        .filter(|d| !wave2.contains(&(d.key, d.n)))
+        .map(|d| d.seq.clone())
+        .max()
+        .context("wave 1 delivered")?;
+    let shard = first[0].shard.clone();
+    let exactly_wave2 = |log: &[Delivery], what: &str| -> anyhow::Result<()> {
+        let got: Vec<(u32, u32)> = log.iter().map(|d| (d.key, d.n)).collect();
+        let set: BTreeSet<(u32, u32)> = got.iter().copied().collect();
+        ensure!(
+            got.len() == set.len() && set == wave2,
+            "{what}: {} deliveries of {} records, {} of them not in wave 2, {} of wave 2 missing",
+            got.len(),
+            set.len(),
+            set.difference(&wave2).count(),
+            wave2.difference(&set).count()
+        );
+        Ok(())
+    };
+
+    let at = format!("at-timestamp={}", humantime::format_rfc3339_millis(t));
+    env.ok(&[
+        "reset", "--app", &app, "--stream", &stream, "--all", "--to", &at, "--yes",
+    ])
+    .await?;
+    let lease = env
+        .store(&app)
+        .get(&kcl::lease::LeaseKey::for_shard(&shard))
+        .await?;
+    ensure!(
+        lease
+            .as_ref()
+            .is_some_and(|l| l.checkpoint == ExtendedSequenceNumber::Latest
+                && l.latest_resolved_at.is_some()
+                && l.owner.is_none()),
+        "reset to a time: LATEST resolved at it, released: {lease:?}"
+    );
+    exactly_wave2(
+        &consume(env, &app, &stream, "c2", WAVE as usize).await?,
+        "from T",
+    )?;
+
+    let seq = format!("seq={last_of_wave1}");
+    env.ok(&[
+        "reset",
+        "--app",
+        &app,
+        "--stream",
+        &stream,
+        "--shard",
+        shard.as_str(),
+        "--to",
+        &seq,
+        "--yes",
+    ])
+    .await?;
+    exactly_wave2(
+        &consume(env, &app, &stream, "c3", WAVE as usize).await?,
+        "after N",
+    )?;
+    // A sequence number outside the shard is refused, naming the flag.
+    env.refused(
+        &[
+            "reset",
+            "--app",
+            &app,
+            "--stream",
+            &stream,
+            "--shard",
+            shard.as_str(),
+            "--to",
+            "seq=1",
+            "--yes",
+        ],
+        "--to seq=1",
+    )
+    .await?;
+
+    // A dead owner (no worker item, a counter that does not move) is released.
+    let store = env.store(&app);
+    store.open_existing().await?;
+    let lease = store
+        .get(&kcl::lease::LeaseKey::for_shard(&shard))
+        .await?
+        .context("the lease")?;
+    store.take(&lease, &WorkerId::new("ghost")).await?;
+    let released = env
+        .json(&[
+            "release",
+            "--app",
+            &app,
+            "--shard",
+            shard.as_str(),
+            "--json",
+            "--lease-duration",
+            "2s",
+        ])
+        .await?;
+    ensure!(
+        released["ownerState"] == "dead" && released["leaseOwner"] == "ghost",
+        "the dead owner's lease released: {released}"
+    );
+    let lease = store.get(&kcl::lease::LeaseKey::for_shard(&shard)).await?;
+    ensure!(
+        lease.as_ref().is_some_and(|l| l.owner.is_none()),
+        "still owned after kcl release: {lease:?}"
+    );
+
+    // kcl destroy with the fan-out consumer.
+    let kinesis = kcl::retrieval::aws::AwsKinesis::new(env.kinesis.client.clone());
+    kinesis
+        .register_stream_consumer(&stream, "admin-efo")
+        .await?;
+    let destroyed = env
+        .json(&[
+            "destroy",
+            "--app",
+            &app,
+            "--stream",
+            &stream,
+            "--fan-out",
+            "admin-efo",
+            "--yes",
+            "--json",
+            "--lease-duration",
+            "1s",
+        ])
+        .await?;
+    ensure!(
+        destroyed["deleted"]["consumer"] == "admin-efo"
+            && destroyed["deleted"]["leaseTable"] == app.as_str(),
+        "the consumer and the tables deleted: {destroyed}"
+    );
+    let out = env.kcl(&["destroy", "--app", &app, "--yes"]).await?;
+    ensure!(
+        !out.status.success() && out.stderr.contains("nothing to delete"),
+        "a second destroy finds nothing: {}",
+        out.stderr
+    );
+    Ok(())
+}
