@@ -23,11 +23,14 @@ use anyhow::{ensure, Context};
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::{LeaseStore, WorkerId};
 use kcl::retrieval::KinesisApi;
-use kcl::{ExtendedSequenceNumber, SequenceNumber, ShardId};
+use kcl::{
+    async_trait, Checkpointer, ExtendedSequenceNumber, ProcessorError, RecordBatch,
+    RecordProcessor, SequenceNumber, ShardContext, ShardId,
+};
 use kcl_integration_tests::cli::{kcl_binary, run_kcl, CliEnv, Finished};
 use kcl_integration_tests::dynamo_servers::start_dynalite;
 use kcl_integration_tests::scenarios::{
-    poll, records, worker, Delivery, DeliveryLog, LocalKinesis, StreamFixture,
+    poll, records, worker, Delivery, DeliveryLog, LocalKinesis, Recorder, StreamFixture,
 };
 use kcl_integration_tests::{sdk_config, unique_name};
 use tokio::time::Instant;
@@ -131,6 +134,104 @@ async fn admin_commands() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which processors are running, per shard, across every worker of a test; a processor that
+/// starts (`initialize`) while another of its shard has not ended is an overlap.
+#[derive(Clone, Default)]
+struct Exclusivity {
+    active: Arc<std::sync::Mutex<BTreeMap<ShardId, String>>>,
+    overlaps: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Exclusivity {
+    /// A processor factory: `Recorder`s of `worker` logging into `log`, watched.
+    fn factory(
+        &self,
+        worker: &str,
+        log: &DeliveryLog,
+    ) -> impl Fn() -> Exclusive + Send + Sync + 'static {
+        let (this, worker, recorder) = (
+            self.clone(),
+            worker.to_owned(),
+            Recorder::factory(worker, log),
+        );
+        move || Exclusive {
+            inner: recorder(),
+            watch: this.clone(),
+            worker: worker.clone(),
+            shard: None,
+        }
+    }
+
+    fn overlaps(&self) -> Vec<String> {
+        self.overlaps.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+}
+
+/// A `Recorder` that notes when it starts and ends in an [`Exclusivity`].
+struct Exclusive {
+    inner: Recorder,
+    watch: Exclusivity,
+    worker: String,
+    shard: Option<ShardId>,
+}
+
+impl Exclusive {
+    fn end(&mut self) {
+        if let (Some(shard), Ok(mut active)) = (self.shard.take(), self.watch.active.lock()) {
+            active.remove(&shard);
+        }
+    }
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+#[async_trait]
+impl RecordProcessor for Exclusive {
+    async fn initialize(&mut self, shard: &ShardContext) -> Result<(), ProcessorError> {
+        if let Ok(mut active) = self.watch.active.lock() {
+            if let Some(other) = active.insert(shard.shard_id.clone(), self.worker.clone()) {
+                if let Ok(mut o) = self.watch.overlaps.lock() {
+                    o.push(format!(
+                        "a processor of {} on {} started while one of {other} ran",
+                        shard.shard_id, self.worker
+                    ));
+                }
+            }
+        }
+        self.shard = Some(shard.shard_id.clone());
+        self.inner.initialize(shard).await
+    }
+
+    async fn process_records(
+        &mut self,
+        batch: &RecordBatch,
+        cp: &mut Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        self.inner.process_records(batch, cp).await
+    }
+
+    async fn shard_ended(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        let r = self.inner.shard_ended(cp).await;
+        self.end();
+        r
+    }
+
+    async fn lease_lost(&mut self) {
+        self.inner.lease_lost().await;
+        self.end();
+    }
+
+    async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+        let r = self.inner.shutdown_requested(cp).await;
+        self.end();
+        r
+    }
+}
+
 /// Per shard, the sequence numbers delivered, in delivery order.
 fn per_shard(log: &[Delivery]) -> BTreeMap<ShardId, Vec<&Delivery>> {
     let mut m: BTreeMap<ShardId, Vec<&Delivery>> = BTreeMap::new();
@@ -173,8 +274,8 @@ fn check_replayed_once(log: &[Delivery], all: &BTreeSet<(u32, u32)>) -> anyhow::
     Ok(complete && replayed == *all)
 }
 
-/// A running worker; `kcl leases`, `kcl shards`; the refusals; then `kcl reset --force` while
-/// records keep arriving; `kcl release`; `kcl destroy`.
+/// Two running workers; `kcl leases`, `kcl shards`; the refusals; then `kcl reset --force`
+/// while records keep arriving; `kcl release --force`; `kcl destroy`.
 async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
     const WAVE: u32 = 200;
     let stream = unique_name("admin-race");
@@ -183,22 +284,38 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
     env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
     let store = env.store(&app);
     let log = DeliveryLog::default();
-    let w = worker(&app, &stream, "w1", &env.kinesis, store.clone(), &log).build()?;
-    let stop = w.shutdown_handle();
-    let run = tokio::spawn(w.run());
+    let watch = Exclusivity::default();
+    let mut workers = Vec::new();
+    for id in ["w1", "w2"] {
+        let w = worker(&app, &stream, id, &env.kinesis, store.clone(), &log)
+            .processor(watch.factory(id, &log))
+            .build()?;
+        workers.push((w.shutdown_handle(), tokio::spawn(w.run())));
+    }
     log.wait_for(WAVE as usize, Duration::from_secs(60)).await?;
-    // Every lease checkpointed at its last record.
-    poll(
-        "both leases checkpointed",
-        Duration::from_secs(20),
+    // One lease per worker, each checkpointed.
+    let owners = poll(
+        "one checkpointed lease per worker",
+        Duration::from_secs(30),
         || async {
             let t = store.list().await?.leases;
-            Ok((t.len() == 2 && t.iter().all(|l| l.checkpoint.sequence().is_some())).then_some(()))
+            let owners: BTreeSet<String> = t
+                .iter()
+                .filter_map(|l| l.owner.as_ref().map(|o| o.to_string()))
+                .collect();
+            let done = t.len() == 2
+                && owners.len() == 2
+                && t.iter().all(|l| l.checkpoint.sequence().is_some());
+            Ok(done.then_some(owners))
         },
     )
     .await?;
+    ensure!(
+        owners == BTreeSet::from(["w1".to_owned(), "w2".to_owned()]),
+        "owners {owners:?}"
+    );
 
-    // kcl leases: the lag of each lease, and the worker.
+    // kcl leases: the lag of each lease, and the workers.
     let leases = env
         .json(&["leases", "--app", &app, "--stream", &stream, "--json"])
         .await?;
@@ -206,11 +323,11 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
     ensure!(leases.len() == 2, "{} leases: {leases:?}", leases.len());
     for l in leases {
         ensure!(
-            l["leaseOwner"] == "w1" && l["lagState"] == "measured" && l["lagMillis"].is_u64(),
-            "a lease of w1 with its lag measured: {l}"
+            l["leaseOwner"].is_string() && l["lagState"] == "measured" && l["lagMillis"].is_u64(),
+            "an owned lease with its lag measured: {l}"
         );
     }
-    let workers = env
+    let summary = env
         .json(&[
             "leases",
             "--app",
@@ -221,22 +338,23 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
             "--json",
         ])
         .await?;
-    ensure!(
-        workers[0]["workerId"] == "w1"
-            && workers[0]["leases"] == 2
-            && workers[0]["heartbeatState"] == "moving",
-        "w1 with 2 leases and a moving heartbeat: {workers}"
-    );
+    for (i, id) in ["w1", "w2"].iter().enumerate() {
+        let w = &summary[i];
+        ensure!(
+            w["workerId"] == *id && w["leases"] == 1 && w["heartbeatState"] == "moving",
+            "{id} with 1 lease and a moving heartbeat: {summary}"
+        );
+    }
     let human = env
         .ok(&["leases", "--app", &app, "--stream", &stream])
         .await?;
     check_width(&human)?;
     ensure!(
-        human.contains("LAG") && human.contains("WORKER") && human.contains("w1"),
+        human.contains("LAG") && human.contains("WORKER") && human.contains("w2"),
         "the human table has a lag column and a worker table:\n{human}"
     );
 
-    // kcl shards: two open roots, held by w1.
+    // kcl shards: two open roots, each leased.
     let shards = env
         .json(&["shards", "--stream", &stream, "--app", &app, "--json"])
         .await?;
@@ -245,8 +363,8 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
         shards.len() == 2
             && shards.iter().all(|s| s["state"] == "OPEN"
                 && s["depth"] == 0
-                && s["lease"]["leaseOwner"] == "w1"),
-        "two open shards leased to w1: {shards:?}"
+                && s["lease"]["leaseOwner"].is_string()),
+        "two open shards, each leased: {shards:?}"
     );
     check_width(
         &env.ok(&["shards", "--stream", &stream, "--app", &app])
@@ -353,6 +471,22 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
             .is_some_and(|s| s.len() == 2 && s.iter().all(|s| s["reset"] == true)),
         "both leases reset: {reset}"
     );
+    // Given back at once: nothing is left to the pseudo-owner (to expire).
+    let held: Vec<_> = store
+        .list()
+        .await?
+        .leases
+        .into_iter()
+        .filter(|l| {
+            l.owner
+                .as_ref()
+                .is_some_and(|o| o.as_str().starts_with("kcl-reset/"))
+                || l.checkpoint_owner
+                    .as_ref()
+                    .is_some_and(|o| o.as_str().starts_with("kcl-reset/"))
+        })
+        .collect();
+    ensure!(held.is_empty(), "still held by the reset: {held:?}");
     let all: BTreeSet<(u32, u32)> = (0..2 * WAVE).map(|i| (i % KEYS, i / KEYS)).collect();
     poll(
         "every record delivered again from the start",
@@ -361,7 +495,8 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
     )
     .await?;
 
-    // kcl release --force: w1 hands the lease over, takes it back, and delivers nothing twice.
+    // kcl release --force: the owner hands the lease over, a worker takes it, and nothing is
+    // delivered twice.
     let delivered = log.snapshot().len();
     let released = env
         .json(&[
@@ -381,12 +516,16 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
         "release --force of a live worker's lease: {released}"
     );
     poll(
-        "w1 holds both leases again",
+        "a worker holds the lease again",
         Duration::from_secs(30),
         || async {
             let t = store.list().await?.leases;
             Ok(t.iter()
-                .all(|l| l.is_owned_by(&WorkerId::new("w1")))
+                .all(|l| {
+                    l.owner
+                        .as_ref()
+                        .is_some_and(|o| o.as_str().starts_with('w'))
+                })
                 .then_some(()))
         },
     )
@@ -398,10 +537,16 @@ async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
         log.snapshot().len() - delivered
     );
     check_replayed_once(&log.snapshot(), &all)?;
+    let overlaps = watch.overlaps();
+    ensure!(overlaps.is_empty(), "processors overlapped: {overlaps:?}");
 
-    stop.shutdown();
-    run.await??;
-    // kcl destroy once the worker stopped: both tables go.
+    for (stop, _) in &workers {
+        stop.shutdown();
+    }
+    for (_, run) in workers {
+        run.await??;
+    }
+    // kcl destroy once the workers stopped: both tables go.
     let destroyed = env
         .json(&[
             "destroy",
