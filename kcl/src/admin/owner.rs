@@ -211,6 +211,16 @@ pub fn decide(state: &OwnerState, force: bool) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Name, lease before and after, item before and after, the label expected.
+    type Case = (
+        &'static str,
+        Lease,
+        Lease,
+        Option<WorkerItem>,
+        Option<WorkerItem>,
+        &'static str,
+    );
     use crate::lease::LeaseCounter;
     use crate::record::ExtendedSequenceNumber;
     use crate::shard::ShardId;
@@ -237,7 +247,7 @@ mod tests {
     fn owners_are_judged_by_what_moved() {
         let w1 = lease(Some("w1"), 5, None);
         #[rustfmt::skip]
-        let table: Vec<(&str, Lease, Lease, Option<WorkerItem>, Option<WorkerItem>, &str)> = vec![
+        let table: Vec<Case> = vec![
             ("unowned", lease(None, 5, None), lease(None, 5, None), None, None, "unowned"),
             ("released during the observation", w1.clone(), lease(None, 6, None), None, None, "unowned"),
             ("handoff pending", w1.clone(), lease(Some("w2"), 5, Some("w1")), Some(item(1, 3, false)), Some(item(1, 4, false)), "handoff"),

@@ -384,6 +384,14 @@ fn descends_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Name, scope, target, the steps expected.
+    type Case = (
+        &'static str,
+        ResetScope,
+        ResetTarget,
+        Result<Vec<Row>, ResetPlanError>,
+    );
     use crate::shard::HashKeyRange;
 
     fn sid(n: u32) -> ShardId {
@@ -465,7 +473,7 @@ mod tests {
         let latest = ExtendedSequenceNumber::Latest;
         let one = |n| ResetScope::Shard(sid(n));
         #[rustfmt::skip]
-        let table: Vec<(&str, ResetScope, ResetTarget, Result<Vec<Row>, ResetPlanError>)> = vec![
+        let table: Vec<Case> = vec![
             ("a lone shard to trim-horizon", one(4), ResetTarget::TrimHorizon,
                 Ok(vec![(4, th.clone(), None, "requested")])),
             ("latest resolves to now: the next owner starts at the reset, not at a stale latestResolvedAt",

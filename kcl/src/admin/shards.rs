@@ -179,6 +179,14 @@ pub fn shard_tree(shards: &[Shard], leases: &[Lease]) -> Vec<ShardNode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Name, shards listed, leases, the nodes expected (id, depth, state, owner).
+    type Case = (
+        &'static str,
+        Vec<Shard>,
+        Vec<Lease>,
+        Vec<(u32, usize, &'static str, Option<String>)>,
+    );
     use crate::lease::WorkerId;
     use crate::record::ExtendedSequenceNumber;
 
@@ -226,7 +234,7 @@ mod tests {
     fn trees() {
         let s = |o: &str| Some(o.to_owned());
         #[rustfmt::skip]
-        let table: Vec<(&str, Vec<Shard>, Vec<Lease>, Vec<(u32, usize, &str, Option<String>)>)> = vec![
+        let table: Vec<Case> = vec![
             ("one open shard, no leases", vec![shard(0, &[], None)], vec![],
                 vec![(0, 0, "OPEN", None)]),
             ("a split: the parent closed, the children under it",

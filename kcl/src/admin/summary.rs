@@ -198,6 +198,16 @@ pub fn worker_summary(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Name, worker table first and later, the rows expected.
+    /// Worker, leases, handing over, receiving, heartbeat, notices.
+    type Row<'a> = (&'a str, usize, usize, usize, &'static str, usize);
+    type Case<'a> = (
+        &'a str,
+        Option<&'a WorkerTable>,
+        Option<&'a WorkerTable>,
+        Vec<Row<'a>>,
+    );
     use crate::lease::liveness::HandoffNotice;
     use crate::lease::LeaseKey;
     use crate::record::SequenceNumber;
@@ -249,7 +259,6 @@ mod tests {
             item("idle", 1, 8, false, 0),
             item("dead", 1, 3, true, 0),
         ]);
-        type Row<'a> = (&'a str, usize, usize, usize, &'static str, usize);
         let view =
             |rows: Vec<WorkerSummary>| -> Vec<(String, usize, usize, usize, &'static str, usize)> {
                 rows.into_iter()
@@ -271,7 +280,7 @@ mod tests {
                 .collect()
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, Option<&WorkerTable>, Option<&WorkerTable>, Vec<Row<'_>>)> = vec![
+        let cases: Vec<Case<'_>> = vec![
             ("no worker table", None, None, vec![
                 ("a", 2, 1, 0, "no-table", 0), ("b", 1, 0, 1, "no-table", 0), ("java", 1, 0, 0, "no-table", 0)]),
             ("read once", Some(&before), None, vec![
