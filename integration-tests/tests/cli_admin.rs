@@ -673,26 +673,8 @@ async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> 
     )?;
 
     let seq = format!("seq={last_of_wave1}");
-    env.ok(&[
-        "reset",
-        "--app",
-        &app,
-        "--stream",
-        &stream,
-        "--shard",
-        shard.as_str(),
-        "--to",
-        &seq,
-        "--yes",
-    ])
-    .await?;
-    exactly_wave2(
-        &consume(env, &app, &stream, "c3", WAVE as usize).await?,
-        "after N",
-    )?;
-    // A sequence number outside the shard is refused, naming the flag.
-    env.refused(
-        &[
+    let reset_shard = |to: &str| -> Vec<String> {
+        [
             "reset",
             "--app",
             &app,
@@ -701,12 +683,21 @@ async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> 
             "--shard",
             shard.as_str(),
             "--to",
-            "seq=1",
+            to,
             "--yes",
-        ],
-        "--to seq=1",
-    )
-    .await?;
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    env.ok(&args(&reset_shard(&seq))).await?;
+    exactly_wave2(
+        &consume(env, &app, &stream, "c3", WAVE as usize).await?,
+        "after N",
+    )?;
+    // A sequence number outside the shard is refused, naming the flag.
+    env.refused(&args(&reset_shard("seq=1")), "--to seq=1")
+        .await?;
 
     // A dead owner (no worker item, a counter that does not move) is released.
     let store = env.store(&app);

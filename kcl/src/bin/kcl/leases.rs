@@ -72,10 +72,7 @@ fn format_millis(ms: u64) -> String {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let aws = Aws::load().await;
     let (store, worker_table) = aws.existing_store(&args.app).await?;
-    let table = store.list().await.context("reading the lease table")?;
-    for bad in &table.malformed {
-        progress(&format!("warning: {bad}"));
-    }
+    let table = crate::read_leases(&store).await?;
     let workers = if worker_table {
         match store.list_workers(true).await {
             Ok(w) => Some(w),

@@ -73,6 +73,35 @@ impl AppArgs {
     }
 }
 
+/// How `reset` and `release` deal with an owner.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct TakeoverArgs {
+    /// Also act on leases held by live workers of this library: each is asked to hand its
+    /// lease over gracefully (its processor checkpoints and stops) first.
+    #[arg(long)]
+    force: bool,
+    /// The fleet's lease duration: an owner is judged gone once its heartbeat (or lease
+    /// counter) stood still this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How long a live owner gets to hand a lease over (--force).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    handoff_timeout: Duration,
+}
+
+/// Reads the whole lease table (strongly consistent); malformed items are warned about on
+/// stderr and left as they are.
+pub(crate) async fn read_leases(
+    store: &DynamoLeaseStore,
+) -> anyhow::Result<kcl::lease::LeaseTable> {
+    use kcl::lease::LeaseStore as _;
+    let table = store.list().await.context("reading the lease table")?;
+    for bad in &table.malformed {
+        output::progress(&format!("warning: {bad} (left as it is)"));
+    }
+    Ok(table)
+}
+
 /// The AWS configuration, loaded once.
 pub(crate) struct Aws {
     sdk: aws_config::SdkConfig,

@@ -1,15 +1,12 @@
 //! `kcl release`: clears a lease's owner, so that another worker takes it.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context};
 use kcl::admin::owner::{decide, Action};
 use kcl::admin::takeover::{observe, Takeover};
-use kcl::lease::LeaseStore;
 use kcl::ShardId;
 
 use crate::output::{print_json, progress};
-use crate::{parse_duration, AppArgs, Aws};
+use crate::{AppArgs, Aws};
 
 /// `kcl release`'s flags.
 #[derive(clap::Args)]
@@ -19,17 +16,8 @@ pub(crate) struct Args {
     /// The shard whose lease to release.
     #[arg(long)]
     shard: String,
-    /// Also release a lease held by a live worker of this library: it is asked to hand the
-    /// lease over gracefully (its processor checkpoints and stops) first.
-    #[arg(long)]
-    force: bool,
-    /// The fleet's lease duration: an owner is judged gone once its heartbeat (or lease
-    /// counter) stood still this long.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    lease_duration: Duration,
-    /// How long a live owner gets to hand the lease over (--force).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    handoff_timeout: Duration,
+    #[command(flatten)]
+    takeover: crate::TakeoverArgs,
     /// Print JSON: what was found and done.
     #[arg(long)]
     json: bool,
@@ -39,7 +27,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let aws = Aws::load().await;
     let (store, worker_table) = aws.existing_store(&args.app).await?;
     let shard = ShardId::new(args.shard.as_str());
-    let table = store.list().await.context("reading the lease table")?;
+    let table = crate::read_leases(&store).await?;
     let Some(lease) = table.leases.iter().find(|l| l.shard_id() == shard) else {
         bail!(
             "the lease table {:?} has no lease for --shard {shard}",
@@ -50,7 +38,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         &store,
         std::slice::from_ref(&lease.key),
         worker_table,
-        args.lease_duration,
+        args.takeover.lease_duration,
         &|p| progress(p),
     )
     .await
@@ -58,7 +46,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let Some(seen) = seen.into_iter().next() else {
         bail!("the lease of --shard {shard} was deleted meanwhile");
     };
-    let action = decide(&seen.state, args.force);
+    let action = decide(&seen.state, args.takeover.force);
     let owner = seen.lease.owner.clone();
     let report = |done: &str| -> anyhow::Result<()> {
         if args.json {
@@ -76,7 +64,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if let Action::Refuse(why) = &action {
         bail!("lease {}: {why}", seen.lease.key);
     }
-    let takeover = Takeover::new("kcl-release", args.handoff_timeout);
+    let takeover = Takeover::new("kcl-release", args.takeover.handoff_timeout);
     match takeover
         .clear(&store, &seen, &action, &|p| progress(p))
         .await?

@@ -1,7 +1,7 @@
 //! `kcl reset`: moves checkpoints for a replay within the stream's retention, safely while
 //! workers run (`kcl::admin::reset` plans, `kcl::admin::takeover` writes).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use kcl::admin::owner::{decide, Action};
@@ -13,7 +13,7 @@ use kcl::retrieval::KinesisApi;
 use kcl::{InitialPosition, SequenceNumber, ShardId};
 
 use crate::output::{confirm, elided, fixed, print_json, print_table, progress, rfc3339};
-use crate::{parse_duration, AppArgs, Aws};
+use crate::{AppArgs, Aws};
 
 /// `kcl reset`'s flags.
 #[derive(clap::Args)]
@@ -41,17 +41,8 @@ pub(crate) struct Args {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
-    /// Also reset leases held by live workers of this library: each is asked to hand its lease
-    /// over gracefully (its processor checkpoints and stops) first.
-    #[arg(long)]
-    force: bool,
-    /// The fleet's lease duration: an owner is judged gone once its heartbeat (or lease
-    /// counter) stood still this long.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    lease_duration: Duration,
-    /// How long a live owner gets to hand a lease over (--force).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    handoff_timeout: Duration,
+    #[command(flatten)]
+    takeover: crate::TakeoverArgs,
     /// Print JSON (the plan with --dry-run, else what was done).
     #[arg(long)]
     json: bool,
@@ -79,10 +70,7 @@ fn parse_target(s: &str) -> Result<ResetTarget, String> {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let aws = Aws::load().await;
     let (store, worker_table) = aws.existing_store(&args.app).await?;
-    let table = store.list().await.context("reading the lease table")?;
-    for bad in &table.malformed {
-        progress(&format!("warning: {bad} (left as it is)"));
-    }
+    let table = crate::read_leases(&store).await?;
     let shards = AwsKinesis::new(aws.kinesis())
         .list_shards(&args.stream)
         .await
@@ -121,9 +109,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         bail!("not confirmed: nothing was changed");
     }
     let keys: Vec<_> = plan.steps.iter().map(|s| s.lease.key.clone()).collect();
-    let seen = observe(&store, &keys, worker_table, args.lease_duration, &|p| {
-        progress(p)
-    })
+    let seen = observe(
+        &store,
+        &keys,
+        worker_table,
+        args.takeover.lease_duration,
+        &|p| progress(p),
+    )
     .await
     .context("observing the lease owners")?;
     // Every refusal before any write.
@@ -134,7 +126,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             refusals.push(format!("lease {}: deleted meanwhile", step.lease.key));
             continue;
         };
-        let action = decide(&o.state, args.force);
+        let action = decide(&o.state, args.takeover.force);
         if let Action::Refuse(why) = &action {
             refusals.push(format!("lease {}: {why}", step.lease.key));
         }
@@ -143,7 +135,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if !refusals.is_empty() {
         bail!("nothing was changed:\n  {}", refusals.join("\n  "));
     }
-    let takeover = Takeover::new("kcl-reset", args.handoff_timeout);
+    let takeover = Takeover::new("kcl-reset", args.takeover.handoff_timeout);
     progress(&format!("resetting as {}", takeover.pseudo_owner()));
     let mut done = Vec::new();
     for (step, seen, action) in &actions {

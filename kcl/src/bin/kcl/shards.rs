@@ -2,7 +2,6 @@
 
 use anyhow::Context;
 use kcl::admin::shards::{shard_tree, ShardNode, ShardState};
-use kcl::lease::LeaseStore;
 use kcl::retrieval::aws::AwsKinesis;
 use kcl::retrieval::KinesisApi;
 use kcl::shard::HashKeyRange;
@@ -40,10 +39,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 table: args.table.clone(),
             };
             let (store, _) = aws.existing_store(&app).await?;
-            let table = store.list().await.context("reading the lease table")?;
-            for bad in &table.malformed {
-                crate::output::progress(&format!("warning: {bad}"));
-            }
+            let table = crate::read_leases(&store).await?;
             Some(table.leases)
         }
         None => None,
