@@ -111,27 +111,27 @@ async fn admin_commands() -> anyhow::Result<()> {
     };
     eprintln!("setup: {:.1?}", started.elapsed());
     let (a, b) = tokio::join!(
-        async {
-            let t = Instant::now();
-            let r = reset_racing_a_worker(&env)
-                .await
-                .context("reset racing a worker");
-            eprintln!("reset racing a worker: {:.1?}", t.elapsed());
-            r
-        },
-        async {
-            let t = Instant::now();
-            let r = reset_to_a_time_and_a_sequence_number(&env)
-                .await
-                .context("reset to a time and a sequence number");
-            eprintln!("reset to a time and a sequence number: {:.1?}", t.elapsed());
-            r
-        },
+        timed("reset racing a worker", reset_racing_a_worker(&env)),
+        timed(
+            "reset to a time and a sequence number",
+            reset_to_a_time_and_a_sequence_number(&env)
+        ),
     );
     a?;
     b?;
     eprintln!("total: {:.1?}", started.elapsed());
     Ok(())
+}
+
+/// Runs one part of the test, printing how long it took; its error names it.
+async fn timed(
+    what: &str,
+    part: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let r = part.await.context(what.to_owned());
+    eprintln!("{what}: {:.1?}", t.elapsed());
+    r
 }
 
 /// Which processors are running, per shard, across every worker of a test; a processor that
