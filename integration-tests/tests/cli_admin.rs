@@ -30,7 +30,8 @@ use kcl::{
 use kcl_integration_tests::cli::{kcl_binary, run_kcl, CliEnv, Finished};
 use kcl_integration_tests::dynamo_servers::start_dynalite;
 use kcl_integration_tests::scenarios::{
-    poll, records, worker, Delivery, DeliveryLog, LocalKinesis, Recorder, StreamFixture,
+    check_parents_first, check_per_key_order, poll, records, worker, Delivery, DeliveryLog,
+    LocalKinesis, Recorder, StreamFixture,
 };
 use kcl_integration_tests::{sdk_config, unique_name};
 use tokio::time::Instant;
@@ -110,13 +111,15 @@ async fn admin_commands() -> anyhow::Result<()> {
         kinesis,
     };
     eprintln!("setup: {:.1?}", started.elapsed());
-    let (a, b) = tokio::join!(
+    let (a, b, c) = tokio::join!(
         timed("reset racing a worker", reset_racing_a_worker(&env)),
         timed(
             "reset to a time and a sequence number",
             reset_to_a_time_and_a_sequence_number(&env)
         ),
+        timed("reset of a split parent", reset_of_a_split_parent(&env)),
     );
+    c?;
     a?;
     b?;
     eprintln!("total: {:.1?}", started.elapsed());
@@ -760,5 +763,86 @@ async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> 
         "a second destroy finds nothing: {}",
         out.stderr
     );
+    Ok(())
+}
+
+/// A shard split after its records were read: `kcl reset --shard <parent>` sends the children
+/// (started) back to `TRIM_HORIZON`, and the next worker delivers every record again, the
+/// parent's before its children's, in order per key; `kcl shards` shows the tree.
+async fn reset_of_a_split_parent(env: &Env) -> anyhow::Result<()> {
+    const WAVE: u32 = 48;
+    let stream = unique_name("admin-split");
+    let app = unique_name("admin-split-app");
+    env.kinesis.create_stream(&stream, 1).await?;
+    env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
+    let parent = ShardId::new("shardId-000000000000");
+    env.kinesis.split(&stream, &parent, 1u128 << 127).await?;
+    env.kinesis
+        .put(&stream, records(WAVE, 2 * WAVE, KEYS))
+        .await?;
+    let first = consume(env, &app, &stream, "s1", 2 * WAVE as usize).await?;
+    ensure!(
+        first.len() == 2 * WAVE as usize,
+        "{} deliveries",
+        first.len()
+    );
+
+    let tree = env
+        .json(&["shards", "--stream", &stream, "--app", &app, "--json"])
+        .await?;
+    let states: Vec<(String, String, u64)> = tree
+        .as_array()
+        .context("an array")?
+        .iter()
+        .map(|n| {
+            (
+                n["shardId"].as_str().unwrap_or_default().to_owned(),
+                n["state"].as_str().unwrap_or_default().to_owned(),
+                n["depth"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    ensure!(
+        states.len() == 3
+            && states[0] == (parent.to_string(), "CLOSED".to_owned(), 0)
+            && states[1..].iter().all(|(_, s, d)| s == "OPEN" && *d == 1),
+        "the parent, closed, then its two children: {tree}"
+    );
+
+    let reset = env
+        .json(&[
+            "reset",
+            "--app",
+            &app,
+            "--stream",
+            &stream,
+            "--shard",
+            parent.as_str(),
+            "--to",
+            "trim-horizon",
+            "--yes",
+            "--json",
+        ])
+        .await?;
+    let reasons: Vec<&str> = reset["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .map(|s| s["reason"].as_str().unwrap_or_default())
+        .collect();
+    ensure!(
+        reasons == ["requested", "descendant", "descendant"],
+        "the parent, then both children: {reset}"
+    );
+    let again = consume(env, &app, &stream, "s2", 2 * WAVE as usize).await?;
+    ensure!(
+        again.len() == 2 * WAVE as usize,
+        "{} deliveries after the reset, for {} records",
+        again.len(),
+        2 * WAVE
+    );
+    let shards = env.kinesis.kinesis().list_shards(&stream).await?;
+    check_parents_first(&again, &shards)?;
+    check_per_key_order(&again)?;
     Ok(())
 }
