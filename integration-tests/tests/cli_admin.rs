@@ -120,6 +120,7 @@ async fn admin_commands() -> anyhow::Result<()> {
         timed("reset of a split parent", reset_of_a_split_parent(&env)),
     );
     c?;
+    timed("kcl consume's flag errors", consume_flag_errors(&env)).await?;
     a?;
     b?;
     eprintln!("total: {:.1?}", started.elapsed());
@@ -844,5 +845,39 @@ async fn reset_of_a_split_parent(env: &Env) -> anyhow::Result<()> {
     let shards = env.kinesis.kinesis().list_shards(&stream).await?;
     check_parents_first(&again, &shards)?;
     check_per_key_order(&again)?;
+    Ok(())
+}
+
+/// `kcl consume` names the flag at fault, and checks the stream exists before it creates the
+/// lease table.
+async fn consume_flag_errors(env: &Env) -> anyhow::Result<()> {
+    let app = unique_name("admin-consume-app");
+    let missing = unique_name("no-such-stream");
+    env.refused(
+        &["consume", "--stream", &missing, "--app", &app],
+        &format!("--stream {missing}: no such stream"),
+    )
+    .await?;
+    let (leases, workers) = env.store(&app).open_existing().await?;
+    ensure!(
+        !leases && !workers,
+        "a table was created for a missing stream"
+    );
+    let stream = unique_name("admin-consume");
+    env.kinesis.create_stream(&stream, 1).await?;
+    for (flag, value) in [
+        ("--lease-duration", "50ms"),
+        ("--renew-interval", "9s"),
+        ("--max-records", "0"),
+        ("--max-leases", "0"),
+        ("--fan-out", "not a name"),
+        ("--shutdown-timeout", "0s"),
+    ] {
+        env.refused(
+            &["consume", "--stream", &stream, "--app", &app, flag, value],
+            &format!("invalid {flag}"),
+        )
+        .await?;
+    }
     Ok(())
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use kcl::service::parse_position;
+
+use crate::parse_duration;
 use kcl::worker::signal::StopSignals;
 use kcl::{
     async_trait, Checkpointer, ExtendedSequenceNumber, InitialPosition, ProcessorError, Record,
@@ -34,6 +36,58 @@ pub(crate) struct Args {
     /// `at-timestamp=<RFC 3339>` (e.g. `at-timestamp=2026-11-25T10:00:00Z`).
     #[arg(long, default_value = "trim-horizon", value_parser = parse_position)]
     position: InitialPosition,
+    /// Read with enhanced fan-out as this stream consumer (registered if missing) instead of
+    /// polling.
+    #[arg(long, value_name = "NAME")]
+    fan_out: Option<String>,
+    /// A lease not renewed for this long may be taken by another worker (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    lease_duration: Option<Duration>,
+    /// How often held leases are renewed (default a third of --lease-duration).
+    #[arg(long, value_parser = parse_duration)]
+    renew_interval: Option<Duration>,
+    /// How often this worker looks for leases to take (default 2s).
+    #[arg(long, value_parser = parse_duration)]
+    taker_interval: Option<Duration>,
+    /// The most leases this worker holds (default unlimited).
+    #[arg(long, value_name = "N")]
+    max_leases: Option<usize>,
+    /// The most leases asked from other workers per taker round (default 4).
+    #[arg(long, value_name = "N")]
+    max_leases_to_steal: Option<usize>,
+    /// How long a graceful stop waits for the processors (default 30s).
+    #[arg(long, value_parser = parse_duration)]
+    shutdown_timeout: Option<Duration>,
+    /// Polling: the most records per GetRecords call, 1 to 10000 (default 10000).
+    #[arg(long, value_name = "N")]
+    max_records: Option<u32>,
+    /// Polling: the shortest time between two GetRecords calls on a shard (default 200ms).
+    #[arg(long, value_parser = parse_duration)]
+    poll_interval: Option<Duration>,
+    /// Polling: the time between two GetRecords calls on a shard with nothing new (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    idle_interval: Option<Duration>,
+}
+
+/// The `kcl consume` flag that sets a worker configuration field, for error messages.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "stream" => "--stream",
+        "application_name" => "--app",
+        "table_name" => "--table (default: --app)",
+        "worker_id" => "--worker-id",
+        "retrieval.consumer_name" => "--fan-out",
+        "lease_duration" => "--lease-duration",
+        "renew_interval" => "--renew-interval",
+        "taker_interval" => "--taker-interval",
+        "max_leases_per_worker" => "--max-leases",
+        "max_leases_to_steal" => "--max-leases-to-steal",
+        "shutdown_timeout" => "--shutdown-timeout",
+        "polling.max_records" => "--max-records",
+        "polling.min_interval" => "--poll-interval",
+        "polling.idle_interval" => "--idle-interval",
+        _ => return None,
+    })
 }
 
 /// How many bytes of lines are collected before they are written out (and at the end of every
@@ -371,6 +425,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         table,
         worker_id,
         position,
+        fan_out,
+        lease_duration,
+        renew_interval,
+        taker_interval,
+        max_leases,
+        max_leases_to_steal,
+        shutdown_timeout,
+        max_records,
+        poll_interval,
+        idle_interval,
     } = args;
     // Caught from now on: a signal during start-up is a graceful stop too.
     let mut signals = StopSignals::install().context("installing signal handlers")?;
@@ -378,7 +442,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let mut builder = Worker::builder()
         .application_name(app)
-        .stream(stream)
+        .stream(stream.clone())
         .backends(kcl::Aws::from_conf(&sdk))
         .initial_position(position)
         .processor({
@@ -391,7 +455,49 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(id) = worker_id {
         builder = builder.worker_id(id);
     }
-    let worker = builder.build()?;
+    if let Some(name) = fan_out {
+        builder = builder.fan_out(name);
+    }
+    if let Some(d) = lease_duration {
+        builder = builder.lease_duration(d);
+        if renew_interval.is_none() {
+            builder = builder.renew_interval(d / 3);
+        }
+    }
+    if let Some(d) = renew_interval {
+        builder = builder.renew_interval(d);
+    }
+    if let Some(d) = taker_interval {
+        builder = builder.taker_interval(d);
+    }
+    if let Some(n) = max_leases {
+        builder = builder.max_leases_per_worker(n);
+    }
+    if let Some(n) = max_leases_to_steal {
+        builder = builder.max_leases_to_steal(n);
+    }
+    if let Some(d) = shutdown_timeout {
+        builder = builder.shutdown_timeout(d);
+    }
+    if max_records.is_some() || poll_interval.is_some() || idle_interval.is_some() {
+        let mut polling = kcl::PollingConfig::default();
+        if let Some(n) = max_records {
+            polling.max_records = n;
+        }
+        if let Some(d) = poll_interval {
+            polling.min_interval = d;
+        }
+        if let Some(d) = idle_interval {
+            polling.idle_interval = d;
+        }
+        builder = builder.polling(polling);
+    }
+    let worker = builder.build().map_err(|e| match flag_of(e.field()) {
+        Some(flag) => anyhow::anyhow!("invalid {flag}: {}", e.reason()),
+        None => anyhow::Error::new(e),
+    })?;
+    // Before anything is created: a mistyped stream must not leave an empty lease table.
+    check_stream(&sdk, &stream).await?;
     let stop = worker.shutdown_handle();
     let run = worker.run();
     tokio::pin!(run);
@@ -421,4 +527,22 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     out.finish().await?;
     Ok(())
+}
+
+/// Fails, naming `--stream`, if the stream cannot be listed (it does not exist, or is not
+/// readable): checked before the worker creates its lease table.
+async fn check_stream(sdk: &aws_config::SdkConfig, stream: &str) -> anyhow::Result<()> {
+    use kcl::retrieval::{KinesisApi as _, KinesisApiError};
+    match kcl::retrieval::aws::AwsKinesis::from_conf(sdk)
+        .list_shards(stream)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(KinesisApiError::NotFound(what)) => {
+            bail!("--stream {stream}: no such stream ({what}); nothing was created")
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "listing the shards of --stream {stream}; nothing was created"
+        ))),
+    }
 }
