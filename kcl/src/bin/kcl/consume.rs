@@ -64,7 +64,8 @@ pub(crate) struct Args {
     /// Polling: the shortest time between two GetRecords calls on a shard (default 200ms).
     #[arg(long, value_parser = parse_duration)]
     poll_interval: Option<Duration>,
-    /// Polling: the time between two GetRecords calls on a shard with nothing new (default 1s).
+    /// Polling: the time between two GetRecords calls on a shard with nothing new (default
+    /// 200ms).
     #[arg(long, value_parser = parse_duration)]
     idle_interval: Option<Duration>,
 }
