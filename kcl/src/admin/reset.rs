@@ -136,6 +136,9 @@ pub struct ResetStep {
     pub resolve_latest_at: Option<SystemTime>,
     /// Why it is in the plan.
     pub reason: StepReason,
+    /// How many generations of known ancestors the shard has (0: none). Steps of one depth
+    /// may run together; a depth starts once the shallower ones are done.
+    pub depth: usize,
 }
 
 /// What [`plan_reset`] decided.
@@ -241,7 +244,6 @@ pub fn plan_reset(
             .or_default()
             .extend(l.parent_shard_ids.iter().cloned());
     }
-    let depth = |id: &ShardId| depth_of(id, &parents);
     let mut plan = ResetPlan::default();
     let push = |plan: &mut ResetPlan,
                 lease: &Lease,
@@ -257,6 +259,7 @@ pub fn plan_reset(
                 to,
                 resolve_latest_at: at,
                 reason,
+                depth: depth_of(&lease.shard_id(), &parents),
             });
         }
     };
@@ -334,9 +337,8 @@ pub fn plan_reset(
             }
         }
     }
-    plan.steps.sort_by(|a, b| {
-        (depth(&a.lease.shard_id()), &a.lease.key).cmp(&(depth(&b.lease.shard_id()), &b.lease.key))
-    });
+    plan.steps
+        .sort_by(|a, b| (a.depth, &a.lease.key).cmp(&(b.depth, &b.lease.key)));
     Ok(plan)
 }
 

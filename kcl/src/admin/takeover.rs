@@ -30,6 +30,8 @@ use crate::record::ExtendedSequenceNumber;
 
 /// How often leases and worker items are read while observing or waiting.
 const POLL: Duration = Duration::from_millis(250);
+/// Up to this many leases are observed with one `GetItem` each, more with a `Scan`.
+const FEW_LEASES: usize = 16;
 /// How long a write's lost answer is looked for.
 const READ_BACK: Duration = Duration::from_secs(5);
 
@@ -116,11 +118,23 @@ pub async fn observe(
     lease_duration: Duration,
     progress: Progress<'_>,
 ) -> Result<Vec<Observed>, LeaseStoreError> {
+    // A few leases are read one by one; more with one scan of the table.
+    let few = keys.len() <= FEW_LEASES;
+    let poll = if few { POLL } else { POLL * 4 };
     let read_leases = || async {
         let mut out = BTreeMap::new();
-        for k in keys {
-            if let Some(l) = store.get(k).await? {
-                out.insert(k.clone(), l);
+        if few {
+            for k in keys {
+                if let Some(l) = store.get(k).await? {
+                    out.insert(k.clone(), l);
+                }
+            }
+        } else {
+            let wanted: std::collections::BTreeSet<&LeaseKey> = keys.iter().collect();
+            for l in store.list().await?.leases {
+                if wanted.contains(&l.key) {
+                    out.insert(l.key.clone(), l);
+                }
             }
         }
         Ok::<_, LeaseStoreError>(out)
@@ -165,7 +179,7 @@ pub async fn observe(
                 ));
                 last_note = Instant::now();
             }
-            tokio::time::sleep(POLL.min(lease_duration.saturating_sub(started.elapsed()))).await;
+            tokio::time::sleep(poll.min(lease_duration.saturating_sub(started.elapsed()))).await;
             after = read_leases().await?;
             items_after = read_workers().await;
         }

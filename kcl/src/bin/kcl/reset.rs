@@ -4,6 +4,7 @@
 use std::time::SystemTime;
 
 use anyhow::{bail, Context};
+use futures::StreamExt as _;
 use kcl::admin::owner::{decide, Action};
 use kcl::admin::reset::{plan_reset, ResetPlan, ResetScope, ResetStep, ResetTarget};
 use kcl::admin::takeover::{observe, Takeover};
@@ -47,6 +48,9 @@ pub(crate) struct Args {
     #[arg(long)]
     json: bool,
 }
+
+/// How many leases are reset at once (within one depth of the shard tree).
+const PARALLEL: usize = 8;
 
 /// `--to`'s values.
 fn parse_target(s: &str) -> Result<ResetTarget, String> {
@@ -137,34 +141,58 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     let takeover = Takeover::new("kcl-reset", args.takeover.handoff_timeout);
     progress(&format!("resetting as {}", takeover.pseudo_owner()));
+    // Depth by depth (parents before their descendants), up to PARALLEL leases at once.
     let mut done = Vec::new();
-    for (step, seen, action) in &actions {
-        let result = reset_one(&store, &takeover, step, seen, action).await;
-        match result {
-            Ok(()) => {
-                progress(&format!("{}: reset to {}", step.lease.key, step.to));
-                done.push(step.lease.key.clone());
-            }
-            Err(e) => {
-                let left: Vec<String> = actions
-                    .iter()
-                    .map(|(s, _, _)| s.lease.key.to_string())
-                    .filter(|k| !done.iter().any(|d| d.as_str() == k))
-                    .collect();
-                if args.json {
-                    let _ = print_json(&plan_json(&plan, Some(&done)));
+    let mut failures = Vec::new();
+    let mut rest = actions.as_slice();
+    while let Some((first, _, _)) = rest.first() {
+        let n = rest
+            .iter()
+            .take_while(|(s, _, _)| s.depth == first.depth)
+            .count();
+        let (level, next) = rest.split_at(n);
+        rest = next;
+        let results: Vec<_> = futures::stream::iter(level)
+            .map(|(step, seen, action)| async {
+                let r = reset_one(&store, &takeover, step, seen, action).await;
+                match &r {
+                    Ok(()) => progress(&format!("{}: reset to {}", step.lease.key, step.to)),
+                    Err(e) => progress(&format!("{}: not reset: {e}", step.lease.key)),
                 }
-                return Err(anyhow::Error::new(e).context(format!(
-                    "the reset stopped: {} lease(s) reset ({}), not reset: {}",
-                    done.len(),
-                    done.iter()
-                        .map(|k| k.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    left.join(", ")
-                )));
+                (step.lease.key.clone(), r)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        for (key, r) in results {
+            match r {
+                Ok(()) => done.push(key),
+                Err(e) => failures.push(format!("{key}: {e}")),
             }
         }
+        if !failures.is_empty() {
+            break;
+        }
+    }
+    if !failures.is_empty() {
+        let left: Vec<&str> = actions
+            .iter()
+            .map(|(s, _, _)| s.lease.key.as_str())
+            .filter(|k| !done.iter().any(|d| d.as_str() == *k))
+            .collect();
+        if args.json {
+            let _ = print_json(&plan_json(&plan, Some(&done)));
+        }
+        bail!(
+            "the reset stopped: {}\n{} lease(s) reset ({}); not reset: {}",
+            failures.join("\n"),
+            done.len(),
+            done.iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            left.join(", ")
+        );
     }
     if args.json {
         return print_json(&plan_json(&plan, Some(&done)));
