@@ -702,6 +702,21 @@ async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> 
     // A sequence number outside the shard is refused, naming the flag.
     env.refused(&args(&reset_shard("seq=1")), "--to seq=1")
         .await?;
+    // `latest` skips everything up to the reset, whatever `latestResolvedAt` the lease held
+    // from the earlier reset (it would resume at T again): only what is put after it comes.
+    env.ok(&args(&reset_shard("latest"))).await?;
+    env.kinesis
+        .put(&stream, records(2 * WAVE, 3 * WAVE, KEYS))
+        .await?;
+    let wave3: BTreeSet<(u32, u32)> = (2 * WAVE..3 * WAVE).map(|i| (i % KEYS, i / KEYS)).collect();
+    let latest = consume(env, &app, &stream, "c4", WAVE as usize).await?;
+    let got: BTreeSet<(u32, u32)> = latest.iter().map(|d| (d.key, d.n)).collect();
+    ensure!(
+        latest.len() == WAVE as usize && got == wave3,
+        "after a reset to latest: {} deliveries, {} of them not put after it",
+        latest.len(),
+        got.difference(&wave3).count()
+    );
 
     // A dead owner (no worker item, a counter that does not move) is released.
     let store = env.store(&app);
