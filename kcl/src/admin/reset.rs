@@ -24,7 +24,11 @@ use crate::shard::{Shard, ShardId};
 
 /// How much earlier than `latestResolvedAt` a worker of this library resumes
 /// (`retrieval::LATEST_RESTART_MARGIN`): the reset stores the target time plus this.
-pub const RESUME_MARGIN: Duration = Duration::from_secs(1);
+///
+/// ```
+/// assert_eq!(kcl::admin::reset::RESUME_MARGIN, std::time::Duration::from_secs(1));
+/// ```
+pub const RESUME_MARGIN: Duration = crate::retrieval::LATEST_RESTART_MARGIN;
 
 /// Where `kcl reset --to` moves checkpoints.
 ///

@@ -36,6 +36,11 @@ const FEW_LEASES: usize = 16;
 const READ_BACK: Duration = Duration::from_secs(5);
 
 /// Progress lines for the user (the command prints them on stderr).
+///
+/// ```
+/// let progress: kcl::admin::takeover::Progress<'_> = &|line| eprintln!("{line}");
+/// progress("observing the owners");
+/// ```
 pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
 /// Why a takeover failed.
