@@ -94,6 +94,14 @@ impl Env {
         serde_json::from_str(&out).with_context(|| format!("kcl {args:?} printed {out}"))
     }
 
+    /// A new stream of `shards` shards holding records `0..n`, and a new application name.
+    async fn stream(&self, name: &str, shards: u32, n: u32) -> anyhow::Result<(String, String)> {
+        let stream = unique_name(name);
+        self.kinesis.create_stream(&stream, shards).await?;
+        self.kinesis.put(&stream, records(0, n, KEYS)).await?;
+        Ok((stream, unique_name(&format!("{name}-app"))))
+    }
+
     fn store(&self, app: &str) -> Arc<DynamoLeaseStore> {
         Arc::new(DynamoLeaseStore::from_conf(&self.dynamo_conf, app))
     }
@@ -282,10 +290,7 @@ fn check_replayed_once(log: &[Delivery], all: &BTreeSet<(u32, u32)>) -> anyhow::
 /// while records keep arriving; `kcl release --force`; `kcl destroy`.
 async fn reset_racing_a_worker(env: &Env) -> anyhow::Result<()> {
     const WAVE: u32 = 200;
-    let stream = unique_name("admin-race");
-    let app = unique_name("admin-race-app");
-    env.kinesis.create_stream(&stream, 2).await?;
-    env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
+    let (stream, app) = env.stream("admin-race", 2, WAVE).await?;
     let store = env.store(&app);
     let log = DeliveryLog::default();
     let watch = Exclusivity::default();
@@ -616,10 +621,7 @@ async fn consume(
 /// `kcl destroy` deregisters the fan-out consumer.
 async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> {
     const WAVE: u32 = 40;
-    let stream = unique_name("admin-time");
-    let app = unique_name("admin-time-app");
-    env.kinesis.create_stream(&stream, 1).await?;
-    env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
+    let (stream, app) = env.stream("admin-time", 1, WAVE).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let t = env.kinesis.now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -787,10 +789,7 @@ async fn reset_to_a_time_and_a_sequence_number(env: &Env) -> anyhow::Result<()> 
 /// parent's before its children's, in order per key; `kcl shards` shows the tree.
 async fn reset_of_a_split_parent(env: &Env) -> anyhow::Result<()> {
     const WAVE: u32 = 48;
-    let stream = unique_name("admin-split");
-    let app = unique_name("admin-split-app");
-    env.kinesis.create_stream(&stream, 1).await?;
-    env.kinesis.put(&stream, records(0, WAVE, KEYS)).await?;
+    let (stream, app) = env.stream("admin-split", 1, WAVE).await?;
     let parent = ShardId::new("shardId-000000000000");
     env.kinesis.split(&stream, &parent, 1u128 << 127).await?;
     env.kinesis
