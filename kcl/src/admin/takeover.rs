@@ -663,3 +663,249 @@ fn describe(l: &Lease) -> String {
         (Some(o), Some(c)) => format!("being handed from {c} to {o}, counter {}", l.counter),
     }
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::admin::owner::decide;
+    use crate::record::SequenceNumber;
+    use crate::shard::ShardId;
+    use crate::testkit::MemLeaseStore;
+
+    fn quiet() -> Progress<'static> {
+        &|_| {}
+    }
+
+    fn at(n: u128) -> ExtendedSequenceNumber {
+        ExtendedSequenceNumber::at(SequenceNumber::from_u128(n), 0)
+    }
+
+    /// A lease checkpointed at 42, owned by `owner` (if any), with `owner`'s worker item.
+    async fn setup(owner: Option<&str>) -> (MemLeaseStore, Lease) {
+        let store = MemLeaseStore::new();
+        let lease = Lease::new(&ShardId::new("shardId-0"), at(42));
+        assert!(matches!(store.create_if_absent(&lease).await, Ok(true)));
+        let Some(owner) = owner else {
+            return (store, lease);
+        };
+        let w = WorkerId::new(owner);
+        let taken = store.take(&lease, &w).await.expect("take");
+        store
+            .register_worker(&WorkerItem::new(w, 7))
+            .await
+            .expect("register");
+        (store, taken)
+    }
+
+    fn seen(lease: &Lease, state: OwnerState) -> Observed {
+        Observed {
+            lease: lease.clone(),
+            state,
+        }
+    }
+
+    async fn now(store: &MemLeaseStore) -> Lease {
+        store
+            .get(&LeaseKey::new("shardId-0"))
+            .await
+            .ok()
+            .flatten()
+            .expect("the lease")
+    }
+
+    #[tokio::test]
+    async fn an_unowned_lease_is_taken_checkpointed_back_and_released() {
+        let (store, lease) = setup(None).await;
+        let t = Takeover::new("kcl-reset", Duration::from_secs(1));
+        let held = t
+            .acquire(
+                &store,
+                &seen(&lease, OwnerState::Unowned),
+                &Action::Take,
+                quiet(),
+            )
+            .await
+            .expect("acquire");
+        assert!(held.is_owned_by(t.pseudo_owner()));
+        // Backwards: the store does not refuse it (monotonicity is the Checkpointer's).
+        let held = t
+            .checkpoint(&store, &held, &ExtendedSequenceNumber::TrimHorizon, None)
+            .await
+            .expect("checkpoint");
+        t.give_back(&store, &held).await.expect("give back");
+        let l = now(&store).await;
+        assert_eq!(
+            (l.owner, l.checkpoint),
+            (None, ExtendedSequenceNumber::TrimHorizon)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_worker_asking_the_pseudo_owner_gets_the_lease_with_the_new_checkpoint() {
+        let (store, lease) = setup(None).await;
+        let t = Takeover::new("kcl-reset", Duration::from_secs(1));
+        let held = t
+            .acquire(
+                &store,
+                &seen(&lease, OwnerState::Unowned),
+                &Action::Take,
+                quiet(),
+            )
+            .await
+            .expect("acquire");
+        // A peer's taker asks for it before the checkpoint, and again after it.
+        let peer = WorkerId::new("peer");
+        store.request_handoff(&held, &peer).await.expect("request");
+        let held = t
+            .checkpoint(&store, &held, &ExtendedSequenceNumber::TrimHorizon, None)
+            .await
+            .expect("checkpoint as checkpointOwner");
+        let done = t.give_back(&store, &held).await.expect("give back");
+        let l = now(&store).await;
+        assert_eq!(done.owner.as_ref(), Some(&peer));
+        assert_eq!(
+            (l.owner, l.checkpoint_owner, l.checkpoint),
+            (Some(peer), None, ExtendedSequenceNumber::TrimHorizon)
+        );
+    }
+
+    #[tokio::test]
+    async fn latest_is_resolved_at_the_time_given() {
+        let (store, lease) = setup(None).await;
+        let t = Takeover::new("kcl-reset", Duration::from_secs(1));
+        let held = t
+            .acquire(
+                &store,
+                &seen(&lease, OwnerState::Unowned),
+                &Action::Take,
+                quiet(),
+            )
+            .await
+            .expect("acquire");
+        let when = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let held = t
+            .checkpoint(&store, &held, &ExtendedSequenceNumber::Latest, Some(when))
+            .await
+            .expect("checkpoint");
+        t.give_back(&store, &held).await.expect("give back");
+        let l = now(&store).await;
+        assert_eq!(
+            (l.checkpoint, l.latest_resolved_at),
+            (ExtendedSequenceNumber::Latest, Some(when))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_owner_hands_over_before_anything_is_written() {
+        let (store, lease) = setup(Some("w1")).await;
+        let item = store.workers().into_iter().next().expect("w1's item");
+        let state = OwnerState::LiveWorker {
+            owner: WorkerId::new("w1"),
+            item,
+        };
+        assert!(matches!(decide(&state, false), Action::Refuse(_)));
+        assert_eq!(decide(&state, true), Action::Handoff);
+        let t = Takeover::new("kcl-reset", Duration::from_secs(5));
+        // The owner: finds the request, checkpoints at 50, completes the handoff.
+        let owner = {
+            let store = store.clone();
+            let pseudo = t.pseudo_owner().clone();
+            tokio::spawn(async move {
+                loop {
+                    let l = now(&store).await;
+                    if l.checkpoint_owner.is_some() {
+                        let mut mine = l.clone();
+                        mine.owner = Some(WorkerId::new("w1"));
+                        let mut done = store.checkpoint(&mine, &at(50), &[]).await.expect("final");
+                        done.owner = Some(WorkerId::new("w1"));
+                        store
+                            .complete_handoff(&done, &pseudo)
+                            .await
+                            .expect("complete");
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let held = t
+            .acquire(&store, &seen(&lease, state), &Action::Handoff, quiet())
+            .await
+            .expect("acquire");
+        owner.await.expect("the owner task");
+        assert!(held.is_owned_by(t.pseudo_owner()) && held.checkpoint_owner.is_none());
+        assert_eq!(
+            held.checkpoint,
+            at(50),
+            "the owner's final checkpoint came first"
+        );
+        let notices = store.workers().into_iter().next().map(|w| w.handoffs.len());
+        assert_eq!(notices, Some(1), "the owner was notified in its item");
+    }
+
+    #[tokio::test]
+    async fn a_handoff_not_completed_in_time_is_withdrawn() {
+        let (store, lease) = setup(Some("w1")).await;
+        let item = store.workers().into_iter().next().expect("w1's item");
+        let state = OwnerState::LiveWorker {
+            owner: WorkerId::new("w1"),
+            item,
+        };
+        let t = Takeover::new("kcl-reset", Duration::from_millis(300));
+        let r = t
+            .acquire(&store, &seen(&lease, state), &Action::Handoff, quiet())
+            .await;
+        assert!(
+            matches!(r, Err(TakeoverError::HandoffTimeout { .. })),
+            "{r:?}"
+        );
+        let l = now(&store).await;
+        assert_eq!(
+            (l.owner, l.checkpoint_owner, l.checkpoint),
+            (Some(WorkerId::new("w1")), None, at(42)),
+            "as before the request"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gone_owner_is_released_in_its_name_and_a_still_heartbeat_is_fenced_first() {
+        let (store, lease) = setup(Some("w1")).await;
+        let item = store.workers().into_iter().next().expect("w1's item");
+        let t = Takeover::new("kcl-release", Duration::from_secs(1));
+        let state = OwnerState::HeartbeatStill {
+            owner: WorkerId::new("w1"),
+            item,
+        };
+        let action = decide(&state, false);
+        assert_eq!(action, Action::FenceThenTake);
+        let done = t
+            .clear(&store, &seen(&lease, state), &action, quiet())
+            .await
+            .expect("clear");
+        assert!(done.is_some_and(|l| l.owner.is_none()));
+        let fenced = store.workers().into_iter().next().and_then(|w| w.fenced_by);
+        assert_eq!(fenced.as_ref(), Some(t.pseudo_owner()));
+        assert_eq!(now(&store).await.checkpoint, at(42), "the checkpoint stays");
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_moved_since_the_observation_is_left_alone() {
+        let (store, lease) = setup(None).await;
+        // A worker takes it after the observation.
+        store
+            .take(&lease, &WorkerId::new("w2"))
+            .await
+            .expect("take");
+        let t = Takeover::new("kcl-reset", Duration::from_secs(1));
+        let r = t
+            .acquire(
+                &store,
+                &seen(&lease, OwnerState::Unowned),
+                &Action::Take,
+                quiet(),
+            )
+            .await;
+        assert!(matches!(r, Err(TakeoverError::Changed { .. })), "{r:?}");
+        assert!(now(&store).await.is_owned_by(&WorkerId::new("w2")));
+    }
+}
