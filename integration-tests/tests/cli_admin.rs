@@ -27,7 +27,7 @@ use kcl::{
     async_trait, Checkpointer, ExtendedSequenceNumber, ProcessorError, RecordBatch,
     RecordProcessor, SequenceNumber, ShardContext, ShardId,
 };
-use kcl_integration_tests::cli::{kcl_binary, run_kcl, CliEnv, Finished};
+use kcl_integration_tests::cli::{kcl_binary, run_kcl, CliEnv, Finished, KclProcess};
 use kcl_integration_tests::dynamo_servers::start_dynalite;
 use kcl_integration_tests::scenarios::{
     check_parents_first, check_per_key_order, poll, records, worker, Delivery, DeliveryLog,
@@ -119,18 +119,22 @@ async fn admin_commands() -> anyhow::Result<()> {
         kinesis,
     };
     eprintln!("setup: {:.1?}", started.elapsed());
-    let (a, b, c) = tokio::join!(
+    let (a, b, c, d) = tokio::join!(
         timed("reset racing a worker", reset_racing_a_worker(&env)),
         timed(
             "reset to a time and a sequence number",
             reset_to_a_time_and_a_sequence_number(&env)
         ),
         timed("reset of a split parent", reset_of_a_split_parent(&env)),
+        timed("kcl consume's flag errors and abandonment", async {
+            consume_flag_errors(&env).await?;
+            consume_abandons_a_stuck_processor(&env).await
+        }),
     );
-    c?;
-    timed("kcl consume's flag errors", consume_flag_errors(&env)).await?;
     a?;
     b?;
+    c?;
+    d?;
     eprintln!("total: {:.1?}", started.elapsed());
     Ok(())
 }
@@ -893,5 +897,48 @@ async fn consume_flag_errors(env: &Env) -> anyhow::Result<()> {
         )
         .await?;
     }
+    Ok(())
+}
+
+/// `kcl consume` whose stdout nobody reads any more: a SIGTERM cannot finish the processor
+/// blocked writing, which is abandoned after `--shutdown-timeout`, and the exit status says so.
+async fn consume_abandons_a_stuck_processor(env: &Env) -> anyhow::Result<()> {
+    let stream = unique_name("admin-stuck");
+    let app = unique_name("admin-stuck-app");
+    env.kinesis.create_stream(&stream, 1).await?;
+    // ~2 KB lines: far more than a pipe holds.
+    let big: Vec<(String, Vec<u8>)> = records(0, 200, KEYS)
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.resize(2000, b'.');
+            (k, v)
+        })
+        .collect();
+    env.kinesis.put(&stream, big).await?;
+    let mut p = KclProcess::spawn(
+        &env.bin,
+        "consume-stuck",
+        &env.cli,
+        [
+            "consume",
+            "--stream",
+            &stream,
+            "--app",
+            &app,
+            "--shutdown-timeout",
+            "1s",
+        ],
+    )?;
+    p.stop_reading_after(10);
+    p.wait_for_lines(10, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, took) = p.terminate(Duration::from_secs(20)).await?;
+    eprintln!("stuck consume: SIGTERM → {status} in {took:.1?}");
+    let stderr = p.stderr();
+    ensure!(
+        !status.success() && stderr.contains("abandoned"),
+        "kcl consume exited with {status}; stderr:\n{}",
+        p.stderr_tail(20)
+    );
     Ok(())
 }

@@ -107,6 +107,11 @@ struct Output {
     state: tokio::sync::Mutex<OutputState>,
     /// Cancelled once stdout is closed (EPIPE): the consumer stops.
     closed: CancellationToken,
+    /// Processors created and not finished (no final callback returned yet).
+    unfinished: std::sync::atomic::AtomicUsize,
+    /// Set once the worker was asked to stop: a processor dropped unfinished from then on was
+    /// abandoned (its task aborted after `--shutdown-timeout`).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The last record of one processor whose line was written whole.
@@ -187,6 +192,8 @@ impl Output {
                 failing: None,
             }),
             closed: CancellationToken::new(),
+            unfinished: std::sync::atomic::AtomicUsize::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -327,14 +334,39 @@ struct JsonLines {
     /// The last record whose line was queued (written or in the buffer): a retried batch skips
     /// the lines already queued.
     queued: Option<ExtendedSequenceNumber>,
+    /// A final callback (`shutdown_requested`, `shard_ended`, `lease_lost`) returned.
+    finished: bool,
+}
+
+impl Drop for JsonLines {
+    fn drop(&mut self) {
+        // Dropped by the worker outside a stop (a fatal error): not abandoned. Dropped
+        // unfinished during a stop: its task was aborted, it stays counted.
+        if !self.out.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.finish();
+        }
+    }
 }
 
 impl JsonLines {
     fn new(out: Arc<Output>) -> Self {
+        out.unfinished
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Self {
             out,
             written: Arc::new(std::sync::Mutex::new(None)),
             queued: None,
+            finished: false,
+        }
+    }
+
+    /// Counts the processor as finished (once).
+    fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.out
+                .unfinished
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -389,7 +421,12 @@ impl RecordProcessor for JsonLines {
                 // The consumer stops; the leases are released, checkpointed at what was written.
                 self.out.closed.cancel();
             }
-            return Err(e.into_processor_error());
+            let e = e.into_processor_error();
+            if !e.is_retryable() {
+                // The worker stops the shard: no callback follows.
+                self.finish();
+            }
+            return Err(e);
         }
         self.checkpoint_written(cp).await
     }
@@ -401,20 +438,28 @@ impl RecordProcessor for JsonLines {
                 "the shard's last lines are not written yet",
             ));
         }
-        cp.checkpoint().await.map_err(ProcessorError::retryable)
+        cp.checkpoint().await.map_err(ProcessorError::retryable)?;
+        self.finish();
+        Ok(())
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
         // Only what was written, and (outside `process_records`) no further than the batches
         // processed whole: a failed batch's lines written were checkpointed when it failed.
         let written = lock(&self.written).clone();
-        match (written, cp.last_processed().cloned()) {
+        let result = match (written, cp.last_processed().cloned()) {
             (Some(w), Some(p)) => cp
                 .checkpoint_at(w.min(p))
                 .await
                 .map_err(ProcessorError::retryable),
             _ => Ok(()),
-        }
+        };
+        self.finish();
+        result
+    }
+
+    async fn lease_lost(&mut self) {
+        self.finish();
     }
 }
 
@@ -517,6 +562,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     if !stopped {
+        out.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         stop.shutdown();
         tokio::select! {
             r = &mut run => r?,
@@ -526,8 +573,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     }
-    out.finish().await?;
-    Ok(())
+    let abandoned = out.unfinished.load(std::sync::atomic::Ordering::SeqCst);
+    let finished = out.finish().await;
+    if abandoned > 0 {
+        let why = format!(
+            "{abandoned} processor(s) did not finish within --shutdown-timeout and were \
+             abandoned: their leases expire after the lease duration, and the records they had \
+             not checkpointed come again"
+        );
+        return Err(match finished {
+            Err(e) => e.context(why),
+            Ok(()) => anyhow::anyhow!(why),
+        });
+    }
+    finished
 }
 
 /// Fails, naming `--stream`, if the stream cannot be listed (it does not exist, or is not
