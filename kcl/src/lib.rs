@@ -57,6 +57,7 @@
 )]
 #![forbid(unsafe_code)]
 
+pub mod admin;
 #[cfg(feature = "aws")]
 mod aws;
 mod backoff;

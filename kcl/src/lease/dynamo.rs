@@ -240,6 +240,35 @@ impl DynamoLeaseStore {
         format!("{}-workers", self.table)
     }
 
+    /// For tools that must not create anything (the `kcl` admin commands): whether the lease
+    /// table and the worker table exist (`DescribeTable`), without creating either. A worker
+    /// table that exists and is `ACTIVE` is used from then on, as after
+    /// [`LeaseStore::ensure_table`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: aws_sdk_dynamodb::Client) -> Result<(), kcl::LeaseStoreError> {
+    /// use kcl::lease::dynamo::DynamoLeaseStore;
+    /// let store = DynamoLeaseStore::new(client, "orders-app");
+    /// let (leases, workers) = store.open_existing().await?;
+    /// println!("lease table: {leases}, worker table: {workers}");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `DescribeTable` failed, or a table of that name has another key schema.
+    pub async fn open_existing(&self) -> Result<(bool, bool), LeaseStoreError> {
+        let leases = self.table_status(&self.table, attr::LEASE_KEY).await?;
+        let workers = self
+            .table_status(&self.worker_table(), liveness::attr::WORKER_ID)
+            .await?;
+        let workers_active = matches!(workers, Some(TableStatus::Active));
+        if workers_active {
+            self.workers_ready
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok((leases.is_some(), workers_active))
+    }
+
     /// The capacity units DynamoDB reported for this store's successful requests, by
     /// operation (`ReturnConsumedCapacity`; requests refused by their condition are charged by
     /// DynamoDB too, but their errors carry no report). Clones share the sums.

@@ -1,21 +1,15 @@
-//! The `kcl` command-line tool: consume a stream as JSON lines, inspect a lease table.
-//!
-//! Endpoints, region and credentials come from the standard AWS configuration
-//! (`AWS_ENDPOINT_URL_KINESIS`, `AWS_ENDPOINT_URL_DYNAMODB`, `AWS_REGION`, profiles, …).
+//! `kcl consume`: a stream as JSON lines on stdout, checkpointing exactly what was written.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
 use std::os::fd::AsFd as _;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine as _;
-use clap::{Parser, Subcommand};
-use kcl::lease::dynamo::DynamoLeaseStore;
-use kcl::lease::LeaseStore;
 use kcl::service::parse_position;
+
+use crate::parse_duration;
 use kcl::worker::signal::StopSignals;
 use kcl::{
     async_trait, Checkpointer, ExtendedSequenceNumber, InitialPosition, ProcessorError, Record,
@@ -23,46 +17,78 @@ use kcl::{
 };
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser)]
-#[command(name = "kcl", version, about = "Kinesis consumer and lease-table tool")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+/// `kcl consume`'s flags.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The stream to read.
+    #[arg(long)]
+    stream: String,
+    /// The application name (also the lease table, unless --table is given).
+    #[arg(long)]
+    app: String,
+    /// The lease table (default: the application name).
+    #[arg(long)]
+    table: Option<String>,
+    /// This worker's id (default: host name plus a random suffix).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Where shards without a checkpoint start: `trim-horizon`, `latest`, or
+    /// `at-timestamp=<RFC 3339>` (e.g. `at-timestamp=2026-11-25T10:00:00Z`).
+    #[arg(long, default_value = "trim-horizon", value_parser = parse_position)]
+    position: InitialPosition,
+    /// Read with enhanced fan-out as this stream consumer (registered if missing) instead of
+    /// polling.
+    #[arg(long, value_name = "NAME")]
+    fan_out: Option<String>,
+    /// A lease not renewed for this long may be taken by another worker (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    lease_duration: Option<Duration>,
+    /// How often held leases are renewed (default a third of --lease-duration).
+    #[arg(long, value_parser = parse_duration)]
+    renew_interval: Option<Duration>,
+    /// How often this worker looks for leases to take (default 2s).
+    #[arg(long, value_parser = parse_duration)]
+    taker_interval: Option<Duration>,
+    /// The most leases this worker holds (default unlimited).
+    #[arg(long, value_name = "N")]
+    max_leases: Option<usize>,
+    /// The most leases asked from other workers per taker round (default 4).
+    #[arg(long, value_name = "N")]
+    max_leases_to_steal: Option<usize>,
+    /// How long a graceful stop waits for the processors (default 30s).
+    #[arg(long, value_parser = parse_duration)]
+    shutdown_timeout: Option<Duration>,
+    /// Polling: the most records per GetRecords call, 1 to 10000 (default 10000).
+    #[arg(long, value_name = "N")]
+    max_records: Option<u32>,
+    /// Polling: the shortest time between two GetRecords calls on a shard (default 200ms).
+    #[arg(long, value_parser = parse_duration)]
+    poll_interval: Option<Duration>,
+    /// Polling: the time between two GetRecords calls on a shard with nothing new (default
+    /// 200ms).
+    #[arg(long, value_parser = parse_duration)]
+    idle_interval: Option<Duration>,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Consume a stream, writing each record to stdout as one JSON object per line.
-    Consume {
-        /// The stream to read.
-        #[arg(long)]
-        stream: String,
-        /// The application name (also the lease table, unless --table is given).
-        #[arg(long)]
-        app: String,
-        /// The lease table (default: the application name).
-        #[arg(long)]
-        table: Option<String>,
-        /// This worker's id (default: host name plus a random suffix).
-        #[arg(long)]
-        worker_id: Option<String>,
-        /// Where shards without a checkpoint start: `trim-horizon`, `latest`, or
-        /// `at-timestamp=<RFC 3339>` (e.g. `at-timestamp=2026-11-25T10:00:00Z`).
-        #[arg(long, default_value = "trim-horizon", value_parser = parse_position)]
-        position: InitialPosition,
-    },
-    /// Show the lease table.
-    Leases {
-        /// The application name (the lease table, unless --table is given).
-        #[arg(long)]
-        app: String,
-        /// The lease table (default: the application name).
-        #[arg(long)]
-        table: Option<String>,
-        /// Print a JSON array with the table's attribute names.
-        #[arg(long)]
-        json: bool,
-    },
+/// The `kcl consume` flag that sets a worker configuration field, for error messages.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "stream" => "--stream",
+        "application_name" => "--app",
+        "table_name" => "--table (default: --app)",
+        "worker_id" => "--worker-id",
+        "retrieval.consumer_name" => "--fan-out",
+        "lease_duration" => "--lease-duration",
+        "renew_interval" => "--renew-interval",
+        "taker_interval" => "--taker-interval",
+        "max_leases_per_worker" => "--max-leases",
+        "max_leases_to_steal" => "--max-leases-to-steal",
+        "shutdown_timeout" => "--shutdown-timeout",
+        "polling.max_records" => "--max-records",
+        "polling.min_interval" => "--poll-interval",
+        "polling.idle_interval" => "--idle-interval",
+        _ => return None,
+    })
 }
 
 /// How many bytes of lines are collected before they are written out (and at the end of every
@@ -81,6 +107,11 @@ struct Output {
     state: tokio::sync::Mutex<OutputState>,
     /// Cancelled once stdout is closed (EPIPE): the consumer stops.
     closed: CancellationToken,
+    /// Processors created and not finished (no final callback returned yet).
+    unfinished: std::sync::atomic::AtomicUsize,
+    /// Set once the worker was asked to stop: a processor dropped unfinished from then on was
+    /// abandoned (its task aborted after `--shutdown-timeout`).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The last record of one processor whose line was written whole.
@@ -161,6 +192,8 @@ impl Output {
                 failing: None,
             }),
             closed: CancellationToken::new(),
+            unfinished: std::sync::atomic::AtomicUsize::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -301,14 +334,39 @@ struct JsonLines {
     /// The last record whose line was queued (written or in the buffer): a retried batch skips
     /// the lines already queued.
     queued: Option<ExtendedSequenceNumber>,
+    /// A final callback (`shutdown_requested`, `shard_ended`, `lease_lost`) returned.
+    finished: bool,
+}
+
+impl Drop for JsonLines {
+    fn drop(&mut self) {
+        // Dropped by the worker outside a stop (a fatal error): not abandoned. Dropped
+        // unfinished during a stop: its task was aborted, it stays counted.
+        if !self.out.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.finish();
+        }
+    }
 }
 
 impl JsonLines {
     fn new(out: Arc<Output>) -> Self {
+        out.unfinished
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Self {
             out,
             written: Arc::new(std::sync::Mutex::new(None)),
             queued: None,
+            finished: false,
+        }
+    }
+
+    /// Counts the processor as finished (once).
+    fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.out
+                .unfinished
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -363,7 +421,12 @@ impl RecordProcessor for JsonLines {
                 // The consumer stops; the leases are released, checkpointed at what was written.
                 self.out.closed.cancel();
             }
-            return Err(e.into_processor_error());
+            let e = e.into_processor_error();
+            if !e.is_retryable() {
+                // The worker stops the shard: no callback follows.
+                self.finish();
+            }
+            return Err(e);
         }
         self.checkpoint_written(cp).await
     }
@@ -375,188 +438,171 @@ impl RecordProcessor for JsonLines {
                 "the shard's last lines are not written yet",
             ));
         }
-        cp.checkpoint().await.map_err(ProcessorError::retryable)
+        cp.checkpoint().await.map_err(ProcessorError::retryable)?;
+        self.finish();
+        Ok(())
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
         // Only what was written, and (outside `process_records`) no further than the batches
         // processed whole: a failed batch's lines written were checkpointed when it failed.
         let written = lock(&self.written).clone();
-        match (written, cp.last_processed().cloned()) {
+        let result = match (written, cp.last_processed().cloned()) {
             (Some(w), Some(p)) => cp
                 .checkpoint_at(w.min(p))
                 .await
                 .map_err(ProcessorError::retryable),
             _ => Ok(()),
-        }
-    }
-}
-
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "Error: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(run(cli));
-    // A write stuck on a stdout nobody reads must not keep the process alive.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // Not eprintln!: a closed stderr must not turn the error into a panic.
-            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Consume {
-            stream,
-            app,
-            table,
-            worker_id,
-            position,
-        } => {
-            // Caught from now on: a signal during start-up is a graceful stop too.
-            let mut signals = StopSignals::install().context("installing signal handlers")?;
-            let out = Output::stdout()?;
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let mut builder = Worker::builder()
-                .application_name(app)
-                .stream(stream)
-                .backends(kcl::Aws::from_conf(&sdk))
-                .initial_position(position)
-                .processor({
-                    let out = out.clone();
-                    move || JsonLines::new(out.clone())
-                });
-            if let Some(t) = table {
-                builder = builder.table_name(t);
-            }
-            if let Some(id) = worker_id {
-                builder = builder.worker_id(id);
-            }
-            let worker = builder.build()?;
-            let stop = worker.shutdown_handle();
-            let run = worker.run();
-            tokio::pin!(run);
-            let stopped = tokio::select! {
-                r = &mut run => {
-                    r?;
-                    true
-                }
-                signal = signals.recv() => {
-                    tracing::info!(%signal, "signal received; shutting down gracefully");
-                    false
-                }
-                _ = out.closed.cancelled() => {
-                    tracing::warn!("stdout was closed (broken pipe); shutting down gracefully");
-                    false
-                }
-            };
-            if !stopped {
-                stop.shutdown();
-                tokio::select! {
-                    r = &mut run => r?,
-                    signal = signals.recv() => bail!(
-                        "{signal} received again: stopped without waiting for the graceful \
-                         shutdown (the leases still held expire after the lease duration)"
-                    ),
-                }
-            }
-            out.finish().await?;
-        }
-        Command::Leases { app, table, json } => {
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let store = DynamoLeaseStore::from_conf(&sdk, table.unwrap_or(app));
-            let table = store.list().await.context("reading the lease table")?;
-            for bad in &table.malformed {
-                eprintln!("warning: {bad}");
-            }
-            if json {
-                let items: Vec<serde_json::Value> = table.leases.iter().map(lease_json).collect();
-                println!("{}", serde_json::to_string_pretty(&items)?);
-            } else {
-                print_table(&table.leases);
-            }
-        }
-    }
-    Ok(())
-}
-
-fn lease_json(l: &kcl::Lease) -> serde_json::Value {
-    use kcl::lease::item::{encode, AttrValue};
-    let mut map = serde_json::Map::new();
-    for (name, value) in encode(l) {
-        let v = match value {
-            AttrValue::S(s) => serde_json::Value::String(s),
-            AttrValue::N(n) => n
-                .parse::<u64>()
-                .map(serde_json::Value::from)
-                .unwrap_or(serde_json::Value::String(n)),
-            AttrValue::Ss(v) => serde_json::Value::from(v),
-            AttrValue::B(b) => {
-                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(b))
-            }
-            AttrValue::Other(t) => serde_json::Value::String(format!("<{t}>")),
         };
-        map.insert(name, v);
+        self.finish();
+        result
     }
-    serde_json::Value::Object(map)
+
+    async fn lease_lost(&mut self) {
+        self.finish();
+    }
 }
 
-fn print_table(leases: &[kcl::Lease]) {
-    let rows: Vec<[String; 5]> = leases
-        .iter()
-        .map(|l| {
-            [
-                l.key.to_string(),
-                l.owner.as_ref().map_or("-".into(), |o| o.to_string()),
-                l.counter.to_string(),
-                l.checkpoint.to_string(),
-                l.parent_shard_ids
-                    .iter()
-                    .map(|p| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ]
-        })
-        .collect();
-    let header = ["LEASE", "OWNER", "COUNTER", "CHECKPOINT", "PARENTS"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
+/// Runs `kcl consume` until a signal, a closed stdout or an error.
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let Args {
+        stream,
+        app,
+        table,
+        worker_id,
+        position,
+        fan_out,
+        lease_duration,
+        renew_interval,
+        taker_interval,
+        max_leases,
+        max_leases_to_steal,
+        shutdown_timeout,
+        max_records,
+        poll_interval,
+        idle_interval,
+    } = args;
+    // Caught from now on: a signal during start-up is a graceful stop too.
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
+    let out = Output::stdout()?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let mut builder = Worker::builder()
+        .application_name(app)
+        .stream(stream.clone())
+        .backends(kcl::Aws::from_conf(&sdk))
+        .initial_position(position)
+        .processor({
+            let out = out.clone();
+            move || JsonLines::new(out.clone())
+        });
+    if let Some(t) = table {
+        builder = builder.table_name(t);
+    }
+    if let Some(id) = worker_id {
+        builder = builder.worker_id(id);
+    }
+    if let Some(name) = fan_out {
+        builder = builder.fan_out(name);
+    }
+    if let Some(d) = lease_duration {
+        builder = builder.lease_duration(d);
+        if renew_interval.is_none() {
+            builder = builder.renew_interval(d / 3);
         }
     }
-    let line = |cells: [&str; 5]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
+    if let Some(d) = renew_interval {
+        builder = builder.renew_interval(d);
+    }
+    if let Some(d) = taker_interval {
+        builder = builder.taker_interval(d);
+    }
+    if let Some(n) = max_leases {
+        builder = builder.max_leases_per_worker(n);
+    }
+    if let Some(n) = max_leases_to_steal {
+        builder = builder.max_leases_to_steal(n);
+    }
+    if let Some(d) = shutdown_timeout {
+        builder = builder.shutdown_timeout(d);
+    }
+    if max_records.is_some() || poll_interval.is_some() || idle_interval.is_some() {
+        let mut polling = kcl::PollingConfig::default();
+        if let Some(n) = max_records {
+            polling.max_records = n;
         }
-        println!("{}", s.trim_end());
+        if let Some(d) = poll_interval {
+            polling.min_interval = d;
+        }
+        if let Some(d) = idle_interval {
+            polling.idle_interval = d;
+        }
+        builder = builder.polling(polling);
+    }
+    let worker = builder.build().map_err(|e| match flag_of(e.field()) {
+        Some(flag) => anyhow::anyhow!("invalid {flag}: {}", e.reason()),
+        None => anyhow::Error::new(e),
+    })?;
+    // Before anything is created: a mistyped stream must not leave an empty lease table.
+    check_stream(&sdk, &stream).await?;
+    let stop = worker.shutdown_handle();
+    let run = worker.run();
+    tokio::pin!(run);
+    let stopped = tokio::select! {
+        r = &mut run => {
+            r?;
+            true
+        }
+        signal = signals.recv() => {
+            tracing::info!(%signal, "signal received; shutting down gracefully");
+            false
+        }
+        _ = out.closed.cancelled() => {
+            tracing::warn!("stdout was closed (broken pipe); shutting down gracefully");
+            false
+        }
     };
-    line(header);
-    for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    if !stopped {
+        out.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        stop.shutdown();
+        tokio::select! {
+            r = &mut run => r?,
+            signal = signals.recv() => bail!(
+                "{signal} received again: stopped without waiting for the graceful \
+                 shutdown (the leases still held expire after the lease duration)"
+            ),
+        }
+    }
+    let abandoned = out.unfinished.load(std::sync::atomic::Ordering::SeqCst);
+    let finished = out.finish().await;
+    if abandoned > 0 {
+        let why = format!(
+            "{abandoned} processor(s) did not finish within --shutdown-timeout and were \
+             abandoned: their leases expire after the lease duration, and the records they had \
+             not checkpointed come again"
+        );
+        return Err(match finished {
+            Err(e) => e.context(why),
+            Ok(()) => anyhow::anyhow!(why),
+        });
+    }
+    finished
+}
+
+/// Fails, naming `--stream`, if the stream cannot be listed (it does not exist, or is not
+/// readable): checked before the worker creates its lease table.
+async fn check_stream(sdk: &aws_config::SdkConfig, stream: &str) -> anyhow::Result<()> {
+    use kcl::retrieval::{KinesisApi as _, KinesisApiError};
+    match kcl::retrieval::aws::AwsKinesis::from_conf(sdk)
+        .list_shards(stream)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(KinesisApiError::NotFound(what)) => {
+            bail!("--stream {stream}: no such stream ({what}); nothing was created")
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "listing the shards of --stream {stream}; nothing was created"
+        ))),
     }
 }
