@@ -8,6 +8,7 @@
 
 mod consume;
 mod destroy;
+mod drain;
 mod leases;
 mod output;
 mod release;
@@ -42,6 +43,9 @@ enum Command {
     Reset(reset::Args),
     /// Clear a lease's owner (a stuck or dead worker), so another worker takes it.
     Release(release::Args),
+    /// Hand every lease of one running worker to its peers (before maintenance) and wait
+    /// until it holds none.
+    Drain(drain::Args),
     /// Delete an application's lease table and worker table (and its fan-out consumer).
     Destroy(destroy::Args),
 }
@@ -192,5 +196,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reset(args) => reset::run(args).await,
         Command::Release(args) => release::run(args).await,
         Command::Destroy(args) => destroy::run(args).await,
+        Command::Drain(args) => drain::run(args).await,
     }
 }
