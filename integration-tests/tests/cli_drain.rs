@@ -35,8 +35,7 @@ async fn owners(store: &DynamoLeaseStore) -> anyhow::Result<BTreeMap<String, usi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_moves_every_lease_of_a_running_worker_without_duplicates() -> anyhow::Result<()>
-{
+async fn drain_moves_every_lease_of_a_running_worker_without_duplicates() -> anyhow::Result<()> {
     let (bin, kinesis, dynamo) =
         tokio::try_join!(kcl_binary(), LocalKinesis::start(), start_dynalite())?;
     let cli = CliEnv::new(kinesis.server.endpoint(), dynamo.endpoint());
@@ -77,12 +76,34 @@ async fn drain_moves_every_lease_of_a_running_worker_without_duplicates() -> any
         unknown.stderr
     );
 
-    let drained = run(args(&["--worker", "w1", "--json"])).await?;
+    let bad_format = run(["--log-format", "xml", "leases", "--app", &app]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+    .await?;
+    ensure!(
+        bad_format.status.code() == Some(2) && bad_format.stderr.contains("`text` or `json`"),
+        "--log-format xml: {:?}\n{}",
+        bad_format.status,
+        bad_format.stderr
+    );
+
+    let mut json_logs = vec!["--log-format".to_owned(), "json".to_owned()];
+    json_logs.extend(args(&["--worker", "w1", "--json"]));
+    let drained = run(json_logs).await?;
     ensure!(
         drained.status.success(),
         "kcl drain failed ({}):\n{}",
         drained.status,
         drained.stderr
+    );
+    for line in drained.stderr.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .with_context(|| format!("a JSON log line: {line}"))?;
+    }
+    ensure!(
+        !drained.stderr.contains('\u{1b}'),
+        "colour codes in the logs"
     );
     let answer: serde_json::Value =
         serde_json::from_str(&drained.stdout).with_context(|| drained.stdout.clone())?;

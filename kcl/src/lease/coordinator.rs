@@ -422,11 +422,7 @@ struct Quarantine {
 /// quarantine, if any). A shard read without failure for longer than the longest quarantine
 /// (32 × `base`) since its last one ended starts over at the first: days of healthy reading
 /// must not make one passing failure cost the longest pause.
-fn consecutive_failures(
-    previous: Option<&Quarantine>,
-    base: Duration,
-    now: Instant,
-) -> u32 {
+fn consecutive_failures(previous: Option<&Quarantine>, base: Duration, now: Instant) -> u32 {
     match previous {
         Some(p) if now.saturating_duration_since(p.until) <= base.saturating_mul(32) => {
             p.failures.saturating_add(1)

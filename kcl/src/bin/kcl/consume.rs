@@ -107,11 +107,6 @@ struct Output {
     state: tokio::sync::Mutex<OutputState>,
     /// Cancelled once stdout is closed (EPIPE): the consumer stops.
     closed: CancellationToken,
-    /// Processors created and not finished (no final callback returned yet).
-    unfinished: std::sync::atomic::AtomicUsize,
-    /// Set once the worker was asked to stop: a processor dropped unfinished from then on was
-    /// abandoned (its task aborted after `--shutdown-timeout`).
-    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The last record of one processor whose line was written whole.
@@ -192,8 +187,6 @@ impl Output {
                 failing: None,
             }),
             closed: CancellationToken::new(),
-            unfinished: std::sync::atomic::AtomicUsize::new(0),
-            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -334,39 +327,14 @@ struct JsonLines {
     /// The last record whose line was queued (written or in the buffer): a retried batch skips
     /// the lines already queued.
     queued: Option<ExtendedSequenceNumber>,
-    /// A final callback (`shutdown_requested`, `shard_ended`, `lease_lost`) returned.
-    finished: bool,
-}
-
-impl Drop for JsonLines {
-    fn drop(&mut self) {
-        // Dropped by the worker outside a stop (a fatal error): not abandoned. Dropped
-        // unfinished during a stop: its task was aborted, it stays counted.
-        if !self.out.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            self.finish();
-        }
-    }
 }
 
 impl JsonLines {
     fn new(out: Arc<Output>) -> Self {
-        out.unfinished
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Self {
             out,
             written: Arc::new(std::sync::Mutex::new(None)),
             queued: None,
-            finished: false,
-        }
-    }
-
-    /// Counts the processor as finished (once).
-    fn finish(&mut self) {
-        if !self.finished {
-            self.finished = true;
-            self.out
-                .unfinished
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -421,12 +389,7 @@ impl RecordProcessor for JsonLines {
                 // The consumer stops; the leases are released, checkpointed at what was written.
                 self.out.closed.cancel();
             }
-            let e = e.into_processor_error();
-            if !e.is_retryable() {
-                // The worker stops the shard: no callback follows.
-                self.finish();
-            }
-            return Err(e);
+            return Err(e.into_processor_error());
         }
         self.checkpoint_written(cp).await
     }
@@ -439,7 +402,6 @@ impl RecordProcessor for JsonLines {
             ));
         }
         cp.checkpoint().await.map_err(ProcessorError::retryable)?;
-        self.finish();
         Ok(())
     }
 
@@ -454,12 +416,7 @@ impl RecordProcessor for JsonLines {
                 .map_err(ProcessorError::retryable),
             _ => Ok(()),
         };
-        self.finish();
         result
-    }
-
-    async fn lease_lost(&mut self) {
-        self.finish();
     }
 }
 
@@ -562,31 +519,34 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     if !stopped {
-        out.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         stop.shutdown();
-        tokio::select! {
-            r = &mut run => r?,
+        let result = tokio::select! {
+            r = &mut run => r,
             signal = signals.recv() => bail!(
                 "{signal} received again: stopped without waiting for the graceful \
                  shutdown (the leases still held expire after the lease duration)"
             ),
+        };
+        if let Err(kcl::Error::Abandoned { shards }) = &result {
+            let why = format!(
+                "{} processor(s) (shards {}) did not finish within --shutdown-timeout and were \
+                 abandoned: their leases expire after the lease duration, and the records they \
+                 had not checkpointed come again",
+                shards.len(),
+                shards
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return Err(match out.finish().await {
+                Err(e) => e.context(why),
+                Ok(()) => anyhow::anyhow!(why),
+            });
         }
+        result?;
     }
-    let abandoned = out.unfinished.load(std::sync::atomic::Ordering::SeqCst);
-    let finished = out.finish().await;
-    if abandoned > 0 {
-        let why = format!(
-            "{abandoned} processor(s) did not finish within --shutdown-timeout and were \
-             abandoned: their leases expire after the lease duration, and the records they had \
-             not checkpointed come again"
-        );
-        return Err(match finished {
-            Err(e) => e.context(why),
-            Ok(()) => anyhow::anyhow!(why),
-        });
-    }
-    finished
+    out.finish().await
 }
 
 /// Fails, naming `--stream`, if the stream cannot be listed (it does not exist, or is not

@@ -26,8 +26,16 @@ use kcl::lease::dynamo::DynamoLeaseStore;
 #[derive(Parser)]
 #[command(name = "kcl", version, about = "Kinesis consumer and lease-table tool")]
 struct Cli {
+    /// How log lines are written to stderr: `text` (colours only on a terminal without
+    /// NO_COLOR) or `json` (one object per line). RUST_LOG filters them (default: info).
+    #[arg(long, global = true, default_value = "text", value_parser = parse_log_format)]
+    log_format: kcl::service::LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+fn parse_log_format(s: &str) -> Result<kcl::service::LogFormat, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -158,13 +166,9 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // Never a record payload in a log line, whatever RUST_LOG asks (kcl::service::logging).
+    kcl::service::init_logging_as(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
