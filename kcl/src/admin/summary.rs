@@ -109,6 +109,8 @@ pub struct WorkerSummary {
     pub heartbeat: Heartbeat,
     /// Handoff notices waiting in its item.
     pub notices: usize,
+    /// An operator asked it to drain (`kcl drain`): it takes no lease.
+    pub draining: bool,
 }
 
 /// One row per worker named by a lease (`leaseOwner`, `checkpointOwner`) or by an item of the
@@ -139,6 +141,7 @@ pub fn worker_summary(
                 receiving: 0,
                 heartbeat: Heartbeat::NoWorkerTable,
                 notices: 0,
+                draining: false,
             })
             .worker
             .clone()
@@ -181,6 +184,7 @@ pub fn worker_summary(
         };
         let b = later.as_ref().and_then(|l| l.get(&r.worker));
         r.notices = b.unwrap_or(a).handoffs.len();
+        r.draining = b.unwrap_or(a).is_draining();
         r.heartbeat = match (later.as_ref(), b) {
             _ if b.unwrap_or(a).fenced_by.is_some() => Heartbeat::Fenced,
             (None, _) => Heartbeat::Seen(a.heartbeat),

@@ -246,6 +246,7 @@ fn print_workers(summary: &[WorkerSummary], json: bool) -> anyhow::Result<()> {
                     "heartbeatState": w.heartbeat.label(),
                     "heartbeat": w.heartbeat.value(),
                     "handoffNotices": w.notices,
+                    "draining": w.draining,
                 })
             })
             .collect();
@@ -262,10 +263,13 @@ fn print_workers(summary: &[WorkerSummary], json: bool) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = summary
         .iter()
         .map(|w| {
-            let hb = match w.heartbeat.value() {
+            let mut hb = match w.heartbeat.value() {
                 Some(v) => format!("{} {v}", w.heartbeat.label()),
                 None => w.heartbeat.label().to_owned(),
             };
+            if w.draining {
+                hb.push_str(" draining");
+            }
             vec![
                 w.worker.to_string(),
                 w.leases.to_string(),
