@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::{
-    ConfigError, Heartbeat, InitialPosition, LeaseLiveness, LeaseTableOptions, Retrieval,
-    TableEncryption, WorkerConfig,
+    ConfigError, Heartbeat, InitialPosition, LeaseLiveness, Retrieval, TableEncryption,
+    WorkerConfig,
 };
 use crate::checkpoint::CheckpointPolicy;
 use crate::lease::WorkerId;
