@@ -716,6 +716,28 @@ mod tests {
         assert_eq!(e.field(), "processor");
     }
 
+    #[test]
+    fn a_whole_config_is_a_base_still_validated() {
+        let mut base = WorkerConfig::new("app", "s");
+        base.max_leases_to_steal = 0;
+        let e = Worker::builder().config(base.clone()).build().unwrap_err();
+        assert_eq!(e.field(), "max_leases_to_steal");
+        // A setter overrides the base; the base's names satisfy `build()`.
+        let e = Worker::builder()
+            .config(base.clone())
+            .max_leases_to_steal(2)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "processor");
+        base.lease_table.tags.insert("aws:x".into(), "y".into());
+        let e = Worker::builder()
+            .max_leases_to_steal(2)
+            .config(base)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "lease_table.tags");
+    }
+
     #[cfg(feature = "testkit")]
     #[test]
     fn run_future_is_send_and_static() {
