@@ -1,8 +1,8 @@
 //! `LeaseTableOptions` applied by `DynamoLeaseStore::ensure_table` when it creates the lease
 //! and worker tables — tags, encryption at rest with a customer key, deletion protection,
 //! point-in-time recovery — checked through `DescribeTable`, `ListTagsOfResource` and
-//! `DescribeContinuousBackups` on moto. An existing table is left as it is. (moto only:
-//! dynalite has no tags, SSE description or continuous backups.)
+//! `DescribeContinuousBackups` on moto. An existing table is left as it is. On dynalite only
+//! that `ensure_table` with every option succeeds.
 
 use aws_sdk_dynamodb::types::{PointInTimeRecoveryStatus, SseType};
 use kcl::config::{LeaseTableOptions, TableEncryption};
@@ -165,4 +165,30 @@ async fn the_builder_passes_the_options_to_the_aws_backends() {
     let got = applied(&client, &table).await;
     assert_eq!(got.tags, vec![("team".to_owned(), "orders".to_owned())]);
     assert!(got.deletion_protection);
+}
+
+/// dynalite accepts a `CreateTable` with the options (what it keeps of them is not checked:
+/// it has no tagging or continuous-backup API to read them back; a failing
+/// `UpdateContinuousBackups` is logged, not fatal), so the same configuration runs against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynalite_accepts_the_options() {
+    let server = kcl_integration_tests::dynamo_servers::start_dynalite()
+        .await
+        .expect("dynalite");
+    let conf = sdk_config(&server.endpoint()).await;
+    let mut options = LeaseTableOptions::default();
+    options.tags.insert("team".into(), "orders".into());
+    options.encryption = TableEncryption::AwsManaged;
+    options.point_in_time_recovery = true;
+    options.deletion_protection = true;
+    let store =
+        DynamoLeaseStore::from_conf(&conf, unique_name("leases-dynalite")).table_options(options);
+    store
+        .ensure_table()
+        .await
+        .expect("ensure_table with options on dynalite");
+    store
+        .list_workers(true)
+        .await
+        .expect("the worker table is in use");
 }
