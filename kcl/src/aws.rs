@@ -107,6 +107,14 @@ impl Backends for Aws {
     fn lease_store(&self, table: &str) -> Arc<dyn LeaseStore> {
         Arc::new(DynamoLeaseStore::new(self.dynamodb.clone(), table))
     }
+
+    fn lease_store_with(
+        &self,
+        table: &str,
+        options: &crate::config::LeaseTableOptions,
+    ) -> Arc<dyn LeaseStore> {
+        Arc::new(DynamoLeaseStore::new(self.dynamodb.clone(), table).table_options(options.clone()))
+    }
 }
 
 /// The SDK's two operation timeouts for one kind of call: per attempt, and for the whole call

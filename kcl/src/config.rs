@@ -1,10 +1,16 @@
 //! Worker configuration: plain data with defaults, validated by [`WorkerConfig::validate`].
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use crate::checkpoint::CheckpointPolicy;
 use crate::lease::WorkerId;
 pub use crate::metrics::MetricsLevel;
+
+#[cfg(feature = "service")]
+mod data;
+#[cfg(feature = "service")]
+pub use data::ConfigLoadError;
 
 /// Where a shard with no checkpoint starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -163,6 +169,110 @@ pub enum LeaseLiveness {
     PerLease,
 }
 
+/// How the lease table's encryption at rest is keyed (DynamoDB always encrypts tables).
+///
+/// ```
+/// use kcl::config::TableEncryption;
+/// assert_eq!(TableEncryption::default(), TableEncryption::AwsOwned);
+/// let cmk = TableEncryption::CustomerKey("alias/orders-leases".into());
+/// # let _ = cmk;
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TableEncryption {
+    /// A key owned by DynamoDB (the default, free, no KMS permissions needed).
+    #[default]
+    AwsOwned,
+    /// The AWS-managed KMS key `aws/dynamodb` of the account (KMS charges apply).
+    AwsManaged,
+    /// A customer-managed KMS key: its id, ARN, alias name (`alias/…`) or alias ARN. The
+    /// worker's role needs `kms:Encrypt`, `kms:Decrypt`, `kms:ReEncrypt*`,
+    /// `kms:GenerateDataKey*`, `kms:DescribeKey` and `kms:CreateGrant` on it.
+    CustomerKey(String),
+}
+
+/// How the lease table and the worker table (`<table>-workers`) are created when they do not
+/// exist yet. A table that already exists is left as it is (a log line says so when its
+/// encryption or deletion protection differ). Billing is always on-demand.
+///
+/// ```
+/// use kcl::config::{LeaseTableOptions, TableEncryption};
+///
+/// let mut options = LeaseTableOptions::default();
+/// options.tags.insert("team".into(), "orders".into());
+/// options.encryption = TableEncryption::AwsManaged;
+/// options.point_in_time_recovery = true;
+/// options.deletion_protection = true;
+/// let builder = kcl::Worker::builder().lease_table_options(options);
+/// # let _ = builder;
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseTableOptions {
+    /// Tags given to both tables (`CreateTable` `Tags`): at most 50; keys 1–128 characters,
+    /// not starting with `aws:`; values at most 256 characters.
+    pub tags: BTreeMap<String, String>,
+    /// Encryption at rest (`SSESpecification`).
+    pub encryption: TableEncryption,
+    /// Point-in-time recovery, turned on (`UpdateContinuousBackups`) once a new table is
+    /// active. Not being able to turn it on is logged, not fatal.
+    pub point_in_time_recovery: bool,
+    /// Deletion protection (`DeletionProtectionEnabled`): the tables cannot be deleted until
+    /// it is turned off.
+    pub deletion_protection: bool,
+}
+
+impl LeaseTableOptions {
+    /// Checks the tags and the key id; errors name `lease_table.tags` or
+    /// `lease_table.encryption`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the field.
+    ///
+    /// ```
+    /// let mut options = kcl::config::LeaseTableOptions::default();
+    /// options.tags.insert("aws:owner".into(), "me".into());
+    /// assert_eq!(options.validate().unwrap_err().field(), "lease_table.tags");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tags.len() > 50 {
+            return Err(ConfigError::new(
+                "lease_table.tags",
+                format!("at most 50 tags, got {}", self.tags.len()),
+            ));
+        }
+        for (k, v) in &self.tags {
+            if k.is_empty() || k.chars().count() > 128 {
+                return Err(ConfigError::new(
+                    "lease_table.tags",
+                    format!("tag key {k:?} must be 1 to 128 characters"),
+                ));
+            }
+            if k.starts_with("aws:") {
+                return Err(ConfigError::new(
+                    "lease_table.tags",
+                    format!("tag key {k:?} must not start with \"aws:\" (reserved)"),
+                ));
+            }
+            if v.chars().count() > 256 {
+                return Err(ConfigError::new(
+                    "lease_table.tags",
+                    format!("the value of tag {k:?} must be at most 256 characters"),
+                ));
+            }
+        }
+        if let TableEncryption::CustomerKey(id) = &self.encryption {
+            if id.trim().is_empty() || id.len() > 2048 {
+                return Err(ConfigError::new(
+                    "lease_table.encryption",
+                    "the KMS key id must be 1 to 2048 characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// All of a worker's settings. Build it through [`crate::Worker::builder`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -228,6 +338,9 @@ pub struct WorkerConfig {
     /// # let _ = builder;
     /// ```
     pub metrics_refresh_interval: Duration,
+    /// How the lease and worker tables are created when missing: tags, encryption,
+    /// point-in-time recovery, deletion protection (see [`LeaseTableOptions`]).
+    pub lease_table: LeaseTableOptions,
 }
 
 /// A configuration value that is out of range; names the field.
@@ -285,6 +398,7 @@ impl WorkerConfig {
             checkpoint_policy: CheckpointPolicy::default(),
             metrics_level: MetricsLevel::default(),
             metrics_refresh_interval: Duration::from_secs(5),
+            lease_table: LeaseTableOptions::default(),
         }
     }
 
@@ -399,7 +513,7 @@ impl WorkerConfig {
                 "must be at least 1 MiB (the largest record)",
             ));
         }
-        Ok(())
+        self.lease_table.validate()
     }
 }
 

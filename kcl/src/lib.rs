@@ -82,7 +82,8 @@ pub use async_trait::async_trait;
 pub use aws::Aws;
 pub use checkpoint::{CheckpointError, CheckpointPolicy, Checkpointer, PendingCheckpoint};
 pub use config::{
-    ConfigError, Heartbeat, InitialPosition, LeaseLiveness, PollingConfig, Retrieval, WorkerConfig,
+    ConfigError, Heartbeat, InitialPosition, LeaseLiveness, LeaseTableOptions, PollingConfig,
+    Retrieval, TableEncryption, WorkerConfig,
 };
 pub use error::{Error, Result};
 #[cfg(feature = "macros")]

@@ -104,6 +104,8 @@ pub struct DynamoLeaseStore {
     table: String,
     ready_timeout: Duration,
     scan_page_size: Option<i32>,
+    /// How missing tables are created (tags, encryption, PITR, deletion protection).
+    options: crate::config::LeaseTableOptions,
     /// Set once `ensure_table` found (or created) the worker table.
     workers_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// What DynamoDB reported each successful request consumed.
@@ -161,6 +163,7 @@ impl DynamoLeaseStore {
             table: table.into(),
             ready_timeout: DEFAULT_TABLE_READY_TIMEOUT,
             scan_page_size: None,
+            options: crate::config::LeaseTableOptions::default(),
             workers_ready: std::sync::Arc::default(),
             meter: CapacityMeter::default(),
         }
@@ -212,6 +215,27 @@ impl DynamoLeaseStore {
     /// ```
     pub fn scan_page_size(mut self, items: i32) -> Self {
         self.scan_page_size = Some(items.max(1));
+        self
+    }
+
+    /// How [`LeaseStore::ensure_table`] creates the lease and worker tables when they are
+    /// missing: tags, encryption at rest, point-in-time recovery (turned on once the table is
+    /// active), deletion protection. Existing tables are left as they are. Not validated
+    /// here: [`LeaseTableOptions::validate`](crate::config::LeaseTableOptions::validate).
+    ///
+    /// ```no_run
+    /// # fn demo(client: aws_sdk_dynamodb::Client) {
+    /// use kcl::config::{LeaseTableOptions, TableEncryption};
+    /// use kcl::lease::dynamo::DynamoLeaseStore;
+    ///
+    /// let mut options = LeaseTableOptions::default();
+    /// options.encryption = TableEncryption::CustomerKey("alias/leases".into());
+    /// options.point_in_time_recovery = true;
+    /// let store = DynamoLeaseStore::new(client, "orders-app").table_options(options);
+    /// # }
+    /// ```
+    pub fn table_options(mut self, options: crate::config::LeaseTableOptions) -> Self {
+        self.options = options;
         self
     }
 
@@ -458,12 +482,12 @@ impl DynamoLeaseStore {
         Ok(out.item.map(from_sdk_item))
     }
 
-    /// `DescribeTable`: the table's status, `None` if it does not exist.
-    async fn table_status(
+    /// `DescribeTable`: the table, `None` if it does not exist.
+    async fn describe(
         &self,
         table_name: &str,
         key: &str,
-    ) -> Result<Option<TableStatus>, LeaseStoreError> {
+    ) -> Result<Option<aws_sdk_dynamodb::types::TableDescription>, LeaseStoreError> {
         match self
             .client
             .describe_table()
@@ -478,11 +502,7 @@ impl DynamoLeaseStore {
                     ));
                 };
                 check_key_schema(table_name, key, &table)?;
-                Ok(Some(
-                    table
-                        .table_status
-                        .unwrap_or_else(|| TableStatus::from("(none reported)")),
-                ))
+                Ok(Some(table))
             }
             Err(SdkError::ServiceError(ctx))
                 if matches!(ctx.err(), DescribeTableError::ResourceNotFoundException(_)) =>
@@ -493,8 +513,13 @@ impl DynamoLeaseStore {
         }
     }
 
-    /// `CreateTable` with `key_attr` as hash key; a concurrent creator's table is fine.
-    async fn create_table(&self, table_name: &str, key_attr: &str) -> Result<(), LeaseStoreError> {
+    /// `CreateTable` with `key_attr` as hash key and the table options; a concurrent
+    /// creator's table is fine. True if this call created it.
+    async fn create_table(
+        &self,
+        table_name: &str,
+        key_attr: &str,
+    ) -> Result<bool, LeaseStoreError> {
         let build_err = |e: aws_sdk_dynamodb::error::BuildError| LeaseStoreError::Other(e.into());
         let key = KeySchemaElement::builder()
             .attribute_name(key_attr)
@@ -513,12 +538,21 @@ impl DynamoLeaseStore {
             .key_schema(key)
             .attribute_definitions(def)
             .billing_mode(BillingMode::PayPerRequest)
+            .set_tags(table_tags(&self.options)?)
+            .set_sse_specification(sse_specification(&self.options)?)
+            .set_deletion_protection_enabled(self.options.deletion_protection.then_some(true))
             .send()
             .await
         {
             Ok(_) => {
-                tracing::info!(table = %table_name, "created the table");
-                Ok(())
+                tracing::info!(
+                    table = %table_name,
+                    tags = self.options.tags.len(),
+                    encryption = ?self.options.encryption,
+                    deletion_protection = self.options.deletion_protection,
+                    "created the table"
+                );
+                Ok(true)
             }
             Err(e)
                 if e.as_service_error()
@@ -526,7 +560,7 @@ impl DynamoLeaseStore {
                     || e.code() == Some("ResourceInUseException") =>
             {
                 tracing::debug!(table = %table_name, "the table is being created by another worker");
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(classify("CreateTable", table_name, e)),
         }
@@ -538,17 +572,29 @@ impl DynamoLeaseStore {
         let started = tokio::time::Instant::now();
         let deadline = started + self.ready_timeout;
         let mut last_status = None;
+        let mut created = false;
         loop {
-            let step = match self.table_status(table_name, key).await {
-                Ok(Some(TableStatus::Active)) => {
+            let step = match self.describe(table_name, key).await {
+                Ok(Some(table)) if table.table_status() == Some(&TableStatus::Active) => {
                     tracing::debug!(table = %table_name, waited = ?started.elapsed(), "the table is active");
+                    if created {
+                        self.enable_point_in_time_recovery(table_name).await;
+                    } else {
+                        self.compare_options(&table);
+                    }
                     return Ok(());
                 }
-                Ok(Some(status)) => {
-                    last_status = Some(status);
+                Ok(Some(table)) => {
+                    last_status = Some(
+                        table
+                            .table_status
+                            .unwrap_or_else(|| TableStatus::from("(none reported)")),
+                    );
                     Ok(())
                 }
-                Ok(None) => self.create_table(table_name, key).await,
+                Ok(None) => self.create_table(table_name, key).await.map(|c| {
+                    created |= c;
+                }),
                 Err(e) => Err(e),
             };
             match step {
@@ -571,6 +617,77 @@ impl DynamoLeaseStore {
                 ));
             }
             tokio::time::sleep(TABLE_POLL_INTERVAL).await;
+        }
+    }
+
+    /// Turns on point-in-time recovery of the new table `table_name` if the options ask for
+    /// it. A failure (no `dynamodb:UpdateContinuousBackups` permission, …) is logged: the
+    /// table works without it.
+    async fn enable_point_in_time_recovery(&self, table_name: &str) {
+        if !self.options.point_in_time_recovery {
+            return;
+        }
+        let spec = aws_sdk_dynamodb::types::PointInTimeRecoverySpecification::builder()
+            .point_in_time_recovery_enabled(true)
+            .build();
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::warn!(table = %table_name, error = %e, "cannot turn on point-in-time recovery");
+                return;
+            }
+        };
+        match self
+            .client
+            .update_continuous_backups()
+            .table_name(table_name)
+            .point_in_time_recovery_specification(spec)
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(table = %table_name, "turned on point-in-time recovery"),
+            Err(e) => tracing::warn!(
+                table = %table_name,
+                error = %DisplayErrorContext(&e),
+                "cannot turn on point-in-time recovery (UpdateContinuousBackups); the table works without it"
+            ),
+        }
+    }
+
+    /// Logs where an existing table's encryption or deletion protection (both in the
+    /// `DescribeTable` answer already read) differ from the options. Tags and point-in-time
+    /// recovery would cost a call each and are not compared.
+    fn compare_options(&self, table: &aws_sdk_dynamodb::types::TableDescription) {
+        let name = table.table_name().unwrap_or_default();
+        let sse = table.sse_description();
+        let kms = sse.and_then(|d| d.kms_master_key_arn());
+        // DynamoDB reports no SSEDescription for the AWS-owned key.
+        let kms_in_use = sse.is_some_and(|d| {
+            d.sse_type() == Some(&aws_sdk_dynamodb::types::SseType::Kms)
+                && d.status()
+                    .is_none_or(|s| s != &aws_sdk_dynamodb::types::SseStatus::Disabled)
+        });
+        use crate::config::TableEncryption as E;
+        let differs = match &self.options.encryption {
+            E::AwsOwned => kms_in_use,
+            E::AwsManaged | E::CustomerKey(_) => !kms_in_use,
+        };
+        if differs {
+            tracing::info!(
+                table = %name,
+                configured = ?self.options.encryption,
+                kms_key = kms.unwrap_or("none"),
+                "the existing table's encryption differs from lease_table.encryption; it is left as it is"
+            );
+        }
+        let protected = table.deletion_protection_enabled().unwrap_or(false);
+        if protected != self.options.deletion_protection {
+            tracing::info!(
+                table = %name,
+                configured = self.options.deletion_protection,
+                actual = protected,
+                "the existing table's deletion protection differs from lease_table.deletion_protection; it is left as it is"
+            );
         }
     }
 
@@ -608,6 +725,51 @@ fn worker_condition(u: &mut Update, incarnation: u64) -> String {
     let seen = u.value(number(incarnation));
     let fenced_by = u.name(liveness::attr::FENCED_BY);
     format!("{inc} = {seen} AND attribute_not_exists({fenced_by})")
+}
+
+/// `CreateTable` `Tags` from the options (`None` without tags).
+fn table_tags(
+    options: &crate::config::LeaseTableOptions,
+) -> Result<Option<Vec<aws_sdk_dynamodb::types::Tag>>, LeaseStoreError> {
+    if options.tags.is_empty() {
+        return Ok(None);
+    }
+    options
+        .tags
+        .iter()
+        .map(|(k, v)| {
+            aws_sdk_dynamodb::types::Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .map_err(|e| LeaseStoreError::Other(e.into()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// `CreateTable` `SSESpecification` from the options (`None`: the AWS-owned key).
+fn sse_specification(
+    options: &crate::config::LeaseTableOptions,
+) -> Result<Option<aws_sdk_dynamodb::types::SseSpecification>, LeaseStoreError> {
+    use crate::config::TableEncryption as E;
+    use aws_sdk_dynamodb::types::{SseSpecification, SseType};
+    Ok(match &options.encryption {
+        E::AwsManaged => Some(
+            SseSpecification::builder()
+                .enabled(true)
+                .sse_type(SseType::Kms)
+                .build(),
+        ),
+        E::CustomerKey(key) => Some(
+            SseSpecification::builder()
+                .enabled(true)
+                .sse_type(SseType::Kms)
+                .kms_master_key_id(key)
+                .build(),
+        ),
+        _ => None,
+    })
 }
 
 /// Rejects an existing table whose hash key is not `key` alone (it is not one of ours).

@@ -41,6 +41,26 @@ pub trait Backends: Send + Sync {
     fn kinesis(&self) -> Arc<dyn KinesisApi>;
     /// The lease store for `table`.
     fn lease_store(&self, table: &str) -> Arc<dyn LeaseStore>;
+
+    /// The lease store for `table`, creating missing tables with `options` (tags,
+    /// encryption, …). The default ignores `options` and calls
+    /// [`Backends::lease_store`]: stores that create no tables have nothing to apply.
+    ///
+    /// ```
+    /// # #[cfg(feature = "testkit")] {
+    /// use kcl::Backends;
+    /// let backends = kcl::testkit::MemBackends::new();
+    /// let store = backends.lease_store_with("orders-app", &Default::default());
+    /// # let _ = store; }
+    /// ```
+    fn lease_store_with(
+        &self,
+        table: &str,
+        options: &crate::config::LeaseTableOptions,
+    ) -> Arc<dyn LeaseStore> {
+        let _ = options;
+        self.lease_store(table)
+    }
 }
 
 /// Consumes one Kinesis stream as a member of a fleet sharing a lease table.
@@ -399,6 +419,8 @@ pub struct WorkerBuilder {
     checkpoint_policy: Option<CheckpointPolicy>,
     metrics_level: Option<crate::metrics::MetricsLevel>,
     metrics_refresh_interval: Option<Duration>,
+    lease_table_options: Option<crate::config::LeaseTableOptions>,
+    base: Option<WorkerConfig>,
     error_policy: ErrorPolicy,
     backends: Option<Box<dyn Backends>>,
     kinesis: Option<Arc<dyn KinesisApi>>,
@@ -488,6 +510,35 @@ impl WorkerBuilder {
         /// # let _ = builder;
         /// ```
         metrics_refresh_interval: Duration,
+        /// How the lease and worker tables are created when missing: tags, encryption at
+        /// rest, point-in-time recovery, deletion protection (default: none of them, the
+        /// AWS-owned key). Applied by the AWS backends; ignored with
+        /// [`lease_store`](Self::lease_store), whose store has its own
+        /// (`DynamoLeaseStore::table_options`).
+        ///
+        /// ```
+        /// let mut options = kcl::config::LeaseTableOptions::default();
+        /// options.deletion_protection = true;
+        /// let builder = kcl::Worker::builder().lease_table_options(options);
+        /// # let _ = builder;
+        /// ```
+        lease_table_options: crate::config::LeaseTableOptions,
+    }
+
+    /// Every setting at once, e.g. read with `WorkerConfig::from_file` or
+    /// `WorkerConfig::from_env` (feature `service`). Setters called on the builder (before or
+    /// after) override its fields; `build()` still validates the result. With a base, the
+    /// application name and stream are not required from the builder.
+    ///
+    /// ```
+    /// let mut config = kcl::WorkerConfig::new("orders-app", "orders");
+    /// config.max_leases_to_steal = 2;
+    /// let builder = kcl::Worker::builder().config(config);
+    /// # let _ = builder;
+    /// ```
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.base = Some(config);
+        self
     }
 
     /// Required. The application name; also the default lease-table name.
@@ -565,13 +616,26 @@ impl WorkerBuilder {
     /// # Errors
     /// [`ConfigError`] naming the first missing or invalid field.
     pub fn build(self) -> Result<Worker, ConfigError> {
-        let app = self
-            .application_name
-            .ok_or_else(|| ConfigError::new("application_name", "is required"))?;
-        let stream = self
-            .stream
-            .ok_or_else(|| ConfigError::new("stream", "is required"))?;
-        let mut cfg = WorkerConfig::new(app, stream);
+        let mut cfg = match self.base {
+            Some(mut base) => {
+                if let Some(app) = self.application_name {
+                    base.application_name = app;
+                }
+                if let Some(stream) = self.stream {
+                    base.stream = stream;
+                }
+                base
+            }
+            None => {
+                let app = self
+                    .application_name
+                    .ok_or_else(|| ConfigError::new("application_name", "is required"))?;
+                let stream = self
+                    .stream
+                    .ok_or_else(|| ConfigError::new("stream", "is required"))?;
+                WorkerConfig::new(app, stream)
+            }
+        };
         if let Some(t) = self.table_name {
             cfg.table_name = t;
         }
@@ -607,6 +671,9 @@ impl WorkerBuilder {
             metrics_level,
             metrics_refresh_interval
         );
+        if let Some(v) = self.lease_table_options {
+            cfg.lease_table = v;
+        }
         cfg.validate()?;
         let factory = self
             .factory
@@ -618,7 +685,7 @@ impl WorkerBuilder {
         };
         let store = match (self.store, &self.backends) {
             (Some(s), _) => s,
-            (None, Some(b)) => b.lease_store(&cfg.table_name),
+            (None, Some(b)) => b.lease_store_with(&cfg.table_name, &cfg.lease_table),
             (None, None) => {
                 return Err(ConfigError::new("backends", "is required (or lease_store)"))
             }
@@ -656,6 +723,28 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(e.field(), "processor");
+    }
+
+    #[test]
+    fn a_whole_config_is_a_base_still_validated() {
+        let mut base = WorkerConfig::new("app", "s");
+        base.max_leases_to_steal = 0;
+        let e = Worker::builder().config(base.clone()).build().unwrap_err();
+        assert_eq!(e.field(), "max_leases_to_steal");
+        // A setter overrides the base; the base's names satisfy `build()`.
+        let e = Worker::builder()
+            .config(base.clone())
+            .max_leases_to_steal(2)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "processor");
+        base.lease_table.tags.insert("aws:x".into(), "y".into());
+        let e = Worker::builder()
+            .max_leases_to_steal(2)
+            .config(base)
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "lease_table.tags");
     }
 
     #[cfg(feature = "testkit")]
