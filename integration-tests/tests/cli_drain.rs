@@ -111,17 +111,17 @@ async fn drain_moves_every_lease_of_a_running_worker_without_duplicates() -> any
     let after = owners(&store).await?;
     ensure!(!after.contains_key("w1"), "w1 still named: {after:?}");
     let drained_at = log.snapshot().len();
-    let workers = run(["leases", "--app", &app, "--workers", "--json"]
+    let listed = run(["leases", "--app", &app, "--workers", "--json"]
         .iter()
         .map(|s| s.to_string())
         .collect())
     .await?;
-    let workers: serde_json::Value =
-        serde_json::from_str(&workers.stdout).with_context(|| workers.stderr.clone())?;
-    let w1 = workers
+    let summary: serde_json::Value =
+        serde_json::from_str(&listed.stdout).with_context(|| listed.stderr.clone())?;
+    let w1 = summary
         .as_array()
         .and_then(|ws| ws.iter().find(|w| w["workerId"] == "w1"))
-        .with_context(|| format!("w1 in kcl leases --workers: {workers}"))?;
+        .with_context(|| format!("w1 in kcl leases --workers: {summary}"))?;
     ensure!(w1["draining"] == true && w1["leases"] == 0, "{w1}");
 
     // w1 runs on and takes nothing back, while more records come.

@@ -281,11 +281,13 @@ impl DynamoLeaseStore {
     /// # Errors
     /// `DescribeTable` failed, or a table of that name has another key schema.
     pub async fn open_existing(&self) -> Result<(bool, bool), LeaseStoreError> {
-        let leases = self.table_status(&self.table, attr::LEASE_KEY).await?;
+        let leases = self.describe(&self.table, attr::LEASE_KEY).await?;
         let workers = self
-            .table_status(&self.worker_table(), liveness::attr::WORKER_ID)
+            .describe(&self.worker_table(), liveness::attr::WORKER_ID)
             .await?;
-        let workers_active = matches!(workers, Some(TableStatus::Active));
+        let workers_active = workers
+            .as_ref()
+            .is_some_and(|t| t.table_status == Some(TableStatus::Active));
         if workers_active {
             self.workers_ready
                 .store(true, std::sync::atomic::Ordering::SeqCst);
