@@ -1109,8 +1109,25 @@ impl LeaseCoordinator {
         }
         if me_draining {
             // Handoffs completed to us, or asked for before the drain: given back, not taken.
-            let leases: Vec<Lease> = st.cache.values().cloned().collect();
-            self.give_back_unheld(&leases).await;
+            // Read fresh first: the cache may still name us for a lease we handed over, and a
+            // write on it would fail (and be charged) round after round.
+            let suspects: Vec<LeaseKey> = {
+                let held = self.held_map();
+                st.cache
+                    .values()
+                    .filter(|l| l.owner.as_ref() == Some(&self.me) && !held.contains_key(&l.key))
+                    .map(|l| l.key.clone())
+                    .collect()
+            };
+            let mut ours = Vec::new();
+            for key in suspects {
+                if let Some(fresh) = self.refresh(st, &key).await {
+                    if fresh.owner.as_ref() == Some(&self.me) {
+                        ours.push(fresh);
+                    }
+                }
+            }
+            self.give_back_unheld(&ours).await;
         }
 
         let mut taken = Vec::new();
