@@ -1,7 +1,7 @@
 //! Processor failures through the worker (DESIGN.md §2.1 and §2.7): a processor fails on a
 //! batch — a retryable error, a fatal error, or a panic — and then the worker is shut down
 //! gracefully, or a second worker joins and balancing asks for the lease, or the
-//! [`ErrorPolicy::StopShard`] policy stops the shard, or the [`ErrorPolicy::Handoff`] policy
+//! [`ErrorPolicy::StopShard`] policy stops the shard, or the [`ErrorPolicy::handoff`] policy
 //! hands the batch to a dead-letter callback. Afterwards a second worker of the same
 //! application (same lease table) must receive every record of the failed batch — or, under
 //! the dead-letter policy, the callback must have received the whole batch. Nothing skipped.
@@ -54,7 +54,7 @@ pub enum Then {
     Steal,
     /// `ErrorPolicy::StopShard`; the second worker joins while the failing one runs.
     StopShardPolicy,
-    /// `ErrorPolicy::Handoff` with a dead-letter callback; the failing worker is stopped
+    /// `ErrorPolicy::handoff` with a dead-letter callback; the failing worker is stopped
     /// gracefully, then the second worker starts.
     DeadLetter,
 }

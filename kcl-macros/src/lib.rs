@@ -74,7 +74,7 @@ mod service;
 /// A record that does not decode is a **fatal** error naming the shard, sequence number,
 /// sub-sequence number and partition key (`kcl::service::DecodeError`), logged at error
 /// level after the records before it were handled and checkpointed; by default the shard
-/// stops at it (its lease released, checkpointed just before it), `ErrorPolicy::Handoff`
+/// stops at it (its lease released, checkpointed just before it), `ErrorPolicy::handoff`
 /// hands the batch to a dead-letter callback. Nothing is skipped silently, and nothing
 /// panics. A handler that panics is a fatal error too.
 ///

@@ -316,6 +316,21 @@ pub struct RecordBatch {
 }
 
 impl RecordBatch {
+    /// A batch of `records` from `shard_id` (the worker builds them; tests and dead-letter
+    /// handlers may too).
+    ///
+    /// ```
+    /// let batch = kcl::RecordBatch::of(kcl::ShardId::new("shardId-000000000000"), vec![]);
+    /// assert!(batch.is_empty());
+    /// ```
+    pub fn of(shard_id: ShardId, records: Vec<Record>) -> Self {
+        Self {
+            shard_id,
+            records,
+            millis_behind_latest: None,
+        }
+    }
+
     /// Number of records in the batch.
     pub fn len(&self) -> usize {
         self.records.len()

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use super::policy::{DeadLetter, DeadLetterHandler, Failure, FailureAction};
 use super::{ErrorPolicy, ProcessorError, ProcessorFactory, RecordProcessor, ShardContext};
 use crate::checkpoint::PendingCheckpoint;
 use crate::checkpoint::{CheckpointError, Checkpointer, Observer};
@@ -90,6 +91,33 @@ enum Stop {
     ProcessorFailed,
     /// The shard could not be read.
     ReadFailed(String),
+}
+
+/// The failures of one callback's retries, and their delays.
+struct Attempts {
+    delays: Box<dyn Iterator<Item = Duration> + Send>,
+    failed: u32,
+    first_failure: Option<(Instant, std::time::SystemTime)>,
+}
+
+impl Attempts {
+    fn next_delay(&mut self) -> Duration {
+        self.delays.next().unwrap_or(Duration::from_secs(30))
+    }
+
+    /// Counts one more failure, and describes it for the error policy.
+    fn failed(&mut self, e: &ProcessorError, has_records: bool) -> Failure {
+        self.failed = self.failed.saturating_add(1);
+        let (first, _) = *self
+            .first_failure
+            .get_or_insert_with(|| (Instant::now(), std::time::SystemTime::now()));
+        Failure {
+            attempts: self.failed,
+            since_first: first.elapsed(),
+            retryable: e.is_retryable(),
+            has_records,
+        }
+    }
 }
 
 /// What to do after a processor error.
@@ -576,7 +604,7 @@ impl Consumer {
             match self.env.kinesis.list_shards(&self.env.config.stream).await {
                 Ok(shards) => break shards,
                 Err(e) if e.is_retryable() => {
-                    let d = delays.next().unwrap_or(Duration::from_secs(30));
+                    let d = delays.next_delay();
                     debug!(error = %e, delay = ?d, "listing shards to confirm a shard end failed; retrying");
                     tokio::select! {
                         biased;
@@ -689,26 +717,29 @@ impl Consumer {
         }
     }
 
-    fn delays(&mut self) -> Box<dyn Iterator<Item = Duration> + Send> {
-        let (min, max) = match &self.env.error_policy {
-            ErrorPolicy::Retry {
-                min_delay,
-                max_delay,
-            } => (*min_delay, *max_delay),
-            _ => (Duration::from_millis(100), Duration::from_secs(30)),
-        };
+    fn delays(&mut self) -> Attempts {
+        let (min, max) = self.env.error_policy.delays();
         let seed = crate::backoff::seed(&[self.env.config.worker_id.as_str(), self.shard.as_str()]);
-        Box::new(crate::backoff::exponential(min, max, seed).build())
+        Attempts {
+            delays: Box::new(crate::backoff::exponential(min, max, seed).build()),
+            failed: 0,
+            first_failure: None,
+        }
     }
 
     async fn retry_delay(
         &mut self,
         what: &str,
         e: &ProcessorError,
-        delays: &mut (dyn Iterator<Item = Duration> + Send),
+        delays: &mut Attempts,
     ) -> Result<(), Stop> {
-        let d = delays.next().unwrap_or(Duration::from_secs(30));
+        let d = delays.next_delay();
         warn!(error = %e, source = ?std::error::Error::source(e), delay = ?d, "{what} failed; retrying");
+        self.pause(d).await
+    }
+
+    /// Sleeps `d` unless the lease is lost, the worker stops or a handoff is asked for.
+    async fn pause(&mut self, d: Duration) -> Result<(), Stop> {
         tokio::select! {
             biased;
             _ = self.held.lost_token().cancelled() => Err(Stop::LeaseLost),
@@ -723,7 +754,7 @@ impl Consumer {
         what: &str,
         e: ProcessorError,
         batch: Option<&RecordBatch>,
-        delays: &mut (dyn Iterator<Item = Duration> + Send),
+        delays: &mut Attempts,
     ) -> Result<Next, Stop> {
         self.report
             .error(format!("{what}: {}", crate::error::chain(&e)));
@@ -732,40 +763,72 @@ impl Consumer {
             debug!(error = %e, "{what} failed after the lease was lost");
             return Err(Stop::LeaseLost);
         }
-        match (&self.env.error_policy, batch) {
-            (ErrorPolicy::Handoff(handler), Some(batch)) => {
-                warn!(error = %e, records = batch.len(), "{what} failed; handing the batch to the error handler");
-                match std::panic::catch_unwind(AssertUnwindSafe(|| handler(batch, &e))) {
-                    Ok(()) => Ok(Next::Skip),
-                    Err(_) => {
-                        // The batch was not taken: it must not count as processed.
-                        error!("the failed-batch handler panicked; stopping the shard");
-                        self.metrics
-                            .handles()
-                            .worker()
-                            .processor_panics
-                            .increment(1);
-                        Err(Stop::ProcessorFailed)
-                    }
-                }
-            }
-            // No batch to hand over (`initialize`, `idle`, …): a fatal error stops the shard,
-            // as under `Retry`, instead of being retried for ever.
-            (ErrorPolicy::Handoff(_), None) if !e.is_retryable() => {
-                error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed fatally; stopping the shard");
-                Err(Stop::ProcessorFailed)
-            }
-            (ErrorPolicy::StopShard, _) => {
-                error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed; stopping the shard (error policy)");
-                Err(Stop::ProcessorFailed)
-            }
-            (ErrorPolicy::Retry { .. }, _) if !e.is_retryable() => {
-                error!(error = %e, source = ?std::error::Error::source(&e), "{what} failed fatally; stopping the shard");
-                Err(Stop::ProcessorFailed)
-            }
-            _ => {
+        let failure = delays.failed(&e, batch.is_some_and(|b| !b.is_empty()));
+        match self.env.error_policy.decide(&failure) {
+            FailureAction::Retry => {
                 self.retry_delay(what, &e, delays).await?;
                 Ok(Next::Retry)
+            }
+            FailureAction::DeadLetter => {
+                let (Some(batch), ErrorPolicy::DeadLetter(policy)) =
+                    (batch, &self.env.error_policy)
+                else {
+                    return Err(Stop::ProcessorFailed);
+                };
+                let handler = policy.handler.clone();
+                self.dead_letter(handler.as_ref(), batch, &e, delays).await
+            }
+            _ => {
+                error!(error = %e, source = ?std::error::Error::source(&e), attempts = failure.attempts, "{what} failed; stopping the shard (error policy)");
+                Err(Stop::ProcessorFailed)
+            }
+        }
+    }
+
+    /// Hands `batch` to the dead-letter handler until it takes it: only its success lets the
+    /// shard move past the batch. A panicking handler stops the shard (the batch was not taken).
+    async fn dead_letter(
+        &mut self,
+        handler: &dyn DeadLetterHandler,
+        batch: &RecordBatch,
+        e: &ProcessorError,
+        delays: &mut Attempts,
+    ) -> Result<Next, Stop> {
+        let stream = self.env.config.stream.clone();
+        let first_failure = delays
+            .first_failure
+            .map_or_else(std::time::SystemTime::now, |(_, wall)| wall);
+        warn!(error = %e, records = batch.len(), attempts = delays.failed, "processing failed; handing the batch to the dead-letter handler");
+        loop {
+            let letter = DeadLetter::new(
+                &stream,
+                &batch.shard_id,
+                &batch.records,
+                e,
+                delays.failed,
+                first_failure,
+            );
+            match AssertUnwindSafe(handler.handle(&letter))
+                .catch_unwind()
+                .await
+            {
+                Ok(Ok(())) => {
+                    return Ok(Next::Skip);
+                }
+                Ok(Err(he)) => {
+                    let d = delays.next_delay();
+                    warn!(error = %crate::error::chain(he.as_ref()), delay = ?d, "the dead-letter handler failed; the shard waits and hands the batch over again");
+                    self.pause(d).await?;
+                }
+                Err(_) => {
+                    error!("the dead-letter handler panicked; stopping the shard");
+                    self.metrics
+                        .handles()
+                        .worker()
+                        .processor_panics
+                        .increment(1);
+                    return Err(Stop::ProcessorFailed);
+                }
             }
         }
     }

@@ -14,7 +14,7 @@
 //!   [`DecodeError`] naming the shard, sequence number, sub-sequence number and partition
 //!   key), after handing over and checkpointing the records before it. It is logged, and the
 //!   worker's [`ErrorPolicy`](crate::ErrorPolicy) decides what follows: the default stops
-//!   the shard at that record; [`ErrorPolicy::Handoff`](crate::ErrorPolicy::Handoff) gives
+//!   the shard at that record; [`ErrorPolicy::handoff`](crate::ErrorPolicy::handoff) gives
 //!   the whole batch to a dead-letter callback, where [`DecodeError::handled`] tells the
 //!   records handled (up to the bad one) from those that were not (after it). The record is
 //!   never skipped silently.
@@ -156,7 +156,7 @@ impl<E: Into<BoxError>> HandlerOutput for Result<(), E> {
 
 /// A record that could not be decoded: a fatal error of its shard. Find it as the
 /// [`source`](std::error::Error::source) of the [`ProcessorError`] (e.g. in an
-/// [`ErrorPolicy::Handoff`](crate::ErrorPolicy::Handoff) callback, to dead-letter the
+/// [`ErrorPolicy::handoff`](crate::ErrorPolicy::handoff) callback, to dead-letter the
 /// record); its own source is the codec's error.
 ///
 /// ```
@@ -197,7 +197,7 @@ impl DecodeError {
     }
 
     /// The last record handled before this one (and checkpointed), if any. An
-    /// [`ErrorPolicy::Handoff`](crate::ErrorPolicy::Handoff) callback gets the whole batch:
+    /// [`ErrorPolicy::handoff`](crate::ErrorPolicy::handoff) callback gets the whole batch:
     /// its records up to this one were handled, those after [`position`](Self::position)
     /// were not.
     pub fn handled(&self) -> Option<&ExtendedSequenceNumber> {
