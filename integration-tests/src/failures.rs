@@ -192,6 +192,7 @@ impl RecordProcessor for FailingProcessor {
         }
         self.log.extend(seen.records.iter().map(|r| Delivery {
             worker: self.worker.to_owned(),
+            stream: String::new(),
             shard: seen.shard.clone(),
             seq: r.seq.clone(),
             key: r.key,

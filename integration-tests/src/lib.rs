@@ -10,6 +10,7 @@ pub mod failures;
 pub mod kinesis_server;
 pub mod metrics_doc;
 pub mod metrics_sweep;
+pub mod multi_stream;
 pub mod proxy;
 pub mod scenarios;
 pub mod sdk_faults;

@@ -260,6 +260,12 @@ impl KinesisApi for ObservedKinesis {
     ) -> Result<GetRecordsOutput, KinesisApiError> {
         self.inner.get_records(iterator, limit).await
     }
+    async fn describe_stream(
+        &self,
+        stream: &str,
+    ) -> Result<kcl::retrieval::StreamSummary, KinesisApiError> {
+        self.inner.describe_stream(stream).await
+    }
     async fn register_stream_consumer(
         &self,
         stream: &str,
@@ -289,6 +295,8 @@ impl KinesisApi for ObservedKinesis {
 pub struct Delivery {
     /// The worker whose processor got it.
     pub worker: String,
+    /// The stream (its name, as the processor's `ShardContext` gave it).
+    pub stream: String,
     /// The shard.
     pub shard: ShardId,
     /// The record's sequence number.
@@ -353,11 +361,17 @@ impl DeliveryLog {
 #[derive(Debug)]
 pub struct Recorder {
     worker: String,
+    stream: String,
     log: DeliveryLog,
 }
 
 #[async_trait]
 impl RecordProcessor for Recorder {
+    async fn initialize(&mut self, shard: &kcl::ShardContext) -> Result<(), ProcessorError> {
+        self.stream = shard.stream.clone();
+        Ok(())
+    }
+
     async fn process_records(
         &mut self,
         batch: &RecordBatch,
@@ -376,6 +390,7 @@ impl RecordProcessor for Recorder {
                     .ok_or_else(|| ProcessorError::fatal(format!("bad payload {text:?}")))?;
                 log.push(Delivery {
                     worker: self.worker.clone(),
+                    stream: self.stream.clone(),
                     shard: batch.shard_id.clone(),
                     seq: r.sequence_number.clone(),
                     key: key.parse().map_err(ProcessorError::fatal)?,
@@ -396,6 +411,7 @@ impl Recorder {
         let (worker, log) = (worker.to_owned(), log.clone());
         move || Recorder {
             worker: worker.clone(),
+            stream: String::new(),
             log: log.clone(),
         }
     }
@@ -424,6 +440,17 @@ pub fn worker(
     leases: Arc<dyn LeaseStore>,
     log: &DeliveryLog,
 ) -> WorkerBuilder {
+    timed_worker(app, id, fixture, leases, log).stream(stream)
+}
+
+/// [`worker`] without its stream (for multi-stream workers).
+pub fn timed_worker(
+    app: &str,
+    id: &str,
+    fixture: &dyn StreamFixture,
+    leases: Arc<dyn LeaseStore>,
+    log: &DeliveryLog,
+) -> WorkerBuilder {
     let log = log.clone();
     let worker_id = id.to_owned();
     let polling = {
@@ -434,7 +461,6 @@ pub fn worker(
     };
     Worker::builder()
         .application_name(app)
-        .stream(stream)
         .worker_id(id)
         .kinesis(fixture.kinesis())
         .lease_store(leases)

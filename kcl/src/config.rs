@@ -279,8 +279,19 @@ impl LeaseTableOptions {
 pub struct WorkerConfig {
     /// The application name: also the default lease-table name.
     pub application_name: String,
-    /// The stream to consume.
+    /// The stream to consume (single-stream mode). In multi-stream mode (`streams` not
+    /// empty) unused: leave it empty.
     pub stream: String,
+    /// Multi-stream mode: the streams to consume, by name (resolved to
+    /// `account:name:creationEpoch` at start) or by identifier. Empty: single-stream mode.
+    /// See [`crate::stream`].
+    pub streams: Vec<String>,
+    /// Multi-stream mode: how long the leases of a stream that left the set stay in the table
+    /// (its shards stop at once, checkpointed; a stream added back within this time resumes
+    /// from its checkpoints).
+    pub former_stream_retention: Duration,
+    /// Multi-stream mode with a discovery callback: how often it is asked for the streams.
+    pub stream_discovery_interval: Duration,
     /// The lease table (defaults to the application name).
     pub table_name: String,
     /// This worker's id in the lease table.
@@ -373,11 +384,47 @@ impl ConfigError {
 impl WorkerConfig {
     /// A configuration with the defaults for everything but the names.
     pub fn new(application_name: impl Into<String>, stream: impl Into<String>) -> Self {
+        Self::with_streams(application_name, stream, Vec::new())
+    }
+
+    /// A multi-stream configuration (see [`WorkerConfig::streams`]) with the defaults for
+    /// everything else.
+    ///
+    /// ```
+    /// let c = kcl::WorkerConfig::multi_stream("app", ["orders", "123456789012:refunds:1700000000"]);
+    /// assert!(c.is_multi_stream());
+    /// c.validate()?;
+    /// # Ok::<(), kcl::ConfigError>(())
+    /// ```
+    pub fn multi_stream(
+        application_name: impl Into<String>,
+        streams: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self::with_streams(
+            application_name,
+            String::new(),
+            streams.into_iter().map(Into::into).collect(),
+        )
+    }
+
+    /// True in multi-stream mode (`streams` set).
+    pub fn is_multi_stream(&self) -> bool {
+        !self.streams.is_empty()
+    }
+
+    fn with_streams(
+        application_name: impl Into<String>,
+        stream: impl Into<String>,
+        streams: Vec<String>,
+    ) -> Self {
         let application_name = application_name.into();
         Self {
             table_name: application_name.clone(),
             application_name,
             stream: stream.into(),
+            streams,
+            former_stream_retention: Duration::from_secs(300),
+            stream_discovery_interval: Duration::from_secs(60),
             worker_id: WorkerId::generate(),
             initial_position: InitialPosition::default(),
             lease_duration: Duration::from_secs(10),
@@ -408,7 +455,32 @@ impl WorkerConfig {
     /// The first [`ConfigError`] found, naming its field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_name("application_name", &self.application_name, 1, 255)?;
-        check_stream_name(&self.stream)?;
+        if self.streams.is_empty() {
+            check_stream_name("stream", &self.stream)?;
+        } else {
+            let mut seen = std::collections::BTreeSet::new();
+            for s in &self.streams {
+                check_stream_entry(s)?;
+                if !seen.insert(s.as_str()) {
+                    return Err(ConfigError::new(
+                        "streams",
+                        format!("{s:?} is listed twice"),
+                    ));
+                }
+            }
+        }
+        if self.former_stream_retention > Duration::from_secs(7 * 24 * 3600) {
+            return Err(ConfigError::new(
+                "former_stream_retention",
+                "must be at most 7 days",
+            ));
+        }
+        if self.stream_discovery_interval < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "stream_discovery_interval",
+                "must be at least 1s",
+            ));
+        }
         check_table_name(&self.table_name)?;
         if self.worker_id.as_str().is_empty() {
             return Err(ConfigError::new("worker_id", "must not be empty"));
@@ -527,18 +599,30 @@ fn check_name(field: &'static str, v: &str, min: usize, max: usize) -> Result<()
     Ok(())
 }
 
-fn check_stream_name(v: &str) -> Result<(), ConfigError> {
-    check_name("stream", v, 1, 128)?;
+fn check_stream_name(field: &'static str, v: &str) -> Result<(), ConfigError> {
+    check_name(field, v, 1, 128)?;
     if !v
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
     {
         return Err(ConfigError::new(
-            "stream",
+            field,
             format!("{v:?} has characters other than a-z, A-Z, 0-9, '_', '.', '-'"),
         ));
     }
     Ok(())
+}
+
+/// A stream of `streams`: a name, or an `account:name:creationEpoch` identifier.
+pub(crate) fn check_stream_entry(v: &str) -> Result<(), ConfigError> {
+    if v.contains(':') {
+        let id = v
+            .parse::<crate::stream::StreamIdentifier>()
+            .map_err(|e| ConfigError::new("streams", e.to_string()))?;
+        check_stream_name("streams", id.name())
+    } else {
+        check_stream_name("streams", v)
+    }
 }
 
 fn check_table_name(v: &str) -> Result<(), ConfigError> {

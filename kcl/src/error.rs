@@ -60,6 +60,25 @@ pub enum Error {
         /// The shards whose processors were abandoned.
         shards: Vec<crate::shard::ShardId>,
     },
+    /// The lease table holds leases of the other mode (single-stream leases for a
+    /// multi-stream worker, or the reverse): taking them would mistake other streams' shards
+    /// for this worker's.
+    #[error("lease table {table}: {found}")]
+    TableMode {
+        /// The lease table.
+        table: String,
+        /// What was found, with an example key.
+        found: String,
+    },
+    /// A stream of a multi-stream worker could not be named (`DescribeStreamSummary` failed
+    /// or returned no usable ARN), or the stream discovery callback failed at start.
+    #[error("stream {stream}: {reason}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 #[cfg(test)]

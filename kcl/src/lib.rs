@@ -73,6 +73,7 @@ pub mod retrieval;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod shard;
+pub mod stream;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod worker;

@@ -380,6 +380,16 @@ fn kept(ours: &Lease, updated: Lease) -> Lease {
 }
 
 /// The leases held by this worker, shared by the renewer, the taker and the worker loop.
+/// Which leases a worker may take.
+#[derive(Clone)]
+pub(crate) struct KeyFilter(pub(crate) Arc<dyn Fn(&LeaseKey) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for KeyFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyFilter")
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct LeaseCoordinator {
     store: Arc<dyn LeaseStore>,
@@ -407,6 +417,8 @@ pub(crate) struct LeaseCoordinator {
     rounds: StdMutex<(u64, std::time::Duration, std::time::Duration)>,
     /// The worker's status board (whether this worker is draining).
     status: std::sync::OnceLock<Arc<crate::worker::status::StatusBoard>>,
+    /// Multi-stream mode: which leases this worker may take (those of its active streams).
+    take_only: std::sync::OnceLock<KeyFilter>,
     /// The worker's metric handles (summary series, and the held shards').
     metrics: Arc<crate::metrics::WorkerMetrics>,
 }
@@ -462,6 +474,7 @@ impl LeaseCoordinator {
             balance_by_load: cfg.balance_by_load,
             rounds: StdMutex::new(Default::default()),
             status: std::sync::OnceLock::new(),
+            take_only: std::sync::OnceLock::new(),
             metrics: crate::metrics::WorkerMetrics::new(cfg.metrics_level, &cfg.stream),
         }
     }
@@ -567,6 +580,11 @@ impl LeaseCoordinator {
         warn!(lease = %key, %error, failures, retry_in = ?pause, "shard quarantined after a read failure");
         self.metrics.quarantined.increment(1);
         std::time::SystemTime::now() + pause
+    }
+
+    /// Takes only the leases `filter` accepts from now on (set once).
+    pub(crate) fn take_only(&self, filter: KeyFilter) {
+        let _ = self.take_only.set(filter);
     }
 
     /// Reports this worker's drain state to `status` from now on.
@@ -1009,7 +1027,15 @@ impl LeaseCoordinator {
                 ),
             );
         }
-        let excluded = self.excluded(now);
+        let mut excluded = self.excluded(now);
+        if let Some(accept) = self.take_only.get() {
+            excluded.extend(
+                st.cache
+                    .values()
+                    .filter(|l| !(accept.0)(&l.key))
+                    .map(|l| l.key.clone()),
+            );
+        }
 
         let mut plan = if me_draining {
             Plan::nothing(self.held_map().len())

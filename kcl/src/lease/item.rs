@@ -46,6 +46,10 @@ pub mod attr {
     pub const ENTITY_TYPE: &str = "entityType";
     /// Number (Java KCL 3.x): the shard's recent throughput, KiB per second.
     pub const THROUGHPUT: &str = "throughputKBps";
+    /// Multi-stream leases (Java KCL): the stream identifier, `account:stream:creationEpoch`.
+    pub const STREAM_NAME: &str = "streamName";
+    /// Multi-stream leases (Java KCL): the shard id (the key's last part).
+    pub const SHARD_ID: &str = "shardId";
 }
 
 /// A table attribute value, independent of any SDK.
@@ -121,6 +125,10 @@ pub fn encode(lease: &Lease) -> Item {
     }
     if let Some(bps) = lease.throughput {
         item.insert(attr::THROUGHPUT.into(), throughput_kbps(bps));
+    }
+    if let Some(stream) = lease.key.stream() {
+        item.insert(attr::STREAM_NAME.into(), s(&stream.to_string()));
+        item.insert(attr::SHARD_ID.into(), s(lease.key.shard_id().as_str()));
     }
     item
 }
@@ -242,6 +250,17 @@ pub fn decode(item: &Item) -> Result<Option<Lease>, MalformedLease> {
         (Some(_), None) => return Err(bad(attr::ENDING_HASH_KEY, "missing".into())),
         (None, Some(_)) => return Err(bad(attr::STARTING_HASH_KEY, "missing".into())),
     };
+    // Multi-stream leases repeat their key's parts; a disagreement means the item is not what
+    // its key says.
+    if let Some(stream) = opt_s(attr::STREAM_NAME)? {
+        let shard = opt_s(attr::SHARD_ID)?.ok_or_else(|| bad(attr::SHARD_ID, "missing".into()))?;
+        if key != format!("{stream}:{shard}") {
+            return Err(bad(
+                attr::STREAM_NAME,
+                format!("{stream:?} and shardId {shard:?} do not make the lease key"),
+            ));
+        }
+    }
     let owner = match opt_s(attr::LEASE_OWNER)? {
         Some("") => return Err(bad(attr::LEASE_OWNER, "empty".into())),
         other => other.map(WorkerId::new),

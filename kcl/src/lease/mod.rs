@@ -66,6 +66,27 @@ impl LeaseKey {
     pub fn shard_id(&self) -> ShardId {
         ShardId::new(self.0.rsplit(':').next().unwrap_or(&self.0))
     }
+
+    /// The stream of a multi-stream key (`None` for a single-stream key).
+    pub fn stream(&self) -> Option<crate::stream::StreamIdentifier> {
+        crate::stream::StreamIdentifier::of_key(self)
+    }
+
+    /// The key of `shard` of the same stream as this key: how a lease names its parents and
+    /// children (stored as bare shard ids).
+    ///
+    /// ```
+    /// use kcl::{lease::LeaseKey, ShardId};
+    /// let parent = ShardId::new("shardId-0");
+    /// assert_eq!(LeaseKey::new("shardId-2").sibling(&parent).as_str(), "shardId-0");
+    /// assert_eq!(LeaseKey::new("1:s:9:shardId-2").sibling(&parent).as_str(), "1:s:9:shardId-0");
+    /// ```
+    pub fn sibling(&self, shard: &ShardId) -> LeaseKey {
+        match self.stream() {
+            Some(stream) => stream.lease_key(shard),
+            None => Self::for_shard(shard),
+        }
+    }
 }
 
 impl fmt::Display for LeaseKey {

@@ -22,7 +22,7 @@ use crate::checkpoint::{CheckpointError, Checkpointer, Observer};
 use crate::config::WorkerConfig;
 use crate::lease::coordinator::HeldLease;
 use crate::lease::write::LeaseWrite;
-use crate::lease::{Lease, LeaseKey, LeaseStore, WorkerId};
+use crate::lease::{Lease, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::deagg::deaggregate_counted;
@@ -71,8 +71,15 @@ pub(crate) struct ConsumerEnv {
     pub(crate) stream_consumer: Option<Arc<StreamConsumer>>,
     /// The worker's status board: each consumer reports its shard there.
     pub(crate) status: Arc<StatusBoard>,
-    /// The worker's metric handles.
-    pub(crate) metrics: Arc<m::WorkerMetrics>,
+    /// The worker's metric handles, per stream.
+    pub(crate) metrics: Arc<crate::worker::streams::StreamMetrics>,
+}
+
+impl ConsumerEnv {
+    /// The metric handles of `stream`.
+    fn metrics_for(&self, stream: &str) -> Arc<m::WorkerMetrics> {
+        self.metrics.of(stream)
+    }
 }
 
 impl std::fmt::Debug for ConsumerEnv {
@@ -161,12 +168,20 @@ pub(crate) async fn guarded<T>(
 pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit {
     let lease = held.snapshot().await;
     let shard = lease.shard_id();
-    let span = tracing::info_span!("consumer", shard_id = %shard);
+    // Multi-stream leases name their stream; single-stream ones are of the configured stream.
+    let stream_id = lease.key.stream();
+    let stream = stream_id
+        .as_ref()
+        .map_or_else(|| env.config.stream.clone(), |s| s.name().to_owned());
+    let span = match &stream_id {
+        Some(id) => tracing::info_span!("consumer", stream = %id, shard_id = %shard),
+        None => tracing::info_span!("consumer", shard_id = %shard),
+    };
     // Registered once for this consumer; dropped (no longer refreshed) when it ends.
-    let metrics = env.metrics.shard(&shard);
+    let metrics = env.metrics_for(&stream).shard(&shard);
     let mut cp = Checkpointer::new(shard.clone(), held.clone(), env.store.clone())
         .with_metrics(metrics.handles().clone());
-    let report = env.status.enter(&shard, lease.checkpoint.clone());
+    let report = env.status.enter(&lease.key, lease.checkpoint.clone());
     let checkpointed = report.observer();
     cp.observe(Observer(Arc::new(move |write| {
         if let LeaseWrite::Checkpoint { position, .. } = write {
@@ -179,6 +194,7 @@ pub(crate) async fn run(env: ConsumerEnv, held: Arc<HeldLease>) -> ConsumerExit 
         held,
         report,
         shard,
+        stream,
         processor: None,
         cp,
         unsaved: 0,
@@ -199,6 +215,8 @@ struct Consumer {
     /// This shard's entry in the worker's status.
     report: ShardReport,
     shard: ShardId,
+    /// The shard's stream (its name).
+    stream: String,
     processor: Option<Box<dyn RecordProcessor>>,
     cp: Checkpointer,
     /// Records processed since the last automatic checkpoint.
@@ -383,6 +401,8 @@ impl Consumer {
         };
         let ctx = ShardContext {
             shard_id: self.shard.clone(),
+            stream: self.stream.clone(),
+            stream_identifier: lease.key.stream(),
             checkpoint: lease.checkpoint.clone(),
             parent_shard_ids: lease.parent_shard_ids.clone(),
             pending_checkpoint: PendingCheckpoint::of(&lease),
@@ -431,7 +451,7 @@ impl Consumer {
             ),
             None => spawn_fetcher(
                 self.env.kinesis.clone(),
-                self.env.config.stream.clone(),
+                self.stream.clone(),
                 self.shard.clone(),
                 position,
                 self.env.config.polling.clone(),
@@ -601,7 +621,7 @@ impl Consumer {
     async fn confirm_shard_end(&mut self) -> Result<Vec<ChildShard>, Stop> {
         let mut delays = self.delays();
         let shards = loop {
-            match self.env.kinesis.list_shards(&self.env.config.stream).await {
+            match self.env.kinesis.list_shards(&self.stream).await {
                 Ok(shards) => break shards,
                 Err(e) if e.is_retryable() => {
                     let d = delays.next_delay();
@@ -694,7 +714,7 @@ impl Consumer {
         loop {
             let mut states = Vec::with_capacity(lease.parent_shard_ids.len());
             for parent in &lease.parent_shard_ids {
-                let state = match self.env.store.get(&LeaseKey::for_shard(parent)).await {
+                let state = match self.env.store.get(&self.held.key().sibling(parent)).await {
                     Ok(l) => ParentState::of(l.as_ref()),
                     Err(e) => {
                         debug!(parent = %parent, error = %e, "reading parent lease failed");
@@ -794,7 +814,7 @@ impl Consumer {
         e: &ProcessorError,
         delays: &mut Attempts,
     ) -> Result<Next, Stop> {
-        let stream = self.env.config.stream.clone();
+        let stream = self.stream.clone();
         let first_failure = delays
             .first_failure
             .map_or_else(std::time::SystemTime::now, |(_, wall)| wall);

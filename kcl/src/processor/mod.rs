@@ -30,6 +30,11 @@ pub use policy::ErrorPolicy;
 pub struct ShardContext {
     /// The shard.
     pub shard_id: ShardId,
+    /// The shard's stream (its name). A multi-stream worker hands one processor per shard of
+    /// each stream: this tells them apart.
+    pub stream: String,
+    /// In multi-stream mode, the stream's identifier (`account:name:creationEpoch`).
+    pub stream_identifier: Option<crate::stream::StreamIdentifier>,
     /// Where processing resumes (the stored checkpoint).
     pub checkpoint: ExtendedSequenceNumber,
     /// The shard's parents (already finished).

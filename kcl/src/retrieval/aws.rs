@@ -76,7 +76,7 @@ use crate::aws::{
 use crate::record::{Record, SequenceNumber};
 use crate::retrieval::kinesis::{SubscriptionEvent, SubscriptionStream};
 use crate::retrieval::{
-    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator, StreamSummary,
 };
 use crate::shard::{ChildShard, HashKeyRange, Shard, ShardId};
 
@@ -356,6 +356,31 @@ impl KinesisApi for AwsKinesis {
                 .map(|ms| u64::try_from(ms).unwrap_or(0)),
             child_shards,
         ))
+    }
+
+    async fn describe_stream(&self, stream: &str) -> Result<StreamSummary, KinesisApiError> {
+        let what = format!("stream {stream}");
+        let summary = self
+            .client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .customize()
+            .config_override(timeout_override(&self.timeouts.control))
+            .send()
+            .await
+            .map_err(|e| classify(e, &what))?
+            .stream_description_summary
+            .ok_or_else(|| {
+                KinesisApiError::Malformed(format!(
+                    "DescribeStreamSummary of stream {stream} returned no description"
+                ))
+            })?;
+        let created = SystemTime::try_from(summary.stream_creation_timestamp).map_err(|e| {
+            KinesisApiError::Malformed(format!(
+                "DescribeStreamSummary of stream {stream}: creation time {e}"
+            ))
+        })?;
+        Ok(StreamSummary::new(summary.stream_arn, created))
     }
 
     async fn register_stream_consumer(

@@ -151,6 +151,34 @@ impl KinesisApiError {
     }
 }
 
+/// What [`KinesisApi::describe_stream`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamSummary {
+    /// The stream's ARN (`arn:aws:kinesis:region:account:stream/name`).
+    pub arn: String,
+    /// When the stream was created.
+    pub created: SystemTime,
+}
+
+impl StreamSummary {
+    /// A summary (for implementations of [`KinesisApi`]).
+    ///
+    /// ```
+    /// let s = kcl::retrieval::StreamSummary::new(
+    ///     "arn:aws:kinesis:us-east-1:123456789012:stream/orders",
+    ///     std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+    /// );
+    /// assert!(s.arn.ends_with("/orders"));
+    /// ```
+    pub fn new(arn: impl Into<String>, created: SystemTime) -> Self {
+        Self {
+            arn: arn.into(),
+            created,
+        }
+    }
+}
+
 /// The Kinesis operations a consumer needs.
 #[async_trait]
 pub trait KinesisApi: Send + Sync + fmt::Debug + 'static {
@@ -184,6 +212,15 @@ pub trait KinesisApi: Send + Sync + fmt::Debug + 'static {
     /// forward it.
     fn now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    /// The stream's ARN and creation time (`DescribeStreamSummary`): a multi-stream worker
+    /// names the stream `account:name:creationEpoch` from them.
+    async fn describe_stream(&self, stream: &str) -> Result<StreamSummary, KinesisApiError> {
+        let _ = stream;
+        Err(KinesisApiError::Other(
+            format!("{self:?} does not describe streams (multi-stream mode needs it)").into(),
+        ))
     }
 
     /// Enhanced fan-out: finds the stream consumer `consumer_name` or registers it, waits

@@ -28,7 +28,7 @@ pub(crate) mod polling;
 pub mod aws;
 
 pub use kinesis::{
-    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator,
+    GetRecordsOutput, IteratorPosition, KinesisApi, KinesisApiError, ShardIterator, StreamSummary,
     SubscriptionEvent, SubscriptionStream,
 };
 pub use polling::{prefetch_usage, reset_prefetch_peak, PrefetchUsage};

@@ -18,7 +18,7 @@ use backon::BackoffBuilder;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{InitialPosition, WorkerConfig};
 use crate::error::Error;
@@ -27,6 +27,8 @@ use crate::lease::{Lease, LeaseStore};
 use crate::record::ExtendedSequenceNumber;
 use crate::retrieval::KinesisApi;
 use crate::shard::{Shard, ShardId};
+use crate::stream::StreamIdentifier;
+use crate::worker::streams::StreamTracker;
 
 /// Leases to create for shards that have none.
 pub(crate) fn plan_new_leases(
@@ -157,6 +159,13 @@ pub(crate) fn plan_deletions(shards: &[Shard], leases: &[Lease]) -> Vec<Lease> {
         .collect()
 }
 
+/// A lease [`plan_deletions`] allows to delete.
+struct Deletable {
+    lease: Lease,
+    /// Its shard is no longer listed: deleted at once, not after the retention period.
+    gone: bool,
+}
+
 /// The periodic shard-sync task.
 pub(crate) struct ShardSyncer {
     kinesis: Arc<dyn KinesisApi>,
@@ -172,6 +181,8 @@ pub(crate) struct ShardSyncer {
     changes_before_liveness: std::sync::atomic::AtomicU64,
     /// Shard-sync results, leases created and deleted.
     metrics: Option<Arc<crate::metrics::WorkerMetrics>>,
+    /// Multi-stream mode: the streams to sync (single-stream mode: `config.stream`).
+    streams: Option<Arc<StreamTracker>>,
 }
 
 impl ShardSyncer {
@@ -188,7 +199,15 @@ impl ShardSyncer {
             liveness: None,
             changes_before_liveness: std::sync::atomic::AtomicU64::new(0),
             metrics: None,
+            streams: None,
         }
+    }
+
+    /// Multi-stream mode: syncs the streams `streams` holds, and deletes the leases of those
+    /// that left it.
+    pub(crate) fn with_streams(mut self, streams: Option<Arc<StreamTracker>>) -> Self {
+        self.streams = streams;
+        self
     }
 
     /// Records the syncs' results in `metrics`.
@@ -288,8 +307,65 @@ impl ShardSyncer {
             Some(_) => self.store.list_eventually().await?,
             None => self.store.list().await?,
         };
-        let shards = self.kinesis.list_shards(&self.config.stream).await?;
-        for lease in plan_new_leases(&shards, &table.leases, self.config.initial_position) {
+        crate::stream::check_table_mode(
+            self.streams.is_some(),
+            table.leases.iter().map(|l| &l.key),
+        )
+        .map_err(|found| Error::TableMode {
+            table: self.config.table_name.clone(),
+            found,
+        })?;
+        let Some(streams) = &self.streams else {
+            let (listed, deletable) = self
+                .sync_stream(None, &self.config.stream, &table.leases)
+                .await?;
+            self.delete_due(deletable).await?;
+            return Ok(listed);
+        };
+        // Each stream on its own: one that cannot be listed (deleted, access denied) does not
+        // hold the others back; its error is returned once the others are synced.
+        let mut listed = 0;
+        let mut deletable = Vec::new();
+        let mut first_error = None;
+        for id in streams.active() {
+            let leases: Vec<Lease> = table
+                .leases
+                .iter()
+                .filter(|l| l.key.stream().as_ref() == Some(&id))
+                .cloned()
+                .collect();
+            match self.sync_stream(Some(&id), id.name(), &leases).await {
+                Ok((n, due)) => {
+                    listed += n;
+                    deletable.extend(due);
+                }
+                Err(e) => {
+                    warn!(stream = %id, error = %e, "shard sync of a stream failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.delete_due(deletable).await?;
+        self.delete_former_streams(streams, &table.leases).await?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(listed),
+        }
+    }
+
+    /// Lists the shards of `name` (whose leases are `leases`), creates the missing leases and
+    /// returns the number of shards listed with the leases due for deletion.
+    async fn sync_stream(
+        &self,
+        id: Option<&StreamIdentifier>,
+        name: &str,
+        leases: &[Lease],
+    ) -> Result<(usize, Vec<Deletable>), Error> {
+        let shards = self.kinesis.list_shards(name).await?;
+        for mut lease in plan_new_leases(&shards, leases, self.config.initial_position) {
+            if let Some(id) = id {
+                lease.key = id.lease_key(&lease.key.shard_id());
+            }
             if self.store.create_if_absent(&lease).await? {
                 debug!(lease = %lease.key, checkpoint = %lease.checkpoint, "created lease");
                 if let Some(m) = &self.metrics {
@@ -298,41 +374,88 @@ impl ShardSyncer {
                 self.table_changed();
             }
         }
-        let now = Instant::now();
         let listed_now: BTreeSet<ShardId> = shards.iter().map(|s| s.id.clone()).collect();
+        let deletable = plan_deletions(&shards, leases)
+            .into_iter()
+            .map(|lease| Deletable {
+                gone: !listed_now.contains(&lease.shard_id()),
+                lease,
+            })
+            .collect();
+        Ok((shards.len(), deletable))
+    }
+
+    /// Deletes the deletable leases that are due: those of shards gone from their stream at
+    /// once, finished ones after the retention period (so the lineage can still be seen).
+    async fn delete_due(&self, deletable: Vec<Deletable>) -> Result<(), Error> {
+        let now = Instant::now();
         let due: Vec<Lease> = {
-            let deletable = plan_deletions(&shards, &table.leases);
             let mut since = self
                 .deletable_since
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            since.retain(|k, _| deletable.iter().any(|l| &l.key == k));
+            since.retain(|k, _| deletable.iter().any(|d| &d.lease.key == k));
             deletable
                 .into_iter()
-                .filter(|l| {
-                    // Leases of shards gone from the stream go at once; finished leases stay
-                    // for the retention period so the lineage can still be seen.
-                    let first = *since.entry(l.key.clone()).or_insert(now);
-                    !listed_now.contains(&l.shard_id())
+                .filter_map(|d| {
+                    let first = *since.entry(d.lease.key.clone()).or_insert(now);
+                    (d.gone
                         || now.saturating_duration_since(first)
-                            >= self.config.finished_lease_retention
+                            >= self.config.finished_lease_retention)
+                        .then_some(d.lease)
                 })
                 .collect()
         };
         for lease in due {
-            match self.store.delete(&lease).await {
-                Ok(()) => {
-                    debug!(lease = %lease.key, "deleted finished lease");
-                    if let Some(m) = &self.metrics {
-                        m.leases_deleted.increment(1);
-                    }
-                    self.table_changed();
+            self.delete(&lease).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, lease: &Lease) -> Result<(), Error> {
+        match self.store.delete(lease).await {
+            Ok(()) => {
+                debug!(lease = %lease.key, "deleted lease");
+                if let Some(m) = &self.metrics {
+                    m.leases_deleted.increment(1);
                 }
-                Err(e) if e.is_condition_failed() => {}
-                Err(e) => return Err(e.into()),
+                self.table_changed();
+                Ok(())
+            }
+            Err(e) if e.is_condition_failed() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the leases of streams out of the set for `former_stream_retention`. A lease
+    /// another worker still holds is left alone (that worker may still have the stream in its
+    /// set); the stream is forgotten once none of its leases is left.
+    async fn delete_former_streams(
+        &self,
+        streams: &StreamTracker,
+        leases: &[Lease],
+    ) -> Result<(), Error> {
+        let due = streams.former_due(Instant::now(), self.config.former_stream_retention);
+        for id in due {
+            let mut left = 0;
+            for lease in leases
+                .iter()
+                .filter(|l| l.key.stream().as_ref() == Some(&id))
+            {
+                if lease.owner.is_some() && !lease.is_owned_by(&self.config.worker_id) {
+                    left += 1;
+                    continue;
+                }
+                self.delete(lease).await?;
+            }
+            if left == 0 {
+                info!(stream = %id, "deleted the leases of a stream that left the set");
+                streams.forget(&id);
+            } else {
+                debug!(stream = %id, held = left, "leases of a former stream are still held by peers");
             }
         }
-        Ok(shards.len())
+        Ok(())
     }
 }
 

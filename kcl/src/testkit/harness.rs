@@ -188,6 +188,11 @@ impl<P: RecordProcessor> ProcessorHarness<P> {
         let lease = self.held.snapshot().await;
         let ctx = ShardContext {
             shard_id: self.shard.clone(),
+            stream: lease
+                .key
+                .stream()
+                .map_or_else(|| "stream".to_owned(), |s| s.name().to_owned()),
+            stream_identifier: lease.key.stream(),
             checkpoint: lease.checkpoint.clone(),
             parent_shard_ids: lease.parent_shard_ids.clone(),
             pending_checkpoint: PendingCheckpoint::of(&lease),

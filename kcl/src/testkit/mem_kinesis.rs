@@ -58,6 +58,8 @@ struct State {
 #[derive(Debug, Default)]
 struct Stream {
     shards: Vec<MemShard>,
+    /// When it was created (this Kinesis' clock).
+    created: Option<SystemTime>,
 }
 
 #[derive(Debug)]
@@ -161,7 +163,10 @@ impl MemKinesis {
         let mut st = self.lock();
         assert!(!st.streams.contains_key(name), "stream {name} exists");
         let start = st.seq + 1;
-        let mut stream = Stream::default();
+        let mut stream = Stream {
+            created: Some(st.epoch_wall + st.epoch.elapsed()),
+            ..Stream::default()
+        };
         for (i, range) in even_ranges(HashKeyRange::FULL, shards)
             .into_iter()
             .enumerate()
@@ -463,6 +468,19 @@ impl KinesisApi for MemKinesis {
     /// This Kinesis' own clock (it stamps arrival times): exact under tokio's paused clock.
     fn now(&self) -> SystemTime {
         MemKinesis::now(self)
+    }
+
+    async fn describe_stream(
+        &self,
+        stream: &str,
+    ) -> Result<crate::retrieval::StreamSummary, KinesisApiError> {
+        self.fault("describe_stream").await?;
+        let st = self.lock();
+        let created = st.stream(stream)?.created.unwrap_or(st.epoch_wall);
+        Ok(crate::retrieval::StreamSummary::new(
+            format!("arn:aws:kinesis:us-east-1:000000000000:stream/{stream}"),
+            created,
+        ))
     }
 
     async fn register_stream_consumer(

@@ -5,6 +5,7 @@ mod shutdown;
 #[cfg(all(feature = "signal", unix))]
 pub mod signal;
 pub mod status;
+pub(crate) mod streams;
 
 use std::fmt;
 use std::future::Future;
@@ -18,6 +19,7 @@ use tracing::{error, info, Instrument};
 
 pub use shutdown::ShutdownHandle;
 pub use status::{StatusHandle, WorkerStatus};
+pub use streams::StreamDiscovery;
 
 use status::{ShardState, StatusBoard, WorkerPhase};
 
@@ -105,6 +107,8 @@ pub struct Worker {
     error_policy: ErrorPolicy,
     shutdown: CancellationToken,
     status: Arc<StatusBoard>,
+    /// Multi-stream mode: the callback naming the streams, asked periodically.
+    discovery: Option<StreamDiscovery>,
 }
 
 impl fmt::Debug for Worker {
@@ -181,9 +185,81 @@ impl Worker {
         result
     }
 
+    /// The streams to consume now: the configured ones and the discovered ones, named.
+    async fn current_streams(&self) -> Result<Vec<crate::stream::StreamIdentifier>> {
+        current_streams(&self.config, self.kinesis.as_ref(), self.discovery.as_ref()).await
+    }
+}
+
+/// The streams to consume now: the configured ones and the discovered ones, named.
+async fn current_streams(
+    config: &WorkerConfig,
+    kinesis: &dyn KinesisApi,
+    discovery: Option<&StreamDiscovery>,
+) -> Result<Vec<crate::stream::StreamIdentifier>> {
+    let mut entries = config.streams.clone();
+    if let Some(discover) = discovery {
+        let found = discover().await.map_err(|e| crate::Error::Stream {
+            stream: "(discovery)".into(),
+            reason: crate::error::chain(e.as_ref()),
+        })?;
+        for entry in found {
+            crate::config::check_stream_entry(&entry)?;
+            if !entries.contains(&entry) {
+                entries.push(entry);
+            }
+        }
+    }
+    streams::resolve(kinesis, &entries).await
+}
+
+/// Asks the discovery callback for the streams every `stream_discovery_interval`; a failure
+/// keeps the streams as they were.
+async fn discover_streams(
+    config: Arc<WorkerConfig>,
+    kinesis: Arc<dyn KinesisApi>,
+    discovery: StreamDiscovery,
+    tracker: Arc<streams::StreamTracker>,
+    sync_now: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(config.stream_discovery_interval) => {}
+        }
+        match current_streams(&config, kinesis.as_ref(), Some(&discovery)).await {
+            Ok(ids) => {
+                let changes = tracker.set(&ids, tokio::time::Instant::now());
+                if !changes.added.is_empty() || !changes.removed.is_empty() {
+                    info!(added = ?changes.added, removed = ?changes.removed, "the streams changed");
+                    sync_now.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "stream discovery failed; keeping the current streams");
+            }
+        }
+    }
+}
+
+impl Worker {
     async fn run_inner(self) -> Result<()> {
         let cfg = self.config.clone();
-        info!(stream = %cfg.stream, table = %cfg.table_name, "starting worker");
+        let streams = match cfg.is_multi_stream() || self.discovery.is_some() {
+            false => {
+                info!(stream = %cfg.stream, table = %cfg.table_name, "starting worker");
+                None
+            }
+            true => {
+                let tracker = streams::StreamTracker::new(self.shutdown.clone());
+                let ids = self.current_streams().await?;
+                info!(streams = ?ids, table = %cfg.table_name, "starting multi-stream worker");
+                tracker.set(&ids, tokio::time::Instant::now());
+                Some(tracker)
+            }
+        };
         self.store.ensure_table().await?;
 
         let coordinator = Arc::new(LeaseCoordinator::new(
@@ -192,10 +268,19 @@ impl Worker {
             &cfg,
         ));
         coordinator.report_to(self.status.clone());
+        if let Some(tracker) = &streams {
+            // Leases of streams this worker does not consume (any more, or yet) stay with
+            // whoever does.
+            let tracker = tracker.clone();
+            coordinator.take_only(crate::lease::coordinator::KeyFilter(Arc::new(
+                move |key: &LeaseKey| tracker.is_active(key),
+            )));
+        }
         let sync_now = Arc::new(Notify::new());
         // The first sync must succeed before any lease is taken.
         let syncer = ShardSyncer::new(self.kinesis.clone(), self.store.clone(), cfg.clone())
-            .with_metrics(coordinator.metrics().clone());
+            .with_metrics(coordinator.metrics().clone())
+            .with_streams(streams.clone());
         syncer.sync_at_start(&self.shutdown).await?;
         coordinator.start_liveness(&self.shutdown).await;
         let syncer = syncer.with_liveness(coordinator.liveness());
@@ -232,6 +317,20 @@ impl Worker {
                 .run(sync_now.clone(), background.clone())
                 .in_current_span(),
         ));
+        let _discovery_task = match (&streams, &self.discovery) {
+            (Some(tracker), Some(discovery)) => Some(AbortOnDropHandle::new(tokio::spawn(
+                discover_streams(
+                    cfg.clone(),
+                    self.kinesis.clone(),
+                    discovery.clone(),
+                    tracker.clone(),
+                    sync_now.clone(),
+                    background.clone(),
+                )
+                .in_current_span(),
+            ))),
+            _ => None,
+        };
 
         let env = ConsumerEnv {
             config: cfg.clone(),
@@ -245,7 +344,25 @@ impl Worker {
             stream_consumer: consumer_arn
                 .map(|arn| crate::retrieval::fanout::StreamConsumer::of(&cfg, &arn)),
             status: self.status.clone(),
-            metrics: coordinator.metrics().clone(),
+            metrics: streams::StreamMetrics::new(
+                coordinator.metrics().clone(),
+                streams.is_some(),
+                cfg.metrics_level,
+                cfg.metrics_refresh_interval,
+            ),
+        };
+        // Each consumer stops with the worker, and in multi-stream mode with its stream.
+        let env_for = |key: &LeaseKey| -> ConsumerEnv {
+            let mut env = env.clone();
+            if let Some(tracker) = &streams {
+                env.shutdown = tracker.token(key).unwrap_or_else(|| {
+                    // Taken just as its stream left the set: released at once.
+                    let gone = CancellationToken::new();
+                    gone.cancel();
+                    gone
+                });
+            }
+            env
         };
         self.status.set_phase(WorkerPhase::Running);
         let mut consumers: JoinMap<LeaseKey, ConsumerExit> = JoinMap::new();
@@ -255,7 +372,7 @@ impl Worker {
                 _ = self.shutdown.cancelled() => break,
                 Some(held) = acquired_rx.recv() => {
                     let key = held.key().clone();
-                    consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
+                    consumers.spawn(key.clone(), consumer::run(env_for(&key), held).in_current_span());
                 }
                 Some((key, exit)) = consumers.join_next(), if !consumers.is_empty() => {
                     on_consumer_exit(&coordinator, &self.status, &key, exit);
@@ -276,13 +393,16 @@ impl Worker {
                 _ = &mut taker => break,
                 Some(held) = acquired_rx.recv() => {
                     let key = held.key().clone();
-                    consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
+                    consumers.spawn(key.clone(), consumer::run(env_for(&key), held).in_current_span());
                 }
             }
         }
         while let Ok(held) = acquired_rx.try_recv() {
             let key = held.key().clone();
-            consumers.spawn(key, consumer::run(env.clone(), held).in_current_span());
+            consumers.spawn(
+                key.clone(),
+                consumer::run(env_for(&key), held).in_current_span(),
+            );
         }
         let drained = tokio::time::timeout(cfg.shutdown_timeout, async {
             while let Some((key, exit)) = consumers.join_next().await {
@@ -362,18 +482,18 @@ fn on_consumer_exit(
     key: &LeaseKey,
     exit: Result<ConsumerExit, tokio::task::JoinError>,
 ) {
-    let shard = key.shard_id();
+    let shard = key;
     match exit {
         // The processor cannot go on with this shard: another worker may (its lease was
         // released), this one only after a restart.
         Ok(ConsumerExit::ProcessorFailed) => {
             coordinator.refuse(key);
-            status.set_aside(&shard, ShardState::Failed, None, None);
+            status.set_aside(shard, ShardState::Failed, None, None);
         }
         // Infrastructure (IAM, KMS, a vanished consumer): retried here after a quarantine.
         Ok(ConsumerExit::ReadFailed(error)) => {
             let until = coordinator.quarantine(key, &error);
-            status.set_aside(&shard, ShardState::Quarantined, Some(error), Some(until));
+            status.set_aside(shard, ShardState::Quarantined, Some(error), Some(until));
         }
         Ok(_) => coordinator.clear_quarantine(key),
         Err(e) if e.is_panic() => {
@@ -381,7 +501,7 @@ fn on_consumer_exit(
             error!(lease = %key, "shard consumer panicked; this worker will not take the shard again");
             coordinator.refuse(key);
             status.set_aside(
-                &shard,
+                shard,
                 ShardState::Failed,
                 Some("the shard consumer panicked".into()),
                 None,
@@ -398,6 +518,8 @@ fn on_consumer_exit(
 pub struct WorkerBuilder {
     application_name: Option<String>,
     stream: Option<String>,
+    streams: Option<Vec<String>>,
+    discovery: Option<StreamDiscovery>,
     table_name: Option<String>,
     worker_id: Option<String>,
     initial_position: Option<InitialPosition>,
@@ -553,6 +675,71 @@ impl WorkerBuilder {
         self
     }
 
+    /// Multi-stream mode: consume these streams (names, or `account:name:creationEpoch`
+    /// identifiers) with one lease table, instead of [`WorkerBuilder::stream`]. Lease keys are
+    /// then `account:name:creationEpoch:shardId`, as the Java KCL's multi-stream mode writes
+    /// them (see [`crate::stream`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), kcl::Error> {
+    /// # use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
+    /// # struct P;
+    /// # #[async_trait] impl RecordProcessor for P {
+    /// #   async fn process_records(&mut self, _: &RecordBatch, _: &mut Checkpointer) -> Result<(), ProcessorError> { Ok(()) }
+    /// # }
+    /// let backends = kcl::testkit::MemBackends::new();
+    /// backends.kinesis().create_stream("orders", 2);
+    /// backends.kinesis().create_stream("refunds", 1);
+    /// let worker = kcl::Worker::builder()
+    ///     .application_name("billing")
+    ///     .streams(["orders", "refunds"])
+    ///     .backends(backends)
+    ///     .processor(|| P)
+    ///     .build()?;
+    /// # drop(worker); Ok(()) }
+    /// ```
+    pub fn streams(mut self, streams: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.streams = Some(streams.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Multi-stream mode: `discover` names the streams (besides any given to
+    /// [`WorkerBuilder::streams`]); it is asked at start and every
+    /// `stream_discovery_interval` (default 60 s). A stream that appears starts at the
+    /// initial position; one that disappears stops at once (its processors checkpoint and its
+    /// leases are released) and its leases are deleted after `former_stream_retention`. A
+    /// failing callback keeps the streams as they were (it fails `run()` only at start).
+    ///
+    /// ```
+    /// # use kcl::{async_trait, Checkpointer, ProcessorError, RecordBatch, RecordProcessor};
+    /// # struct P;
+    /// # #[async_trait] impl RecordProcessor for P {
+    /// #   async fn process_records(&mut self, _: &RecordBatch, _: &mut Checkpointer) -> Result<(), ProcessorError> { Ok(()) }
+    /// # }
+    /// let backends = kcl::testkit::MemBackends::new();
+    /// let worker = kcl::Worker::builder()
+    ///     .application_name("billing")
+    ///     .stream_discovery(|| async {
+    ///         // e.g. ListStreams, filtered by a naming convention
+    ///         Ok(vec!["orders".to_string(), "refunds".to_string()])
+    ///     })
+    ///     .backends(backends)
+    ///     .processor(|| P)
+    ///     .build()?;
+    /// # drop(worker); Ok::<(), kcl::ConfigError>(())
+    /// ```
+    pub fn stream_discovery<F, Fut>(mut self, discover: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Vec<String>, crate::error::BoxError>>
+            + Send
+            + 'static,
+    {
+        self.discovery = Some(Arc::new(move || Box::pin(discover())));
+        self
+    }
+
     /// The lease table (default: the application name).
     pub fn table_name(mut self, name: impl Into<String>) -> Self {
         self.table_name = Some(name.into());
@@ -624,16 +811,29 @@ impl WorkerBuilder {
                 if let Some(stream) = self.stream {
                     base.stream = stream;
                 }
+                if let Some(streams) = self.streams {
+                    base.streams = streams;
+                }
                 base
             }
             None => {
                 let app = self
                     .application_name
                     .ok_or_else(|| ConfigError::new("application_name", "is required"))?;
-                let stream = self
-                    .stream
-                    .ok_or_else(|| ConfigError::new("stream", "is required"))?;
-                WorkerConfig::new(app, stream)
+                match (self.stream, self.streams) {
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::new(
+                            "streams",
+                            "give either one stream (`stream`) or several (`streams`)",
+                        ))
+                    }
+                    (Some(stream), None) => WorkerConfig::new(app, stream),
+                    (None, Some(streams)) => WorkerConfig::multi_stream(app, streams),
+                    (None, None) if self.discovery.is_some() => {
+                        WorkerConfig::multi_stream(app, Vec::<String>::new())
+                    }
+                    (None, None) => return Err(ConfigError::new("stream", "is required")),
+                }
             }
         };
         if let Some(t) = self.table_name {
@@ -674,7 +874,32 @@ impl WorkerBuilder {
         if let Some(v) = self.lease_table_options {
             cfg.lease_table = v;
         }
-        cfg.validate()?;
+        let multi_stream = cfg.is_multi_stream() || self.discovery.is_some();
+        if multi_stream && !cfg.stream.is_empty() && cfg.streams.is_empty() {
+            // A discovery callback with a single stream configured: it would be read under a
+            // single-stream key and a multi-stream one.
+            return Err(ConfigError::new(
+                "stream",
+                "stream discovery reads several streams: give the fixed ones to `streams`",
+            ));
+        }
+        if multi_stream {
+            cfg.stream.clear();
+            if matches!(cfg.retrieval, Retrieval::FanOut { .. }) {
+                return Err(ConfigError::new(
+                    "retrieval",
+                    "enhanced fan-out is not supported with several streams yet; use polling",
+                ));
+            }
+        }
+        if multi_stream && cfg.streams.is_empty() {
+            // Validated as multi-stream; the discovery callback names the streams at start.
+            let mut check = cfg.clone();
+            check.streams = vec!["placeholder".into()];
+            check.validate()?;
+        } else {
+            cfg.validate()?;
+        }
         let factory = self
             .factory
             .ok_or_else(|| ConfigError::new("processor", "is required"))?;
@@ -698,6 +923,7 @@ impl WorkerBuilder {
             factory,
             error_policy: self.error_policy,
             shutdown: CancellationToken::new(),
+            discovery: self.discovery,
         })
     }
 }

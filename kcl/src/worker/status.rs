@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::lease::WorkerId;
+use crate::lease::{LeaseKey, WorkerId};
 use crate::record::ExtendedSequenceNumber;
 use crate::shard::ShardId;
 
@@ -100,6 +100,9 @@ impl ShardState {
 pub struct ShardStatus {
     /// The shard.
     pub shard_id: ShardId,
+    /// Its stream, in multi-stream mode (`account:name:creationEpoch`); `None` for a
+    /// single-stream worker.
+    pub stream: Option<String>,
     /// Where its consumer stands.
     pub state: ShardState,
     /// Since when it has been in that state.
@@ -121,9 +124,10 @@ pub struct ShardStatus {
 }
 
 impl ShardStatus {
-    fn new(shard_id: ShardId, checkpoint: Option<ExtendedSequenceNumber>) -> Self {
+    fn new(key: &LeaseKey, checkpoint: Option<ExtendedSequenceNumber>) -> Self {
         Self {
-            shard_id,
+            shard_id: key.shard_id(),
+            stream: key.stream().map(|s| s.to_string()),
             state: ShardState::WaitingOnParents,
             state_since: SystemTime::now(),
             checkpoint,
@@ -265,7 +269,7 @@ pub(crate) struct StatusBoard {
     worker_id: WorkerId,
     phase: AtomicU8,
     draining: AtomicBool,
-    shards: Mutex<BTreeMap<ShardId, Entry>>,
+    shards: Mutex<BTreeMap<LeaseKey, Entry>>,
 }
 
 impl StatusBoard {
@@ -306,16 +310,14 @@ impl StatusBoard {
     /// A consumer starts on `shard` (replacing what an earlier one left, e.g. a quarantine).
     pub(crate) fn enter(
         self: &Arc<Self>,
-        shard: &ShardId,
+        shard: &LeaseKey,
         checkpoint: ExtendedSequenceNumber,
     ) -> ShardReport {
-        let entry = Arc::new(Mutex::new(ShardStatus::new(
-            shard.clone(),
-            Some(checkpoint),
-        )));
+        let entry = Arc::new(Mutex::new(ShardStatus::new(shard, Some(checkpoint))));
         lock(&self.shards).insert(shard.clone(), entry.clone());
         ShardReport {
             board: self.clone(),
+            key: shard.clone(),
             entry,
         }
     }
@@ -324,12 +326,12 @@ impl StatusBoard {
     /// consumer starts on it again).
     pub(crate) fn set_aside(
         &self,
-        shard: &ShardId,
+        shard: &LeaseKey,
         state: ShardState,
         error: Option<String>,
         until: Option<SystemTime>,
     ) {
-        let mut status = ShardStatus::new(shard.clone(), None);
+        let mut status = ShardStatus::new(shard, None);
         status.state = state;
         status.last_error = error.map(|e| (SystemTime::now(), e));
         status.quarantined_until = until;
@@ -346,6 +348,7 @@ impl StatusBoard {
 #[derive(Debug)]
 pub(crate) struct ShardReport {
     board: Arc<StatusBoard>,
+    key: LeaseKey,
     entry: Entry,
 }
 
@@ -396,13 +399,12 @@ impl ShardReport {
 impl Drop for ShardReport {
     fn drop(&mut self) {
         let mut shards = lock(&self.board.shards);
-        let shard = lock(&self.entry).shard_id.clone();
         // Only our own entry: a newer consumer of the shard may have replaced it.
         if shards
-            .get(&shard)
+            .get(&self.key)
             .is_some_and(|e| Arc::ptr_eq(e, &self.entry))
         {
-            shards.remove(&shard);
+            shards.remove(&self.key);
         }
     }
 }
@@ -414,7 +416,7 @@ mod tests {
     #[test]
     fn an_entry_lives_as_long_as_its_consumer_and_a_newer_one_is_never_removed_by_it() {
         let board = StatusBoard::new(WorkerId::new("w"));
-        let shard = ShardId::new("shardId-1");
+        let shard = LeaseKey::new("shardId-1");
         let first = board.enter(&shard, ExtendedSequenceNumber::TrimHorizon);
         first.state(ShardState::Processing);
         assert_eq!(board.snapshot().shards[0].state, ShardState::Processing);
@@ -434,7 +436,7 @@ mod tests {
     fn a_callback_running_past_the_threshold_is_stuck_and_makes_the_worker_unready() {
         let board = StatusBoard::new(WorkerId::new("w"));
         board.set_phase(WorkerPhase::Running);
-        let report = board.enter(&ShardId::new("shardId-1"), ExtendedSequenceNumber::Latest);
+        let report = board.enter(&LeaseKey::new("shardId-1"), ExtendedSequenceNumber::Latest);
         report.state(ShardState::Processing);
         // (threshold, callback running for) → stuck
         for (after, running, stuck) in [
@@ -464,14 +466,14 @@ mod tests {
     fn a_set_aside_shard_is_shown_until_its_time_is_up() {
         let board = StatusBoard::new(WorkerId::new("w"));
         let now = SystemTime::now();
-        let shard = ShardId::new("shardId-1");
+        let shard = LeaseKey::new("shardId-1");
         board.set_aside(
             &shard,
             ShardState::Quarantined,
             Some("AccessDenied".into()),
             Some(now + Duration::from_secs(10)),
         );
-        board.set_aside(&ShardId::new("shardId-2"), ShardState::Failed, None, None);
+        board.set_aside(&LeaseKey::new("shardId-2"), ShardState::Failed, None, None);
         let status = board.snapshot();
         assert_eq!(status.shards.len(), 2);
         assert_eq!(status.held().count(), 0);
