@@ -799,9 +799,11 @@ where
 }
 
 /// One record as `kcl consume` prints it:
-/// `{"shard":"<shard id>","seq":"<sequence number>","subseq":<n>,"key":"<partition key>","data":"<base64>"}`.
+/// `{"stream":"<stream>","shard":"<shard id>","seq":"<sequence number>","subseq":<n>,"key":"<partition key>","data":"<base64>"}`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OutputRecord {
+    /// The stream's name.
+    pub stream: String,
     /// The shard id.
     pub shard: String,
     /// The sequence number.
@@ -821,7 +823,8 @@ impl OutputRecord {
     pub fn to_line(&self) -> String {
         let s = |v: &str| serde_json::to_string(v).expect("a string serializes");
         format!(
-            "{{\"shard\":{},\"seq\":{},\"subseq\":{},\"key\":{},\"data\":{}}}",
+            "{{\"stream\":{},\"shard\":{},\"seq\":{},\"subseq\":{},\"key\":{},\"data\":{}}}",
+            s(&self.stream),
             s(&self.shard),
             s(self.seq.as_str()),
             self.subseq,
@@ -844,8 +847,8 @@ impl OutputRecord {
         let mut names: Vec<&str> = obj.keys().map(String::as_str).collect();
         names.sort_unstable();
         ensure!(
-            names == ["data", "key", "seq", "shard", "subseq"],
-            "fields {names:?} instead of shard, seq, subseq, key, data: {line:?}"
+            names == ["data", "key", "seq", "shard", "stream", "subseq"],
+            "fields {names:?} instead of stream, shard, seq, subseq, key, data: {line:?}"
         );
         let string = |f: &str| {
             obj[f]
@@ -853,6 +856,7 @@ impl OutputRecord {
                 .with_context(|| format!("{f} is not a string: {line:?}"))
         };
         let rec = Self {
+            stream: string("stream")?.to_owned(),
             shard: string("shard")?.to_owned(),
             seq: SequenceNumber::parse(string("seq")?)
                 .with_context(|| format!("seq is not a sequence number: {line:?}"))?,

@@ -111,6 +111,7 @@ fn first_wave(shards: &[Shard]) -> Vec<(String, Vec<u8>)> {
 
 /// What `kcl consume` must print for `records` put where `puts` says.
 fn expected(
+    stream: &str,
     records: &[(String, Vec<u8>)],
     puts: &[kcl_integration_tests::kinesis_server::Put],
 ) -> BTreeSet<OutputRecord> {
@@ -118,6 +119,7 @@ fn expected(
         .iter()
         .zip(puts)
         .map(|((key, data), put)| OutputRecord {
+            stream: stream.to_owned(),
             shard: put.shard_id.as_str().to_owned(),
             seq: put.sequence_number.clone(),
             subseq: 0,
@@ -245,7 +247,7 @@ async fn consume_resume_and_leases(table: Table) -> anyhow::Result<()> {
     ensure!(shards.len() == 2, "expected 2 shards, got {shards:?}");
     let wave1 = first_wave(&shards);
     let puts = put_records(&client, &stream, wave1.clone()).await?;
-    let want1 = expected(&wave1, &puts);
+    let want1 = expected(&stream, &wave1, &puts);
     for s in &shards {
         let n = want1.iter().filter(|r| r.shard == s.id.as_str()).count();
         ensure!(
@@ -323,7 +325,7 @@ async fn consume_resume_and_leases(table: Table) -> anyhow::Result<()> {
         })
         .collect();
     let puts2 = put_records(&client, &stream, wave2.clone()).await?;
-    let want2 = expected(&wave2, &puts2);
+    let want2 = expected(&stream, &wave2, &puts2);
     let started = Instant::now();
     let mut w2 = KclProcess::spawn(
         &bin,
@@ -686,7 +688,11 @@ async fn a_closed_stdout_stops_the_consumer_and_loses_no_record() -> anyhow::Res
             (key, data)
         })
         .collect();
-    let want1 = expected(&wave1, &put_records(&client, &stream, wave1.clone()).await?);
+    let want1 = expected(
+        &stream,
+        &wave1,
+        &put_records(&client, &stream, wave1.clone()).await?,
+    );
 
     let mut w1 = KclProcess::spawn(&bin, "epipe-w1", &env, consume_args(&stream, &app, "w1"))?;
     // A reader that stops reading after a while, then goes away: kcl is blocked writing into
@@ -708,7 +714,11 @@ async fn a_closed_stdout_stops_the_consumer_and_loses_no_record() -> anyhow::Res
             )
         })
         .collect();
-    let want2 = expected(&wave2, &put_records(&client, &stream, wave2.clone()).await?);
+    let want2 = expected(
+        &stream,
+        &wave2,
+        &put_records(&client, &stream, wave2.clone()).await?,
+    );
 
     let started = Instant::now();
     let status = w1.wait_exit(BROKEN_PIPE_EXIT_TIMEOUT).await?;
@@ -817,7 +827,11 @@ async fn a_failing_stdout_checkpoints_nothing_through_sigterm() -> anyhow::Resul
     let mut shards = AwsKinesis::new(client.clone()).list_shards(&stream).await?;
     shards.sort_by(|a, b| a.id.cmp(&b.id));
     let wave1 = first_wave(&shards);
-    let want = expected(&wave1, &put_records(&client, &stream, wave1.clone()).await?);
+    let want = expected(
+        &stream,
+        &wave1,
+        &put_records(&client, &stream, wave1.clone()).await?,
+    );
 
     let full = std::fs::OpenOptions::new()
         .write(true)
@@ -882,5 +896,93 @@ async fn a_failing_stdout_checkpoints_nothing_through_sigterm() -> anyhow::Resul
     ensure!(status.code() == Some(0), "second run exited with {status}");
     check_exactly(&check_output(&w2)?, &want, "second run after ENOSPC")?;
     eprintln!("whole test: {:.1?}", test_start.elapsed());
+    Ok(())
+}
+
+/// (g) `--stream` twice: one worker reads both streams (whose shards have the same ids) with
+/// one lease table of multi-stream leases; every line names its stream; each stream's records
+/// are printed once, in order per shard, and checkpointed in that stream's own leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_print_their_names_and_keep_their_own_leases() -> anyhow::Result<()> {
+    let (bin, kinesis, dynamo) =
+        tokio::try_join!(kcl_binary(), start_kinesis_local(), start_dynalite())?;
+    let env = CliEnv::new(kinesis.endpoint(), dynamo.endpoint());
+    let client = kinesis_client(&kinesis).await;
+    let (a, b) = (unique_name("cli-ms-a"), unique_name("cli-ms-b"));
+    let app = unique_name("cli-ms-app");
+    let leases = DynamoLeaseStore::from_conf(&sdk_config(&dynamo.endpoint()).await, app.clone());
+    let mut want = BTreeSet::new();
+    for stream in [&a, &b] {
+        create_stream(&client, stream, 2).await?;
+        let mut shards = AwsKinesis::new(client.clone()).list_shards(stream).await?;
+        shards.sort_by(|x, y| x.id.cmp(&y.id));
+        let wave = first_wave(&shards);
+        want.extend(expected(
+            stream,
+            &wave,
+            &put_records(&client, stream, wave.clone()).await?,
+        ));
+    }
+    let mut w1 = KclProcess::spawn(
+        &bin,
+        "consume-ms",
+        &env,
+        [
+            "consume",
+            "--stream",
+            &a,
+            "--stream",
+            &b,
+            "--app",
+            &app,
+            "--worker-id",
+            "w1",
+        ],
+    )?;
+    w1.wait_for_lines(want.len(), DRAIN_TIMEOUT).await?;
+    let (status, _) = w1.terminate(EXIT_TIMEOUT).await?;
+    ensure!(status.success(), "kcl consume exited with {status}");
+    let lines = w1.lines();
+    let got = parse_lines(lines.iter().map(|l| l.text.as_str()))?;
+    let mut last: BTreeMap<(&str, &str), &SequenceNumber> = BTreeMap::new();
+    for r in &got {
+        if let Some(prev) = last.insert((&r.stream, &r.shard), &r.seq) {
+            ensure!(
+                prev < &r.seq,
+                "{}/{}: {} after {prev}",
+                r.stream,
+                r.shard,
+                r.seq
+            );
+        }
+    }
+    let printed: BTreeSet<OutputRecord> = got.iter().cloned().collect();
+    ensure!(printed.len() == got.len(), "a record was printed twice");
+    ensure!(
+        printed == want,
+        "printed {} records, want {}",
+        printed.len(),
+        want.len()
+    );
+
+    let table = leases.list().await?.leases;
+    ensure!(table.len() == 4, "leases: {table:?}");
+    for l in &table {
+        let id = l
+            .key
+            .stream()
+            .with_context(|| format!("{} is not a multi-stream lease key", l.key))?;
+        let stream = id.name();
+        let shard = l.shard_id();
+        let last = last
+            .get(&(stream, shard.as_str()))
+            .with_context(|| format!("nothing printed for lease {}", l.key))?;
+        ensure!(
+            l.checkpoint == ExtendedSequenceNumber::at((*last).clone(), 0),
+            "lease {} checkpointed at {}, last printed {last}",
+            l.key,
+            l.checkpoint
+        );
+    }
     Ok(())
 }

@@ -389,11 +389,51 @@ impl Record {
     /// # Errors
     /// A payload too large to encode (more than `usize::MAX / 4 * 3` bytes).
     pub fn write_json_line(&self, shard: &ShardId, buf: &mut Vec<u8>) -> Result<(), JsonLineError> {
+        self.write_line(None, shard, buf)
+    }
+
+    /// As [`Record::write_json_line`], with the stream first: the format of `kcl consume`,
+    /// `{"stream":"…","shard":"…","seq":"…","subseq":0,"key":"…","data":"<base64>"}`.
+    ///
+    /// ```
+    /// use kcl::{Record, SequenceNumber, ShardId};
+    ///
+    /// let r = Record::new("hi".into(), "user-1", SequenceNumber::from_u128(42), None);
+    /// let mut line = Vec::new();
+    /// r.write_stream_json_line("orders", &ShardId::new("shardId-000000000000"), &mut line)?;
+    /// assert!(String::from_utf8(line)?.starts_with("{\"stream\":\"orders\",\"shard\":"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Record::write_json_line`].
+    pub fn write_stream_json_line(
+        &self,
+        stream: &str,
+        shard: &ShardId,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), JsonLineError> {
+        self.write_line(Some(stream), shard, buf)
+    }
+
+    fn write_line(
+        &self,
+        stream: Option<&str>,
+        shard: &ShardId,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), JsonLineError> {
         use base64::Engine as _;
         use std::io::Write as _;
         let start = buf.len();
         let result = (|| {
-            buf.extend_from_slice(b"{\"shard\":");
+            if let Some(stream) = stream {
+                buf.extend_from_slice(b"{\"stream\":");
+                serde_json::to_writer(&mut *buf, stream)
+                    .map_err(|e| JsonLineError(e.to_string()))?;
+                buf.extend_from_slice(b",\"shard\":");
+            } else {
+                buf.extend_from_slice(b"{\"shard\":");
+            }
             serde_json::to_writer(&mut *buf, shard.as_str())
                 .map_err(|e| JsonLineError(e.to_string()))?;
             write!(

@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 /// `kcl consume`'s flags.
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The stream to read.
-    #[arg(long)]
-    stream: String,
+    /// The stream to read. Given more than once, one worker reads every stream with one
+    /// lease table (multi-stream mode, Java KCL multi-stream lease keys).
+    #[arg(long, required = true)]
+    stream: Vec<String>,
     /// The application name (also the lease table, unless --table is given).
     #[arg(long)]
     app: String,
@@ -73,7 +74,7 @@ pub(crate) struct Args {
 /// The `kcl consume` flag that sets a worker configuration field, for error messages.
 fn flag_of(field: &str) -> Option<&'static str> {
     Some(match field {
-        "stream" => "--stream",
+        "stream" | "streams" => "--stream",
         "application_name" => "--app",
         "table_name" => "--table (default: --app)",
         "worker_id" => "--worker-id",
@@ -238,11 +239,12 @@ impl OutputState {
     /// Appends `r`'s line. On an error nothing of it stays in the buffer.
     fn push_line(
         &mut self,
+        stream: &str,
         shard: &kcl::ShardId,
         r: &Record,
         mark: &Arc<Watermark>,
     ) -> Result<(), WriteError> {
-        r.write_json_line(shard, &mut self.buf)
+        r.write_stream_json_line(stream, shard, &mut self.buf)
             .map_err(|e| WriteError::Encode(e.to_string()))?;
         self.pending.push_back(Pending {
             end: self.written_bytes + self.buf.len() as u64,
@@ -327,11 +329,14 @@ struct JsonLines {
     /// The last record whose line was queued (written or in the buffer): a retried batch skips
     /// the lines already queued.
     queued: Option<ExtendedSequenceNumber>,
+    /// The shard's stream (from `initialize`), printed in every line.
+    stream: String,
 }
 
 impl JsonLines {
     fn new(out: Arc<Output>) -> Self {
         Self {
+            stream: String::new(),
             out,
             written: Arc::new(std::sync::Mutex::new(None)),
             queued: None,
@@ -349,7 +354,7 @@ impl JsonLines {
             if self.queued.as_ref().is_some_and(|q| position <= *q) {
                 continue;
             }
-            st.push_line(shard, r, &self.written)?;
+            st.push_line(&self.stream, shard, r, &self.written)?;
             self.queued = Some(position);
             if st.buf.len() >= WRITE_CHUNK {
                 st.write_out().await?;
@@ -373,6 +378,11 @@ impl JsonLines {
 
 #[async_trait]
 impl RecordProcessor for JsonLines {
+    async fn initialize(&mut self, shard: &kcl::ShardContext) -> Result<(), ProcessorError> {
+        self.stream = shard.stream.clone();
+        Ok(())
+    }
+
     async fn process_records(
         &mut self,
         batch: &RecordBatch,
@@ -443,9 +453,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let mut signals = StopSignals::install().context("installing signal handlers")?;
     let out = Output::stdout()?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let mut builder = Worker::builder()
-        .application_name(app)
-        .stream(stream.clone())
+    let mut builder = Worker::builder().application_name(app);
+    builder = match stream.as_slice() {
+        [one] => builder.stream(one.clone()),
+        several => builder.streams(several.iter().cloned()),
+    };
+    let mut builder = builder
         .backends(kcl::Aws::from_conf(&sdk))
         .initial_position(position)
         .processor({
@@ -500,7 +513,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         None => anyhow::Error::new(e),
     })?;
     // Before anything is created: a mistyped stream must not leave an empty lease table.
-    check_stream(&sdk, &stream).await?;
+    for stream in &stream {
+        check_stream(&sdk, stream).await?;
+    }
     let stop = worker.shutdown_handle();
     let run = worker.run();
     tokio::pin!(run);
