@@ -142,3 +142,118 @@ async fn a_table_of_the_other_mode_is_refused_with_what_was_found() -> anyhow::R
     );
     Ok(())
 }
+
+/// Streams found by the discovery callback: one that appears starts at the initial position;
+/// one that disappears stops (nothing of it is read afterwards) and its leases are deleted
+/// after `former_stream_retention`; the others go on untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_streams_come_and_go() -> anyhow::Result<()> {
+    use kcl::Worker;
+    use kcl_integration_tests::scenarios::{poll, records, DeliveryLog, Recorder};
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    let kinesis = MemKinesis::new();
+    for s in ["a", "b", "c"] {
+        kinesis.create_stream(s, 2);
+    }
+    let put = |stream: &str, from: u32, to: u32| {
+        for (k, v) in records(from, to, 8) {
+            kinesis.put(stream, &k, v);
+        }
+    };
+    let listed: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(vec!["a".into(), "b".into()]));
+    let store = Arc::new(MemLeaseStore::new());
+    let log = DeliveryLog::default();
+    let mut polling = kcl::PollingConfig::default();
+    polling.min_interval = Duration::from_millis(50);
+    polling.idle_interval = Duration::from_millis(50);
+    let worker = Worker::builder()
+        .application_name("discovering")
+        .stream_discovery({
+            let listed = listed.clone();
+            move || {
+                let now = listed.lock().map(|l| l.clone()).unwrap_or_default();
+                async move { Ok(now) }
+            }
+        })
+        .stream_discovery_interval(Duration::from_secs(1))
+        .former_stream_retention(Duration::from_secs(2))
+        .taker_interval(Duration::from_millis(200))
+        .polling(polling)
+        .kinesis(Arc::new(kinesis.clone()))
+        .lease_store(store.clone())
+        .processor(Recorder::factory("w1", &log))
+        .build()?;
+    let stop = worker.shutdown_handle();
+    let run = tokio::spawn(worker.run());
+    let count = |log: &DeliveryLog, stream: &str| {
+        log.snapshot()
+            .iter()
+            .filter(|d| d.stream == stream)
+            .map(|d| (d.key, d.n))
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+
+    put("a", 0, 100);
+    put("b", 0, 100);
+    put("c", 0, 100);
+    poll("a and b read", Duration::from_secs(20), || {
+        let done = count(&log, "a") == 100 && count(&log, "b") == 100;
+        async move { Ok(done.then_some(())) }
+    })
+    .await?;
+    assert_eq!(count(&log, "c"), 0, "c is not in the set yet");
+
+    // b leaves the set, c joins it.
+    *listed.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = vec!["a".into(), "c".into()];
+    poll("c read from its start", Duration::from_secs(20), || {
+        let done = count(&log, "c") == 100;
+        async move { Ok(done.then_some(())) }
+    })
+    .await?;
+    let b_before = count(&log, "b");
+    put("a", 100, 200);
+    put("b", 100, 200);
+    poll(
+        "b's leases deleted after the retention",
+        Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move {
+                let left = store
+                    .list()
+                    .await?
+                    .leases
+                    .iter()
+                    .filter(|l| l.key.stream().is_some_and(|s| s.name() == "b"))
+                    .count();
+                Ok((left == 0).then_some(()))
+            }
+        },
+    )
+    .await?;
+    poll("a goes on", Duration::from_secs(20), || {
+        let done = count(&log, "a") == 200;
+        async move { Ok(done.then_some(())) }
+    })
+    .await?;
+    assert_eq!(
+        count(&log, "b"),
+        b_before,
+        "b was read after it left the set"
+    );
+    stop.shutdown();
+    run.await??;
+    let names: BTreeSet<String> = store
+        .list()
+        .await?
+        .leases
+        .iter()
+        .filter_map(|l| l.key.stream().map(|s| s.name().to_owned()))
+        .collect();
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "c".to_owned()]));
+    Ok(())
+}

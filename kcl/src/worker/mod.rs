@@ -231,9 +231,19 @@ async fn discover_streams(
         }
         match current_streams(&config, kinesis.as_ref(), Some(&discovery)).await {
             Ok(ids) => {
-                let changes = tracker.set(&ids, tokio::time::Instant::now());
-                if !changes.added.is_empty() || !changes.removed.is_empty() {
+                let now = tokio::time::Instant::now();
+                let changes = tracker.set(&ids, now);
+                let changed = !changes.added.is_empty() || !changes.removed.is_empty();
+                if changed {
                     info!(added = ?changes.added, removed = ?changes.removed, "the streams changed");
+                }
+                // A sync creates the leases of new streams and deletes those of streams out
+                // of the set for long enough.
+                if changed
+                    || !tracker
+                        .former_due(now, config.former_stream_retention)
+                        .is_empty()
+                {
                     sync_now.notify_one();
                 }
             }
@@ -529,6 +539,8 @@ pub struct WorkerBuilder {
     shard_sync_interval: Option<Duration>,
     parent_poll_interval: Option<Duration>,
     finished_lease_retention: Option<Duration>,
+    former_stream_retention: Option<Duration>,
+    stream_discovery_interval: Option<Duration>,
     max_leases_per_worker: Option<usize>,
     max_leases_to_steal: Option<usize>,
     polling: Option<PollingConfig>,
@@ -587,6 +599,11 @@ impl WorkerBuilder {
         parent_poll_interval: Duration,
         /// How long finished leases stay in the table once deletable (default 5 min).
         finished_lease_retention: Duration,
+        /// Multi-stream mode: how long the leases of a stream that left the set stay in the
+        /// table (default 5 min).
+        former_stream_retention: Duration,
+        /// Multi-stream mode: how often the discovery callback is asked (default 60 s).
+        stream_discovery_interval: Duration,
         /// The most leases this worker holds (default unlimited).
         max_leases_per_worker: usize,
         /// The most leases asked from other workers per taker round (default 4).
@@ -858,6 +875,8 @@ impl WorkerBuilder {
             shard_sync_interval,
             parent_poll_interval,
             finished_lease_retention,
+            former_stream_retention,
+            stream_discovery_interval,
             max_leases_per_worker,
             max_leases_to_steal,
             polling,
