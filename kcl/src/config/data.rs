@@ -106,6 +106,9 @@ impl ConfigLoadError {
 const KEYS: &[&str] = &[
     "application_name",
     "stream",
+    "streams",
+    "former_stream_retention",
+    "stream_discovery_interval",
     "table_name",
     "worker_id",
     "initial_position",
@@ -378,16 +381,23 @@ fn from_values(
     mut values: BTreeMap<&'static str, Value>,
     origin: Origin<'_>,
 ) -> Result<WorkerConfig, ConfigLoadError> {
-    let mut required = |key: &'static str| match values.remove(key) {
-        Some(v) => string(v, key, origin),
-        None => Err(ConfigLoadError::Missing {
-            key: origin.name(key),
-            path: origin.path(),
-        }),
+    let missing = |key: &'static str| ConfigLoadError::Missing {
+        key: origin.name(key),
+        path: origin.path(),
     };
-    let app = required("application_name")?;
-    let stream = required("stream")?;
-    let mut c = WorkerConfig::new(app, stream);
+    let app = match values.remove("application_name") {
+        Some(v) => string(v, "application_name", origin)?,
+        None => return Err(missing("application_name")),
+    };
+    // One stream, or several (multi-stream mode).
+    let mut c = match (values.remove("stream"), values.remove("streams")) {
+        (Some(_), Some(_)) => {
+            return Err(origin.invalid("streams", "give either `stream` or `streams`"))
+        }
+        (Some(v), None) => WorkerConfig::new(app, string(v, "stream", origin)?),
+        (None, Some(v)) => WorkerConfig::multi_stream(app, string_list(v, "streams", origin)?),
+        (None, None) => return Err(missing("stream")),
+    };
     for key in KEYS {
         if let Some(v) = values.remove(key) {
             set(&mut c, key, v, origin)?;
@@ -415,6 +425,8 @@ fn set(
     let d = |v: Value| duration(v, key, o);
     match key {
         "table_name" => c.table_name = string(v, key, o)?,
+        "former_stream_retention" => c.former_stream_retention = d(v)?,
+        "stream_discovery_interval" => c.stream_discovery_interval = d(v)?,
         "worker_id" => c.worker_id = WorkerId::new(string(v, key, o)?),
         "initial_position" => {
             c.initial_position =
@@ -526,6 +538,25 @@ fn string(v: Value, key: &str, o: Origin<'_>) -> Result<String, ConfigLoadError>
         Value::String(s) => Ok(s),
         other => Err(o.invalid(key, format!("expected a string, got {other}"))),
     }
+}
+
+/// A list of strings: a JSON array, or (from an environment variable) comma-separated.
+fn string_list(v: Value, key: &str, o: Origin<'_>) -> Result<Vec<String>, ConfigLoadError> {
+    let list: Vec<String> = match v {
+        Value::String(s) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(o.invalid(key, format!("expected strings, got {other}"))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => Err(o.invalid(key, format!("expected a list of strings, got {other}")))?,
+    };
+    if list.is_empty() || list.iter().any(String::is_empty) {
+        return Err(o.invalid(key, "expected one or more stream names, none empty"));
+    }
+    Ok(list)
 }
 
 fn duration(v: Value, key: &str, o: Origin<'_>) -> Result<Duration, ConfigLoadError> {
@@ -678,9 +709,12 @@ fn to_value(c: &WorkerConfig) -> Value {
     let s = |t: &str| Value::String(t.to_owned());
     let p = &c.polling;
     let lt = &c.lease_table;
-    serde_json::json!({
+    let mut value = serde_json::json!({
         "application_name": c.application_name,
         "stream": c.stream,
+        "streams": c.streams,
+        "former_stream_retention": d(c.former_stream_retention),
+        "stream_discovery_interval": d(c.stream_discovery_interval),
         "table_name": c.table_name,
         "worker_id": c.worker_id.as_str(),
         "initial_position": format_position(c.initial_position),
@@ -726,7 +760,16 @@ fn to_value(c: &WorkerConfig) -> Value {
             "point_in_time_recovery": lt.point_in_time_recovery,
             "deletion_protection": lt.deletion_protection,
         },
-    })
+    });
+    // One of `stream` (single-stream mode) and `streams` (multi-stream mode).
+    if let Some(object) = value.as_object_mut() {
+        object.remove(if c.is_multi_stream() {
+            "stream"
+        } else {
+            "streams"
+        });
+    }
+    value
 }
 
 /// Writes every field, in the format [`WorkerConfig::from_json`] and `Deserialize` read.
@@ -1053,6 +1096,50 @@ mod tests {
             Origin::File(None),
         )
         .unwrap();
-        assert_eq!(written.len(), KEYS.len());
+        // Every key but `streams`, which only a multi-stream configuration writes (instead
+        // of `stream`).
+        assert_eq!(written.len(), KEYS.len() - 1);
+    }
+
+    #[test]
+    fn multi_stream_configurations_round_trip_and_refuse_both_modes() {
+        let mut c = WorkerConfig::multi_stream("app", ["orders", "1:refunds:2"]);
+        c.former_stream_retention = Duration::from_secs(60);
+        c.stream_discovery_interval = Duration::from_secs(30);
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("\"stream\":"), "{json}");
+        let back = WorkerConfig::from_json(&json).unwrap();
+        assert_eq!(back.streams, c.streams);
+        assert_eq!(back.former_stream_retention, Duration::from_secs(60));
+        assert_eq!(back.stream_discovery_interval, Duration::from_secs(30));
+
+        let env = WorkerConfig::from_env_vars([
+            ("KCL_APPLICATION_NAME", "app"),
+            ("KCL_STREAMS", "orders, refunds"),
+        ])
+        .unwrap();
+        assert_eq!(env.streams, ["orders", "refunds"]);
+
+        let bad = [
+            (
+                r#"{"application_name":"a","stream":"s","streams":["t"]}"#,
+                "streams",
+            ),
+            (r#"{"application_name":"a","streams":[]}"#, "streams"),
+            (r#"{"application_name":"a","streams":["ok",1]}"#, "streams"),
+            (
+                r#"{"application_name":"a","streams":["x:orders:1"]}"#,
+                "streams",
+            ),
+            (r#"{"application_name":"a","streams":["a","a"]}"#, "streams"),
+            (
+                r#"{"application_name":"a","streams":["a"],"stream_discovery_interval":"10ms"}"#,
+                "stream_discovery_interval",
+            ),
+        ];
+        for (json, key) in bad {
+            let err = WorkerConfig::from_json(json).expect_err(json);
+            assert_eq!(err.key(), Some(key), "{json}: {err}");
+        }
     }
 }
