@@ -68,17 +68,13 @@ async fn a_table_of_the_other_mode_is_refused_with_what_was_found() -> anyhow::R
 
     // A multi-stream table, met by a single-stream worker.
     let multi_table = Arc::new(MemLeaseStore::new());
-    let w = {
-        let store = multi_table.clone();
-        let builder = Worker::builder()
-            .application_name("app")
-            .streams(["orders", "refunds"])
-            .kinesis(Arc::new(kinesis.clone()))
-            .lease_store(store)
-            .processor(|| Nothing)
-            .build()?;
-        builder
-    };
+    let w = Worker::builder()
+        .application_name("app")
+        .streams(["orders", "refunds"])
+        .kinesis(Arc::new(kinesis.clone()))
+        .lease_store(multi_table.clone())
+        .processor(|| Nothing)
+        .build()?;
     let stop = w.shutdown_handle();
     let running = tokio::spawn(w.run());
     kcl_integration_tests::scenarios::poll(
