@@ -2,7 +2,7 @@
 //!
 //! Zero set-up: an in-memory Kinesis stream with 4 shards and an in-memory lease table. A
 //! producer writes records for 40 partition keys while two workers share the stream; the stream
-//! is split and merged while they run. The report shows the guarantees of DESIGN.md §2 holding:
+//! is split and merged while they run. The report shows the library's guarantees holding (see docs/architecture.md):
 //! every produced record processed (at least once), per-key order kept across the reshards, and
 //! child shards started only after their parents finished; it exits non-zero if a check
 //! fails. The test suite runs it too (`integration-tests/tests/quickstart.rs`).

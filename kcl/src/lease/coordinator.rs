@@ -475,7 +475,15 @@ impl LeaseCoordinator {
             rounds: StdMutex::new(Default::default()),
             status: std::sync::OnceLock::new(),
             take_only: std::sync::OnceLock::new(),
-            metrics: crate::metrics::WorkerMetrics::new(cfg.metrics_level, &cfg.stream),
+            metrics: crate::metrics::WorkerMetrics::new(
+                cfg.metrics_level,
+                // A multi-stream worker's lease-table series are for all its streams.
+                if cfg.stream.is_empty() {
+                    "*"
+                } else {
+                    &cfg.stream
+                },
+            ),
         }
     }
 
