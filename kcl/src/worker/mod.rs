@@ -919,6 +919,7 @@ impl WorkerBuilder {
         } else {
             cfg.validate()?;
         }
+        check_error_policy(&self.error_policy)?;
         let factory = self
             .factory
             .ok_or_else(|| ConfigError::new("processor", "is required"))?;
@@ -947,9 +948,49 @@ impl WorkerBuilder {
     }
 }
 
+/// Retry delays must be positive and in order: a zero delay would retry a failing batch in a
+/// busy loop.
+fn check_error_policy(policy: &ErrorPolicy) -> Result<(), ConfigError> {
+    let (min, max) = policy.delays();
+    if min.is_zero() {
+        return Err(ConfigError::new(
+            "error_policy",
+            "the first retry delay must be above zero",
+        ));
+    }
+    if min > max {
+        return Err(ConfigError::new(
+            "error_policy",
+            format!("the first retry delay ({min:?}) is above the largest ({max:?})"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_policies_with_bad_delays_are_refused_naming_the_field() {
+        let retry = |min: u64, max: u64| ErrorPolicy::Retry {
+            min_delay: Duration::from_millis(min),
+            max_delay: Duration::from_millis(max),
+        };
+        assert!(check_error_policy(&ErrorPolicy::default()).is_ok());
+        assert!(check_error_policy(&ErrorPolicy::StopShard).is_ok());
+        for bad in [retry(0, 10), retry(20, 10)] {
+            let e = check_error_policy(&bad).expect_err("refused");
+            assert_eq!(e.field(), "error_policy");
+        }
+        let e = Worker::builder()
+            .application_name("app")
+            .stream("s")
+            .error_policy(retry(0, 0))
+            .build()
+            .unwrap_err();
+        assert_eq!(e.field(), "error_policy");
+    }
 
     fn assert_send_static<T: Send + 'static>(_: &T) {}
 
