@@ -984,5 +984,36 @@ async fn two_streams_print_their_names_and_keep_their_own_leases() -> anyhow::Re
             l.checkpoint
         );
     }
+
+    // `kcl shards --stream` on the multi-stream table shows that stream's own leases.
+    for stream in [&a, &b] {
+        let out = run_kcl(
+            &bin,
+            &env,
+            [
+                "shards",
+                "--stream",
+                stream.as_str(),
+                "--app",
+                &app,
+                "--json",
+            ],
+            Duration::from_secs(30),
+        )
+        .await?;
+        ensure!(out.status.success(), "kcl shards failed: {}", out.stderr);
+        let nodes: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        let nodes = nodes
+            .as_array()
+            .context("kcl shards --json: not an array")?;
+        ensure!(nodes.len() == 2, "{nodes:?}");
+        for node in nodes {
+            let key = node["lease"]["leaseKey"].as_str().unwrap_or_default();
+            ensure!(
+                key.contains(&format!(":{stream}:")),
+                "kcl shards --stream {stream} shows lease {key:?}"
+            );
+        }
+    }
     Ok(())
 }

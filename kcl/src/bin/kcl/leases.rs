@@ -97,7 +97,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         return print_workers(&summary, args.json);
     }
     let lags = match &args.stream {
-        Some(stream) => Some(measure_lags(&aws, stream, &table.leases).await?),
+        Some(stream) => Some(
+            measure_lags(
+                &aws,
+                stream,
+                &kcl::admin::of_stream(table.leases.clone(), stream),
+            )
+            .await?,
+        ),
         None => None,
     };
     if args.json {
@@ -107,7 +114,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .map(|l| {
                 let mut v = lease_json(l);
                 if let (Some(lags), Some(map)) = (&lags, v.as_object_mut()) {
-                    let lag = lags.get(&l.shard_id());
+                    let lag = lags.get(&l.key);
                     map.insert(
                         "lagMillis".into(),
                         match lag {
@@ -144,7 +151,7 @@ async fn measure_lags(
     aws: &Aws,
     stream: &str,
     leases: &[Lease],
-) -> anyhow::Result<BTreeMap<ShardId, Lag>> {
+) -> anyhow::Result<BTreeMap<kcl::lease::LeaseKey, Lag>> {
     let kinesis = AwsKinesis::new(aws.kinesis());
     let listed = kinesis
         .list_shards(stream)
@@ -174,7 +181,7 @@ async fn measure_lags(
                 },
             }
         };
-        out.insert(shard, lag);
+        out.insert(l.key.clone(), lag);
         if leases.len() > 20 && (i + 1) % 50 == 0 {
             progress(&format!("  {} of {}", i + 1, leases.len()));
         }
@@ -192,7 +199,7 @@ async fn lag_of(
     Ok(kinesis.get_records(&it, 1).await?.millis_behind_latest)
 }
 
-fn print_leases(leases: &[Lease], lags: Option<&BTreeMap<ShardId, Lag>>) {
+fn print_leases(leases: &[Lease], lags: Option<&BTreeMap<kcl::lease::LeaseKey, Lag>>) {
     let mut columns = vec![
         elided("LEASE"),
         elided("OWNER"),
@@ -218,7 +225,7 @@ fn print_leases(leases: &[Lease], lags: Option<&BTreeMap<ShardId, Lag>>) {
                 l.checkpoint.to_string(),
             ];
             if let Some(lags) = lags {
-                row.push(lags.get(&l.shard_id()).map_or("?".into(), Lag::cell));
+                row.push(lags.get(&l.key).map_or("?".into(), Lag::cell));
             }
             row.push(
                 l.parent_shard_ids

@@ -28,11 +28,26 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let (store, worker_table) = aws.existing_store(&args.app).await?;
     let shard = ShardId::new(args.shard.as_str());
     let table = crate::read_leases(&store).await?;
-    let Some(lease) = table.leases.iter().find(|l| l.shard_id() == shard) else {
-        bail!(
+    // A shard id, or (in a multi-stream table, where shard ids repeat) a whole lease key.
+    let matching: Vec<&kcl::Lease> = table
+        .leases
+        .iter()
+        .filter(|l| l.key.as_str() == args.shard || l.shard_id() == shard)
+        .collect();
+    let lease = match matching.as_slice() {
+        [one] => *one,
+        [] => bail!(
             "the lease table {:?} has no lease for --shard {shard}",
             args.app.table()
-        );
+        ),
+        several => bail!(
+            "--shard {shard} is a shard of several streams ({}); give the whole lease key",
+            several
+                .iter()
+                .map(|l| l.key.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let seen = observe(
         &store,

@@ -74,7 +74,9 @@ fn parse_target(s: &str) -> Result<ResetTarget, String> {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let aws = Aws::load().await;
     let (store, worker_table) = aws.existing_store(&args.app).await?;
-    let table = crate::read_leases(&store).await?;
+    let mut table = crate::read_leases(&store).await?;
+    // A multi-stream table: only this stream's leases.
+    table.leases = kcl::admin::of_stream(std::mem::take(&mut table.leases), &args.stream);
     let shards = AwsKinesis::new(aws.kinesis())
         .list_shards(&args.stream)
         .await

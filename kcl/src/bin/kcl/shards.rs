@@ -40,7 +40,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             };
             let (store, _) = aws.existing_store(&app).await?;
             let table = crate::read_leases(&store).await?;
-            Some(table.leases)
+            Some(kcl::admin::of_stream(table.leases, &args.stream))
         }
         None => None,
     };
