@@ -6,7 +6,7 @@
 //! stream: every record processed, per-key order kept across the reshards, and every lease
 //! named `account:stream:creationEpoch:shardId` as the Java KCL's multi-stream mode names it.
 //! It exits non-zero if a check fails; the test suite runs it too
-//! (`integration-tests/tests/multi_stream_example.rs`).
+//! (`integration-tests/tests/multi_stream/example.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

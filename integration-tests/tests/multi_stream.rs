@@ -1,5 +1,10 @@
 //! Multi-stream workers: on the in-memory backends, and on kinesis-local with the lease table
-//! on dynalite and moto (through the real SDK clients).
+//! on dynalite and moto (through the real SDK clients); a Java multi-stream table; the example.
+
+#[path = "multi_stream/example.rs"]
+mod example;
+#[path = "multi_stream/java_fixture.rs"]
+mod java_fixture;
 
 use std::sync::Arc;
 

@@ -1,8 +1,8 @@
-//! The multi-stream example runs in the test suite, and every check of its report must hold.
+//! The multi-stream example (`examples/multi_stream.rs`) runs in the test suite, and every check of its report must hold.
 //! Its source is compiled into this test (its `main` only adds logging and printing).
 
 #[allow(dead_code)]
-#[path = "../../examples/multi_stream.rs"]
+#[path = "../../../examples/multi_stream.rs"]
 mod multi_stream;
 
 use anyhow::ensure;
