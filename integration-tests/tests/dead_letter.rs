@@ -32,7 +32,7 @@ use kcl::retrieval::aws::AwsKinesis;
 use kcl::retrieval::IteratorPosition;
 use kcl::{
     async_trait, Checkpointer, ErrorPolicy, ExtendedSequenceNumber, KinesisApi, ProcessorError,
-    Record, RecordBatch, RecordProcessor, ShardId, Worker,
+    Record, RecordBatch, RecordProcessor, SequenceNumber, ShardId, Worker,
 };
 use kcl_integration_tests::dynamo_servers::{lease_table, start_moto, Table};
 use kcl_integration_tests::scenarios::{self, poll, DeliveryLog, LocalKinesis, StreamFixture};
@@ -266,8 +266,8 @@ impl Run {
     /// Waits until every record was processed or dead-lettered, stops the worker, and
     /// checks: the handler never saw the shard past its letter, every record outside the
     /// failed batches was processed once, in order, and the checkpoint covers the stream.
-    /// Returns the failed batches' records, in order.
-    async fn finish(self) -> anyhow::Result<Vec<Record>> {
+    /// Returns the failed batches' records, in order, and the kinesis-local (still running).
+    async fn finish(self) -> anyhow::Result<(Vec<Record>, LocalKinesis)> {
         let failed = poll("every record processed or dead-lettered", TIMEOUT, || {
             let (processed, failed) = (self.seen.processed().len(), self.seen.failed().len());
             async move { Ok((processed + failed == 18).then_some(failed)) }
@@ -306,7 +306,7 @@ impl Run {
             self.calls.load(Ordering::SeqCst),
             self.failures.load(Ordering::SeqCst)
         );
-        Ok(dead)
+        Ok((dead, self.kinesis))
     }
 }
 
@@ -381,26 +381,44 @@ async fn poisoned_batch_goes_to_a_kinesis_stream() -> anyhow::Result<()> {
     let handler = Arc::new(KinesisDeadLetter::from_client(kinesis.client.clone(), &dlq));
     let run = Run::start("dlq-kinesis", kinesis, handler).await?;
     let (stream, shard) = (run.stream.clone(), run.shard.clone());
-    let client = run.kinesis.client.clone();
     run.three_waves().await?;
-    let dead = run.finish().await?;
+    let (dead, kinesis) = run.finish().await?;
 
-    let letters = read_stream(&client, &dlq, dead.len()).await?;
+    let letters = read_stream(&kinesis.client, &dlq, dead.len()).await?;
     ensure!(
         letters.len() == dead.len(),
         "{} dead letters in the stream, {} records failed",
         letters.len(),
         dead.len()
     );
-    for (letter, record) in letters.iter().zip(&dead) {
+    // Each envelope once, keyed by its record's partition key; per key in shard order.
+    let mut last_of_key: std::collections::HashMap<String, SequenceNumber> = Default::default();
+    let mut found = BTreeSet::new();
+    for letter in &letters {
+        let v: serde_json::Value = serde_json::from_slice(&letter.data)?;
+        let seq = v["sequenceNumber"].as_str().context("sequenceNumber")?;
+        let record = dead
+            .iter()
+            .find(|r| r.sequence_number.to_string() == seq)
+            .with_context(|| format!("an envelope of no failed record: {v}"))?;
+        ensure!(found.insert(seq.to_owned()), "{seq} dead-lettered twice");
         ensure!(
             letter.partition_key == record.partition_key,
             "keyed by {}, not by the record's key {}",
             letter.partition_key,
             record.partition_key
         );
-        let v: serde_json::Value = serde_json::from_slice(&letter.data)?;
         check_envelope(&v, record, &stream, &shard)?;
+        if let Some(prev) =
+            last_of_key.insert(record.partition_key.clone(), record.sequence_number.clone())
+        {
+            ensure!(
+                prev < record.sequence_number,
+                "key {}: {} after {prev} in the dead-letter stream",
+                record.partition_key,
+                record.sequence_number
+            );
+        }
     }
     println!("took {:.1?}", started.elapsed());
     Ok(())
@@ -530,7 +548,7 @@ async fn poisoned_batch_goes_to_s3() -> anyhow::Result<()> {
     let run = Run::start("dlq-s3", kinesis, Arc::new(handler)).await?;
     let (stream, shard) = (run.stream.clone(), run.shard.clone());
     run.three_waves().await?;
-    let dead = run.finish().await?;
+    let (dead, _) = run.finish().await?;
     check_objects(&s3, &bucket, "dead/", &stream, &shard, &dead).await?;
     println!("took {:.1?}", started.elapsed());
     Ok(())
@@ -582,7 +600,7 @@ async fn a_failing_destination_holds_the_shard_until_it_succeeds() -> anyhow::Re
         "the failed batch changed while its handler failed"
     );
     s3.create_bucket().bucket(&bucket).send().await?;
-    let dead = run.finish().await?;
+    let (dead, _) = run.finish().await?;
     check_objects(&s3, &bucket, "", &stream, &shard, &dead).await?;
     println!("took {:.1?}", started.elapsed());
     Ok(())
