@@ -1,16 +1,19 @@
 //! The workload behind the metrics sweeps (`tests/metrics_prometheus.rs`,
 //! `tests/metrics_emf.rs`): two workers over a 2-shard stream on the real SDK path, a
-//! processor that fails once and panics once (dead-lettered), an invalid KPL aggregate; then
-//! one worker, still running, gives its shard up (its failed-batch handler panics: the shard
-//! is stopped and released, and nobody takes it).
+//! processor that fails once and panics once (dead-lettered, to a dead-letter handler that
+//! fails its first call), an invalid KPL aggregate; then one worker, still running, gives its
+//! shard up (its dead-letter handler panics: the shard is stopped and released, and nobody
+//! takes it).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kcl::error::BoxError;
 use kcl::lease::dynamo::DynamoLeaseStore;
 use kcl::lease::LeaseStore;
 use kcl::metrics::MetricsLevel;
+use kcl::processor::policy::{DeadLetter, DeadLetterHandler, DeadLetterPolicy};
 use kcl::producer::aws::AwsPutRecords;
 use kcl::producer::Producer;
 use kcl::retrieval::aws::AwsKinesis;
@@ -69,6 +72,33 @@ impl RecordProcessor for Planted {
         self.processed
             .fetch_add(batch.len() as u64, Ordering::SeqCst);
         cp.checkpoint().await.map_err(ProcessorError::retryable)
+    }
+}
+
+/// The dead-letter handler: fails its first call (of the whole sweep), counts the records it
+/// takes, and panics once `panics` is set.
+struct Destination {
+    dead: Arc<AtomicU64>,
+    panics: Option<Arc<AtomicBool>>,
+    failed_once: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl DeadLetterHandler for Destination {
+    async fn handle(&self, letter: &DeadLetter<'_>) -> Result<(), BoxError> {
+        if self
+            .panics
+            .as_ref()
+            .is_some_and(|g| g.load(Ordering::SeqCst))
+        {
+            panic!("planted: the dead-letter handler stops the shard");
+        }
+        if !self.failed_once.swap(true, Ordering::SeqCst) {
+            return Err("planted: the dead-letter destination fails once".into());
+        }
+        self.dead
+            .fetch_add(letter.records.len() as u64, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -195,9 +225,10 @@ pub async fn run(
     let calls = Arc::new(AtomicU32::new(0));
     let processed = Arc::new(AtomicU64::new(0));
     let log = DeliveryLog::default();
-    // Worker b's processors fail from then on, and its failed-batch handler panics: the
+    // Worker b's processors fail from then on, and its dead-letter handler panics: the
     // shard is stopped and released.
     let give_up = Arc::new(AtomicBool::new(false));
+    let failed_once = Arc::new(AtomicBool::new(false));
     let builder = |id: &str| {
         let (calls, p, dead) = (calls.clone(), processed.clone(), processed.clone());
         let give_up = (id == "b").then(|| give_up.clone());
@@ -208,12 +239,15 @@ pub async fn run(
             .heartbeat(kcl::config::Heartbeat::Task)
             .metrics_level(level)
             .metrics_refresh_interval(REFRESH)
-            .error_policy(ErrorPolicy::handoff(move |batch, _| {
-                if panics.as_ref().is_some_and(|g| g.load(Ordering::SeqCst)) {
-                    panic!("planted: the failed-batch handler stops the shard");
-                }
-                dead.fetch_add(batch.len() as u64, Ordering::SeqCst);
-            }))
+            .error_policy(ErrorPolicy::DeadLetter(
+                DeadLetterPolicy::new(Destination {
+                    dead,
+                    panics,
+                    failed_once: failed_once.clone(),
+                })
+                .attempts(1)
+                .delays(Duration::from_millis(10), Duration::from_millis(100)),
+            ))
             .processor(move || Planted {
                 calls: calls.clone(),
                 processed: p.clone(),

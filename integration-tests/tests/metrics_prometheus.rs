@@ -69,6 +69,8 @@ fn prometheus_scrape_matches_the_docs_at_each_level() -> anyhow::Result<()> {
         for planted in [
             "kcl_processor_errors_total{stream=",
             "kcl_processor_panics_total{stream=",
+            "kcl_records_dead_lettered_total{stream=",
+            "kcl_dead_letter_failures_total{stream=",
             "kcl_invalid_aggregates_total{stream=",
             "kcl_read_throttles_total{stream=",
             "kcl_lease_lost_answers_total{op=",

@@ -63,6 +63,8 @@ mod aws;
 mod backoff;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "aws")]
+pub mod dead_letter;
 pub mod error;
 pub mod lease;
 pub mod metrics;

@@ -118,9 +118,16 @@ pub const MILLIS_BEHIND_LATEST: &str = "kcl_millis_behind_latest";
 pub const PROCESSOR_LATENCY: &str = "kcl_processor_seconds";
 /// Counter: `process_records` calls that returned an error or panicked.
 pub const PROCESSOR_ERRORS: &str = "kcl_processor_errors_total";
-/// Counter: processor callbacks (or failed-batch handlers) that panicked; each is handled
+/// Counter: processor callbacks (or dead-letter handlers) that panicked; each is handled
 /// as a fatal error.
 pub const PROCESSOR_PANICS: &str = "kcl_processor_panics_total";
+/// Counter (records): records handed to the dead-letter handler of
+/// [`ErrorPolicy::DeadLetter`](crate::ErrorPolicy::DeadLetter) that took them (the shard moved
+/// past them).
+pub const RECORDS_DEAD_LETTERED: &str = "kcl_records_dead_lettered_total";
+/// Counter: dead-letter handler calls that returned an error (the shard waits, and the same
+/// records are handed over again after a delay).
+pub const DEAD_LETTER_FAILURES: &str = "kcl_dead_letter_failures_total";
 /// Counter: checkpoints written.
 pub const CHECKPOINTS: &str = "kcl_checkpoints_total";
 /// Histogram (seconds): when a checkpoint is written, the age of the oldest record it newly
@@ -197,6 +204,8 @@ pub const SHARD_BYTES_PROCESSED: &str = "kcl_shard_bytes_processed_total";
 pub const SHARD_MILLIS_BEHIND_LATEST: &str = "kcl_shard_millis_behind_latest";
 /// Counter (detailed): [`PROCESSOR_ERRORS`] of one shard.
 pub const SHARD_PROCESSOR_ERRORS: &str = "kcl_shard_processor_errors_total";
+/// Counter (records, detailed): [`RECORDS_DEAD_LETTERED`] of one shard.
+pub const SHARD_RECORDS_DEAD_LETTERED: &str = "kcl_shard_records_dead_lettered_total";
 /// Counter (detailed): [`THROTTLES`] of one shard.
 pub const SHARD_THROTTLES: &str = "kcl_shard_read_throttles_total";
 /// Counter (detailed): [`READ_ERRORS`] of one shard.
@@ -220,6 +229,8 @@ pub(crate) struct WorkerMetrics {
     pub(crate) processor_seconds: Histogram,
     pub(crate) processor_errors: Counter,
     pub(crate) processor_panics: Counter,
+    dead_lettered: Counter,
+    dead_letter_failures: Counter,
     pub(crate) checkpoints: Counter,
     pub(crate) checkpoint_age: Histogram,
     pub(crate) read_throttles: Counter,
@@ -275,6 +286,8 @@ impl WorkerMetrics {
             processor_seconds: h(PROCESSOR_LATENCY),
             processor_errors: c(PROCESSOR_ERRORS),
             processor_panics: c(PROCESSOR_PANICS),
+            dead_lettered: c(RECORDS_DEAD_LETTERED),
+            dead_letter_failures: c(DEAD_LETTER_FAILURES),
             checkpoints: c(CHECKPOINTS),
             checkpoint_age: h(CHECKPOINT_RECORD_AGE),
             read_throttles: c(THROTTLES),
@@ -346,6 +359,7 @@ impl WorkerMetrics {
                 bytes: metrics::counter!(SHARD_BYTES_PROCESSED, labels.iter()),
                 millis_behind: metrics::gauge!(SHARD_MILLIS_BEHIND_LATEST, labels.iter()),
                 processor_errors: metrics::counter!(SHARD_PROCESSOR_ERRORS, labels.iter()),
+                dead_lettered: metrics::counter!(SHARD_RECORDS_DEAD_LETTERED, labels.iter()),
                 read_throttles: metrics::counter!(SHARD_THROTTLES, labels.iter()),
                 read_errors: metrics::counter!(SHARD_READ_ERRORS, labels.iter()),
             }
@@ -390,6 +404,8 @@ impl WorkerMetrics {
             &self.bytes,
             &self.processor_errors,
             &self.processor_panics,
+            &self.dead_lettered,
+            &self.dead_letter_failures,
             &self.checkpoints,
             &self.read_throttles,
             &self.read_errors,
@@ -431,6 +447,7 @@ struct ShardSeries {
     bytes: Counter,
     millis_behind: Gauge,
     processor_errors: Counter,
+    dead_lettered: Counter,
     read_throttles: Counter,
     read_errors: Counter,
 }
@@ -444,6 +461,7 @@ impl ShardSeries {
             &self.records,
             &self.bytes,
             &self.processor_errors,
+            &self.dead_lettered,
             &self.read_throttles,
             &self.read_errors,
         ] {
@@ -515,6 +533,19 @@ impl ShardMetrics {
         if let Some(s) = &self.detailed {
             s.processor_errors.increment(1);
         }
+    }
+
+    /// The dead-letter handler took `records` failed records.
+    pub(crate) fn dead_lettered(&self, records: u64) {
+        self.worker.dead_lettered.increment(records);
+        if let Some(s) = &self.detailed {
+            s.dead_lettered.increment(records);
+        }
+    }
+
+    /// The dead-letter handler returned an error.
+    pub(crate) fn dead_letter_failed(&self) {
+        self.worker.dead_letter_failures.increment(1);
     }
 
     /// A read was throttled.

@@ -820,6 +820,10 @@ impl Consumer {
             .map_or_else(std::time::SystemTime::now, |(_, wall)| wall);
         warn!(error = %e, records = batch.len(), attempts = delays.failed, "processing failed; handing the batch to the dead-letter handler");
         loop {
+            // A lease lost while the handler failed: the next owner hands the batch over.
+            if !self.held.is_valid() {
+                return Err(Stop::LeaseLost);
+            }
             let letter = DeadLetter::new(
                 &stream,
                 &batch.shard_id,
@@ -833,11 +837,15 @@ impl Consumer {
                 .await
             {
                 Ok(Ok(())) => {
+                    self.metrics.handles().dead_lettered(batch.len() as u64);
                     return Ok(Next::Skip);
                 }
                 Ok(Err(he)) => {
+                    self.metrics.handles().dead_letter_failed();
+                    let error = crate::error::chain(he.as_ref());
+                    self.report.error(format!("dead-letter handler: {error}"));
                     let d = delays.next_delay();
-                    warn!(error = %crate::error::chain(he.as_ref()), delay = ?d, "the dead-letter handler failed; the shard waits and hands the batch over again");
+                    warn!(%error, delay = ?d, "the dead-letter handler failed; the shard waits and hands the batch over again");
                     self.pause(d).await?;
                 }
                 Err(_) => {
