@@ -26,8 +26,8 @@ use crate::lease::{Lease, LeaseStore, WorkerId};
 use crate::metrics as m;
 use crate::record::{ExtendedSequenceNumber, RecordBatch};
 use crate::retrieval::deagg::deaggregate_counted;
-use crate::retrieval::fanout::{spawn_subscriber, StreamConsumer};
-use crate::retrieval::polling::{spawn_fetcher, Fetched, PrefetchBudget};
+use crate::retrieval::polling::{Fetched, PrefetchBudget};
+use crate::retrieval::reader::{ShardRead, ShardReader};
 use crate::retrieval::{resume_position, KinesisApi, KinesisApiError};
 use crate::shard::lineage::{can_start, ParentState};
 use crate::shard::{ChildShard, ShardId};
@@ -66,9 +66,8 @@ pub(crate) struct ConsumerEnv {
     pub(crate) shutdown: CancellationToken,
     /// The worker's read-ahead budget.
     pub(crate) prefetch: Arc<PrefetchBudget>,
-    /// Enhanced fan-out: the registered stream consumer, shared so that it is registered
-    /// again once if it was deregistered (polling when `None`).
-    pub(crate) stream_consumer: Option<Arc<StreamConsumer>>,
+    /// Starts each shard's reader: polling, or enhanced fan-out.
+    pub(crate) reader: Arc<dyn ShardReader>,
     /// The worker's status board: each consumer reports its shard there.
     pub(crate) status: Arc<StatusBoard>,
     /// The worker's metric handles, per stream.
@@ -438,28 +437,16 @@ impl Consumer {
         let _stop_fetcher = fetch_stop.clone().drop_guard();
         // `latest_at`: for a start at `LATEST`, the stream's time it stands for (see
         // `polling::Reading`).
-        let reading = match &self.env.stream_consumer {
-            Some(consumer) => spawn_subscriber(
-                self.env.kinesis.clone(),
-                consumer.clone(),
-                self.shard.clone(),
-                position,
-                self.env.config.polling.clone(),
-                self.env.prefetch.clone(),
-                self.metrics.handles().clone(),
-                fetch_stop,
-            ),
-            None => spawn_fetcher(
-                self.env.kinesis.clone(),
-                self.stream.clone(),
-                self.shard.clone(),
-                position,
-                self.env.config.polling.clone(),
-                self.env.prefetch.clone(),
-                self.metrics.handles().clone(),
-                fetch_stop,
-            ),
-        };
+        let reading = self.env.reader.start(ShardRead {
+            kinesis: self.env.kinesis.clone(),
+            stream: self.stream.clone(),
+            shard: self.shard.clone(),
+            position,
+            config: self.env.config.polling.clone(),
+            budget: self.env.prefetch.clone(),
+            metrics: self.metrics.handles().clone(),
+            stop: fetch_stop,
+        });
         if let Some(t0) = reading.latest_at {
             self.store_latest(t0).await;
         }

@@ -23,6 +23,7 @@ pub mod deagg;
 pub(crate) mod fanout;
 pub mod kinesis;
 pub(crate) mod polling;
+pub(crate) mod reader;
 
 #[cfg(feature = "aws")]
 pub mod aws;

@@ -351,8 +351,12 @@ impl Worker {
             sync_now,
             shutdown: self.shutdown.clone(),
             prefetch: PrefetchBudget::new(cfg.polling.prefetch_bytes),
-            stream_consumer: consumer_arn
-                .map(|arn| crate::retrieval::fanout::StreamConsumer::of(&cfg, &arn)),
+            reader: match consumer_arn {
+                Some(arn) => Arc::new(crate::retrieval::reader::FanOut(
+                    crate::retrieval::fanout::StreamConsumer::of(&cfg, &arn),
+                )),
+                None => Arc::new(crate::retrieval::reader::Polling),
+            },
             status: self.status.clone(),
             metrics: streams::StreamMetrics::new(
                 coordinator.metrics().clone(),
