@@ -229,7 +229,7 @@ pub async fn processor_failure(
             Then::Shutdown => "graceful shutdown (retry policy)",
             Then::Steal => "a second worker joins (retry policy)",
             Then::StopShardPolicy => "StopShard policy",
-            Then::DeadLetter => "dead-letter (Handoff) policy",
+            Then::DeadLetter => "dead-letter policy",
         }
     );
     let stream = crate::unique_name("fail");
