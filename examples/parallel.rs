@@ -59,7 +59,10 @@ impl RecordHandler for SlowService {
         let n: usize = n.parse().map_err(ProcessorError::fatal)?;
         let i: usize = i.parse().map_err(ProcessorError::fatal)?;
         {
-            let mut seen = self.seen.lock().map_err(|_| ProcessorError::fatal("poisoned"))?;
+            let mut seen = self
+                .seen
+                .lock()
+                .map_err(|_| ProcessorError::fatal("poisoned"))?;
             let (next, running) = seen.keys.entry(key.to_owned()).or_default();
             if *running || *next != n {
                 seen.order_violations += 1;
@@ -69,7 +72,10 @@ impl RecordHandler for SlowService {
         }
         self.attempts.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(DELAY).await;
-        let mut seen = self.seen.lock().map_err(|_| ProcessorError::fatal("poisoned"))?;
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| ProcessorError::fatal("poisoned"))?;
         // Every 97th record fails at its first attempt: retried, its key waits meanwhile.
         if i % 97 == 13 && ctx.attempt == 1 {
             seen.retries += 1;
@@ -161,7 +167,10 @@ pub async fn run() -> anyhow::Result<Report> {
     let running = tokio::spawn(worker.run());
     let deadline = started + Duration::from_secs(60);
     loop {
-        let completed = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.completed;
+        let completed = seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .completed;
         if completed == RECORDS {
             break;
         }
@@ -217,11 +226,23 @@ impl Report {
     pub fn checks(&self) -> Vec<(&'static str, bool)> {
         vec![
             ("every record handled", self.completed == RECORDS),
-            ("per-key order held, one record per key at a time", self.order_violations == 0),
-            ("checkpoints within the completed prefix", self.checkpoint_violations == 0),
+            (
+                "per-key order held, one record per key at a time",
+                self.order_violations == 0,
+            ),
+            (
+                "checkpoints within the completed prefix",
+                self.checkpoint_violations == 0,
+            ),
             ("final checkpoint at the last record", self.final_at_last),
-            ("failed records retried", self.retries > 0 && self.attempts == RECORDS + self.retries),
-            ("faster than one at a time by 10x or more", self.speed_up() >= 10.0),
+            (
+                "failed records retried",
+                self.retries > 0 && self.attempts == RECORDS + self.retries,
+            ),
+            (
+                "faster than one at a time by 10x or more",
+                self.speed_up() >= 10.0,
+            ),
         ]
     }
 
@@ -251,7 +272,10 @@ impl Report {
             "  handler calls                {:>8}  ({} failed once and were retried)",
             self.attempts, self.retries
         );
-        println!("  per-key order violations     {:>8}", self.order_violations);
+        println!(
+            "  per-key order violations     {:>8}",
+            self.order_violations
+        );
         println!(
             "  checkpoints stored           {:>8}  ({} beyond the completed prefix)",
             self.checkpoints, self.checkpoint_violations

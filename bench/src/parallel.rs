@@ -87,8 +87,9 @@ impl Log {
         self.first_start.get_or_insert_with(Instant::now);
         let (next, running) = self.keys.entry(key.to_owned()).or_insert((0, false));
         if *running {
-            self.violations
-                .push(format!("{key}/{n} started while {key} had a record running"));
+            self.violations.push(format!(
+                "{key}/{n} started while {key} had a record running"
+            ));
         }
         if *next != n {
             self.violations
@@ -247,7 +248,10 @@ async fn side(opts: &ParallelOpts, records: usize, parallel: bool) -> anyhow::Re
     let running = tokio::spawn(worker.run());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let completed = log.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.completed;
+        let completed = log
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .completed;
         if completed == records {
             break;
         }

@@ -183,13 +183,24 @@ async fn ordered_parallel_on_kinesis_local_and_dynalite() -> anyhow::Result<()> 
     run2.await.context("w2")??;
 
     let log = log.lock().unwrap();
-    ensure!(log.violations.is_empty(), "{:?}", &log.violations[..log.violations.len().min(5)]);
+    ensure!(
+        log.violations.is_empty(),
+        "{:?}",
+        &log.violations[..log.violations.len().min(5)]
+    );
     // Each shard's records in order (every record completed at least once).
     let mut per_shard: BTreeMap<ShardId, BTreeSet<ExtendedSequenceNumber>> = BTreeMap::new();
     for (shard, pos, _) in &log.completions {
-        per_shard.entry(shard.clone()).or_default().insert(pos.clone());
+        per_shard
+            .entry(shard.clone())
+            .or_default()
+            .insert(pos.clone());
     }
-    ensure!(per_shard.len() == 2, "records of {} shards", per_shard.len());
+    ensure!(
+        per_shard.len() == 2,
+        "records of {} shards",
+        per_shard.len()
+    );
     // Every checkpoint stored: each record of its shard up to it had completed by then.
     ensure!(!log.checkpoints.is_empty(), "no checkpoint stored");
     for (shard, pos, done) in &log.checkpoints {
@@ -211,7 +222,9 @@ async fn ordered_parallel_on_kinesis_local_and_dynalite() -> anyhow::Result<()> 
     for (shard, records) in &per_shard {
         let cp = &crashed_at[shard];
         let first_after = match cp {
-            ExtendedSequenceNumber::Sequence { .. } => records.range(cp.clone()..).find(|p| *p > cp),
+            ExtendedSequenceNumber::Sequence { .. } => {
+                records.range(cp.clone()..).find(|p| *p > cp)
+            }
             _ => records.iter().next(),
         };
         let w2_min = log
@@ -233,7 +246,12 @@ async fn ordered_parallel_on_kinesis_local_and_dynalite() -> anyhow::Result<()> 
     // After the graceful stop, each shard's checkpoint is its last record.
     for l in leases.list().await?.leases {
         let last = per_shard[&l.shard_id()].iter().next_back();
-        ensure!(Some(&l.checkpoint) == last, "{} checkpoint {}", l.shard_id(), l.checkpoint);
+        ensure!(
+            Some(&l.checkpoint) == last,
+            "{} checkpoint {}",
+            l.shard_id(),
+            l.checkpoint
+        );
     }
     println!(
         "{} checkpoints checked; {} completions for {RECORDS} records; took {:.1?}",

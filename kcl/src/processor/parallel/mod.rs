@@ -194,8 +194,9 @@ impl ParallelBuilder {
         self
     }
 
-    /// At a graceful stop or handoff, how long running records may finish before they are
-    /// abandoned (default 30 s). The checkpoint stops before the oldest of them either way.
+    /// At a graceful stop or handoff, how long the records accepted may finish (queued ones
+    /// still start) before the rest is abandoned (default 20 s; keep it below the worker's
+    /// `shutdown_timeout`). The checkpoint stops before the oldest unfinished record.
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.settings.drain_timeout = d;
         self
@@ -312,8 +313,9 @@ impl ProcessorFactory for ParallelFactory {
 ///   ([`Checkpointer::processed_through`]): neither the adapter, nor an automatic checkpoint
 ///   policy, nor a final checkpoint ever covers a record not completed.
 /// - `shard_ended` waits for every record, then stores `SHARD_END`; `shutdown_requested`
-///   starts nothing new, lets running records finish for up to the drain timeout, then
-///   checkpoints the prefix; `lease_lost` abandons everything without a checkpoint.
+///   lets the accepted records finish for up to the drain timeout (a planned move then causes
+///   no duplicates), abandons the rest, then checkpoints the prefix; `lease_lost` abandons
+///   everything without a checkpoint.
 /// - A failed record follows the error policy (retry with backoff, dead letter, or stop)
 ///   without holding up other keys; the prefix waits for it. After a stop, the next callback
 ///   returns a fatal error.
@@ -406,7 +408,7 @@ impl OrderedParallel {
                 concurrency: 16,
                 max_buffered: None,
                 error_policy: ErrorPolicy::default(),
-                drain_timeout: Duration::from_secs(30),
+                drain_timeout: Duration::from_secs(20),
                 checkpoint_every: Some(Duration::from_secs(1)),
                 tick: Duration::from_secs(1),
                 stream: String::new(),
@@ -734,16 +736,22 @@ impl RecordProcessor for OrderedParallel {
     }
 
     async fn shutdown_requested(&mut self, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
-        self.shared.lock().draining = true;
+        // Finish what was accepted (so that a planned move causes no duplicates), for up to
+        // the drain timeout; after a stop, only what is running.
         let deadline = Instant::now() + self.shared.settings.drain_timeout;
         let drained = self
             .shared
-            .wait(Some(deadline), |s| s.sched.running() == 0)
+            .wait(Some(deadline), |s| {
+                s.prefix.unfinished() == 0 || (s.fatal.is_some() && s.sched.running() == 0)
+            })
             .await;
+        self.shared.lock().draining = true;
         if !drained {
+            let state = self.shared.lock();
             warn!(
-                running = self.shared.lock().sched.running(),
-                "records still running after the drain timeout; abandoned (they will be delivered again)"
+                unfinished = state.prefix.unfinished(),
+                running = state.sched.running(),
+                "records unfinished after the drain timeout; abandoned (the next owner gets them again)"
             );
         }
         self.shared.cancel.cancel();

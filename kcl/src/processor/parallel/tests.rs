@@ -353,25 +353,32 @@ async fn a_stop_fails_the_next_callback_and_keeps_the_prefix() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_drains_running_records_and_starts_no_new_one() {
-    let probe = Arc::new(Probe::new(|_| Duration::from_secs(1)));
-    let mut h = ProcessorHarness::new(
-        adapter(&probe)
-            .concurrency(2)
-            .drain_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap(),
-    );
-    h.initialize().await.unwrap();
-    let batch = records(&mut h, 6, 6);
-    let second = batch[1].position();
-    h.process(batch).await.unwrap();
-    h.shutdown().await.unwrap();
-    // The two running ones finished; the four queued never started.
-    assert_eq!(probe.done().len(), 2);
-    assert_eq!(h.checkpoint().await, second);
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(probe.started.lock().unwrap().len(), 2);
+async fn shutdown_finishes_the_accepted_records_within_the_drain_timeout() {
+    for (drain, done, started, through) in [(5_000, 6, 6, 5), (1_500, 2, 4, 1)] {
+        let probe = Arc::new(Probe::new(|_| Duration::from_secs(1)));
+        let mut h = ProcessorHarness::new(
+            adapter(&probe)
+                .concurrency(2)
+                .drain_timeout(Duration::from_millis(drain))
+                .build()
+                .unwrap(),
+        );
+        h.initialize().await.unwrap();
+        let batch = records(&mut h, 6, 6);
+        let want = batch[through].position();
+        h.process(batch).await.unwrap();
+        h.shutdown().await.unwrap();
+        assert_eq!(probe.done().len(), done, "drain {drain} ms");
+        assert_eq!(h.checkpoint().await, want, "drain {drain} ms");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Abandoned at the timeout: nothing starts or completes afterwards.
+        assert_eq!(
+            probe.started.lock().unwrap().len(),
+            started,
+            "drain {drain} ms"
+        );
+        assert_eq!(probe.done().len(), done, "drain {drain} ms");
+    }
 }
 
 #[tokio::test(start_paused = true)]
