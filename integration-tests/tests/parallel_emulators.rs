@@ -157,6 +157,8 @@ async fn ordered_parallel_on_kinesis_local_and_dynalite() -> anyhow::Result<()> 
     }
     run1.abort();
     let _ = run1.await;
+    // A write already sent when the task died may still land: let it, then read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let crashed_at: BTreeMap<ShardId, ExtendedSequenceNumber> = leases
         .list()
         .await?

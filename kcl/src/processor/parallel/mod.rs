@@ -56,7 +56,8 @@ use crate::shard::ShardId;
 use prefix::Prefix;
 use schedule::Scheduler;
 
-/// What a [`RecordHandler`] learns about the record it handles.
+/// What a [`RecordHandler`] learns about the record it handles: its shard, and which attempt
+/// this is (see [`RecordContext::new`] for an example).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct RecordContext {
@@ -108,7 +109,14 @@ pub trait RecordHandler: Send + Sync + 'static {
     async fn handle(&self, record: &Record, ctx: &RecordContext) -> Result<(), ProcessorError>;
 }
 
-/// Told of every checkpoint [`OrderedParallel`] stored (shard, position).
+/// Told of every checkpoint [`OrderedParallel`] stored (shard, position); set with
+/// [`ParallelBuilder::on_checkpoint`].
+///
+/// ```
+/// let observer: kcl::processor::parallel::CheckpointObserver =
+///     std::sync::Arc::new(|shard, pos| println!("{shard} checkpointed at {pos}"));
+/// # let _ = observer;
+/// ```
 pub type CheckpointObserver = Arc<dyn Fn(&ShardId, &ExtendedSequenceNumber) + Send + Sync>;
 
 /// [`OrderedParallel`]'s settings, checked by [`ParallelBuilder::build`].
@@ -279,7 +287,24 @@ impl ParallelBuilder {
     }
 }
 
-/// Makes one [`OrderedParallel`] per shard ([`ParallelBuilder::factory`]).
+/// Makes one [`OrderedParallel`] per shard ([`ParallelBuilder::factory`]); give it to
+/// [`WorkerBuilder::processor`](crate::WorkerBuilder::processor).
+///
+/// ```
+/// use std::sync::Arc;
+/// use kcl::processor::parallel::{OrderedParallel, ParallelFactory, RecordContext, RecordHandler};
+/// use kcl::{async_trait, ProcessorError, ProcessorFactory, Record, ShardId};
+///
+/// struct Nothing;
+/// #[async_trait]
+/// impl RecordHandler for Nothing {
+///     async fn handle(&self, _: &Record, _: &RecordContext) -> Result<(), ProcessorError> { Ok(()) }
+/// }
+///
+/// let factory: ParallelFactory = OrderedParallel::builder(Arc::new(Nothing)).factory()?;
+/// let _processor = factory.create(&ShardId::new("shardId-000000000000"));
+/// # Ok::<(), kcl::config::ConfigError>(())
+/// ```
 #[derive(Clone)]
 pub struct ParallelFactory {
     handler: Arc<dyn RecordHandler>,
@@ -439,7 +464,23 @@ impl OrderedParallel {
         }
     }
 
-    /// The last record of the contiguous completed prefix (what a checkpoint may cover).
+    /// The last record of the contiguous completed prefix (what a checkpoint may cover);
+    /// `None` before the first record completed.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use kcl::processor::parallel::{OrderedParallel, RecordContext, RecordHandler};
+    /// # use kcl::{async_trait, ProcessorError, Record};
+    /// # struct H;
+    /// # #[async_trait]
+    /// # impl RecordHandler for H {
+    /// #     async fn handle(&self, _: &Record, _: &RecordContext) -> Result<(), ProcessorError> { Ok(()) }
+    /// # }
+    /// let p = OrderedParallel::builder(Arc::new(H)).build()?;
+    /// assert_eq!(p.completed_through(), None);
+    /// assert_eq!(p.unfinished(), 0);
+    /// # Ok::<(), kcl::config::ConfigError>(())
+    /// ```
     pub fn completed_through(&self) -> Option<ExtendedSequenceNumber> {
         self.shared.lock().prefix.through().cloned()
     }
