@@ -327,7 +327,7 @@ impl SimParallel {
         let handler = Arc::new(SimHandler {
             net: net.clone(),
             rng: Mutex::new(rng),
-            max: work.batch_time / 4,
+            max: work.batch_time,
         });
         let inner = OrderedParallel::builder(handler)
             .concurrency(concurrency.max(1))
@@ -335,9 +335,9 @@ impl SimParallel {
             .checkpoint_every(if work.automatic.is_some() {
                 None
             } else {
-                Some(Duration::from_millis(500))
+                Some(Duration::ZERO)
             })
-            .tick(Duration::from_millis(500))
+            .tick(Duration::from_millis(200))
             .drain_timeout(Duration::from_secs(10))
             .build()
             .expect("the sim's adapter settings are valid");
@@ -494,16 +494,20 @@ mod tests {
     /// and the per-record invariants had records to check.
     #[test]
     fn parallel_fleets_keep_every_invariant() {
+        // Fast arrivals (30 records/s) against up to 100 ms per record: records complete out of
+        // order, so a checkpoint past the completed prefix would show.
         for (seed, faults) in [(11, FaultRates::none()), (12, FaultRates::default())] {
             let report = Sim::new(seed)
                 .workers(2)
                 .shards(2)
-                .records(120)
+                .records(600)
+                .keys(64)
+                .duration(std::time::Duration::from_secs(20))
                 .faults(faults)
-                .parallel(Some(4))
+                .parallel(Some(8))
                 .run();
             assert!(report.is_ok(), "{report}");
-            assert_eq!(report.counts.distinct, 120, "{report}");
+            assert_eq!(report.counts.distinct, 600, "{report}");
             assert!(
                 report
                     .log

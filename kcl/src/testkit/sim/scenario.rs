@@ -446,7 +446,7 @@ impl Sim {
     }
 
     /// The processors are `OrderedParallel` adapters with this concurrency, around a recording
-    /// per-record handler (up to a quarter of [`Work::batch_time`](super::Work) per record;
+    /// per-record handler (up to [`Work::batch_time`](super::Work) per record;
     /// it does not fail), instead of the recording batch processor. The log then has record
     /// events, and the per-record invariants are checked.
     pub fn parallel(mut self, concurrency: Option<usize>) -> Self {
