@@ -68,7 +68,7 @@ impl RecordHandler for Handler {
             }
         }
         // A small pseudo-random delay, 0..16 ms.
-        let jitter = (u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as u64;
+        let jitter = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
         tokio::time::sleep(Duration::from_millis(jitter)).await;
         let mut log = self.log.lock().unwrap();
         if let Some(entry) = log.keys.get_mut(&(self.worker, key.to_owned())) {
@@ -183,6 +183,7 @@ async fn ordered_parallel_on_kinesis_local_and_dynalite() -> anyhow::Result<()> 
     }
     stop.shutdown();
     run2.await.context("w2")??;
+    let final_leases = leases.list().await?.leases;
 
     let log = log.lock().unwrap();
     ensure!(
@@ -246,7 +247,7 @@ async fn ordered_parallel_on_kinesis_local_and_dynalite() -> anyhow::Result<()> 
         log.completions.len()
     );
     // After the graceful stop, each shard's checkpoint is its last record.
-    for l in leases.list().await?.leases {
+    for l in final_leases {
         let last = per_shard[&l.shard_id()].iter().next_back();
         ensure!(
             Some(&l.checkpoint) == last,

@@ -83,10 +83,12 @@ impl<P: Clone> Prefix<P> {
 mod tests {
     use super::*;
 
-    /// (records accepted, completion order, expected prefix after each completion).
+    /// (name, records accepted, completion order, expected prefix after each completion).
+    type Case = (&'static str, u64, Vec<u64>, Vec<Option<u64>>);
+
     #[test]
     fn the_prefix_is_contiguous() {
-        let cases: Vec<(&str, u64, Vec<u64>, Vec<Option<u64>>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "in order",
                 3,
