@@ -4,6 +4,7 @@
 //! cargo build --release -p kcl --features cli      # for `rss` (target/release/kcl)
 //! cargo run --release -p kcl-bench -- all           # or mem | local | startup | rss
 //! cargo run --release -p kcl-bench -- catchup       # or many-shards (ferrokinesis; not in `all`)
+//! cargo run --release -p kcl-bench -- parallel      # OrderedParallel vs sequential (in memory)
 //! ```
 //!
 //! Prints details while it runs, then one table: measured figure, target, pass/fail.
@@ -14,6 +15,7 @@ mod ferro;
 mod local;
 mod many;
 mod mem;
+mod parallel;
 mod probe;
 mod rss;
 
@@ -137,6 +139,22 @@ struct Args {
     #[arg(long)]
     many_idle_max_ms: Option<u64>,
 
+    /// parallel: records of the sequential run (20 rec/s at 50 ms each).
+    #[arg(long, default_value_t = 300)]
+    parallel_sequential_records: usize,
+    /// parallel: records of the OrderedParallel run.
+    #[arg(long, default_value_t = 10_000)]
+    parallel_records: usize,
+    /// parallel: distinct partition keys.
+    #[arg(long, default_value_t = 1000)]
+    parallel_keys: usize,
+    /// parallel: the handler's wait per record, ms.
+    #[arg(long, default_value_t = 50)]
+    parallel_delay_ms: u64,
+    /// parallel: OrderedParallel's concurrency.
+    #[arg(long, default_value_t = 64)]
+    parallel_concurrency: usize,
+
     /// PutRecords calls in flight while loading kinesis-local.
     #[arg(long, default_value_t = 8)]
     put_parallelism: usize,
@@ -161,6 +179,8 @@ enum Mode {
     Catchup,
     /// Many quiet shards on one worker (ferrokinesis; not part of `all`).
     ManyShards,
+    /// OrderedParallel against the sequential processor, same slow handler (in memory).
+    Parallel,
 }
 
 /// The Kinesis server of the `rss` benchmark.
@@ -268,7 +288,12 @@ fn main() -> anyhow::Result<()> {
     let needs_runtime = all
         || matches!(
             args.mode,
-            Mode::Local | Mode::Startup | Mode::Rss | Mode::Catchup | Mode::ManyShards
+            Mode::Local
+                | Mode::Startup
+                | Mode::Rss
+                | Mode::Catchup
+                | Mode::ManyShards
+                | Mode::Parallel
         );
     if needs_runtime {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -454,6 +479,54 @@ fn main() -> anyhow::Result<()> {
                     });
                 }
                 Err(e) => rows.push(failed("4. peak RSS of kcl consume", &e)),
+            }
+        }
+        if (all || args.mode == Mode::Parallel) && !INTERRUPTED.load(Ordering::Relaxed) {
+            let opts = parallel::ParallelOpts {
+                sequential_records: args.parallel_sequential_records,
+                parallel_records: args.parallel_records,
+                keys: args.parallel_keys,
+                delay: Duration::from_millis(args.parallel_delay_ms),
+                concurrency: args.parallel_concurrency,
+            };
+            println!(
+                "== parallel: 1 in-memory shard, {} keys, handler waits {:?} per record; sequential processor ({} records) vs OrderedParallel x{} ({} records), each under a Worker",
+                opts.keys, opts.delay, opts.sequential_records, opts.concurrency, opts.parallel_records
+            );
+            match rt.block_on(interruptible(parallel::run(&opts))) {
+                Ok(r) => {
+                    rows.push(Row {
+                        name: format!(
+                            "7. sequential RecordProcessor, {} ms/record, {} records, first start to last completion",
+                            opts.delay.as_millis(),
+                            r.sequential.records
+                        ),
+                        measured: format!(
+                            "{:.1} rec/s ({})",
+                            r.sequential.rate(),
+                            fmt_dur(r.sequential.elapsed)
+                        ),
+                        target: "-".into(),
+                        pass: None,
+                    });
+                    rows.push(Row {
+                        name: format!(
+                            "7. OrderedParallel x{}, {} keys, {} records; per-key order + checkpoint <= completed prefix checked",
+                            opts.concurrency, opts.keys, r.parallel.records
+                        ),
+                        measured: format!(
+                            "{:.1} rec/s ({}); speed-up {:.1}x; {} checkpoints, at most {} running",
+                            r.parallel.rate(),
+                            fmt_dur(r.parallel.elapsed),
+                            r.ratio(),
+                            r.parallel.checkpoints,
+                            r.parallel.max_running
+                        ),
+                        target: ">= 40 x sequential".into(),
+                        pass: Some(r.ratio() >= 40.0),
+                    });
+                }
+                Err(e) => rows.push(failed("7. ordered parallelism", &e)),
             }
         }
         if args.mode == Mode::Catchup {

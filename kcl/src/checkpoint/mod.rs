@@ -144,6 +144,9 @@ pub struct Checkpointer {
     delivered: Option<ExtendedSequenceNumber>,
     /// The last record of the last batch processed successfully.
     processed: Option<ExtendedSequenceNumber>,
+    /// Set once the processor reported its own watermark ([`Checkpointer::processed_through`]):
+    /// from then on the watermark moves only by its reports, never at the end of a batch.
+    reported: bool,
     /// Set once the shard's end was reached: the children recorded with `SHARD_END`.
     children: Option<Vec<ChildShard>>,
     /// `SHARD_END` was asked for inside `shard_ended`; written once it returns `Ok`.
@@ -176,6 +179,7 @@ impl Checkpointer {
             scope: Scope::Other,
             delivered: None,
             processed: None,
+            reported: false,
             children: None,
             shard_end_requested: false,
             observer: None,
@@ -209,9 +213,10 @@ impl Checkpointer {
     }
 
     /// `process_records` returned: `processed` if it returned `Ok` (or the dead-letter handler
-    /// took the batch). Only then does the processed watermark move.
+    /// took the batch). Only then does the processed watermark move, and only for a
+    /// processor that does not report its own ([`Checkpointer::processed_through`]).
     pub(crate) fn end_batch(&mut self, processed: bool) {
-        if processed && self.scope == Scope::Batch {
+        if processed && self.scope == Scope::Batch && !self.reported {
             self.processed = self.delivered.clone();
         }
         self.scope = Scope::Other;
@@ -245,6 +250,69 @@ impl Checkpointer {
     /// `process_records`, checkpoints reach no further.
     pub fn last_processed(&self) -> Option<&ExtendedSequenceNumber> {
         self.processed.as_ref()
+    }
+
+    /// Tells how far the records handed over are really processed, for a processor that
+    /// finishes records after `process_records` returned (one that works on them in the
+    /// background, such as [`OrderedParallel`](crate::processor::parallel::OrderedParallel)):
+    /// `Some(pos)`, everything up to and including `pos` is done and records after it are still
+    /// in progress; `None`, nothing handed over since the stored checkpoint is done yet.
+    ///
+    /// Valid in any callback. Once called, the processor owns the **processed watermark**
+    /// ([`Checkpointer::last_processed`]) for as long as it holds the lease: it is exactly what
+    /// was reported last, and a batch whose `process_records` returns `Ok` no longer moves it.
+    /// So neither [`Checkpointer::checkpoint`] outside `process_records` nor the worker's
+    /// automatic [`CheckpointPolicy`] (which checkpoints that watermark) ever covers a record
+    /// still in progress. Inside `process_records` an explicit checkpoint may still reach the
+    /// batch's end: the processor knows what it did.
+    ///
+    /// ```
+    /// # use kcl::{Checkpointer, ProcessorError, RecordBatch};
+    /// // A processor that finished the batch's first half only.
+    /// async fn half(batch: &RecordBatch, cp: &mut Checkpointer) -> Result<(), ProcessorError> {
+    ///     let done = batch.records.len() / 2;
+    ///     let through = done.checked_sub(1).map(|i| batch.records[i].position());
+    ///     cp.processed_through(through.clone()).await?;
+    ///     if let Some(pos) = through {
+    ///         cp.checkpoint_at(pos).await?;
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// [`CheckpointError::NotProcessed`] beyond the last record handed over (or for a
+    /// sentinel position); [`CheckpointError::Behind`] behind the stored checkpoint. The
+    /// watermark is unchanged then.
+    pub async fn processed_through(
+        &mut self,
+        pos: Option<ExtendedSequenceNumber>,
+    ) -> Result<(), CheckpointError> {
+        let current = self.held.snapshot().await.checkpoint;
+        let Some(pos) = pos else {
+            self.reported = true;
+            // The stored checkpoint is done (a sentinel such as TRIM_HORIZON covers nothing).
+            self.processed = (current.sequence().is_some()).then_some(current);
+            return Ok(());
+        };
+        let within = !pos.is_initial()
+            && pos != ExtendedSequenceNumber::ShardEnd
+            && self.delivered.as_ref().is_some_and(|d| &pos <= d);
+        if !within {
+            return Err(CheckpointError::NotProcessed {
+                requested: pos,
+                limit: self.delivered.clone(),
+            });
+        }
+        if pos < current {
+            return Err(CheckpointError::Behind {
+                requested: pos,
+                current,
+            });
+        }
+        self.reported = true;
+        self.processed = Some(pos);
+        Ok(())
     }
 
     /// The stored checkpoint.
@@ -594,6 +662,78 @@ mod tests {
         cp.end_batch(true);
         cp.checkpoint().await.unwrap();
         assert_eq!(store.leases()[0].checkpoint, pos(20));
+    }
+
+    /// A processor that reports its own watermark: it is what the batch end no longer moves,
+    /// and what checkpoints outside `process_records` (and the automatic policy) reach.
+    #[tokio::test(start_paused = true)]
+    async fn a_reported_watermark_is_never_passed() {
+        let (store, mut cp) = setup().await;
+        cp.begin_batch(pos(10));
+        cp.processed_through(Some(pos(4))).await.unwrap();
+        cp.end_batch(true);
+        assert_eq!(cp.last_processed(), Some(&pos(4)));
+        // Sticky: a later batch returning Ok without a report does not move it either.
+        cp.begin_batch(pos(20));
+        cp.end_batch(true);
+        assert_eq!(cp.last_processed(), Some(&pos(4)));
+        // What the automatic policy does after a batch: checkpoint the watermark.
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(4));
+        assert!(matches!(
+            cp.checkpoint_at(pos(5)).await,
+            Err(CheckpointError::NotProcessed { .. })
+        ));
+        // Beyond what was delivered: refused, unchanged.
+        match cp.processed_through(Some(pos(21))).await {
+            Err(CheckpointError::NotProcessed { limit, .. }) => assert_eq!(limit, Some(pos(20))),
+            other => panic!("expected NotProcessed, got {other:?}"),
+        }
+        // Behind the stored checkpoint: refused, unchanged.
+        assert!(matches!(
+            cp.processed_through(Some(pos(3))).await,
+            Err(CheckpointError::Behind { .. })
+        ));
+        assert_eq!(cp.last_processed(), Some(&pos(4)));
+        // Outside process_records (idle, shutdown_requested): moves, then covers.
+        cp.processed_through(Some(pos(15))).await.unwrap();
+        cp.checkpoint().await.unwrap();
+        assert_eq!(store.leases()[0].checkpoint, pos(15));
+        // None: nothing beyond the stored checkpoint.
+        cp.processed_through(None).await.unwrap();
+        assert_eq!(cp.last_processed(), Some(&pos(15)));
+    }
+
+    /// Through the processor harness with an automatic policy after every batch: the worker's
+    /// checkpoint never covers a record the processor still works on.
+    #[tokio::test(start_paused = true)]
+    async fn the_automatic_policy_stops_at_the_reported_watermark() {
+        use crate::testkit::ProcessorHarness;
+        use crate::{async_trait, ProcessorError, RecordBatch, RecordProcessor};
+        /// Finishes every record but the batch's last.
+        struct AllButLast;
+        #[async_trait]
+        impl RecordProcessor for AllButLast {
+            async fn process_records(
+                &mut self,
+                batch: &RecordBatch,
+                cp: &mut Checkpointer,
+            ) -> Result<(), ProcessorError> {
+                let n = batch.records.len();
+                let done = n.checked_sub(2).map(|i| batch.records[i].position());
+                cp.processed_through(done).await?;
+                Ok(())
+            }
+        }
+        let mut h = ProcessorHarness::new(AllButLast)
+            .checkpoint_policy(CheckpointPolicy::after_every_batch());
+        h.initialize().await.unwrap();
+        let batch = h.records(["a", "b", "c"]);
+        let second = batch[1].position();
+        h.process(batch).await.unwrap();
+        assert_eq!(h.checkpoint().await, second);
+        h.shutdown().await.unwrap();
+        assert_eq!(h.checkpoint().await, second);
     }
 
     #[tokio::test(start_paused = true)]

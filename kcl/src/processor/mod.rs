@@ -9,6 +9,7 @@
 //! blocking work off the async runtime (`tokio::task::spawn_blocking`).
 
 pub(crate) mod consumer;
+pub mod parallel;
 pub mod policy;
 
 use std::fmt;

@@ -41,6 +41,9 @@
 //!   refused because an earlier one was applied but its answer lost (§2.6: that is recognised
 //!   by reading the item back);
 //! - every record put is delivered (§2.1; checked after the fleet settled);
+//! - with `OrderedParallel` processors (per-record events): per key within one processor of a
+//!   shard, one record at a time, each key's records in order without a gap; and every
+//!   checkpoint at most the contiguous prefix of completed records of its shard;
 //! - no worker's `run()` panics.
 //!
 //! Balance and the release of every lease at shutdown are judged by the driver from the lease
@@ -102,6 +105,13 @@ pub enum Invariant {
     Balance,
     /// Graceful shutdown left a lease owned (or a worker did not stop).
     ShutdownRelease,
+    /// `OrderedParallel` runs, per partition key within one processor of a shard: an attempt
+    /// started while another record of the key was running, or not at the key's next record
+    /// (a record skipped, or one gone back to; a failed attempt may be repeated).
+    RecordKeyOrder,
+    /// `OrderedParallel` runs: a checkpoint stored beyond the contiguous prefix of completed
+    /// records of its shard (a record at or before it had not completed when it was written).
+    CheckpointPastPrefix,
     /// A worker's `run()` panicked.
     WorkerPanic,
 }
@@ -754,7 +764,143 @@ pub(crate) fn check(
             ));
         }
     }
+    v.extend(record_checks(entries));
     (condense(v), counts)
+}
+
+/// The per-record invariants of `OrderedParallel` runs ([`Invariant::RecordKeyOrder`],
+/// [`Invariant::CheckpointPastPrefix`]); nothing to check in logs without record events.
+fn record_checks(entries: &[Entry]) -> Vec<Violation> {
+    let mut v = Vec::new();
+    if !entries
+        .iter()
+        .any(|e| matches!(e.event, Event::RecordStart { .. }))
+    {
+        return v;
+    }
+    // Puts: each record's key, and per shard its records by position.
+    let mut key_of: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut on_shard: BTreeMap<ShardId, Vec<(ExtendedSequenceNumber, u64)>> = BTreeMap::new();
+    // Per shard and key, the key's records on it in put order.
+    let mut key_records: BTreeMap<(ShardId, u32), Vec<u64>> = BTreeMap::new();
+    for e in entries {
+        if let Event::Put {
+            idx,
+            key,
+            shard,
+            seq,
+        } = &e.event
+        {
+            key_of.insert(*idx, *key);
+            on_shard
+                .entry(shard.clone())
+                .or_default()
+                .push((ExtendedSequenceNumber::at(seq.clone(), 0), *idx));
+            key_records
+                .entry((shard.clone(), *key))
+                .or_default()
+                .push(*idx);
+        }
+    }
+    for records in on_shard.values_mut() {
+        records.sort();
+    }
+    // Per processor (incarnation, shard) and key: the last record started, whether it is
+    // running, whether its last attempt failed.
+    let mut keys: BTreeMap<(Inc, ShardId, u32), (u64, bool, bool)> = BTreeMap::new();
+    let mut completed: BTreeSet<u64> = BTreeSet::new();
+    // Per shard: how many of its records (by position) are known completed, from the first.
+    let mut prefix: BTreeMap<ShardId, usize> = BTreeMap::new();
+    for e in entries {
+        let at = Some(e.at);
+        match &e.event {
+            Event::Callback {
+                inc,
+                shard,
+                what: Callback::Initialize(_),
+            } => {
+                // A new processor: it starts again from the checkpoint.
+                keys.retain(|(i, s, _), _| !(i == inc && s == shard));
+            }
+            Event::RecordStart { inc, shard, idx } => {
+                let Some(&key) = key_of.get(idx) else {
+                    continue;
+                };
+                let list = key_records
+                    .get(&(shard.clone(), key))
+                    .map_or(&[][..], Vec::as_slice);
+                let problem = match keys.get(&(*inc, shard.clone(), key)) {
+                    Some(&(last, true, _)) => {
+                        Some(format!("record {idx} started while record {last} ran"))
+                    }
+                    Some(&(last, false, failed)) => {
+                        let next = list.iter().find(|&&i| i > last).copied();
+                        if *idx == last && failed || Some(*idx) == next {
+                            None
+                        } else {
+                            Some(format!(
+                                "record {idx} started after record {last} (next: {next:?})"
+                            ))
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(p) = problem {
+                    v.push(Violation::new(
+                        Invariant::RecordKeyOrder,
+                        at,
+                        format!("key-{key} on {shard} (#{inc}): {p}"),
+                    ));
+                }
+                keys.insert((*inc, shard.clone(), key), (*idx, true, false));
+            }
+            Event::RecordEnd {
+                inc,
+                shard,
+                idx,
+                ok,
+            } => {
+                if let Some(&key) = key_of.get(idx) {
+                    if let Some(k) = keys.get_mut(&(*inc, shard.clone(), key)) {
+                        *k = (k.0, false, !ok);
+                    }
+                }
+                if *ok {
+                    completed.insert(*idx);
+                }
+            }
+            Event::Write {
+                inc,
+                op: Op::Checkpoint,
+                key,
+                outcome: Outcome::Applied(l),
+                ..
+            } if matches!(l.checkpoint, ExtendedSequenceNumber::Sequence { .. }) => {
+                let shard = key.shard_id();
+                let Some(records) = on_shard.get(&shard) else {
+                    continue;
+                };
+                let n = prefix.entry(shard.clone()).or_default();
+                while records.get(*n).is_some_and(|(_, i)| completed.contains(i)) {
+                    *n += 1;
+                }
+                if let Some((_, first_unfinished)) =
+                    records.get(*n).filter(|(pos, _)| *pos <= l.checkpoint)
+                {
+                    v.push(Violation::new(
+                        Invariant::CheckpointPastPrefix,
+                        at,
+                        format!(
+                            "{key}: checkpoint {} by #{inc} while record {first_unfinished} had not completed",
+                            l.checkpoint
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    v
 }
 
 /// Describes the last refused write of `inc` on `key` before entry `upto`, with the applied

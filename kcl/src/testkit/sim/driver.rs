@@ -15,13 +15,13 @@ use tokio::time::Instant;
 use super::check::{self, imbalance, still_owned, Invariant, Violation};
 use super::log::{self, BatchOutcome, Event, Exit, Inc, Recorder};
 use super::net::{Link, LinkFaults, Net, SimKinesis, SimLeaseStore};
-use super::processor::{OnFailure, SimProcessor};
+use super::processor::{OnFailure, SimFactory};
 use super::report::{SimReport, Stats};
 use super::scenario::Sim;
 use super::{APP, CONSUMER, STREAM};
 use crate::config::PollingConfig;
 use crate::lease::WorkerId;
-use crate::processor::{ErrorPolicy, ProcessorFactoryFn};
+use crate::processor::ErrorPolicy;
 use crate::retrieval::KinesisApi;
 use crate::shard::ShardId;
 use crate::testkit::{MemKinesis, MemLeaseStore};
@@ -363,9 +363,12 @@ impl Driver {
                 Some(n) => crate::checkpoint::CheckpointPolicy::every(n, Duration::from_secs(1)),
                 None => crate::checkpoint::CheckpointPolicy::Manual,
             })
-            .processor(ProcessorFactoryFn(move |shard: &ShardId| {
-                SimProcessor::new(factory_net.clone(), shard, &procs, work)
-            }));
+            .processor(SimFactory {
+                net: factory_net,
+                procs,
+                work,
+                parallel: self.sim.parallel,
+            });
         if self.sim.fan_out {
             builder = builder.fan_out(CONSUMER);
         }

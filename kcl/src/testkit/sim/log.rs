@@ -215,6 +215,27 @@ pub enum Event {
         /// Batch id (the last batch delivered to that processor).
         id: u64,
     },
+    /// `OrderedParallel` runs (seeds drawn with the adapter): the handler started record `idx`
+    /// (an attempt).
+    RecordStart {
+        /// The incarnation.
+        inc: Inc,
+        /// The shard.
+        shard: ShardId,
+        /// The producer's index of the record.
+        idx: u64,
+    },
+    /// The handler's attempt at record `idx` ended: `ok` completes it.
+    RecordEnd {
+        /// The incarnation.
+        inc: Inc,
+        /// The shard.
+        shard: ShardId,
+        /// The producer's index of the record.
+        idx: u64,
+        /// The attempt succeeded.
+        ok: bool,
+    },
     /// A processor callback other than `process_records`.
     Callback {
         /// The incarnation.

@@ -870,3 +870,122 @@ impl Log {
         })
     }
 }
+
+/// `OrderedParallel` runs: a record attempt of `inc` on shard `s`.
+fn record(log: &mut Log, inc: Inc, s: u32, idx: u64, ok: bool) {
+    log.push(Event::RecordStart {
+        inc,
+        shard: shard(s),
+        idx,
+    });
+    log.push(Event::RecordEnd {
+        inc,
+        shard: shard(s),
+        idx,
+        ok,
+    });
+}
+
+#[test]
+fn record_key_order() {
+    // Key 0: records 0, 2, 4; key 1: records 1, 3. Attempts in the order given.
+    let run = |attempts: &[(u64, bool)]| {
+        let mut log = Log::new(1);
+        log.put(0, 0, &[0])
+            .put(0, 1, &[1])
+            .put(0, 0, &[2])
+            .put(0, 1, &[3])
+            .put(0, 0, &[4]);
+        log.take(0, 0);
+        log.processed(0, 0, &[0, 1, 2, 3, 4], OK);
+        for &(idx, ok) in attempts {
+            record(&mut log, 0, 0, idx, ok);
+        }
+        log
+    };
+    // Keys interleave freely; a failed attempt is repeated.
+    run(&[
+        (1, true),
+        (0, false),
+        (0, true),
+        (3, true),
+        (2, true),
+        (4, true),
+    ])
+    .assert_clean();
+    // Key 0 out of order.
+    run(&[(0, true), (4, true), (2, true), (1, true), (3, true)])
+        .assert_only(Invariant::RecordKeyOrder);
+    // A completed record run again.
+    run(&[
+        (0, true),
+        (0, true),
+        (1, true),
+        (2, true),
+        (3, true),
+        (4, true),
+    ])
+    .assert_only(Invariant::RecordKeyOrder);
+
+    // Two records of one key at once.
+    let mut log = Log::new(1);
+    log.put(0, 0, &[0, 1]).take(0, 0);
+    log.processed(0, 0, &[0, 1], OK);
+    for idx in [0, 1] {
+        log.push(Event::RecordStart {
+            inc: 0,
+            shard: shard(0),
+            idx,
+        });
+    }
+    for idx in [0, 1] {
+        log.push(Event::RecordEnd {
+            inc: 0,
+            shard: shard(0),
+            idx,
+            ok: true,
+        });
+    }
+    log.assert_only(Invariant::RecordKeyOrder);
+
+    // A new processor (the lease taken again, initialize) starts again from the checkpoint:
+    // not a violation.
+    let mut log = Log::new(1);
+    log.put(0, 0, &[0, 1]).take(0, 0);
+    log.processed(0, 0, &[0, 1], OK);
+    record(&mut log, 0, 0, 0, true);
+    record(&mut log, 0, 0, 1, true);
+    log.wait(LEASE * 2).take(0, 0);
+    log.push(Event::Callback {
+        inc: 0,
+        shard: shard(0),
+        what: Callback::Initialize(ExtendedSequenceNumber::TrimHorizon),
+    });
+    log.processed(0, 0, &[0, 1], OK);
+    record(&mut log, 0, 0, 0, true);
+    record(&mut log, 0, 0, 1, true);
+    log.assert_clean();
+}
+
+#[test]
+fn checkpoint_within_the_completed_prefix() {
+    // Records 0, 1, 2 (keys 0, 1, 2) accepted; 1 and 2 completed, then the checkpoint.
+    let run = |checkpoint_at: u64, first_done: bool| {
+        let mut log = Log::new(1);
+        log.put(0, 0, &[0])
+            .put(0, 1, &[1])
+            .put(0, 2, &[2])
+            .take(0, 0);
+        log.processed(0, 0, &[0, 1, 2], OK);
+        record(&mut log, 0, 0, 1, true);
+        record(&mut log, 0, 0, 2, true);
+        record(&mut log, 0, 0, 0, first_done);
+        log.checkpoint(0, 0, checkpoint_at, None);
+        log
+    };
+    // Record 0 failed: the largest completed record (2) is past the prefix.
+    run(2, false).assert_only(Invariant::CheckpointPastPrefix);
+    run(0, false).assert_only(Invariant::CheckpointPastPrefix);
+    // Record 0 done: the prefix is 0..=2.
+    run(2, true).assert_clean();
+}
