@@ -7,7 +7,7 @@
 //! handled one at a time in production order, every checkpoint within the contiguous prefix of
 //! completed records, the final checkpoint at the last record, and the speed-up over handling
 //! the records one at a time. Exits non-zero if a check fails; the test suite runs it too
-//! (`integration-tests/tests/parallel_example.rs`).
+//! (`integration-tests/tests/parallel/example.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

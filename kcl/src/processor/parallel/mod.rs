@@ -128,7 +128,6 @@ struct Settings {
     drain_timeout: Duration,
     checkpoint_every: Option<Duration>,
     tick: Duration,
-    stream: String,
     observer: Option<CheckpointObserver>,
 }
 
@@ -224,12 +223,6 @@ impl ParallelBuilder {
     /// completed prefix is reported and checkpointed. Must be positive.
     pub fn tick(mut self, every: Duration) -> Self {
         self.settings.tick = every;
-        self
-    }
-
-    /// The stream name put in dead letters (default empty).
-    pub fn stream_name(mut self, stream: impl Into<String>) -> Self {
-        self.settings.stream = stream.into();
         self
     }
 
@@ -394,6 +387,8 @@ struct Shared {
 
 struct State {
     shard: ShardId,
+    /// The shard's stream (from `initialize`), for dead letters.
+    stream: String,
     sched: Scheduler,
     prefix: Prefix<ExtendedSequenceNumber>,
     /// Records accepted and not completed.
@@ -436,7 +431,6 @@ impl OrderedParallel {
                 drain_timeout: Duration::from_secs(20),
                 checkpoint_every: Some(Duration::from_secs(1)),
                 tick: Duration::from_secs(1),
-                stream: String::new(),
                 observer: None,
             },
         }
@@ -450,6 +444,7 @@ impl OrderedParallel {
                 settings,
                 state: Mutex::new(State {
                     shard: ShardId::new(""),
+                    stream: String::new(),
                     sched: Scheduler::new(concurrency),
                     prefix: Prefix::new(),
                     records: HashMap::new(),
@@ -648,12 +643,15 @@ impl Shared {
                 let ErrorPolicy::DeadLetter(dl) = policy else {
                     return self.stop(index, &error);
                 };
-                let shard = self.lock().shard.clone();
+                let (shard, stream) = {
+                    let state = self.lock();
+                    (state.shard.clone(), state.stream.clone())
+                };
                 let records = std::slice::from_ref(record);
                 let mut attempt = 0;
                 loop {
                     let letter = DeadLetter::new(
-                        &self.settings.stream,
+                        &stream,
                         &shard,
                         records,
                         &error,
@@ -708,7 +706,9 @@ fn retry_delay(policy: &ErrorPolicy, attempts: u32) -> Duration {
 #[async_trait]
 impl RecordProcessor for OrderedParallel {
     async fn initialize(&mut self, shard: &ShardContext) -> Result<(), ProcessorError> {
-        self.shared.lock().shard = shard.shard_id.clone();
+        let mut state = self.shared.lock();
+        state.shard = shard.shard_id.clone();
+        state.stream = shard.stream.clone();
         Ok(())
     }
 

@@ -2,7 +2,7 @@
 //! hold (the example's source is compiled in, as for the quickstart).
 
 #[allow(dead_code)]
-#[path = "../../examples/parallel.rs"]
+#[path = "../../../examples/parallel.rs"]
 mod parallel;
 
 use anyhow::ensure;

@@ -4,6 +4,12 @@
 //! within the contiguous prefix of completed records of its shard; then the worker crashes
 //! (its task aborted) and a new one resumes exactly after the stored checkpoints, without gaps.
 
+//!
+//! The in-memory example (`examples/parallel.rs`) runs here too.
+
+#[path = "parallel/example.rs"]
+mod example;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
