@@ -60,21 +60,24 @@ pub async fn start_dynalite() -> anyhow::Result<ServerProcess> {
          `npm install --prefix .emulators dynalite@4.0.0`)",
         cli.display()
     );
-    let port = free_port()?;
-    let mut cmd = Command::new("node");
-    cmd.arg(&cli).args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--createTableMs",
-        "50",
-        "--updateTableMs",
-        "50",
-        "--deleteTableMs",
-        "50",
-    ]);
-    ServerProcess::spawn("dynalite", cmd, port).await
+    ServerProcess::spawn_retrying("dynalite", || {
+        let port = free_port()?;
+        let mut cmd = Command::new("node");
+        cmd.arg(&cli).args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--createTableMs",
+            "50",
+            "--updateTableMs",
+            "50",
+            "--deleteTableMs",
+            "50",
+        ]);
+        Ok((cmd, port))
+    })
+    .await
 }
 
 /// Which DynamoDB stand-in a test's lease table runs on.

@@ -43,8 +43,11 @@ pub async fn start_kinesis_local() -> anyhow::Result<ServerProcess> {
         .join("node_modules")
         .join("kinesis-local")
         .join("server.json");
-    let (cmd, plain, _tls) = kinesis_local_command(&cert)?;
-    ServerProcess::spawn("kinesis-local", cmd, plain).await
+    ServerProcess::spawn_retrying("kinesis-local", || {
+        let (cmd, plain, _tls) = kinesis_local_command(&cert)?;
+        Ok((cmd, plain))
+    })
+    .await
 }
 
 /// The kinesis-local command both starters run: free plain and TLS ports, the certificate

@@ -51,8 +51,32 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Starts a server up to three times, each with the command (and port) `make` gives: a
+    /// server that exits before it answers (its port taken meanwhile) is started again on
+    /// another port.
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    pub async fn spawn_retrying(
+        name: &'static str,
+        make: impl Fn() -> anyhow::Result<(Command, u16)>,
+    ) -> anyhow::Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            let (cmd, port) = make()?;
+            match Self::spawn(name, cmd, port).await {
+                Ok(server) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("{name} was not started")))
+    }
+
     /// Spawns `cmd` (its output goes to a log file under `target/emulator-logs/`) and waits
-    /// until `port` accepts TCP connections.
+    /// until `port` accepts TCP connections (and still does a moment later).
+    ///
+    /// # Errors
+    /// The server could not be started, exited, or did not listen within 60 s.
     pub async fn spawn(name: &'static str, mut cmd: Command, port: u16) -> anyhow::Result<Self> {
         let log_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("..")
@@ -84,7 +108,21 @@ impl ServerProcess {
                 .await
                 .is_ok()
             {
-                return Ok(());
+                // Ports come from `free_port`, released before the server binds them: another
+                // test may have held the same port for a moment (and this server then failed to
+                // bind it). Ready only if the server still runs and still answers a moment later.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let alive = match self.child.as_mut() {
+                    Some(child) => child.try_wait()?.is_none(),
+                    None => false,
+                };
+                if alive
+                    && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                        .await
+                        .is_ok()
+                {
+                    return Ok(());
+                }
             }
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {

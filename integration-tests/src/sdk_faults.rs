@@ -29,6 +29,16 @@ pub struct LoseUpdateAnswers {
     every: u64,
     seen: AtomicU64,
     lost: Arc<AtomicU64>,
+    /// Leave alone the writes to tables whose name ends so (e.g. `-workers`).
+    spare: Option<&'static str>,
+}
+
+/// Set for an `UpdateItem` the interceptor leaves alone (see [`LoseUpdateAnswers::sparing`]).
+#[derive(Debug, Clone, Copy)]
+struct Spared;
+
+impl aws_smithy_types::config_bag::Storable for Spared {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
 }
 
 impl LoseUpdateAnswers {
@@ -39,8 +49,16 @@ impl LoseUpdateAnswers {
             every,
             seen: AtomicU64::new(0),
             lost: lost.clone(),
+            spare: None,
         };
         (this, lost)
+    }
+
+    /// Leaves alone the writes to tables whose name ends with `suffix` (`"-workers"`: only the
+    /// lease table's writes lose answers, so a lease write is sure to lose some).
+    pub fn sparing(mut self, suffix: &'static str) -> Self {
+        self.spare = Some(suffix);
+        self
     }
 }
 
@@ -49,13 +67,31 @@ impl Intercept for LoseUpdateAnswers {
         "LoseUpdateAnswers"
     }
 
+    fn read_before_execution(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef<'_>,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let spared = self.spare.is_some_and(|suffix| {
+            context
+                .input()
+                .downcast_ref::<aws_sdk_dynamodb::operation::update_item::UpdateItemInput>()
+                .and_then(|i| i.table_name())
+                .is_some_and(|t| t.ends_with(suffix))
+        });
+        if spared {
+            cfg.interceptor_state().store_put(Spared);
+        }
+        Ok(())
+    }
+
     fn modify_before_deserialization(
         &self,
         context: &mut BeforeDeserializationInterceptorContextMut<'_>,
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let is_update = operation(cfg) == Some("UpdateItem");
+        let is_update = operation(cfg) == Some("UpdateItem") && cfg.load::<Spared>().is_none();
         let response = context.response_mut();
         if !is_update || !response.status().is_success() {
             return Ok(());
