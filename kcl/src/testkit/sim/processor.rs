@@ -167,6 +167,19 @@ fn payload_index(data: &[u8]) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Logs the delivery of `batch` (each record by its payload index); returns the batch's id.
+fn log_batch(net: &Net, shard: &ShardId, batch: &RecordBatch) -> u64 {
+    let records = batch
+        .records
+        .iter()
+        .map(|r| Delivered {
+            idx: payload_index(&r.data),
+            pos: r.position(),
+        })
+        .collect();
+    net.rec.batch(net.inc, shard.clone(), records)
+}
+
 /// A checkpoint behind the stored one is refused, not lost: the records are re-processed.
 fn tolerate_behind(r: Result<(), CheckpointError>) -> Result<(), CheckpointError> {
     match r {
@@ -189,18 +202,7 @@ impl RecordProcessor for SimProcessor {
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
         self.net.halt_if_dead("process_records").await;
-        let records = batch
-            .records
-            .iter()
-            .map(|r| Delivered {
-                idx: payload_index(&r.data),
-                pos: r.position(),
-            })
-            .collect();
-        let id = self
-            .net
-            .rec
-            .batch(self.net.inc, self.shard.clone(), records);
+        let id = log_batch(&self.net, &self.shard, batch);
         let t = self.batch_time();
         if !t.is_zero() {
             tokio::time::sleep(t).await;
@@ -393,18 +395,7 @@ impl RecordProcessor for SimParallel {
         cp: &mut Checkpointer,
     ) -> Result<(), ProcessorError> {
         self.net.halt_if_dead("process_records").await;
-        let records = batch
-            .records
-            .iter()
-            .map(|r| Delivered {
-                idx: payload_index(&r.data),
-                pos: r.position(),
-            })
-            .collect();
-        let id = self
-            .net
-            .rec
-            .batch(self.net.inc, self.shard.clone(), records);
+        let id = log_batch(&self.net, &self.shard, batch);
         let result = self.inner.process_records(batch, cp).await;
         self.net.halt_if_dead("process_records").await;
         self.note(&result);
